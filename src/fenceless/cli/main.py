@@ -1,0 +1,304 @@
+"""The ``fenceless`` command: parsing, output and exit codes, nothing else.
+
+Only ``main()`` prints errors and exits. Modules are imported per command so
+that a quick command (``status``) starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from fenceless import __version__
+from fenceless.errors import FencelessError, UsageError
+
+EXAMPLES = {
+    "lab up": "fenceless lab up --dir /tmp/lab --hosts 3 --size 8G --io-timeout 0.2",
+    "lab down": "fenceless lab down --dir /tmp/lab",
+    "lab status": "fenceless lab status --dir /tmp/lab --json",
+    "lab exec": "fenceless lab exec --dir /tmp/lab h2 -- lvs",
+    "lab shell": "fenceless lab shell --dir /tmp/lab h2",
+    "lab activate": "fenceless lab activate --dir /tmp/lab h2 vm1-disk",
+    "lab deactivate": "fenceless lab deactivate --dir /tmp/lab h2 vm1-disk",
+    "lab refresh": "fenceless lab refresh --dir /tmp/lab h2 vm1-disk",
+    "scan": "fenceless -c /tmp/lab/hosts/h2/fenceless.toml scan --json",
+    "config": "fenceless -c /etc/fenceless/fenceless.toml config",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(detail=f"{message} (see `{self.prog} --help`)")
+
+
+def _epilog(*keys: str) -> str:
+    return "examples:\n" + "\n".join(f"  {EXAMPLES[k]}" for k in keys)
+
+
+def _common(p: argparse.ArgumentParser, *, json_opt: bool = True) -> None:
+    # Accepted both before and after the command name.
+    p.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
+                   help="host config (default: $FENCELESS_CONFIG or /etc/fenceless/fenceless.toml)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks")
+    if json_opt:
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="machine-readable output")
+
+
+def build_parser() -> Parser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = Parser(prog="fenceless", formatter_class=fmt,
+               description="Safe VM hosts on one shared LUN with plain LVM2, no cluster stack.",
+               epilog=_epilog("lab up", "lab exec", "scan", "lab down")
+               + "\n\nexit codes: 0 ok, 1 internal error, 2 refused/bad input (nothing "
+               "changed),\n  3 failed part-way, 4 integrity error on disk, 5 lease lost, "
+               "130 interrupted")
+    p.add_argument("--version", action="version", version=f"fenceless {__version__}")
+    _common(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def cmd(parent: Any, name: str, key: str, helptext: str, *, json_opt: bool = True
+            ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(
+            name, help=helptext, description=helptext, epilog=_epilog(key),
+            formatter_class=fmt)
+        _common(sp, json_opt=json_opt)
+        return sp
+
+    lab = sub.add_parser("lab", help="a simulated SAN of loop devices, for tests and learning",
+                         description="A simulated SAN: one sparse image per LUN, one loop "
+                         "device per host, one mount namespace per host.",
+                         formatter_class=fmt,
+                         epilog=_epilog("lab up", "lab status", "lab exec", "lab down"))
+    lsub = lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND", parser_class=Parser)
+    lsub.required = True
+    sp = cmd(lsub, "up", "lab up", "make a lab: the LUN image(s), loop devices, host configs")
+    sp.add_argument("--dir", required=True, help="folder that holds the lab")
+    sp.add_argument("--hosts", type=int, default=3, help="number of hosts (h1..hN), 1-16")
+    sp.add_argument("--size", default="8G", help="size of each LUN image (sparse), e.g. 8G")
+    sp.add_argument("--io-timeout", type=float, default=1.0, metavar="S",
+                    help="io_timeout written into every host config (tests: 0.1-0.5)")
+    sp.add_argument("--vg", action="append", metavar="NAME",
+                    help="a shared VG (one LUN image each); repeat for several (default: sanvg)")
+    sp = cmd(lsub, "down", "lab down", "stop every lab process and detach every loop device")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("--force", action="store_true",
+                    help="clean up by scanning even if lab.json is missing or unreadable")
+    sp = cmd(lsub, "status", "lab status", "what the lab holds and whether it is intact")
+    sp.add_argument("--dir", required=True)
+    sp = cmd(lsub, "exec", "lab exec", "run a command as a lab host would (its namespace, "
+             "its config)", json_opt=False)
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("host")
+    sp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    sp = cmd(lsub, "shell", "lab shell", "an interactive shell as a lab host", json_opt=False)
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("host")
+    for name, helptext in (("activate", "map an LV onto a loop device on a lab host"),
+                           ("deactivate", "remove a lab host's mapping of an LV"),
+                           ("refresh", "re-read an LV's size from metadata and resize the "
+                            "mapping")):
+        sp = cmd(lsub, name, f"lab {name}", helptext)
+        sp.add_argument("--dir", required=True)
+        sp.add_argument("host")
+        sp.add_argument("lv")
+        sp.add_argument("--vg", help="the shared VG, when the host has several")
+        if name == "activate":
+            sp.add_argument("--readonly", action="store_true", help="map read-only")
+
+    sp = cmd(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
+    sp.add_argument("--vg", help="the shared VG, when several are configured")
+    cmd(sub, "config", "config", "check this host's config and show it")
+    return p
+
+
+# --- output -----------------------------------------------------------------------
+
+
+def emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        out = text(data)
+        if out:
+            print(out)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def _context(args: argparse.Namespace) -> Any:
+    from fenceless import config
+    from fenceless.ops.context import Context
+
+    return Context(config.load(config.resolve_path(getattr(args, "config", None))))
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from fenceless.lab import cluster
+    from fenceless.runner import Runner
+    from fenceless.validate import human, parse_size
+
+    runner = Runner()
+    sub = args.lab_command
+    if sub == "up":
+        size = parse_size(args.size, minimum=64 << 20)
+        state = cluster.up(args.dir, hosts=args.hosts, size=size, io_timeout=args.io_timeout,
+                           vgs=args.vg or ["sanvg"], runner=runner)
+
+        def up_text(s: dict[str, Any]) -> str:
+            lines = [f"lab up in {s['dir']}: {len(s['hosts'])} hosts, "
+                     f"LUN(s) of {human(s['size'])}, io_timeout {s['io_timeout']}s"]
+            lines += [f"  {h['name']}: {', '.join(f'{vg} on {d}' for vg, d in h['loops'].items())}"
+                      for h in s["hosts"]]
+            first = s["hosts"][0]["name"]
+            lines += ["address a host with:",
+                      f"  fenceless -c {s['dir']}/hosts/{first}/fenceless.toml scan",
+                      f"  fenceless lab exec --dir {s['dir']} {first} -- lvs",
+                      f"  fenceless lab shell --dir {s['dir']} {first}"]
+            return "\n".join(lines)
+
+        emit(args, state, up_text)
+    elif sub == "down":
+        res = cluster.down(args.dir, runner=runner, force=args.force)
+        emit(args, res, lambda r: f"lab down in {r['dir']}: stopped {r['processes_stopped']} "
+             f"processes, detached {len(r['loops_detached'])} loop devices")
+    elif sub == "status":
+        st = cluster.status(args.dir)
+
+        def status_text(s: dict[str, Any]) -> str:
+            rows = [(h["name"], h["namespace"], "ok" if h["loops_attached"] else "MISSING",
+                     " ".join(h["loops"].values()), h["config"]) for h in s["hosts"]]
+            out = [f"lab {s['dir']}: {s['status']}, io_timeout {s['io_timeout']}s, "
+                   f"{s['processes']} lab processes",
+                   _table(rows, ("HOST", "NAMESPACE", "LOOPS", "DEVICES", "CONFIG"))]
+            if s["lv_mappings"]:
+                out.append(_table([(m["device"], m["over"], m["offset"], m["size"])
+                                   for m in s["lv_mappings"]],
+                                  ("LV MAPPING", "OVER", "OFFSET", "SIZE")))
+            return "\n".join(out)
+
+        emit(args, st, status_text)
+    elif sub == "exec":
+        argv = list(args.argv)
+        if argv and argv[0] == "--":
+            argv = argv[1:]
+        cluster.exec_in(args.dir, args.host, argv)
+    elif sub == "shell":
+        cluster.shell(args.dir, args.host)
+    else:
+        return _lab_activation(args, cluster)
+    return 0
+
+
+def _lab_activation(args: argparse.Namespace, cluster: Any) -> int:
+    from fenceless import config
+    from fenceless.ops.context import Context
+
+    d = cluster.lab_dir(args.dir)
+    host = cluster.find_host(d, cluster.read_state(d), args.host)
+    ctx = Context(config.load(host["config"]))
+    act = ctx.activator(args.vg)
+    sub = args.lab_command
+    if sub == "deactivate":
+        act.deactivate(args.lv)
+        emit(args, {"host": args.host, "lv": args.lv, "active": False},
+             lambda r: f"{r['host']}: {r['lv']} deactivated")
+        return 0
+    got = act.activate(args.lv, readonly=args.readonly) if sub == "activate" \
+        else act.refresh(args.lv)
+    data = {"host": args.host, "vg": got.vg, "lv": got.lv, "device": got.device,
+            "size_bytes": got.size, "readonly": got.readonly}
+    emit(args, data, lambda r: f"{r['host']}: {r['vg']}/{r['lv']} on {r['device']} "
+         f"({r['size_bytes']} bytes, {'read-only' if r['readonly'] else 'read-write'})")
+    return 0
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from fenceless.ops.scan import scan
+    from fenceless.validate import human
+
+    data = scan(_context(args), args.vg)
+
+    def text(d: dict[str, Any]) -> str:
+        vg = d["vg"]
+        head = (f"host {d['host']} sees VG {vg['name']} (seqno {vg['seqno']}, "
+                f"{human(vg['size'])}, {human(vg['free'])} free, {vg['lv_count']} LVs) on "
+                + ", ".join(p["name"] for p in d["pvs"]))
+        rows = [(lv["name"], human(lv["size"]), lv["attr"], ",".join(lv["tags"]))
+                for lv in d["lvs"]]
+        return head + ("\n" + _table(rows, ("LV", "SIZE", "ATTR", "TAGS")) if rows else "")
+
+    emit(args, data, text)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from fenceless.lvm.parse import as_json
+
+    ctx = _context(args)
+    emit(args, as_json(ctx.cfg), lambda c: f"{c['path']}: ok (host {c['host']}, VGs "
+         + ", ".join(v["name"] for v in c["vgs"]) + ")")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "lab": _lab, "scan": _scan, "config": _config,
+}
+
+
+def _explain(exc: BaseException) -> str:
+    """The message, followed by its cause chain (as stratis-cli explains errors)."""
+    parts = [str(exc)]
+    cause = exc.__cause__
+    while cause is not None and len(parts) < 4:
+        text = str(cause)
+        if text and text not in parts[-1]:
+            parts.append(f"  because: {text}")
+        cause = cause.__cause__
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list or os.environ.get("FENCELESS_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(args_list)
+        if not args.command:
+            build_parser().print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except FencelessError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"fenceless: {_explain(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fenceless: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"fenceless: internal error: {type(exc).__name__}: {exc} "
+              "(run again with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Per-host configuration: one TOML file per host.
+
+Example::
+
+    host = "h1"
+    state_dir = "/var/lib/fenceless"
+    io_timeout = 10.0
+    lvm_system_dir = "/etc/lvm"        # optional: LVM_SYSTEM_DIR for fenceless's LVM calls
+    hypervisor_uri = "qemu:///system"  # optional, used by the VM commands
+    activation = "lvm"                 # "lvm" (device-mapper) or "lab" (loop mappings)
+
+    [vg.vmstore]
+    devices = ["/dev/disk/by-id/wwn-0x600a0b80001234"]
+
+A cluster often has several LUNs, one VG each, so VGs are a table keyed by
+name; commands take ``--vg`` when more than one is configured. Parsing is a
+pure function so that every refusal can be unit-tested.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fenceless.errors import ConfigError, UsageError
+
+DEFAULT_PATH = "/etc/fenceless/fenceless.toml"
+ENV_VAR = "FENCELESS_CONFIG"
+
+HOST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# LVM's own VG name rule, minus names LVM reserves.
+VG_NAME_RE = re.compile(r"^[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}$")
+# Device paths end up inside an LVM filter regex; keep them to a plain alphabet.
+DEVICE_RE = re.compile(r"^/dev/[A-Za-z0-9/_.:+-]+$")
+ACTIVATION_MODES = ("lvm", "lab")
+
+
+@dataclass(frozen=True)
+class VgConfig:
+    name: str
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    path: str
+    host: str
+    state_dir: str
+    io_timeout: float
+    vgs: tuple[VgConfig, ...]
+    lvm_system_dir: str | None = None
+    lvm_binary: str = "/usr/sbin/lvm"
+    hypervisor_uri: str | None = None
+    activation: str = "lvm"
+
+    def vg(self, name: str | None) -> VgConfig:
+        """The VG a command works on: the named one, or the only one configured."""
+        if name is None:
+            if len(self.vgs) == 1:
+                return self.vgs[0]
+            names = ", ".join(v.name for v in self.vgs)
+            raise UsageError(
+                detail=f"this host has {len(self.vgs)} shared VGs configured ({names}): "
+                "choose one with --vg NAME"
+            )
+        for vg in self.vgs:
+            if vg.name == name:
+                return vg
+        names = ", ".join(v.name for v in self.vgs)
+        raise UsageError(
+            detail=f"VG {name!r} is not configured on host {self.host} "
+            f"(configured: {names}; see {self.path})"
+        )
+
+
+def resolve_path(cli_path: str | None, environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return cli_path or env.get(ENV_VAR) or DEFAULT_PATH
+
+
+def load(path: str) -> HostConfig:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            path=path,
+            detail=f"file not found (give one with -c PATH or {ENV_VAR}; "
+            "a lab writes one per host under DIR/hosts/NAME/)",
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(path=path, detail=f"cannot read: {exc.strerror}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path=path, detail="not UTF-8 text") from exc
+    return parse(text, path)
+
+
+_TOP_KEYS = {
+    "host", "state_dir", "io_timeout", "lvm_system_dir", "lvm_binary",
+    "hypervisor_uri", "activation", "vg",
+}
+_VG_KEYS = {"devices"}
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string",
+            list: "array", dict: "table"}.get(type(value), type(value).__name__)
+
+
+def parse(text: str, path: str) -> HostConfig:
+    """Parse and check one host's config; every problem names the file and key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path=path, detail=f"not valid TOML: {exc}") from exc
+
+    def fail(key: str, expected: str, value: Any = None, *, show: bool = True) -> ConfigError:
+        got = f", got {value!r} ({_type_name(value)})" if show else ""
+        return ConfigError(path=path, detail=f"key {key!r}: expected {expected}{got}")
+
+    for key in raw:
+        if key not in _TOP_KEYS:
+            known = ", ".join(sorted(_TOP_KEYS))
+            raise ConfigError(path=path, detail=f"unknown key {key!r} (known keys: {known})")
+
+    def string(key: str, default: str | None, *, required: bool = False) -> str | None:
+        if key not in raw:
+            if required:
+                raise fail(key, "a string; it is required", show=False)
+            return default
+        value = raw[key]
+        if not isinstance(value, str) or not value:
+            raise fail(key, "a non-empty string", value)
+        return value
+
+    host = string("host", None, required=True)
+    assert host is not None
+    if not HOST_NAME_RE.match(host):
+        raise fail("host", "a host name of lowercase letters, digits and '-' "
+                   "(at most 63, starting with a letter or digit)", host)
+
+    state_dir = string("state_dir", "/var/lib/fenceless")
+    assert state_dir is not None
+    for key in ("state_dir", "lvm_system_dir", "lvm_binary"):
+        value = raw.get(key)
+        if isinstance(value, str) and not value.startswith("/"):
+            raise fail(key, "an absolute path", value)
+
+    io_timeout: float = 10.0
+    if "io_timeout" in raw:
+        value = raw["io_timeout"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail("io_timeout", "a number of seconds", value)
+        if not 0.01 <= float(value) <= 300:
+            raise fail("io_timeout", "seconds between 0.01 and 300", value)
+        io_timeout = float(value)
+
+    activation = string("activation", "lvm")
+    assert activation is not None
+    if activation not in ACTIVATION_MODES:
+        raise fail("activation", " or ".join(repr(m) for m in ACTIVATION_MODES), activation)
+
+    vg_table = raw.get("vg")
+    if vg_table is None:
+        raise ConfigError(
+            path=path,
+            detail='no shared VG configured: add a table such as [vg.vmstore] with '
+            'devices = ["/dev/sdX"]',
+        )
+    if not isinstance(vg_table, dict) or not vg_table:
+        raise fail("vg", "a table of VGs such as [vg.vmstore]", vg_table)
+    vgs: list[VgConfig] = []
+    seen_devices: dict[str, str] = {}
+    for name, body in vg_table.items():
+        key = f"vg.{name}"
+        if not VG_NAME_RE.match(name) or name in (".", ".."):
+            raise fail(key, "a VG name of letters, digits and + _ . - (at most 127)", name)
+        if not isinstance(body, dict):
+            raise fail(key, "a table with a 'devices' key", body)
+        for sub in body:
+            if sub not in _VG_KEYS:
+                raise ConfigError(path=path, detail=f"unknown key {key + '.' + sub!r} "
+                                  f"(known keys: {', '.join(sorted(_VG_KEYS))})")
+        devices = body.get("devices")
+        if devices is None:
+            raise fail(f"{key}.devices", "a list of device paths; it is required", show=False)
+        if not isinstance(devices, list) or not devices:
+            raise fail(f"{key}.devices", "a non-empty list of device paths", devices)
+        for dev in devices:
+            if not isinstance(dev, str) or not DEVICE_RE.match(dev) or ".." in dev:
+                raise fail(f"{key}.devices", "device paths under /dev/ "
+                           "(letters, digits and / _ . : + -)", dev)
+            if dev in seen_devices:
+                raise fail(f"{key}.devices", f"each device in one VG only "
+                           f"({dev} is also in {seen_devices[dev]})", dev, show=False)
+            seen_devices[dev] = name
+        vgs.append(VgConfig(name=name, devices=tuple(devices)))
+
+    return HostConfig(
+        path=path,
+        host=host,
+        state_dir=state_dir,
+        io_timeout=io_timeout,
+        vgs=tuple(vgs),
+        lvm_system_dir=string("lvm_system_dir", None),
+        lvm_binary=string("lvm_binary", "/usr/sbin/lvm") or "/usr/sbin/lvm",
+        hypervisor_uri=string("hypervisor_uri", None),
+        activation=activation,
+    )
+
+
+def render(cfg: HostConfig) -> str:
+    """TOML text for a config (the lab writes host configs with this)."""
+
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [
+        f"host = {q(cfg.host)}",
+        f"state_dir = {q(cfg.state_dir)}",
+        f"io_timeout = {cfg.io_timeout!r}",
+        f"activation = {q(cfg.activation)}",
+        f"lvm_binary = {q(cfg.lvm_binary)}",
+    ]
+    if cfg.lvm_system_dir:
+        lines.append(f"lvm_system_dir = {q(cfg.lvm_system_dir)}")
+    if cfg.hypervisor_uri:
+        lines.append(f"hypervisor_uri = {q(cfg.hypervisor_uri)}")
+    for vg in cfg.vgs:
+        devs = ", ".join(q(d) for d in vg.devices)
+        lines += ["", f"[vg.{vg.name}]", f"devices = [{devs}]"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""Lab activation: an LV "activated" on a host is a loop device over that host's LUN view.
+
+This kernel has no device-mapper, so a single-segment linear LV is mapped
+with ``losetup --offset --sizelimit`` over the host's own loop device. The
+mapping is read from metadata taken with ``--readonly``, exactly as a
+production reader builds its device-mapper table, and it is recorded in the
+host's state dir so that every later command (and ``lab down``) finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fenceless.errors import IntegrityError, UserError
+from fenceless.lab import loopdev
+from fenceless.lvm.activation import ActiveLv
+from fenceless.lvm.adapter import Lvm
+from fenceless.lvm.mapping import ByteExtent, single_extent
+from fenceless.runner import Runner
+
+
+class MappingChanged(IntegrityError):
+    """LV {vg}/{lv} moved on the LUN (was at offset {old}, metadata now says {new}); \
+deactivate and activate it again"""
+
+
+@dataclass
+class LabActivator:
+    lvm: Lvm
+    runner: Runner
+    state_dir: str
+
+    def _record_path(self, lv: str) -> Path:
+        return Path(self.state_dir) / "lab-active" / self.lvm.vg.name / f"{lv}.json"
+
+    def _extent(self, lv: str) -> ByteExtent:
+        vg = self.lvm.vg_info()
+        pvs = {p.name: p for p in self.lvm.pvs()}
+        return single_extent(self.lvm.segments(), pvs, vg.extent_size, vg.name, lv)
+
+    def _load(self, lv: str) -> ActiveLv | None:
+        try:
+            rec = json.loads(self._record_path(lv).read_text())
+        except FileNotFoundError:
+            return None
+        info = loopdev.info(rec["device"])
+        if info is None or info.offset != rec["offset"] or info.backing != rec["over"]:
+            # The loop device is gone or reused by someone else: the record is stale.
+            self._record_path(lv).unlink(missing_ok=True)
+            return None
+        return ActiveLv(self.lvm.vg.name, lv, rec["device"], info.sizelimit, info.readonly)
+
+    def _save(self, lv: str, device: str, extent: ByteExtent) -> None:
+        path = self._record_path(lv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"device": device, "over": extent.device,
+                                   "offset": extent.offset}))
+        os.replace(tmp, path)
+
+    def activate(self, lv: str, *, readonly: bool) -> ActiveLv:
+        current = self._load(lv)
+        if current is not None:
+            if current.readonly != readonly:
+                mode = "read-only" if current.readonly else "read-write"
+                raise UserError(detail=f"LV {self.lvm.vg.name}/{lv} is already active "
+                                f"{mode} here as {current.device}; deactivate it first")
+            return current
+        extent = self._extent(lv)
+        device = loopdev.attach(self.runner, extent.device, offset=extent.offset,
+                                sizelimit=extent.size, readonly=readonly)
+        self._save(lv, device, extent)
+        return ActiveLv(self.lvm.vg.name, lv, device, extent.size, readonly)
+
+    def deactivate(self, lv: str) -> None:
+        current = self._load(lv)
+        if current is None:
+            return
+        loopdev.detach(self.runner, current.device)
+        self._record_path(lv).unlink(missing_ok=True)
+
+    def refresh(self, lv: str) -> ActiveLv:
+        current = self._load(lv)
+        if current is None:
+            raise UserError(detail=f"LV {self.lvm.vg.name}/{lv} is not active on this host")
+        rec = json.loads(self._record_path(lv).read_text())
+        extent = self._extent(lv)
+        if extent.offset != rec["offset"] or extent.device != rec["over"]:
+            raise MappingChanged(vg=self.lvm.vg.name, lv=lv, old=rec["offset"], new=extent.offset)
+        if extent.size != current.size:
+            loopdev.set_sizelimit(current.device, extent.size)
+        return ActiveLv(self.lvm.vg.name, lv, current.device, extent.size, current.readonly)
+
+    def active(self) -> list[ActiveLv]:
+        folder = Path(self.state_dir) / "lab-active" / self.lvm.vg.name
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for rec in sorted(folder.glob("*.json")):
+                got = self._load(rec.stem)
+                if got is not None:
+                    out.append(got)
+        return out

@@ -1,0 +1,409 @@
+"""The lab: a simulated SAN of loop devices over sparse image files.
+
+One image file per shared VG is the LUN. Each lab host gets its own loop
+device over each image (its own block cache, as a host on a real SAN has),
+its own LVM system dir whose filter admits only its own loop devices, and
+its own mount namespace in which /etc/lvm, /run/lvm and /run/lock/lvm are
+that host's. ``lab exec`` runs a command inside it, so what a host runs in
+the lab is what it would run on a real machine.
+
+Everything the lab makes is recorded in DIR/lab.json *before* it is made,
+and every process it starts carries ``FENCELESS_LAB=DIR`` in its
+environment, so ``lab down`` can find and undo all of it after a crash or a
+kill -9 of the CLI that ran ``lab up``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fenceless import config as cfgmod
+from fenceless.errors import LabError, UsageError
+from fenceless.faults import crashpoint
+from fenceless.lab import loopdev
+from fenceless.runner import Runner, exec_replace, spawn_detached
+from fenceless.validate import human
+
+STATE_FILE = "lab.json"
+ENV_LAB = "FENCELESS_LAB"
+ENV_HOST = "FENCELESS_LAB_HOST"
+MAX_HOSTS = 16
+FORMAT = 1
+
+# Paths that are per host inside a lab host's mount namespace, and the
+# folder under DIR/hosts/NAME that backs each.
+NS_BINDS = (("lvm", "/etc/lvm"), ("run-lvm", "/run/lvm"), ("lock", "/run/lock/lvm"))
+
+_HOLDER_SCRIPT = (
+    'set -e; h="$1"; shift\n'
+    'while [ "$#" -gt 1 ]; do mount --bind "$h/$1" "$2"; shift 2; done\n'
+    "echo ready\n"
+    "exec sleep infinity </dev/null >/dev/null 2>&1\n"
+)
+
+
+@dataclass(frozen=True)
+class LabHost:
+    name: str
+    config: str
+    loops: dict[str, str]  # VG name -> this host's loop device over that VG's image
+    holder_pid: int | None
+
+
+def lab_dir(path: str) -> Path:
+    return Path(path).resolve()
+
+
+def _state_path(d: Path) -> Path:
+    return d / STATE_FILE
+
+
+def _write_state(d: Path, state: dict[str, Any]) -> None:
+    tmp = d / (STATE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, _state_path(d))
+
+
+def read_state(d: Path) -> dict[str, Any]:
+    try:
+        text = _state_path(d).read_text()
+    except FileNotFoundError as exc:
+        raise LabError(dir=str(d), detail="no lab here (run `fenceless lab up --dir "
+                       f"{d} --hosts 3` to make one)") from exc
+    try:
+        state = json.loads(text)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError("unknown format")
+    except ValueError as exc:
+        raise LabError(dir=str(d), detail=f"{STATE_FILE} is unreadable ({exc}); "
+                       "`fenceless lab down --dir DIR --force` cleans up by scanning") from exc
+    return state
+
+
+def host_dir(d: Path, name: str) -> Path:
+    return d / "hosts" / name
+
+
+def _lvm_conf(hdir: Path, devices: list[str]) -> str:
+    accept = ", ".join(f'"a|^{dev}$|"' for dev in devices)
+    filt = f"[ {accept}, \"r|.*|\" ]"
+    return f"""# LVM config of lab host {hdir.name}: it sees only its own loop devices.
+devices {{
+    filter = {filt}
+    global_filter = {filt}
+    obtain_device_list_from_udev = 0
+    hints = "none"
+    use_devicesfile = 0
+}}
+global {{
+    # This kernel has no device-mapper: metadata only.
+    activation = 0
+    use_aio = 0
+    locking_dir = "{hdir}/lock"
+}}
+activation {{
+    auto_activation_volume_list = []
+}}
+backup {{
+    backup = 1
+    backup_dir = "{hdir}/lvm/backup"
+    archive = 1
+    archive_dir = "{hdir}/lvm/archive"
+}}
+"""
+
+
+def up(
+    path: str,
+    *,
+    hosts: int,
+    size: int,
+    io_timeout: float,
+    vgs: list[str],
+    runner: Runner,
+) -> dict[str, Any]:
+    """Make the lab. Refuses a DIR that already holds one."""
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise UsageError(detail=f"--hosts must be between 1 and {MAX_HOSTS}, got {hosts}")
+    if size < 64 << 20:
+        raise UsageError(detail=f"--size must be at least 64M, got {human(size)}")
+    if not 0.01 <= io_timeout <= 300:
+        raise UsageError(detail=f"--io-timeout must be between 0.01 and 300 s, got {io_timeout}")
+    if not vgs or len(set(vgs)) != len(vgs):
+        raise UsageError(detail="give each --vg once")
+    for vg in vgs:
+        if not cfgmod.VG_NAME_RE.match(vg):
+            raise UsageError(detail=f"invalid VG name {vg!r}")
+    d = lab_dir(path)
+    d.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {
+        "format": FORMAT, "dir": str(d), "status": "creating", "size": size,
+        "io_timeout": io_timeout, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "luns": {vg: str(d / "luns" / f"{vg}.img") for vg in vgs},
+        "hosts": [],
+    }
+    try:
+        fd = os.open(_state_path(d), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            old = read_state(d)
+            what = f"{len(old.get('hosts', []))} hosts, {old.get('status')}"
+        except LabError:
+            what = "unreadable state"
+        raise LabError(dir=str(d), detail=f"a lab already exists here ({what}); run "
+                       f"`fenceless lab down --dir {d}` first") from None
+    os.close(fd)
+    _write_state(d, state)
+    try:
+        _build(d, state, hosts, size, io_timeout, vgs, runner)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            down(str(d), runner=runner, force=True)
+        raise
+    return state
+
+
+def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: float,
+           vgs: list[str], runner: Runner) -> None:
+    (d / "luns").mkdir(exist_ok=True)
+    for image in state["luns"].values():
+        with open(image, "wb") as f:
+            f.truncate(size)
+    for i in range(1, hosts + 1):
+        name = f"h{i}"
+        hdir = host_dir(d, name)
+        for sub in ("lvm/backup", "lvm/archive", "lock", "run-lvm", "state"):
+            (hdir / sub).mkdir(parents=True, exist_ok=True)
+        entry: dict[str, Any] = {"name": name, "loops": {}, "holder_pid": None,
+                                 "config": str(hdir / "fenceless.toml")}
+        state["hosts"].append(entry)
+        for vg, image in state["luns"].items():
+            entry["loops"][vg] = loopdev.attach(runner, image)
+            _write_state(d, state)
+            crashpoint("lab.up.loop-attached")
+        devices = list(entry["loops"].values())
+        (hdir / "lvm" / "lvm.conf").write_text(_lvm_conf(hdir, devices))
+        host_cfg = cfgmod.HostConfig(
+            path=entry["config"], host=name, state_dir=str(hdir / "state"),
+            io_timeout=io_timeout,
+            vgs=tuple(cfgmod.VgConfig(vg, (dev,)) for vg, dev in entry["loops"].items()),
+            lvm_system_dir=str(hdir / "lvm"), activation="lab",
+        )
+        Path(entry["config"]).write_text(cfgmod.render(host_cfg))
+        entry["holder_pid"] = _start_holder(d, hdir, name, runner)
+        entry["holder_start"] = _proc_start_time(entry["holder_pid"])
+        _write_state(d, state)
+        crashpoint("lab.up.holder-started")
+    state["status"] = "up"
+    _write_state(d, state)
+
+
+def _lab_env(d: Path, name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[ENV_LAB] = str(d)
+    env[ENV_HOST] = name
+    env["FENCELESS_CONFIG"] = str(host_dir(d, name) / "fenceless.toml")
+    env["LVM_SUPPRESS_FD_WARNINGS"] = "1"
+    env.pop("LVM_SYSTEM_DIR", None)
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    return env
+
+
+def _start_holder(d: Path, hdir: Path, name: str, runner: Runner) -> int:
+    """A process that holds the host's mount namespace open; it does nothing else."""
+    binds: list[str] = []
+    for sub, target in NS_BINDS:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        binds += [sub, target]
+    argv = ["unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", _HOLDER_SCRIPT, f"fenceless-lab-{name}", str(hdir), *binds]
+    return spawn_detached(argv, env=_lab_env(d, name))
+
+
+def _proc_start_time(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _holder_alive(entry: dict[str, Any]) -> bool:
+    pid = entry.get("holder_pid")
+    return isinstance(pid, int) and _proc_start_time(pid) == entry.get("holder_start")
+
+
+def hosts(d: Path, state: dict[str, Any]) -> list[LabHost]:
+    return [LabHost(h["name"], h["config"], dict(h["loops"]), h.get("holder_pid"))
+            for h in state.get("hosts", [])]
+
+
+def find_host(d: Path, state: dict[str, Any], name: str) -> dict[str, Any]:
+    for h in state.get("hosts", []):
+        if h["name"] == name:
+            return dict(h)
+    names = ", ".join(h["name"] for h in state.get("hosts", []))
+    raise LabError(dir=str(d), detail=f"no host {name!r} in this lab (hosts: {names})")
+
+
+def status(path: str) -> dict[str, Any]:
+    d = lab_dir(path)
+    state = read_state(d)
+    loops = {x.device: x for x in loopdev.list_loops()}
+    out_hosts = []
+    for h in state.get("hosts", []):
+        loop_ok = all(dev in loops and loops[dev].backing == state["luns"][vg]
+                      for vg, dev in h["loops"].items())
+        out_hosts.append({
+            "name": h["name"], "config": h["config"], "loops": h["loops"],
+            "namespace": "up" if _holder_alive(h) else "down",
+            "loops_attached": loop_ok,
+        })
+    images = set(state["luns"].values())
+    mapped = [x for x in loopdev.tree(images) if x.backing not in images]
+    return {
+        "dir": str(d), "status": state.get("status"), "size": state.get("size"),
+        "io_timeout": state.get("io_timeout"), "luns": state["luns"], "hosts": out_hosts,
+        "lv_mappings": [{"device": x.device, "over": x.backing, "offset": x.offset,
+                         "size": x.sizelimit} for x in mapped],
+        "processes": len(_lab_processes(d, state)),
+    }
+
+
+def _ancestors() -> set[int]:
+    pids = set()
+    pid = os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return pids
+
+
+def _lab_processes(d: Path, state: dict[str, Any] | None) -> list[int]:
+    """Every process the lab started: marked in its environment, or inside a host namespace."""
+    marker = f"{ENV_LAB}={d}".encode()
+    namespaces = set()
+    for h in (state or {}).get("hosts", []):
+        if _holder_alive(h):
+            with contextlib.suppress(OSError):
+                namespaces.add(os.readlink(f"/proc/{h['holder_pid']}/ns/mnt"))
+    skip = _ancestors()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            ns = os.readlink(entry / "ns" / "mnt")
+        except OSError:
+            continue
+        if marker in env or ns in namespaces:
+            found.append(int(entry.name))
+    return found
+
+
+def _stop_processes(d: Path, state: dict[str, Any] | None, grace: float = 3.0) -> int:
+    pids = _lab_processes(d, state)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            break
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # Reap what we can; others are reaped by init.
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+    return len(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def down(path: str, *, runner: Runner, force: bool = False) -> dict[str, Any]:
+    """Stop every lab process and detach every lab loop device, then forget the lab."""
+    d = lab_dir(path)
+    try:
+        state: dict[str, Any] | None = read_state(d)
+    except LabError:
+        if not force and not _state_path(d).exists():
+            raise
+        state = None
+    images = set((state or {}).get("luns", {}).values())
+    images |= {str(p) for p in (d / "luns").glob("*.img")}
+    stopped = _stop_processes(d, state)
+    detached = []
+    for _ in range(3):
+        loops = loopdev.tree(images)
+        if not loops:
+            break
+        for x in loops:
+            loopdev.detach(runner, x.device)
+            detached.append(x.device)
+        time.sleep(0.05)
+    left = loopdev.tree(images)
+    if left:
+        raise LabError(dir=str(d), detail="could not detach "
+                       + ", ".join(x.device for x in left) + " (still open?)")
+    for image in images:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image)
+    # The lab is disposable: its host folders (configs, LVM archives) go with it.
+    for sub in ("hosts", "luns"):
+        shutil.rmtree(d / sub, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_state_path(d))
+    return {"dir": str(d), "processes_stopped": stopped, "loops_detached": sorted(set(detached))}
+
+
+def _enter_argv(d: Path, state: dict[str, Any], name: str) -> list[str]:
+    h = find_host(d, state, name)
+    if not _holder_alive(h):
+        raise LabError(dir=str(d), detail=f"host {name}'s namespace is gone "
+                       "(was the lab taken down?); run `fenceless lab down` and `up` again")
+    return ["nsenter", "--mount", "--target", str(h["holder_pid"]), "--"]
+
+
+def exec_in(path: str, name: str, command: list[str]) -> None:
+    """Run a command as lab host ``name`` would: its namespace, its config."""
+    if not command:
+        raise UsageError(detail="lab exec needs a command after --")
+    d = lab_dir(path)
+    state = read_state(d)
+    exec_replace([*_enter_argv(d, state, name), *command], _lab_env(d, name))
+
+
+def shell(path: str, name: str) -> None:
+    d = lab_dir(path)
+    state = read_state(d)
+    env = _lab_env(d, name)
+    env["PS1"] = f"[lab {name}] \\w # "
+    exec_replace([*_enter_argv(d, state, name), "bash", "--norc", "-i"], env)

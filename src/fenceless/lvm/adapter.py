@@ -1,0 +1,191 @@
+"""The one LVM2 adapter: every LVM command fenceless runs goes through here.
+
+Why it is strict:
+- LVM 2.03 ignores ``global/metadata_read_only``; only ``--readonly`` is
+  honoured, and metadata-changing commands reject that flag. So a *reader*
+  host is enforced here: reporting commands get ``--readonly`` (no lock, no
+  "repair"), activation becomes ``--sysinit --readonly``, and every other
+  command is refused before any process starts.
+- Every call carries its own ``--config`` with a devices filter that admits
+  only this VG's LUN device(s) as this host sees them, so a command never
+  scans (or hangs on) another LUN, and never trusts udev or hints.
+- ``LC_ALL=C``, no shell, a bounded run time: the caller's lease decides how
+  long an LVM command may run, and the runner kills its whole process group.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fenceless.config import HostConfig, VgConfig
+from fenceless.errors import CommandFailed, CommandTimeout, LvmError, NotFound, RoleRefused
+from fenceless.lvm import parse
+from fenceless.runner import Result, Runner
+
+
+class Role(enum.Enum):
+    READER = "reader"
+    WRITER = "writer"
+
+
+# Commands that accept --readonly and never write metadata.
+REPORT_COMMANDS = frozenset({"lvs", "vgs", "pvs", "lvdisplay", "vgdisplay", "pvdisplay",
+                             "vgcfgbackup", "fullreport"})
+# Commands that need no VG access at all.
+NEUTRAL_COMMANDS = frozenset({"version", "lvmconfig", "config", "dumpconfig", "formats",
+                              "segtypes", "types", "tags"})
+
+REPORT_OPTS = ("--reportformat", "json", "--units", "b", "--nosuffix")
+
+
+def _filter_regex(device: str) -> str:
+    # config.DEVICE_RE already limits device paths to [A-Za-z0-9/_.:+-]; escape the
+    # regex-active ones among those.
+    return "^" + re.sub(r"([.+])", r"\\\1", device) + "$"
+
+
+@dataclass
+class Lvm:
+    """LVM for one shared VG, as one host sees it, in one role."""
+
+    runner: Runner
+    host: HostConfig
+    vg: VgConfig
+    role: Role = Role.READER
+    driver_loaded: bool = True
+    timeout: float = 60.0
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def config_text(self) -> str:
+        accept = ", ".join(f'"a|{_filter_regex(d)}|"' for d in self.vg.devices)
+        filt = f'[ {accept}, "r|.*|" ]'
+        parts = [
+            "devices { "
+            f"filter = {filt} global_filter = {filt} "
+            'obtain_device_list_from_udev = 0 hints = "none" use_devicesfile = 0 }',
+            # Nothing of the shared VG may come up by itself at boot or on a scan.
+            "activation { auto_activation_volume_list = [] }",
+        ]
+        if not self.driver_loaded:
+            parts.append("global { activation = 0 }")
+        return " ".join(parts)
+
+    def env(self) -> dict[str, str]:
+        env = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
+        if self.host.lvm_system_dir:
+            env["LVM_SYSTEM_DIR"] = self.host.lvm_system_dir
+        return env
+
+    def argv(self, command: str, args: Sequence[str]) -> list[str]:
+        """The full argv for one LVM command, or RoleRefused for a reader."""
+        argv = [self.host.lvm_binary, command, *args]
+        if command in REPORT_COMMANDS:
+            if "--readonly" not in argv:
+                argv.append("--readonly")
+        elif command in NEUTRAL_COMMANDS:
+            pass
+        elif self.role is Role.READER and not _reader_activation(command, args):
+            raise RoleRefused(command=command, hint=(
+                "Only the metadata writer runs metadata changes; fenceless forwards volume "
+                "operations to it."))
+        argv += ["--config", self.config_text()]
+        return argv
+
+    def run(self, command: str, *args: str, timeout: float | None = None) -> Result:
+        argv = self.argv(command, args)
+        try:
+            return self.runner.run(argv, env=self.env(),
+                                   timeout=self.timeout if timeout is None else timeout)
+        except CommandTimeout:
+            raise
+        except CommandFailed as exc:
+            raise LvmError(command=f"{command} {' '.join(args)}".strip(),
+                           rc=exc.fields.get("rc"), stderr=exc.fields.get("stderr")) from exc
+
+    def _report(self, command: str, fields: Sequence[str], *args: str) -> str:
+        return self.run(command, *REPORT_OPTS, "-o", ",".join(fields), *args).stdout
+
+    # --- reports (any role) --------------------------------------------------------
+
+    def pvs(self) -> list[parse.PvInfo]:
+        text = self._report("pvs", parse.PV_FIELDS, *self.vg.devices)
+        return parse.parse_pvs(text)
+
+    def vgs(self) -> list[parse.VgInfo]:
+        """Every VG visible through this VG's devices (normally zero or one)."""
+        return parse.parse_vgs(self._report("vgs", parse.VG_FIELDS))
+
+    def vg_info(self) -> parse.VgInfo:
+        for vg in self.vgs():
+            if vg.name == self.vg.name:
+                return vg
+        raise NotFound(kind="VG", name=self.vg.name,
+                       where=f" on {', '.join(self.vg.devices)} (as host {self.host.host} sees it)")
+
+    def lvs(self) -> list[parse.LvInfo]:
+        return parse.parse_lvs(self._report("lvs", parse.LV_FIELDS, self.vg.name))
+
+    def segments(self) -> list[parse.Segment]:
+        return parse.parse_segments(
+            self._report("lvs", parse.SEG_FIELDS, "--segments", self.vg.name))
+
+    def version(self) -> str:
+        out = self.run("version").stdout
+        m = re.search(r"LVM version:\s*(\S+)", out)
+        return m.group(1) if m else "unknown"
+
+    # --- metadata changes (writer role only) ----------------------------------------
+
+    def pvcreate(self, device: str, metadatasize: str = "16m") -> None:
+        self.run("pvcreate", "--yes", "--metadatasize", metadatasize, device)
+
+    def vgcreate(self, devices: Sequence[str], extent_size: str = "4m") -> None:
+        self.run("vgcreate", "--yes", "--physicalextentsize", extent_size,
+                 "--setautoactivation", "n", self.vg.name, *devices)
+
+    def lvcreate(self, name: str, size_bytes: int, tags: Sequence[str] = ()) -> None:
+        tag_args = [a for t in tags for a in ("--addtag", t)]
+        self.run("lvcreate", "--yes", "--activate", "n", "--zero", "n",
+                 "--setautoactivation", "n", "--size", f"{size_bytes}b", "--name", name,
+                 *tag_args, self.vg.name)
+
+    def lvextend(self, name: str, size_bytes: int) -> None:
+        self.run("lvextend", "--size", f"{size_bytes}b", f"{self.vg.name}/{name}")
+
+    def lvrename(self, old: str, new: str) -> None:
+        self.run("lvrename", self.vg.name, old, new)
+
+    def lvremove(self, name: str) -> None:
+        self.run("lvremove", "--yes", f"{self.vg.name}/{name}")
+
+    def vgck(self) -> Result:
+        return self.run("vgck", self.vg.name)
+
+    # --- activation (both roles; a reader activates read-only) -----------------------
+
+    def activate(self, name: str) -> None:
+        if self.role is Role.READER:
+            self.run("lvchange", "--activate", "y", "--sysinit", "--readonly",
+                     f"{self.vg.name}/{name}")
+        else:
+            self.run("lvchange", "--activate", "y", f"{self.vg.name}/{name}")
+
+    def deactivate(self, name: str) -> None:
+        if self.role is Role.READER:
+            self.run("lvchange", "--activate", "n", "--sysinit", "--readonly",
+                     f"{self.vg.name}/{name}")
+        else:
+            self.run("lvchange", "--activate", "n", f"{self.vg.name}/{name}")
+
+
+def _reader_activation(command: str, args: Sequence[str]) -> bool:
+    """``lvchange -a{y,n} --sysinit --readonly`` and nothing else: LVM allows it read-only."""
+    if command != "lvchange" or "--sysinit" not in args or "--readonly" not in args:
+        return False
+    allowed = {"--activate", "-a", "-ay", "-an", "y", "n", "--sysinit", "--readonly"}
+    flags = [a for a in args if a.startswith("-") or a in ("y", "n")]
+    return all(f in allowed for f in flags)

@@ -1,0 +1,40 @@
+"""What an operation works with: this host's config, a runner, and LVM in a role.
+
+Built once by the CLI (or the agent) and passed down, so operations never
+reach for global state, subprocess or devices themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fenceless.config import HostConfig
+from fenceless.lvm.activation import Activator, LvmActivator
+from fenceless.lvm.adapter import Lvm, Role
+from fenceless.runner import Runner
+
+
+def dm_available() -> bool:
+    """Whether this kernel has device-mapper; without it LVM runs metadata-only."""
+    return os.path.exists("/dev/mapper/control")
+
+
+@dataclass
+class Context:
+    cfg: HostConfig
+    runner: Runner = field(default_factory=Runner)
+    driver_loaded: Callable[[], bool] = dm_available
+
+    def lvm(self, vg: str | None = None, role: Role = Role.READER) -> Lvm:
+        return Lvm(self.runner, self.cfg, self.cfg.vg(vg), role=role,
+                   driver_loaded=self.driver_loaded())
+
+    def activator(self, vg: str | None = None, role: Role = Role.READER) -> Activator:
+        lvm = self.lvm(vg, role)
+        if self.cfg.activation == "lab":
+            from fenceless.lab.activation import LabActivator
+
+            return LabActivator(lvm, self.runner, self.cfg.state_dir)
+        return LvmActivator(lvm, self.runner)

@@ -1,0 +1,129 @@
+"""Running external commands: the one place (with the lab) that imports subprocess.
+
+Domain code receives a ``Runner`` and never starts processes itself, so tests
+and the lease code can bound, record or refuse every command. Commands run
+without a shell, with ``LC_ALL=C``, in their own process group, so a timeout
+kills everything the command started (a stale LVM child must never outlive
+the lease that allowed it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fenceless.errors import CommandFailed, CommandTimeout
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Runner:
+    """Runs argv lists; ``calls`` counts them, for benchmarks and tests."""
+
+    default_timeout: float = 120.0
+    base_env: Mapping[str, str] | None = None
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> Result:
+        full_env = dict(os.environ if self.base_env is None else self.base_env)
+        full_env["LC_ALL"] = "C"
+        if env:
+            full_env.update(env)
+        argv_t = tuple(argv)
+        self.calls.append(argv_t)
+        limit = self.default_timeout if timeout is None else timeout
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv_t,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=full_env,
+                text=True,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise CommandFailed(argv0=argv_t[0], rc=127, stderr="command not found") from exc
+        try:
+            out, err = proc.communicate(input=input, timeout=limit)
+        except subprocess.TimeoutExpired as exc:
+            _kill_group(proc)
+            raise CommandTimeout(argv0=" ".join(argv_t[:2]), timeout=limit) from exc
+        except BaseException:
+            _kill_group(proc)
+            raise
+        result = Result(argv_t, proc.returncode, out, err, time.monotonic() - started)
+        if check and result.rc != 0:
+            raise CommandFailed(
+                argv0=" ".join(argv_t[:2]), rc=result.rc, stderr=_last_lines(err or out)
+            )
+        return result
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _last_lines(text: str, n: int = 5) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " / ".join(lines[-n:]) if lines else "(no output)"
+
+
+def spawn_detached(
+    argv: Sequence[str], *, env: Mapping[str, str], ready_timeout: float = 10.0
+) -> int:
+    """Start a long-lived helper in its own session; wait for its first line, ``ready``.
+
+    The helper must outlive the CLI that started it (a kill -9 of ``lab up``
+    must not take the lab's namespaces with it), so it gets a new session and
+    no inherited terminal. Returns its pid.
+    """
+    proc = subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(env), text=True, close_fds=True, start_new_session=True, cwd="/",
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    ready = sel.select(ready_timeout)
+    line = proc.stdout.readline().strip() if ready else ""
+    sel.close()
+    if line != "ready":
+        _kill_group(proc)
+        err = proc.stderr.read()
+        raise CommandFailed(argv0=" ".join(argv[:2]), rc=proc.returncode, stderr=_last_lines(err))
+    proc.stdout.close()
+    proc.stderr.close()
+    return proc.pid
+
+
+def exec_replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """Replace this process (``lab exec``/``lab shell``: the command owns the terminal)."""
+    os.execvpe(argv[0], list(argv), dict(env))
