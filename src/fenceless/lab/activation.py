@@ -71,8 +71,10 @@ class LabActivator:
                                 f"{mode} here as {current.device}; deactivate it first")
             return current
         extent = self._extent(lv)
+        # Direct I/O to the host's LUN device: a dm-linear mapping has no page cache
+        # of its own, and neither may its stand-in (else it serves stale bytes).
         device = loopdev.attach(self.runner, extent.device, offset=extent.offset,
-                                sizelimit=extent.size, readonly=readonly)
+                                sizelimit=extent.size, readonly=readonly, direct_io=True)
         self._save(lv, device, extent)
         return ActiveLv(self.lvm.vg.name, lv, device, extent.size, readonly)
 

@@ -62,9 +62,13 @@ def info(device: str) -> LoopInfo | None:
 
 
 def attach(
-    runner: Runner, backing: str, *, offset: int = 0, sizelimit: int = 0, readonly: bool = False
+    runner: Runner, backing: str, *, offset: int = 0, sizelimit: int = 0, readonly: bool = False,
+    direct_io: bool = False,
 ) -> str:
+    """Attach a loop device; ``direct_io`` makes it keep no cache of its own, like dm-linear."""
     argv = ["losetup", "--find", "--show"]
+    if direct_io:
+        argv.append("--direct-io=on")
     if offset:
         argv += ["--offset", str(offset)]
     if sizelimit:

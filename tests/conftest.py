@@ -1,0 +1,113 @@
+"""Shared test helpers: run the real CLI, and make real labs on loop devices."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "fenceless.cli.main"]
+
+
+def lab_prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("lvm", "losetup", "unshare", "nsenter"):
+        if not shutil.which(tool):
+            return f"needs {tool}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = lab_prerequisites()
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        # In CI a missing prerequisite is a broken .ci/run, not a reason to skip.
+        raise pytest.UsageError(f"lab tests cannot run in CI: {missing}")
+    for item in items:
+        if "lab" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=missing))
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.pop("FENCELESS_CONFIG", None)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fenceless {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def lab_loops(lab_dir: Path) -> list[str]:
+    """Loop devices still backed by this lab's images (directly or through another loop)."""
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    mine = [ln.split(":")[0] for ln in out.splitlines() if str(lab_dir) in ln]
+    nested = [ln.split(":")[0] for ln in out.splitlines()
+              if any(f"({dev})" in ln for dev in mine)]
+    return mine + nested
+
+
+def lab_processes(lab_dir: Path) -> list[int]:
+    marker = f"FENCELESS_LAB={lab_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+class Lab:
+    def __init__(self, path: Path, hosts: int):
+        self.dir = path
+        self.hosts = [f"h{i}" for i in range(1, hosts + 1)]
+
+    def config(self, host: str) -> str:
+        return str(self.dir / "hosts" / host / "fenceless.toml")
+
+    def on(self, host: str, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+        """The fenceless CLI with this host's config."""
+        return cli("-c", self.config(host), *args, **kw)
+
+    def exec(self, host: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """A command inside the host's own view of the system."""
+        return cli("lab", "exec", "--dir", str(self.dir), host, "--", *argv, check=check)
+
+    def device(self, host: str, vg: str = "sanvg") -> str:
+        import tomllib
+
+        cfg = tomllib.loads(Path(self.config(host)).read_text())
+        return str(cfg["vg"][vg]["devices"][0])
+
+
+@pytest.fixture
+def make_lab(tmp_path_factory):
+    """Factory for labs; every lab made is taken down and checked to leave nothing behind."""
+    made: list[Lab] = []
+
+    def make(hosts: int = 3, *extra: str) -> Lab:
+        path = tmp_path_factory.mktemp("lab")
+        cli("lab", "up", "--dir", str(path), "--hosts", str(hosts), "--size", "1G",
+            "--io-timeout", "0.2", *extra)
+        lab = Lab(path, hosts)
+        made.append(lab)
+        return lab
+
+    yield make
+    for lab in made:
+        cli("lab", "down", "--dir", str(lab.dir), "--force", check=False)
+        assert lab_loops(lab.dir) == []
+        assert lab_processes(lab.dir) == []
