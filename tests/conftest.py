@@ -41,7 +41,7 @@ def cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
     if env:
         full_env.update(env)
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"fenceless {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
@@ -50,7 +50,7 @@ def cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
 
 def lab_loops(lab_dir: Path) -> list[str]:
     """Loop devices still backed by this lab's images (directly or through another loop)."""
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
     mine = [ln.split(":")[0] for ln in out.splitlines() if str(lab_dir) in ln]
     nested = [ln.split(":")[0] for ln in out.splitlines()
               if any(f"({dev})" in ln for dev in mine)]
