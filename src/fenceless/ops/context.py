@@ -17,8 +17,17 @@ from fenceless.runner import Runner
 
 
 def dm_available() -> bool:
-    """Whether this kernel has device-mapper; without it LVM runs metadata-only."""
-    return os.path.exists("/dev/mapper/control")
+    """Whether this kernel has device-mapper; without it LVM runs metadata-only.
+
+    The node /dev/mapper/control can exist (made by the lvm2 package) while the
+    kernel has no driver behind it, so only a successful open counts.
+    """
+    try:
+        fd = os.open("/dev/mapper/control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 @dataclass
