@@ -127,3 +127,13 @@ def spawn_detached(
 def exec_replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
     """Replace this process (``lab exec``/``lab shell``: the command owns the terminal)."""
     os.execvpe(argv[0], list(argv), dict(env))
+
+
+def spawn_logged(argv: Sequence[str], *, env: Mapping[str, str], log_path: str) -> int:
+    """Start a daemon in its own session with its output appended to a log file."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=dict(env), close_fds=True, start_new_session=True, cwd="/",
+        )
+    return proc.pid

@@ -27,6 +27,14 @@ EXAMPLES = {
     "lab refresh": "fenceless lab refresh --dir /tmp/lab h2 vm1-disk",
     "scan": "fenceless -c /tmp/lab/hosts/h2/fenceless.toml scan --json",
     "config": "fenceless -c /etc/fenceless/fenceless.toml config",
+    "init": "fenceless init --max-hosts 16",
+    "join": "fenceless join",
+    "agent": "fenceless agent --auto-takeover",
+    "status": "fenceless status --json",
+    "writer status": "fenceless writer status",
+    "writer handover": "fenceless writer handover h2",
+    "writer takeover": "fenceless writer takeover",
+    "lab agent": "fenceless lab agent --dir /tmp/lab h2 stop",
 }
 
 
@@ -87,6 +95,9 @@ def build_parser() -> Parser:
                     help="io_timeout written into every host config (tests: 0.1-0.5)")
     sp.add_argument("--vg", action="append", metavar="NAME",
                     help="a shared VG (one LUN image each); repeat for several (default: sanvg)")
+    sp.add_argument("--agents", action="store_true", help="start one agent per host")
+    sp.add_argument("--auto-takeover", action="store_true",
+                    help="with --agents: agents take over a dead writer by themselves")
     sp = cmd(lsub, "down", "lab down", "stop every lab process and detach every loop device")
     sp.add_argument("--dir", required=True)
     sp.add_argument("--force", action="store_true",
@@ -112,6 +123,52 @@ def build_parser() -> Parser:
         sp.add_argument("--vg", help="the shared VG, when the host has several")
         if name == "activate":
             sp.add_argument("--readonly", action="store_true", help="map read-only")
+
+    sp = cmd(lsub, "agent", "lab agent", "start, stop or signal a lab host's agent")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("host")
+    sp.add_argument("action", choices=["start", "stop", "kill", "pause", "resume", "pid"])
+    sp.add_argument("--auto-takeover", action="store_true", help="with start")
+
+    def vg_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--vg", help="the shared VG, when several are configured")
+
+    sp = cmd(sub, "init", "init", "make this host's shared VG a fenceless cluster; this host "
+             "becomes the metadata writer at epoch 1 (runs in the local agent)")
+    vg_opt(sp)
+    sp.add_argument("--max-hosts", type=int, default=16, help="host ids to provide (1-250)")
+    sp.add_argument("--adopt", action="store_true",
+                    help="the VG exists already: add the control LV, touch no existing LV")
+    sp = cmd(sub, "join", "join", "take a host id in the cluster (runs in the local agent)")
+    vg_opt(sp)
+    sp = cmd(sub, "agent", "agent", "the per-host daemon (foreground): renews leases, serves "
+             "the writer role", json_opt=False)
+    sp.add_argument("--auto-takeover", action="store_true",
+                    help="take over a dead writer when this is the lowest-numbered live host")
+    sp = cmd(sub, "status", "status", "hosts, leases, writer and ledger, read from the control "
+             "area (no LVM command runs)")
+    vg_opt(sp)
+    writer = sub.add_parser("writer", help="the metadata writer role", formatter_class=fmt,
+                            description="The metadata writer: the one host that changes LVM "
+                            "metadata, chosen by a Disk Paxos lease whose version is the epoch.",
+                            epilog=_epilog("writer status", "writer handover", "writer takeover"))
+    wsub = writer.add_subparsers(dest="writer_command", metavar="WRITERCOMMAND",
+                                 parser_class=Parser)
+    wsub.required = True
+    sp = cmd(wsub, "status", "writer status", "which host is the writer, at which epoch")
+    vg_opt(sp)
+    sp = cmd(wsub, "handover", "writer handover", "planned move of the writer role to HOST "
+             "(the old writer finishes and releases; HOST acquires at epoch+1)")
+    vg_opt(sp)
+    sp.add_argument("to", metavar="HOST")
+    sp.add_argument("--timeout", type=float, help="seconds to wait (default 20 x io_timeout)")
+    sp = cmd(wsub, "takeover", "writer takeover", "become the writer here; only when the "
+             "writer's host lease is DEAD (two hosts racing never both win)")
+    vg_opt(sp)
+    sp.add_argument("--wait", action="store_true", help="if the writer still looks alive, "
+                    "wait (up to --timeout) for its lease to die instead of refusing")
+    sp.add_argument("--timeout", type=float, help="seconds to wait for the old writer to be "
+                    "declared dead (default 20 x io_timeout)")
 
     sp = cmd(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
     sp.add_argument("--vg", help="the shared VG, when several are configured")
@@ -159,6 +216,10 @@ def _lab(args: argparse.Namespace) -> int:
         size = parse_size(args.size, minimum=64 << 20)
         state = cluster.up(args.dir, hosts=args.hosts, size=size, io_timeout=args.io_timeout,
                            vgs=args.vg or ["sanvg"], runner=runner)
+        if args.agents:
+            for h in state["hosts"]:
+                h["agent_pid"] = cluster.start_agent(
+                    args.dir, h["name"], ["--auto-takeover"] if args.auto_takeover else [])
 
         def up_text(s: dict[str, Any]) -> str:
             lines = [f"lab up in {s['dir']}: {len(s['hosts'])} hosts, "
@@ -200,9 +261,30 @@ def _lab(args: argparse.Namespace) -> int:
         cluster.exec_in(args.dir, args.host, argv)
     elif sub == "shell":
         cluster.shell(args.dir, args.host)
+    elif sub == "agent":
+        return _lab_agent(args, cluster)
     else:
         return _lab_activation(args, cluster)
     return 0
+
+
+def _lab_agent(args: argparse.Namespace, cluster: Any) -> int:
+    import signal
+
+    action = args.action
+    if action == "start":
+        pid = cluster.start_agent(args.dir, args.host,
+                                  ["--auto-takeover"] if args.auto_takeover else [])
+    elif action == "pid":
+        pid = cluster.agent_pid(args.dir, args.host)
+    else:
+        sig = {"stop": signal.SIGTERM, "kill": signal.SIGKILL, "pause": signal.SIGSTOP,
+               "resume": signal.SIGCONT}[action]
+        pid = cluster.signal_agent(args.dir, args.host, sig,
+                                   wait=10.0 if action in ("stop", "kill") else 0.0)
+    emit(args, {"host": args.host, "action": action, "pid": pid},
+         lambda r: f"{r['host']}: agent {r['action']} (pid {r['pid']})")
+    return 0 if pid is not None or action != "pid" else 3
 
 
 def _lab_activation(args: argparse.Namespace, cluster: Any) -> int:
@@ -256,8 +338,112 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_cfg(args: argparse.Namespace) -> Any:
+    from fenceless import config
+
+    return config.load(config.resolve_path(getattr(args, "config", None)))
+
+
+def _agent_call(cfg: Any, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    from fenceless.agent import ipc
+
+    request = {**request, "timeout": timeout}
+    return ipc.call(cfg.state_dir, request, timeout=timeout + 5.0)
+
+
+def _init(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
+    res = _agent_call(cfg, {"op": "init", "vg": args.vg, "max_hosts": args.max_hosts,
+                            "adopt": args.adopt}, timeout=120.0)
+    emit(args, res, lambda r: f"initialized cluster {r['cluster']} on VG {r['vg']}: this host "
+         f"({cfg.host}) is host id {r['host_id']} and the metadata writer at epoch "
+         f"{r['epoch']} (control LV {r['control_lv']})")
+    return 0
+
+
+def _join(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
+    res = _agent_call(cfg, {"op": "join", "vg": args.vg}, timeout=120.0)
+    emit(args, res, lambda r: f"joined cluster {r['cluster']} on VG {r['vg']} as host id "
+         f"{r['host_id']} (generation {r['generation']})")
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from fenceless.agent.daemon import Agent
+
+    return Agent(_load_cfg(args), auto_takeover=args.auto_takeover).run()
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    w = s["writer"]
+    writer = "none" if w is None else (
+        f"{w['host']} (id {w['id']}, generation {w['generation']}), epoch {w['epoch']} "
+        f"[{w['state']}]")
+    rows = [(h["id"], h["name"], h["lease"], "-" if h["age"] is None else f"{h['age']:.1f}s",
+             h["generation"] if h["generation"] is not None else "-",
+             h["facts"].get("lvm_role", "-")) for h in s["hosts"]]
+    lines = [f"cluster {s['cluster']} on VG {s['vg']} (seen from {s['host']}; io_timeout "
+             f"{s['io_timeout']}s; lease states from {s['lease_source']})",
+             f"writer: {writer}",
+             f"ledger: generation {s['ledger']['generation']} at epoch {s['ledger']['epoch']}",
+             _table(rows, ("ID", "HOST", "LEASE", "AGE", "GEN", "LVM ROLE"))]
+    lines += [f"problem: {p}" for p in s["ledger"]["problems"]]
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fenceless.ops.status import read_status
+
+    emit(args, read_status(_load_cfg(args), args.vg), _status_text)
+    return 0
+
+
+def _writer(args: argparse.Namespace) -> int:
+    import time
+
+    from fenceless.ops.status import read_status
+
+    cfg = _load_cfg(args)
+    sub = args.writer_command
+    if sub == "status":
+        st = read_status(cfg, args.vg)
+        data = {"writer": st["writer"], "vg": st["vg"], "ledger": st["ledger"]}
+        emit(args, data, lambda d: "no writer" if d["writer"] is None else
+             f"writer: {d['writer']['host']} (host id {d['writer']['id']}) at epoch "
+             f"{d['writer']['epoch']} [{d['writer']['state']}]")
+        return 0
+    timeout = args.timeout or 20 * cfg.io_timeout + 5
+    if sub == "takeover":
+        res = _agent_call(cfg, {"op": "takeover", "vg": args.vg, "wait": args.wait},
+                          timeout=timeout)
+        emit(args, res, lambda r: f"{r['host']} is the metadata writer at epoch {r['epoch']}"
+             + (" (it already was)" if r["outcome"] == "already" else ""))
+        return 0
+    res = _agent_call(cfg, {"op": "handover", "vg": args.vg, "to": args.to}, timeout=timeout)
+    if res.get("outcome") != "already":
+        deadline = time.monotonic() + timeout
+        while True:
+            st = read_status(cfg, args.vg)
+            w = st["writer"]
+            if w and w["host"] == args.to and not w["released"] and \
+                    w["epoch"] > res.get("from_epoch", 0):
+                res = {"outcome": "done", "host": args.to, "epoch": w["epoch"]}
+                break
+            if time.monotonic() > deadline:
+                from fenceless.errors import ExecError
+
+                raise ExecError(detail=f"handover to {args.to} requested, but {args.to} did "
+                                f"not become the writer within {timeout:.0f}s (writer now: "
+                                f"{w})")
+            time.sleep(cfg.io_timeout / 2)
+    emit(args, res, lambda r: f"{r['host']} is the metadata writer at epoch {r['epoch']}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "lab": _lab, "scan": _scan, "config": _config,
+    "lab": _lab, "scan": _scan, "config": _config, "init": _init, "join": _join,
+    "agent": _agent, "status": _status, "writer": _writer,
 }
 
 

@@ -30,7 +30,7 @@ from fenceless import config as cfgmod
 from fenceless.errors import LabError, UsageError
 from fenceless.faults import crashpoint
 from fenceless.lab import loopdev
-from fenceless.runner import Runner, exec_replace, spawn_detached
+from fenceless.runner import Runner, exec_replace, spawn_detached, spawn_logged
 from fenceless.validate import human
 
 STATE_FILE = "lab.json"
@@ -407,3 +407,53 @@ def shell(path: str, name: str) -> None:
     env = _lab_env(d, name)
     env["PS1"] = f"[lab {name}] \\w # "
     exec_replace([*_enter_argv(d, state, name), "bash", "--norc", "-i"], env)
+
+
+# --- agents -----------------------------------------------------------------------
+
+
+def start_agent(path: str, name: str, extra: list[str] | None = None) -> int:
+    """Start ``fenceless agent`` inside the host's namespace, logging to its host folder."""
+    d = lab_dir(path)
+    state = read_state(d)
+    h = find_host(d, state, name)
+    if _agent_alive(h):
+        raise LabError(dir=str(d), detail=f"the agent of {name} is already running "
+                       f"(pid {h['agent_pid']})")
+    argv = [*_enter_argv(d, state, name), sys.executable, "-m", "fenceless.cli.main",
+            "agent", *(extra or [])]
+    pid = spawn_logged(argv, env=_lab_env(d, name), log_path=str(host_dir(d, name) / "agent.log"))
+    for entry in state["hosts"]:
+        if entry["name"] == name:
+            entry["agent_pid"] = pid
+            entry["agent_start"] = _proc_start_time(pid)
+            entry["agent_args"] = list(extra or [])
+    _write_state(d, state)
+    return pid
+
+
+def _agent_alive(entry: dict[str, Any]) -> bool:
+    pid = entry.get("agent_pid")
+    return isinstance(pid, int) and _proc_start_time(pid) == entry.get("agent_start") \
+        and _alive(pid)
+
+
+def agent_pid(path: str, name: str) -> int | None:
+    d = lab_dir(path)
+    h = find_host(d, read_state(d), name)
+    return int(h["agent_pid"]) if _agent_alive(h) else None
+
+
+def signal_agent(path: str, name: str, sig: int, *, wait: float = 0.0) -> int:
+    """Send a signal to a host's agent (stop, kill, SIGSTOP/SIGCONT in tests)."""
+    d = lab_dir(path)
+    pid = agent_pid(path, name)
+    if pid is None:
+        raise LabError(dir=str(d), detail=f"the agent of {name} is not running")
+    os.kill(pid, sig)
+    deadline = time.monotonic() + wait
+    while wait and time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.02)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+    return pid

@@ -398,6 +398,11 @@ class HostObserver:
         seen = self._seen.get(host_id)
         return seen.record if seen else None
 
+    def last_change(self, host_id: int) -> float | None:
+        """Our monotonic time when the host's sector last changed (None: not seen to change)."""
+        seen = self._seen.get(host_id)
+        return seen.last_change if seen else None
+
     def error(self, host_id: int) -> CorruptRecord | None:
         seen = self._seen.get(host_id)
         return seen.error if seen else None

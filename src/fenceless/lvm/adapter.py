@@ -112,8 +112,8 @@ class Lvm:
     # --- reports (any role) --------------------------------------------------------
 
     def pvs(self) -> list[parse.PvInfo]:
-        text = self._report("pvs", parse.PV_FIELDS, *self.vg.devices)
-        return parse.parse_pvs(text)
+        """PVs visible through the filter, i.e. this VG's devices that are PVs."""
+        return parse.parse_pvs(self._report("pvs", parse.PV_FIELDS))
 
     def vgs(self) -> list[parse.VgInfo]:
         """Every VG visible through this VG's devices (normally zero or one)."""
@@ -140,18 +140,23 @@ class Lvm:
 
     # --- metadata changes (writer role only) ----------------------------------------
 
-    def pvcreate(self, device: str, metadatasize: str = "16m") -> None:
-        self.run("pvcreate", "--yes", "--metadatasize", metadatasize, device)
+    def pvcreate(self, device: str, *, metadatasize: str = "16m",
+                 size_bytes: int | None = None) -> None:
+        """No --yes: LVM must refuse (not wipe) a device that holds other signatures."""
+        size = ["--setphysicalvolumesize", f"{size_bytes}b"] if size_bytes else []
+        self.run("pvcreate", "--metadatasize", metadatasize, *size, device)
 
     def vgcreate(self, devices: Sequence[str], extent_size: str = "4m") -> None:
         self.run("vgcreate", "--yes", "--physicalextentsize", extent_size,
                  "--setautoactivation", "n", self.vg.name, *devices)
 
-    def lvcreate(self, name: str, size_bytes: int, tags: Sequence[str] = ()) -> None:
+    def lvcreate(self, name: str, size_bytes: int, tags: Sequence[str] = (), *,
+                 contiguous: bool = False, pvs: Sequence[str] = ()) -> None:
         tag_args = [a for t in tags for a in ("--addtag", t)]
+        alloc = ["--alloc", "contiguous"] if contiguous else []
         self.run("lvcreate", "--yes", "--activate", "n", "--zero", "n",
                  "--setautoactivation", "n", "--size", f"{size_bytes}b", "--name", name,
-                 *tag_args, self.vg.name)
+                 *alloc, *tag_args, self.vg.name, *pvs)
 
     def lvextend(self, name: str, size_bytes: int) -> None:
         self.run("lvextend", "--size", f"{size_bytes}b", f"{self.vg.name}/{name}")

@@ -1,0 +1,602 @@
+"""``fenceless agent``: the per-host daemon that holds this host's leases.
+
+One thread per shared VG, so that a hung or lost LUN never stops work on
+another. Each VG thread, every 2N:
+- renews this host's delta lease (reading the whole host area, which also
+  feeds the observer that judges the other hosts LIVE/FAIL/DEAD);
+- as the writer: checks the leader still names it, publishes its epoch in
+  the ledger, records new hosts, and carries out handover requests;
+- as another host: takes the writer lease when it is handed over to it, or
+  (with --auto-takeover) when the writer is DEAD and this host is the
+  lowest-numbered live one;
+- writes what it saw into the local state dir for ``fenceless status``.
+If a renewal is late, the writer role is given up first and questions are
+asked after. All control-area I/O goes through TimedIO: the loop never
+blocks on storage longer than N.
+
+Requests from the CLI (init, join, takeover, handover) arrive on the agent's
+socket and are carried out by the VG thread itself, between renewals, so
+that exactly one thread ever touches a VG's leases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fenceless import __version__
+from fenceless.agent.ipc import Server
+from fenceless.blockio import BlockDevice, IoError, TimedIO, device_size, open_device
+from fenceless.config import HostConfig, VgConfig
+from fenceless.errors import FencelessError, LeaseLost, UserError
+from fenceless.faults import crashpoint
+from fenceless.lease.clock import Clock, SystemClock
+from fenceless.lease.delta import DeltaLease, HostObserver, HostState, LeaseTiming
+from fenceless.lease.paxos import AcquireResult, Leader, Outcome
+from fenceless.ledger import format as fmt
+from fenceless.ledger.anchor import Anchor, read_anchor
+from fenceless.ledger.area import ControlArea, ledger_hosts
+from fenceless.localstate import member, set_agent_view
+from fenceless.lvm.adapter import Lvm, Role
+from fenceless.ops.cluster import InitOp, JoinOp, NotInitialized, VgEnv
+from fenceless.ops.context import Context
+
+
+class NotMember(UserError):
+    """Refused: this host has not joined the cluster on VG {vg}. Run `fenceless join`."""
+
+
+class TakeoverRefused(UserError):
+    """Refused: {detail}"""
+
+
+@dataclass
+class Pending:
+    request: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    deadline: float = 0.0
+    seen_epoch: int | None = None  # the writer epoch when the request arrived
+
+
+def _log_to_stderr(msg: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} {msg}", file=sys.stderr, flush=True)
+
+
+class VgAgent:
+    """Everything the agent does for one shared VG."""
+
+    def __init__(self, agent: Agent, vg: VgConfig) -> None:
+        self.agent = agent
+        self.cfg = agent.cfg
+        self.vg = vg
+        self.clock = agent.clock
+        self.log: Callable[[str], None] = lambda msg: agent.log(f"[{vg.name}] {msg}")
+        self.dev: BlockDevice | None = None
+        self.size = 0
+        self.anchor: Anchor | None = None
+        self.area: ControlArea | None = None
+        self.observer: HostObserver | None = None
+        self.lease: DeltaLease | None = None
+        self.epoch: int | None = None
+        self.handover_request: dict[str, Any] | None = None
+        self.requests: queue.Queue[Pending] = queue.Queue()
+        self.waiting: list[Pending] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name=f"vg-{vg.name}", daemon=True)
+        self.last_error = ""
+
+    # --- plumbing ---------------------------------------------------------------
+
+    @property
+    def n(self) -> float:
+        return self.area.io_timeout if self.area is not None else self.cfg.io_timeout
+
+    @property
+    def timing(self) -> LeaseTiming:
+        return LeaseTiming(self.n)
+
+    def env(self) -> VgEnv:
+        assert self.dev is not None
+
+        def lvm(role: Role) -> Lvm:
+            return self.agent.ctx.lvm(self.vg.name, role)
+
+        return VgEnv(self.cfg, self.vg, self.dev, self.size, self.clock, lvm, self.log)
+
+    def facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "version": __version__,
+            "lvm_role": "writer" if self.epoch else "reader",
+            "lvm_version": self.agent.lvm_version,
+        }
+        if self.handover_request:
+            facts["handover_request"] = self.handover_request
+        return facts
+
+    def open_device(self) -> None:
+        if self.dev is None:
+            path = self.vg.devices[0]
+            self.size = device_size(path)
+            self.dev = TimedIO(self.agent.opener(path, True), timeout=self.cfg.io_timeout)
+
+    def attach(self) -> bool:
+        """Find the control area through the anchor; False while there is none."""
+        self.open_device()
+        assert self.dev is not None
+        if self.area is not None:
+            return True
+        anchor = read_anchor(self.dev, self.size)
+        if anchor is None:
+            return False
+        self.anchor = anchor
+        self.area = ControlArea.open(self.dev, anchor, self.clock)
+        # From now on N is the cluster's, from the superblock.
+        self.dev.close()
+        self.dev = TimedIO(self.agent.opener(self.vg.devices[0], True),
+                           timeout=self.area.io_timeout)
+        self.area = ControlArea.open(self.dev, anchor, self.clock)
+        self.observer = HostObserver(self.area.hosts())
+        self.log(f"found cluster {anchor.cluster_uuid} (control LV {anchor.lv_name}, "
+                 f"io_timeout {self.area.io_timeout}s)")
+        return True
+
+    def adopt(self, area: ControlArea, anchor: Anchor | None, lease: DeltaLease,
+              epoch: int | None) -> None:
+        self.area, self.lease, self.epoch = area, lease, epoch
+        if anchor is not None:
+            self.anchor = anchor
+        self.observer = HostObserver(area.hosts())
+
+    # --- the loop ---------------------------------------------------------------
+
+    def loop(self) -> None:
+        next_tick = 0.0
+        while not self.stop.is_set():
+            now = self.clock.monotonic()
+            if now >= next_tick:
+                try:
+                    delay = self.tick()
+                except FencelessError as exc:
+                    if str(exc) != self.last_error:
+                        self.log(f"error: {exc}")
+                    self.last_error = str(exc)
+                    delay = self.timing.renew_interval
+                except Exception as exc:
+                    self.log(f"internal error: {type(exc).__name__}: {exc}")
+                    delay = self.timing.renew_interval
+                next_tick = self.clock.monotonic() + delay
+            self.serve_requests()
+            timeout = max(0.0, min(next_tick - self.clock.monotonic(), self.n / 2))
+            try:
+                item = self.requests.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            self.waiting.append(item)
+            self.serve_requests()
+
+    def tick(self) -> float:
+        """One renewal round; returns the delay until the next one."""
+        if not self.attach():
+            self.publish()
+            return self.timing.renew_interval
+        assert self.area is not None and self.anchor is not None
+        if self.lease is None:
+            known = member(self.cfg.state_dir, self.vg.name)
+            if not known or known.get("cluster") != str(self.anchor.cluster_uuid):
+                self.publish()
+                return self.timing.renew_interval
+            self.log(f"acquiring host id {known['host_id']} (waits out any earlier holder)")
+            self.lease = self.area.hosts().acquire(int(known["host_id"]), self.cfg.host,
+                                                   self.facts())
+            self.log(f"host id {self.lease.host_id} generation {self.lease.generation}")
+        lease = self.lease
+        late = lease.clock.monotonic() - lease.last_renewal
+        if late > self.timing.warn_after:
+            self.log(f"WARNING: renewal is late ({late:.2f}s since the last one)")
+        try:
+            raw = lease.renew(self.facts())
+        except LeaseLost as exc:
+            self.lose_host(str(exc))
+            return self.n
+        except IoError as exc:
+            if lease.remaining() <= 0:
+                self.lose_host(f"renewal I/O failing past the lease time: {exc}")
+            else:
+                self.drop_if_late()
+                self.log(f"WARNING: renewal failed ({exc}); retrying")
+            return self.n / 2
+        crashpoint("agent.renewed")
+        now = self.clock.monotonic()
+        assert self.observer is not None
+        self.observer.observe(raw, now)
+        if self.epoch is not None:
+            self.writer_duties()
+        else:
+            self.reader_duties()
+        self.publish()
+        return self.timing.renew_interval
+
+    def drop_if_late(self) -> None:
+        if self.epoch is not None and self.lease is not None and \
+                self.lease.clock.monotonic() - self.lease.last_renewal > self.timing.warn_after:
+            self.drop_writer("host lease renewals are failing")
+
+    def check_write(self) -> None:
+        """Right before every shared write: the lease must have at least N to spare."""
+        if self.lease is None:
+            raise LeaseLost(detail="no host lease")
+        self.lease.check(margin=self.n)
+
+    def drop_writer(self, why: str) -> None:
+        if self.epoch is not None:
+            self.log(f"!!! GIVING UP THE WRITER ROLE (epoch {self.epoch}): {why}. "
+                     "This host writes nothing shared from now on.")
+        self.epoch = None
+
+    def lose_host(self, why: str) -> None:
+        self.drop_writer(why)
+        if self.lease is not None:
+            self.log(f"!!! HOST LEASE LOST: {why}")
+        self.lease = None
+
+    # --- writer and reader duties --------------------------------------------------
+
+    def read_leader(self) -> Leader | None:
+        assert self.area is not None
+        return self.area.writer().read_leader()
+
+    def writer_duties(self) -> None:
+        assert self.area is not None and self.lease is not None and self.observer is not None
+        leader = self.read_leader()
+        me = (self.lease.host_id, self.lease.generation, self.epoch)
+        if leader is None or leader.released or \
+                (leader.owner_id, leader.owner_generation, leader.lver) != me:
+            held = "nobody" if leader is None else \
+                f"host id {leader.owner_id} at epoch {leader.lver}"
+            self.drop_writer(f"the writer lease now names {held}")
+            return
+        view = self.area.ledger()
+        state = dict(view.current.state) if view.current else {}
+        old = dict(state)
+        hosts = {str(k): v for k, v in dict(state.get("hosts", {})).items()}
+        for hid in range(1, self.area.sb.max_hosts + 1):
+            rec = self.observer.record(hid)
+            if rec is None or rec.free:
+                continue
+            entry = hosts.get(str(hid))
+            if not isinstance(entry, dict) or entry.get("name") != rec.name:
+                hosts[str(hid)] = {"name": rec.name, "since_epoch": self.epoch}
+                self.log(f"recording host {rec.name} as id {hid}")
+        state["hosts"] = hosts
+        stale_epoch = view.current is None or view.current.epoch < (self.epoch or 0)
+        if state != old or stale_epoch:
+            self.write_ledger(state, both_slots=stale_epoch)
+        request = self.pending_handover(state)
+        if request is not None:
+            self.hand_over(state, *request)
+
+    def write_ledger(self, state: dict[str, Any], *, both_slots: bool = False) -> None:
+        assert self.area is not None and self.lease is not None and self.epoch is not None
+        crashpoint("agent.before-ledger-write")
+        fmt.write_ledger(self.area.dev, self.area.layout, self.epoch, state,
+                         writer_host_id=self.lease.host_id, both_slots=both_slots,
+                         before_write=self.check_write)
+
+    def pending_handover(self, state: dict[str, Any]) -> tuple[int, str, str] | None:
+        """A live host's request to hand the writer role to a live host: (id, name, nonce)."""
+        assert self.area is not None and self.observer is not None
+        done = (state.get("handover") or {}).get("id")
+        names = {v: int(k) for k, v in ledger_hosts(state).items()}
+        now = self.clock.monotonic()
+        for hid in range(1, self.area.sb.max_hosts + 1):
+            rec = self.observer.record(hid)
+            req = rec.facts.get("handover_request") if rec else None
+            if not isinstance(req, dict) or req.get("id") == done:
+                continue
+            target = names.get(str(req.get("to")))
+            if target is None or self.observer.state(target, now) is not HostState.LIVE:
+                continue
+            return target, str(req.get("to")), str(req.get("id"))
+        return None
+
+    def hand_over(self, state: dict[str, Any], target: int, name: str, nonce: str) -> None:
+        assert self.area is not None and self.lease is not None and self.epoch is not None
+        if target == self.lease.host_id:
+            return
+        epoch = self.epoch
+        state = dict(state)
+        state["handover"] = {"to_id": target, "to": name, "from_epoch": epoch, "id": nonce}
+        self.log(f"handing the writer role over to {name} (id {target}) after epoch {epoch}")
+        self.write_ledger(state)
+        crashpoint("agent.handover-recorded")
+        self.area.writer().release(self.lease.host_id, self.lease.generation, epoch,
+                                   before_write=self.check_write)
+        self.drop_writer(f"handed over to {name}")
+
+    def reader_duties(self) -> None:
+        assert self.area is not None and self.lease is not None and self.observer is not None
+        leader = self.read_leader()
+        if self.handover_request and leader is not None and not leader.released and \
+                leader.owner_name == self.handover_request.get("to"):
+            self.handover_request = None  # done: stop asking
+        if leader is not None and leader.released:
+            view = self.area.ledger()
+            ho = (view.current.state.get("handover") if view.current else None) or {}
+            if ho.get("to_id") == self.lease.host_id and ho.get("from_epoch") == leader.lver:
+                self.acquire("planned handover")
+                return
+        if self.agent.auto_takeover and self.is_candidate(leader):
+            self.acquire("automatic takeover")
+
+    def is_candidate(self, leader: Leader | None) -> bool:
+        """The writer is gone, and this is the lowest-numbered live host."""
+        assert self.area is not None and self.lease is not None and self.observer is not None
+        now = self.clock.monotonic()
+        if leader is not None and not leader.free and \
+                not self.observer.owner_gone(leader.owner_id, leader.owner_generation, now):
+            return False
+        if leader is not None and leader.released:
+            view = self.area.ledger()
+            ho = (view.current.state.get("handover") if view.current else None) or {}
+            target = ho.get("to_id")
+            if isinstance(target, int) and ho.get("from_epoch") == leader.lver and \
+                    self.observer.state(target, now) is HostState.LIVE:
+                return False  # the named successor is alive: let it take over
+        live = [h for h in range(1, self.area.sb.max_hosts + 1)
+                if h == self.lease.host_id or self.observer.state(h, now) is HostState.LIVE]
+        return min(live) == self.lease.host_id
+
+    def acquire(self, why: str) -> AcquireResult:
+        assert self.area is not None and self.lease is not None and self.observer is not None
+        observer, clock = self.observer, self.clock
+
+        def gone(host_id: int, generation: int) -> bool:
+            return observer.owner_gone(host_id, generation, clock.monotonic())
+
+        self.check_write()
+        result = self.area.writer().acquire(
+            self.lease.host_id, self.lease.generation, gone, name=self.cfg.host,
+            max_ballots=6, before_write=self.check_write)
+        if result.won:
+            self.epoch = result.epoch
+            crashpoint("agent.writer-acquired")
+            self.lease.renew(self.facts())  # publish the new role at once
+            view = self.area.ledger()
+            state = dict(view.current.state) if view.current else {}
+            state["writer"] = {"host_id": self.lease.host_id, "name": self.cfg.host,
+                               "epoch": result.epoch}
+            # A takeover publishes its epoch first, in both slots, so no stale
+            # writer can roll the ledger back.
+            self.write_ledger(state, both_slots=True)
+            self.log(f"*** this host is the metadata writer at epoch {result.epoch} ({why})")
+        return result
+
+    # --- requests from the CLI ----------------------------------------------------
+
+    def submit(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        item = Pending(request, deadline=self.clock.monotonic() + timeout)
+        self.requests.put(item)
+        if not item.done.wait(timeout + 1.0):
+            raise UserError(detail=f"the agent did not finish {request.get('op')!r} "
+                            f"within {timeout:.1f}s")
+        if item.error is not None:
+            raise item.error
+        return item.result or {}
+
+    def serve_requests(self) -> None:
+        keep = []
+        for item in self.waiting:
+            try:
+                result = self.handle(item)
+            except BaseException as exc:
+                item.error = exc
+                item.done.set()
+                continue
+            if result is None:
+                if self.clock.monotonic() < item.deadline:
+                    keep.append(item)
+                    continue
+                item.error = TakeoverRefused(detail="gave up waiting: " + self.last_error)
+            item.result = result
+            item.done.set()
+        self.waiting = keep
+
+    def handle(self, item: Pending) -> dict[str, Any] | None:
+        """Carry out a request; None means "not yet, ask again on the next round"."""
+        op = item.request.get("op")
+        if op == "init":
+            self.open_device()
+            init = InitOp(self.env(), max_hosts=int(item.request.get("max_hosts", 16)),
+                          adopt=bool(item.request.get("adopt")))
+            result = init.run()
+            assert init.area is not None and init.host_lease is not None
+            self.adopt(init.area, read_anchor(self.env().dev, self.size), init.host_lease,
+                       init.epoch)
+            return result
+        if op == "join":
+            self.open_device()
+            join = JoinOp(self.env())
+            result = join.run()
+            assert join.area is not None and join.host_lease is not None
+            self.adopt(join.area, join.anchor, join.host_lease, None)
+            return result
+        if op in ("takeover", "handover") and (self.area is None or self.lease is None):
+            if not self.attach():
+                raise NotInitialized(vg=self.vg.name, device=self.vg.devices[0])
+            raise NotMember(vg=self.vg.name)
+        if op == "takeover":
+            return self.handle_takeover(item, wait=bool(item.request.get("wait")))
+        if op == "handover":
+            return self.handle_handover(str(item.request.get("to")))
+        raise UserError(detail=f"unknown agent request {op!r}")
+
+    def handle_takeover(self, item: Pending, *, wait: bool = False) -> dict[str, Any] | None:
+        assert self.area is not None and self.lease is not None and self.observer is not None
+        if self.epoch is not None:
+            return {"outcome": "already", "epoch": self.epoch, "host": self.cfg.host}
+        leader = self.read_leader()
+        now = self.clock.monotonic()
+        if item.seen_epoch is None:
+            item.seen_epoch = leader.lver if leader is not None else 0
+        elif leader is not None and leader.lver > item.seen_epoch and not leader.free:
+            raise TakeoverRefused(detail=f"{leader.owner_name} became the writer at epoch "
+                                  f"{leader.lver} first")
+        if leader is not None and not leader.free and \
+                not self.observer.owner_gone(leader.owner_id, leader.owner_generation, now):
+            state = self.observer.state(leader.owner_id, now)
+            if state is HostState.LIVE and not wait:
+                raise TakeoverRefused(detail=(
+                    f"the writer {leader.owner_name} (host id {leader.owner_id}, epoch "
+                    f"{leader.lver}) is alive: its host lease is renewing. Takeover is for a "
+                    "dead writer; for a planned move run `fenceless writer handover HOST`."))
+            self.last_error = (f"the writer {leader.owner_name}'s host lease is "
+                               f"{state.value}, not yet dead")
+            return None  # FAIL or UNKNOWN: wait for DEAD (or for it to come back)
+        result = self.acquire("takeover requested")
+        owner = self.ledger_name(result.owner_id)
+        if result.outcome is Outcome.WON:
+            return {"outcome": "won", "epoch": result.epoch, "host": self.cfg.host}
+        raise TakeoverRefused(detail=(
+            f"{owner} won the writer lease at epoch {result.epoch}"
+            if result.outcome is Outcome.LOST else
+            f"the writer lease is {result.outcome.value} (held by {owner} at epoch "
+            f"{result.epoch})"))
+
+    def ledger_name(self, host_id: int) -> str:
+        assert self.area is not None
+        with contextlib.suppress(FencelessError):
+            view = self.area.ledger()
+            if view.current:
+                return ledger_hosts(view.current.state).get(host_id, f"host id {host_id}")
+        return f"host id {host_id}"
+
+    def handle_handover(self, to: str) -> dict[str, Any]:
+        assert self.area is not None and self.lease is not None and self.observer is not None
+        view = self.area.ledger()
+        names = {v: k for k, v in ledger_hosts(view.current.state).items()} \
+            if view.current else {}
+        if to not in names:
+            raise UserError(detail=f"Refused: {to} is not a host of this cluster (hosts: "
+                            f"{', '.join(sorted(names))})")
+        target = names[to]
+        now = self.clock.monotonic()
+        if target != self.lease.host_id and \
+                self.observer.state(target, now) is not HostState.LIVE:
+            raise UserError(detail=f"Refused: {to}'s host lease is "
+                            f"{self.observer.state(target, now).value}; hand over only to a "
+                            "live host")
+        leader = self.read_leader()
+        target_rec = self.observer.record(target)
+        if leader is not None and not leader.released and leader.owner_id == target and \
+                target_rec is not None and target_rec.generation == leader.owner_generation:
+            return {"outcome": "already", "epoch": leader.lver, "host": to}
+        if leader is None or leader.free or \
+                self.observer.owner_gone(leader.owner_id, leader.owner_generation, now):
+            raise UserError(detail=(
+                "Refused: there is no live writer to hand over from (the writer lease names "
+                + ("nobody" if leader is None else
+                   f"{leader.owner_name} generation {leader.owner_generation}, which is gone")
+                + f"). Run `fenceless writer takeover` on {to}."))
+        nonce = secrets.token_hex(6)
+        if self.epoch is not None:
+            state = dict(view.current.state) if view.current else {}
+            self.hand_over(state, target, to, nonce)
+        else:
+            self.handover_request = {"to": to, "id": nonce}
+            self.lease.renew(self.facts())  # publish the request now
+        return {"outcome": "requested", "from_epoch": leader.lver if leader else 0,
+                "to": to, "id": nonce}
+
+    # --- what the CLI reads locally -------------------------------------------------
+
+    def publish(self) -> None:
+        now = self.clock.monotonic()
+        view: dict[str, Any] = {"pid": self.agent.pid, "mono": now, "vg": self.vg.name,
+                                "anchored": self.area is not None,
+                                "host_id": self.lease.host_id if self.lease else None,
+                                "generation": self.lease.generation if self.lease else None,
+                                "writer_epoch": self.epoch, "io_timeout": self.n,
+                                "error": self.last_error, "hosts": {}}
+        if self.area is not None and self.observer is not None:
+            for hid in range(1, self.area.sb.max_hosts + 1):
+                view["hosts"][str(hid)] = {
+                    "state": self.observer.state(hid, now).value,
+                    "changed": self.observer.last_change(hid),
+                }
+        with contextlib.suppress(OSError):
+            set_agent_view(self.cfg.state_dir, self.vg.name, view)
+
+    def shutdown(self) -> None:
+        """Planned stop: release the writer lease, then the host lease."""
+        if self.area is not None and self.lease is not None:
+            with contextlib.suppress(FencelessError):
+                if self.epoch is not None:
+                    self.area.writer().release(self.lease.host_id, self.lease.generation,
+                                               self.epoch, before_write=self.check_write)
+                    self.log(f"released the writer lease at epoch {self.epoch}")
+                self.epoch = None
+                self.lease.release()
+                self.log("released the host lease")
+
+
+class Agent:
+    def __init__(self, cfg: HostConfig, *, auto_takeover: bool = False,
+                 clock: Clock | None = None,
+                 opener: Callable[[str, bool], BlockDevice] = open_device,
+                 log: Callable[[str], None] = _log_to_stderr) -> None:
+        import os
+
+        self.cfg = cfg
+        self.ctx = Context(cfg)
+        self.clock = clock or SystemClock()
+        self.opener = opener
+        self.log = log
+        self.auto_takeover = auto_takeover
+        self.pid = os.getpid()
+        self.lvm_version = "unknown"
+        self.vgs = {vg.name: VgAgent(self, vg) for vg in cfg.vgs}
+        self.server: Server | None = None
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        vg = self.cfg.vg(request.get("vg"))
+        timeout = float(request.get("timeout", 60.0))
+        return self.vgs[vg.name].submit(request, timeout)
+
+    def run(self) -> int:
+        with contextlib.suppress(FencelessError):
+            self.lvm_version = self.ctx.lvm().version()
+        self.log(f"fenceless agent {__version__} on host {self.cfg.host} (pid {self.pid}), "
+                 f"VGs: {', '.join(self.vgs)}; auto-takeover "
+                 f"{'on' if self.auto_takeover else 'off'}")
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            self.log(f"signal {signal.Signals(signum).name}: stopping")
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.server = Server(self.cfg.state_dir, self.handle)
+        self.server.start()
+        for v in self.vgs.values():
+            v.thread.start()
+        stop.wait()
+        self.server.close()
+        for v in self.vgs.values():
+            v.stop.set()
+        for v in self.vgs.values():
+            v.thread.join(timeout=10)
+            v.shutdown()
+        self.log("agent stopped")
+        return 0

@@ -1,0 +1,149 @@
+"""The local agent's control socket: one JSON request, one JSON reply, per connection.
+
+The agent holds this host's leases, so work that needs them (taking over the
+writer role, a handover) is asked of the agent rather than done by a second
+process that might race it. The socket is a file in the host's state dir,
+root-only. Errors travel as (class name, message, exit code) so the CLI can
+explain them exactly as if they had happened locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fenceless.errors import FencelessError, UserError
+
+MAX_MESSAGE = 1 << 20
+
+
+class AgentUnavailable(UserError):
+    """No fenceless agent answers on {path} ({reason}). Start it with `fenceless agent` \
+(or `systemctl start fenceless-agent`; in the lab, `fenceless lab agent --dir DIR HOST start`)"""
+
+
+class RemoteError(FencelessError):
+    """{message}"""
+
+    def __init__(self, *, message: str, code: int, kind: str) -> None:
+        super().__init__(message=message, kind=kind)
+        self.remote_code = code
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return self.remote_code
+
+
+def socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "agent.sock")
+
+
+def _recv_all(conn: socket.socket) -> bytes:
+    chunks = []
+    total = 0
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > MAX_MESSAGE:
+            raise ValueError("message too large")
+    return b"".join(chunks)
+
+
+def call(state_dir: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send one request to the local agent and return its reply (or raise its error)."""
+    path = socket_path(state_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise AgentUnavailable(path=path, reason=type(exc).__name__) from exc
+        sock.sendall(json.dumps(request).encode())
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            raw = _recv_all(sock)
+        except TimeoutError as exc:
+            raise AgentUnavailable(path=path, reason=f"no reply within {timeout:.1f}s") from exc
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(raw)
+    except ValueError as exc:
+        raise AgentUnavailable(path=path, reason="unreadable reply") from exc
+    if not isinstance(reply, dict):
+        raise AgentUnavailable(path=path, reason="unreadable reply")
+    if "error" in reply:
+        err = reply["error"]
+        raise RemoteError(message=str(err.get("message")), code=int(err.get("code", 1)),
+                          kind=str(err.get("kind")))
+    result = reply.get("result")
+    return result if isinstance(result, dict) else {}
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Server:
+    """A tiny threaded Unix-socket server; each request runs ``handler`` in its own thread."""
+
+    def __init__(self, state_dir: str, handler: Handler) -> None:
+        self.path = socket_path(state_dir)
+        self.handler = handler
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        old = os.umask(0o077)
+        try:
+            self._sock.bind(self.path)
+        finally:
+            os.umask(old)
+        self._sock.listen(16)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="ipc", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(5.0)
+                request = json.loads(_recv_all(conn))
+                if not isinstance(request, dict):
+                    raise ValueError("request is not an object")
+                conn.settimeout(None)
+                reply: dict[str, Any] = {"result": self.handler(request)}
+            except FencelessError as exc:
+                reply = {"error": {"message": exc.message, "code": exc.exit_code,
+                                   "kind": type(exc).__name__}}
+            except Exception as exc:
+                reply = {"error": {"message": f"agent internal error: {type(exc).__name__}: "
+                                   f"{exc}", "code": 1, "kind": "InternalError"}}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode())

@@ -1,0 +1,126 @@
+"""The control area as one object: superblock, host leases, writer lease, ledger.
+
+Every host reaches it the same way, through its own view of the LUN (O_DIRECT,
+no page cache) at the byte offset the anchor names: no activation, no LVM call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fenceless.blockio import SECTOR, BlockDevice, check_aligned
+from fenceless.errors import IntegrityError
+from fenceless.lease.clock import Clock
+from fenceless.lease.delta import HostArea
+from fenceless.lease.paxos import WriterLease
+from fenceless.ledger import format as fmt
+from fenceless.ledger.anchor import Anchor
+
+
+class OutOfBounds(IntegrityError):
+    """I/O at {offset}+{length} falls outside the control area ({size} bytes) on {path}"""
+
+
+class OffsetDevice:
+    """A window of a device: offsets are relative to ``base`` and bounded by ``size``."""
+
+    def __init__(self, dev: BlockDevice, base: int, size: int) -> None:
+        check_aligned(base, size)
+        self.dev = dev
+        self.base = base
+        self.size = size
+
+    @property
+    def path(self) -> str:
+        return f"{self.dev.path}@{self.base}"
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or offset + length > self.size:
+            raise OutOfBounds(offset=offset, length=length, size=self.size, path=self.dev.path)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return self.dev.read(self.base + offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        self.dev.write(self.base + offset, data)
+
+    def close(self) -> None:
+        self.dev.close()
+
+
+@dataclass
+class ControlArea:
+    dev: BlockDevice  # an OffsetDevice over the host's LUN device
+    sb: fmt.Superblock
+    clock: Clock
+
+    @classmethod
+    def open(cls, dev: BlockDevice, anchor: Anchor, clock: Clock) -> ControlArea:
+        view = OffsetDevice(dev, anchor.offset, anchor.length)
+        sb = fmt.read_superblock(view)
+        if sb is None:
+            raise IntegrityError(detail=f"the anchor on {dev.path} points at offset "
+                                 f"{anchor.offset}, but no superblock is there")
+        if sb.vg_uuid != anchor.vg_uuid:
+            raise IntegrityError(detail=f"superblock at {anchor.offset} on {dev.path} belongs "
+                                 f"to VG {sb.vg_uuid}, the anchor names {anchor.vg_uuid}")
+        if sb.layout.total_size() > anchor.length:
+            raise IntegrityError(detail="the superblock's layout is larger than the control LV")
+        return cls(view, sb, clock)
+
+    @property
+    def layout(self) -> fmt.Layout:
+        return self.sb.layout
+
+    @property
+    def io_timeout(self) -> float:
+        return self.sb.io_timeout
+
+    def hosts(self, dev: BlockDevice | None = None) -> HostArea:
+        return HostArea(dev or self.dev, self.layout.region("hosts"), self.sb.max_hosts,
+                        self.io_timeout, self.clock)
+
+    def writer(self, dev: BlockDevice | None = None) -> WriterLease:
+        return WriterLease(dev or self.dev, self.layout.region("writer"), self.sb.max_hosts,
+                           self.io_timeout, self.clock)
+
+    def ledger(self, dev: BlockDevice | None = None) -> fmt.LedgerView:
+        return fmt.read_ledger(dev or self.dev, self.layout)
+
+    def shared_snapshot(self) -> dict[str, bytes]:
+        """Raw bytes of every region only the writer writes (for tests and audits)."""
+        out: dict[str, bytes] = {}
+        for name in ("writer", "ledger_a", "ledger_b"):
+            r = self.layout.region(name)
+            if name == "writer":
+                # dblocks are per host; only the leader and request sectors are shared.
+                out[name] = self.dev.read(r.offset, 2 * SECTOR)
+            else:
+                out[name] = self.dev.read(r.offset, r.length)
+        return out
+
+
+def format_regions(dev: BlockDevice, layout: fmt.Layout) -> None:
+    """Zero every region fenceless reads, so old bytes in reused extents are never trusted."""
+    zero = bytes(1 << 20)
+    for r in layout.regions:
+        if r.name == "superblock":
+            continue
+        pos = r.offset
+        while pos < r.end:
+            n = min(len(zero), r.end - pos)
+            dev.write(pos, zero[:n])
+            pos += n
+
+
+def ledger_hosts(state: dict[str, Any]) -> dict[int, str]:
+    raw = state.get("hosts", {})
+    out: dict[int, str] = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            if str(k).isdigit() and isinstance(v, dict) and isinstance(v.get("name"), str):
+                out[int(k)] = v["name"]
+    return out

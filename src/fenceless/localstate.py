@@ -1,0 +1,52 @@
+"""This host's own small files in its state dir (never shared, never trusted by others).
+
+- ``vgs/VG/member.json``: this host's membership of the VG's cluster (host id).
+- ``vgs/VG/agent.json``: what the running agent last saw, stamped with this
+  host's monotonic clock, so a CLI on the same host can show lease states
+  (a monotonic time is meaningful only on the host that took it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def vg_dir(state_dir: str, vg: str) -> Path:
+    return Path(state_dir) / "vgs" / vg
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def member(state_dir: str, vg: str) -> dict[str, Any] | None:
+    return read_json(vg_dir(state_dir, vg) / "member.json")
+
+
+def set_member(state_dir: str, vg: str, data: dict[str, Any]) -> None:
+    write_json(vg_dir(state_dir, vg) / "member.json", data)
+
+
+def agent_view(state_dir: str, vg: str) -> dict[str, Any] | None:
+    return read_json(vg_dir(state_dir, vg) / "agent.json")
+
+
+def set_agent_view(state_dir: str, vg: str, data: dict[str, Any]) -> None:
+    write_json(vg_dir(state_dir, vg) / "agent.json", data)

@@ -1,0 +1,105 @@
+"""``fenceless status`` and ``writer status``: the control area as this host reads it.
+
+Runs no LVM command and needs no agent: the anchor in the LUN's tail leads
+to the control area, read with O_DIRECT through this host's own device.
+Lease states need history (did a host's sector change, and when?), so they
+come from the local agent's last observations when it is running; without
+it a host is "free" or "unknown".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fenceless.blockio import device_size, open_device
+from fenceless.config import HostConfig
+from fenceless.lease.clock import SystemClock
+from fenceless.ledger import format as fmt
+from fenceless.ledger.anchor import read_anchor
+from fenceless.ledger.area import ControlArea, ledger_hosts
+from fenceless.localstate import agent_view, member
+from fenceless.ops.cluster import NotInitialized
+
+
+def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
+    vg = cfg.vg(vg_name)
+    path = vg.devices[0]
+    dev = open_device(path)
+    try:
+        size = device_size(path)
+        anchor = read_anchor(dev, size)
+        if anchor is None:
+            raise NotInitialized(vg=vg.name, device=path)
+        clock = SystemClock()
+        area = ControlArea.open(dev, anchor, clock)
+        hosts_area = area.hosts()
+        raw = hosts_area.read_area()
+        leader = area.writer().read_leader()
+        view = area.ledger()
+    finally:
+        dev.close()
+
+    seen = agent_view(cfg.state_dir, vg.name)
+    now = time.monotonic()
+    fresh = seen is not None and isinstance(seen.get("mono"), int | float) and \
+        now - float(seen["mono"]) < 4 * area.io_timeout
+    observed = seen.get("hosts", {}) if fresh and seen else {}
+    names = ledger_hosts(view.current.state) if view.current else {}
+    hosts = []
+    for hid in range(1, area.sb.max_hosts + 1):
+        try:
+            rec = hosts_area.decode(raw, hid)
+            problem = None
+        except fmt.CorruptRecord as exc:
+            rec, problem = None, str(exc)
+        if rec is None and problem is None and hid not in names:
+            continue
+        if problem is not None:
+            lease = "unknown"
+        elif rec is None or rec.free:
+            lease = "free"
+        else:
+            lease = str(observed.get(str(hid), {}).get("state", "unknown"))
+        entry: dict[str, Any] = {
+            "id": hid, "name": rec.name if rec else names.get(hid, "?"), "lease": lease,
+            "generation": rec.generation if rec else None,
+            "age": _age(observed.get(str(hid), {}).get("changed"), now),
+            "facts": dict(rec.facts) if rec else {},
+        }
+        if problem:
+            entry["error"] = problem
+        hosts.append(entry)
+    writer: dict[str, Any] | None = None
+    if leader is not None:
+        writer = {"host": leader.owner_name, "id": leader.owner_id, "epoch": leader.lver,
+                  "generation": leader.owner_generation, "released": leader.released,
+                  "state": _writer_state(leader, hosts)}
+    me = member(cfg.state_dir, vg.name)
+    return {
+        "vg": anchor.vg_name, "cluster": str(anchor.cluster_uuid), "host": cfg.host,
+        "host_id": me.get("host_id") if me else None,
+        "writer": writer,
+        "hosts": hosts,
+        "ledger": {"generation": view.current.generation if view.current else None,
+                   "epoch": view.current.epoch if view.current else None,
+                   "problems": [str(p) for p in view.problems]},
+        "io_timeout": area.io_timeout,
+        "lease_source": "agent" if fresh else "disk only (no running agent here)",
+    }
+
+
+def _writer_state(leader: Any, hosts: list[dict[str, Any]]) -> str:
+    """active, released, or gone (its host id now runs another incarnation, or is free/dead)."""
+    if leader.released:
+        return "released"
+    host = next((h for h in hosts if h["id"] == leader.owner_id), None)
+    if host is None or host["lease"] in ("free", "dead") or \
+            host["generation"] != leader.owner_generation:
+        return "gone"
+    return "active" if host["lease"] == "live" else host["lease"]
+
+
+def _age(changed: Any, now: float) -> float | None:
+    """Seconds since the host's sector last changed, by this host's monotonic clock."""
+    return round(now - float(changed), 2) if isinstance(changed, int | float) else None
