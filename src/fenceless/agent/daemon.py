@@ -153,10 +153,13 @@ class VgAgent:
 
     def adopt(self, area: ControlArea, anchor: Anchor | None, lease: DeltaLease,
               epoch: int | None) -> None:
+        same = anchor is not None and self.anchor is not None and \
+            anchor.cluster_uuid == self.anchor.cluster_uuid
         self.area, self.lease, self.epoch = area, lease, epoch
         if anchor is not None:
             self.anchor = anchor
-        self.observer = HostObserver(area.hosts())
+        if self.observer is None or not same:
+            self.observer = HostObserver(area.hosts())  # else keep what it has watched
 
     # --- the loop ---------------------------------------------------------------
 
@@ -194,6 +197,9 @@ class VgAgent:
         if self.lease is None:
             known = member(self.cfg.state_dir, self.vg.name)
             if not known or known.get("cluster") != str(self.anchor.cluster_uuid):
+                # Not a member yet: still watch the others, so liveness is known on joining.
+                assert self.observer is not None
+                self.observer.observe(self.area.hosts().read_area(), self.clock.monotonic())
                 self.publish()
                 return self.timing.renew_interval
             self.log(f"acquiring host id {known['host_id']} (waits out any earlier holder)")
@@ -450,7 +456,7 @@ class VgAgent:
         if item.seen_epoch is None:
             item.seen_epoch = leader.lver if leader is not None else 0
         elif leader is not None and leader.lver > item.seen_epoch and not leader.free:
-            raise TakeoverRefused(detail=f"{leader.owner_name} became the writer at epoch "
+            raise TakeoverRefused(detail=f"{leader.owner_name} won the writer lease at epoch "
                                   f"{leader.lver} first")
         if leader is not None and not leader.free and \
                 not self.observer.owner_gone(leader.owner_id, leader.owner_generation, now):
@@ -467,11 +473,12 @@ class VgAgent:
         owner = self.ledger_name(result.owner_id)
         if result.outcome is Outcome.WON:
             return {"outcome": "won", "epoch": result.epoch, "host": self.cfg.host}
-        raise TakeoverRefused(detail=(
-            f"{owner} won the writer lease at epoch {result.epoch}"
-            if result.outcome is Outcome.LOST else
-            f"the writer lease is {result.outcome.value} (held by {owner} at epoch "
-            f"{result.epoch})"))
+        if result.outcome in (Outcome.LOST, Outcome.BUSY) and \
+                result.epoch > (item.seen_epoch or 0):
+            raise TakeoverRefused(detail=f"{owner} won the writer lease at epoch "
+                                  f"{result.epoch} first")
+        raise TakeoverRefused(detail=f"the writer lease is {result.outcome.value} (held by "
+                              f"{owner} at epoch {result.epoch})")
 
     def ledger_name(self, host_id: int) -> str:
         assert self.area is not None

@@ -423,6 +423,7 @@ def start_agent(path: str, name: str, extra: list[str] | None = None) -> int:
     argv = [*_enter_argv(d, state, name), sys.executable, "-m", "fenceless.cli.main",
             "agent", *(extra or [])]
     pid = spawn_logged(argv, env=_lab_env(d, name), log_path=str(host_dir(d, name) / "agent.log"))
+    _wait_for_socket(host_dir(d, name) / "state" / "agent.sock", pid)
     for entry in state["hosts"]:
         if entry["name"] == name:
             entry["agent_pid"] = pid
@@ -457,3 +458,22 @@ def signal_agent(path: str, name: str, sig: int, *, wait: float = 0.0) -> int:
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
     return pid
+
+
+def _wait_for_socket(path: Path, pid: int, timeout: float = 15.0) -> None:
+    """Return once the agent answers on its socket (a stale socket file refuses)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise LabError(dir=str(path.parents[2]), detail=f"the agent (pid {pid}) exited at "
+                           f"start; see {path.parents[1] / 'agent.log'}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.02)
+    raise LabError(dir=str(path.parents[2]), detail=f"the agent (pid {pid}) did not open "
+                   f"{path} within {timeout:.0f}s")

@@ -1,0 +1,329 @@
+"""The control area on a lab with real agents: init, join, takeover, stale writers, caches,
+corruption. io_timeout 0.1-0.2 s so lease times stay short."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CLI, cli
+
+pytestmark = pytest.mark.lab
+
+N = 0.2
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+            if last:
+                return last
+        except AssertionError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def status(lab, host):
+    return json.loads(lab.on(host, "status", "--json").stdout)
+
+
+def start_many(lab, argvs):
+    """Start several fenceless CLIs at once; return their (rc, stdout, stderr)."""
+    procs = [subprocess.Popen([*CLI, "-c", lab.config(h), *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for h, argv in argvs]
+    return [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+
+
+def agent(lab, host, action):
+    return cli("lab", "agent", "--dir", str(lab.dir), host, action)
+
+
+def all_live(lab, host, names):
+    st = status(lab, host)
+    seen = {h["name"]: h["lease"] for h in st["hosts"]}
+    return all(seen.get(n) == "live" for n in names) and st
+
+
+@pytest.fixture
+def cluster(make_lab):
+    """A lab of 4 hosts with agents; h1 initialized, h2 and h3 joined (h4 left out)."""
+    def make(hosts=4, join=("h2", "h3"), io_timeout=N):
+        lab = make_lab(hosts, "--agents")
+        for h in lab.hosts:
+            # the lab was made with io_timeout 0.2; tests that want another rewrite it
+            if io_timeout != 0.2:
+                p = Path(lab.config(h))
+                text = p.read_text().replace("io_timeout = 0.2", f"io_timeout = {io_timeout}")
+                p.write_text(text)
+        if io_timeout != 0.2:
+            for h in lab.hosts:
+                agent(lab, h, "stop")
+                agent(lab, h, "start")
+        lab.on("h1", "init")
+        for h in join:
+            lab.on(h, "join")
+        wait_until(lambda: all_live(lab, "h1", ["h1", *join]), 30, "hosts live")
+        return lab
+    return make
+
+
+def test_init_race_exactly_one_wins(make_lab):
+    lab = make_lab(3, "--agents")
+    results = start_many(lab, [("h1", ["init"]), ("h2", ["init"])])
+    rcs = sorted(r[0] for r in results)
+    assert rcs == [0, 2], results
+    loser = next(r for r in results if r[0] == 2)
+    assert "Refused" in loser[2]
+    winner = "h1" if results[0][0] == 0 else "h2"
+    st = status(lab, "h3")
+    assert st["writer"]["host"] == winner and st["writer"]["epoch"] == 1
+    again = lab.on("h3", "init", check=False)
+    assert again.returncode == 2 and "already has a fenceless control area" in again.stderr
+
+
+def test_init_refuses_foreign_vg_unless_adopt(make_lab):
+    lab = make_lab(2, "--agents")
+    dev = lab.device("h1")
+    lab.exec("h1", "pvcreate", "-q", "--setphysicalvolumesize", "1000m", dev)
+    lab.exec("h1", "vgcreate", "-q", "sanvg", dev)
+    lab.exec("h1", "lvcreate", "-q", "-an", "-Zn", "-L", "8m", "-n", "olddisk", "sanvg")
+    res = lab.on("h1", "init", check=False)
+    assert res.returncode == 2 and "init --adopt" in res.stderr
+    before = json.loads(lab.on("h2", "scan", "--json").stdout)["lvs"]
+    lab.on("h1", "init", "--adopt")
+    after = {lv["name"]: lv for lv in json.loads(lab.on("h2", "scan", "--json").stdout)["lvs"]}
+    assert after["olddisk"] == before[0]
+    assert "fenceless-ctl" in after
+    lab.on("h2", "join")
+    assert status(lab, "h2")["writer"]["host"] == "h1"
+
+
+def test_join_race_gives_each_host_its_own_id(make_lab):
+    lab = make_lab(5, "--agents")
+    lab.on("h1", "init")
+    results = start_many(lab, [(h, ["join", "--json"]) for h in ("h2", "h3", "h4", "h5")])
+    assert [r[0] for r in results] == [0, 0, 0, 0], results
+    ids = [json.loads(r[1])["host_id"] for r in results]
+    assert len(set(ids)) == 4 and 1 not in ids
+    st = wait_until(lambda: all_live(lab, "h1", lab.hosts), 30, "all live")
+    assert sorted(h["id"] for h in st["hosts"]) == [1, 2, 3, 4, 5]
+
+
+def test_status_json_shape_and_no_lvm(cluster):
+    lab = cluster(hosts=3)
+    st = wait_until(lambda: all_live(lab, "h3", ["h1", "h2", "h3"]), 10, "live from h3")
+    assert st["writer"]["host"] == "h1" and st["writer"]["epoch"] == 1
+    h2 = st["hosts"][1]
+    assert (h2["name"], h2["id"], h2["lease"]) == ("h2", 2, "live")
+    assert st["lease_source"] == "agent"
+    # status runs no LVM command: it works with no lvm binary on PATH at all
+    env = {"PATH": "/nonexistent"}
+    res = cli("-c", lab.config("h2"), "status", "--json", env=env)
+    assert json.loads(res.stdout)["writer"]["host"] == "h1"
+
+
+def test_takeover_race_exactly_one_winner_in_50_rounds(cluster):
+    lab = cluster(hosts=4, join=("h2", "h3", "h4"), io_timeout=0.1)
+    epoch = 1
+    for round_no in range(50):
+        st = wait_until(lambda: all_live(lab, "h1", lab.hosts) if round_no else
+                        all_live(lab, "h2", lab.hosts), 30, "all hosts live")
+        writer = st["writer"]["host"]
+        assert st["writer"]["epoch"] == epoch
+        agent(lab, writer, "kill")
+        racers = [h for h in lab.hosts if h != writer]
+        results = start_many(lab, [(h, ["writer", "takeover", "--wait", "--json"])
+                                   for h in racers])
+        winners = [h for h, r in zip(racers, results, strict=True) if r[0] == 0]
+        assert len(winners) == 1, (round_no, results)
+        for h, r in zip(racers, results, strict=True):
+            if h not in winners:
+                assert r[0] == 2 and "won the writer lease at epoch" in r[2], r
+        epoch += 1
+        got = json.loads(results[racers.index(winners[0])][1])
+        assert got["epoch"] == epoch and got["host"] == winners[0]
+        agent(lab, writer, "start")
+        st = status(lab, winners[0])
+        assert st["writer"]["host"] == winners[0] and st["ledger"]["epoch"] == epoch
+
+
+def control_offset(lab, host):
+    from fenceless import config
+    from fenceless.blockio import device_size, open_device
+    from fenceless.ledger.anchor import read_anchor
+
+    path = config.load(lab.config(host)).vgs[0].devices[0]
+    dev = open_device(path)
+    try:
+        return read_anchor(dev, device_size(path)).offset
+    finally:
+        dev.close()
+
+
+def shared_bytes(lab, host):
+    """Every shared sector of the control area, read with O_DIRECT through host's device."""
+    from fenceless import config
+    from fenceless.blockio import device_size, open_device
+    from fenceless.lease.clock import SystemClock
+    from fenceless.ledger.anchor import read_anchor
+    from fenceless.ledger.area import ControlArea
+
+    cfg = config.load(lab.config(host))
+    path = cfg.vgs[0].devices[0]
+    dev = open_device(path)
+    try:
+        anchor = read_anchor(dev, device_size(path))
+        area = ControlArea.open(dev, anchor, SystemClock())
+        snap = area.shared_snapshot()
+        snap["superblock"] = area.dev.read(0, 4096)
+        return snap
+    finally:
+        dev.close()
+
+
+def test_stopped_writer_writes_nothing_after_takeover(cluster):
+    lab = cluster(hosts=4, join=("h2", "h3"))
+    agent(lab, "h1", "pause")
+    try:
+        res = lab.on("h2", "writer", "takeover", "--wait", "--json")
+        assert json.loads(res.stdout)["epoch"] == 2
+        # Give the stopped writer a reason to write: a new host joins meanwhile.
+        lab.on("h4", "join")
+        wait_until(lambda: "h4" in {h["name"] for h in status(lab, "h2")["hosts"]}
+                   and status(lab, "h2")["ledger"]["generation"], 10, "h4 recorded")
+        time.sleep(4 * N)
+        before = shared_bytes(lab, "h3")
+    finally:
+        agent(lab, "h1", "resume")
+    # The old writer wakes up, finds its lease expired, and must write nothing shared.
+    time.sleep(20 * N)
+    after = shared_bytes(lab, "h3")
+    for region in before:
+        assert before[region] == after[region], f"{region} changed after SIGCONT"
+    log = (lab.dir / "hosts/h1/agent.log").read_text()
+    assert "HOST LEASE LOST" in log or "GIVING UP THE WRITER ROLE" in log
+    st = wait_until(lambda: all_live(lab, "h2", ["h1", "h2", "h3", "h4"]), 30, "h1 back")
+    assert st["writer"]["host"] == "h2" and st["writer"]["epoch"] == 2
+    h1 = next(h for h in st["hosts"] if h["name"] == "h1")
+    assert h1["generation"] == 2, "h1 came back as a new incarnation"
+
+
+def test_reader_with_a_warm_stale_cache_still_sees_the_latest_ledger(cluster):
+    lab = cluster(hosts=4, join=("h2", "h3"))
+    dev = lab.device("h3")
+    st = status(lab, "h3")
+    gen_before = st["ledger"]["generation"]
+    # Warm h3's page cache over the whole device's head and keep it open.
+    ctl = control_offset(lab, "h3")
+    # Both ledger slots (3 MiB and 4 MiB into the control area): only the writer writes them.
+    ledger = (ctl + (3 << 20), 2 << 20)
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        cached = os.pread(fd, ledger[1], ledger[0])
+        lab.on("h4", "join")  # the writer h1 records h4: a ledger write through h1's device
+        st = wait_until(lambda: (s := status(lab, "h3"))["ledger"]["generation"] > gen_before
+                        and s, 10, "new ledger generation seen from h3")
+        assert "h4" in {h["name"] for h in st["hosts"]}
+        # The buffered view through h3's device is stale: O_DIRECT is what saw the change.
+        assert os.pread(fd, ledger[1], ledger[0]) == cached
+    finally:
+        os.close(fd)
+
+
+def _corrupt(lab, host, region, data_fn):
+    """Overwrite one sector of a control-area region through host's device; return offset."""
+    from fenceless import config
+    from fenceless.blockio import device_size, open_device
+    from fenceless.lease.clock import SystemClock
+    from fenceless.ledger.anchor import read_anchor
+    from fenceless.ledger.area import ControlArea
+
+    cfg = config.load(lab.config(host))
+    path = cfg.vgs[0].devices[0]
+    dev = open_device(path, writable=True)
+    try:
+        anchor = read_anchor(dev, device_size(path))
+        area = ControlArea.open(dev, anchor, SystemClock())
+        r = area.layout.region(region[0])
+        off = r.offset + region[1] * 4096
+        old = area.dev.read(off, 4096)
+        new = data_fn(old)
+        area.dev.write(off, new)
+        return anchor.offset + off, new
+    finally:
+        dev.close()
+
+
+def _read_abs(lab, host, offset):
+    import mmap
+
+    fd = os.open(lab.device(host), os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        os.preadv(fd, [buf], offset)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["random", "zero-magic", "old-version"])
+def test_corrupt_sectors_are_refused_and_never_overwritten(cluster, kind):
+    lab = cluster(hosts=3, join=("h2",))
+    rng = random.Random(7)
+
+    def corrupt(old):
+        if kind == "random":
+            return bytes(rng.getrandbits(8) for _ in range(4096))
+        if kind == "zero-magic":
+            return bytes(4) + old[4:]
+        return old[:4] + (0).to_bytes(2, "little") + old[6:]
+
+    # A host sector that nobody owns yet (id 3) and both ledger slots.
+    offsets = [_corrupt(lab, "h1", ("hosts", 2), corrupt)]
+    offsets.append(_corrupt(lab, "h1", ("ledger_a", 0), corrupt))
+    offsets.append(_corrupt(lab, "h1", ("ledger_b", 0), corrupt))
+    res = lab.on("h2", "status", check=False)
+    assert res.returncode == 4, res.stderr
+    assert "Ledger has no valid slot" in res.stderr
+    assert "region 'ledger_a' at offset" in res.stderr
+    # h3 cannot take the corrupt id 3: it must take another, never overwrite it.
+    time.sleep(6 * N)  # agents run several rounds, the writer tries to write the ledger
+    joined = lab.on("h3", "join", "--json", check=False)
+    for off, data in offsets:
+        assert _read_abs(lab, "h1", off) == data, f"sector at {off} was overwritten"
+    if joined.returncode == 0:
+        assert json.loads(joined.stdout)["host_id"] != 3
+    log = (lab.dir / "hosts/h1/agent.log").read_text()
+    assert "refusing to use or overwrite it" in log
+
+
+def test_corrupt_superblock_is_a_clear_integrity_error(cluster):
+    lab = cluster(hosts=3, join=())
+    _corrupt(lab, "h1", ("superblock", 0), lambda old: old[:100] + b"\xff" + old[101:])
+    res = lab.on("h3", "status", check=False)
+    assert res.returncode == 4
+    assert "region 'superblock' at offset 0: checksum mismatch" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_handover_moves_the_writer_to_the_named_host(cluster):
+    lab = cluster(hosts=3)
+    wait_until(lambda: all_live(lab, "h3", ["h1", "h2", "h3"]), 10, "live from h3")
+    res = lab.on("h3", "writer", "handover", "h2", "--json")  # asked from a non-writer
+    assert json.loads(res.stdout) == {"outcome": "done", "host": "h2", "epoch": 2}
+    res = lab.on("h2", "writer", "handover", "h3", "--json")  # asked on the writer
+    assert json.loads(res.stdout)["epoch"] == 3
+    st = status(lab, "h1")
+    assert st["writer"]["host"] == "h3" and st["writer"]["state"] == "active"
+    refused = lab.on("h1", "writer", "takeover", check=False)
+    assert refused.returncode == 2 and "is alive" in refused.stderr
