@@ -303,8 +303,11 @@ def test_corrupt_sectors_are_refused_and_never_overwritten(cluster, kind):
         assert _read_abs(lab, "h1", off) == data, f"sector at {off} was overwritten"
     if joined.returncode == 0:
         assert json.loads(joined.stdout)["host_id"] != 3
-    log = (lab.dir / "hosts/h1/agent.log").read_text()
-    assert "refusing to use or overwrite it" in log
+    # The writer's periodic re-read of the ledger finds the damage and says so.
+    wait_until(lambda: "refusing to use or overwrite it" in
+               (lab.dir / "hosts/h1/agent.log").read_text(), 40 * N, "the writer's complaint")
+    for off, data in offsets:
+        assert _read_abs(lab, "h1", off) == data, f"sector at {off} was overwritten"
 
 
 def test_corrupt_superblock_is_a_clear_integrity_error(cluster):

@@ -49,6 +49,9 @@ from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops.cluster import InitOp, JoinOp, NotInitialized, VgEnv
 from fenceless.ops.context import Context
 
+ACTIVE_EVERY = 10.0  # seconds between looks at which LVs are active here
+SCRUB_EVERY = 10  # the writer re-reads the whole ledger every this many renewals
+
 
 class NotMember(UserError):
     """Refused: this host has not joined the cluster on VG {vg}. Run `fenceless join`."""
@@ -95,6 +98,11 @@ class VgAgent:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, name=f"vg-{vg.name}", daemon=True)
         self.last_error = ""
+        self.ledger_cache: dict[str, Any] | None = None  # the writer's last ledger state
+        self.active_checked = -ACTIVE_EVERY
+        self.ticks = 0
+        self.active_cache: list[str] = []
+        self.logged_hosts: set[str] = set()
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -114,11 +122,24 @@ class VgAgent:
 
         return VgEnv(self.cfg, self.vg, self.dev, self.size, self.clock, lvm, self.log)
 
+    def active_lvs(self) -> list[str]:
+        """LVs active on this host, looked up at most every ACTIVE_EVERY seconds."""
+        now = self.clock.monotonic()
+        if now - self.active_checked >= ACTIVE_EVERY:
+            self.active_checked = now
+            try:
+                self.active_cache = sorted(a.lv for a in
+                                           self.agent.ctx.activator(self.vg.name).active())
+            except FencelessError as exc:
+                self.log(f"cannot list active LVs: {exc}")
+        return self.active_cache
+
     def facts(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
             "version": __version__,
             "lvm_role": "writer" if self.epoch else "reader",
             "lvm_version": self.agent.lvm_version,
+            "active": self.active_lvs(),
         }
         if self.handover_request:
             facts["handover_request"] = self.handover_request
@@ -245,6 +266,7 @@ class VgAgent:
         self.lease.check(margin=self.n)
 
     def drop_writer(self, why: str) -> None:
+        self.ledger_cache = None
         if self.epoch is not None:
             self.log(f"!!! GIVING UP THE WRITER ROLE (epoch {self.epoch}): {why}. "
                      "This host writes nothing shared from now on.")
@@ -272,10 +294,32 @@ class VgAgent:
                 f"host id {leader.owner_id} at epoch {leader.lver}"
             self.drop_writer(f"the writer lease now names {held}")
             return
-        view = self.area.ledger()
-        state = dict(view.current.state) if view.current else {}
-        old = dict(state)
+        try:
+            # The ledger is read again only when something seems to need writing
+            # (write_ledger re-reads it anyway before deciding where to write).
+            self.ticks += 1
+            if self.ledger_cache is None or self.ticks % SCRUB_EVERY == 0 or \
+                    self.wanted_hosts(self.ledger_cache) is not None:
+                view = self.area.ledger()
+                state = dict(view.current.state) if view.current else {}
+                stale_epoch = view.current is None or view.current.epoch < (self.epoch or 0)
+                hosts = self.wanted_hosts(state)
+                if hosts is not None or stale_epoch:
+                    if hosts is not None:
+                        state["hosts"] = hosts
+                    self.write_ledger(state, both_slots=stale_epoch)
+                self.ledger_cache = state
+            request = self.pending_handover(self.ledger_cache)
+            if request is not None:
+                self.hand_over(self.ledger_cache, *request)
+        except LeaseLost as exc:
+            self.drop_writer(str(exc))
+
+    def wanted_hosts(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The ledger's host table with every live host in it, or None if it has them all."""
+        assert self.area is not None and self.observer is not None
         hosts = {str(k): v for k, v in dict(state.get("hosts", {})).items()}
+        changed = False
         for hid in range(1, self.area.sb.max_hosts + 1):
             rec = self.observer.record(hid)
             if rec is None or rec.free:
@@ -283,21 +327,23 @@ class VgAgent:
             entry = hosts.get(str(hid))
             if not isinstance(entry, dict) or entry.get("name") != rec.name:
                 hosts[str(hid)] = {"name": rec.name, "since_epoch": self.epoch}
-                self.log(f"recording host {rec.name} as id {hid}")
-        state["hosts"] = hosts
-        stale_epoch = view.current is None or view.current.epoch < (self.epoch or 0)
-        if state != old or stale_epoch:
-            self.write_ledger(state, both_slots=stale_epoch)
-        request = self.pending_handover(state)
-        if request is not None:
-            self.hand_over(state, *request)
+                changed = True
+        return hosts if changed else None
 
     def write_ledger(self, state: dict[str, Any], *, both_slots: bool = False) -> None:
         assert self.area is not None and self.lease is not None and self.epoch is not None
         crashpoint("agent.before-ledger-write")
-        fmt.write_ledger(self.area.dev, self.area.layout, self.epoch, state,
-                         writer_host_id=self.lease.host_id, both_slots=both_slots,
-                         before_write=self.check_write)
+        self.ledger_cache = None  # whatever happens next, re-read before trusting it
+        rec = fmt.write_ledger(self.area.dev, self.area.layout, self.epoch, state,
+                               writer_host_id=self.lease.host_id, both_slots=both_slots,
+                               before_write=self.check_write)
+        self.ledger_cache = dict(rec.state)
+        for hid, entry in sorted(dict(state.get("hosts", {})).items()):
+            if isinstance(entry, dict) and entry.get("since_epoch") == self.epoch and \
+                    hid not in self.logged_hosts:
+                self.logged_hosts.add(hid)
+                self.log(f"recorded host {entry.get('name')} as id {hid} "
+                         f"(ledger generation {rec.generation})")
 
     def pending_handover(self, state: dict[str, Any]) -> tuple[int, str, str] | None:
         """A live host's request to hand the writer role to a live host: (id, name, nonce)."""
