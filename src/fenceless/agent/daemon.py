@@ -42,11 +42,11 @@ from fenceless.lease.clock import Clock, SystemClock
 from fenceless.lease.delta import DeltaLease, HostObserver, HostState, LeaseTiming
 from fenceless.lease.paxos import AcquireResult, Leader, Outcome
 from fenceless.ledger import format as fmt
-from fenceless.ledger.anchor import Anchor, read_anchor
+from fenceless.ledger.anchor import Anchor, NotInitialized, read_anchor
 from fenceless.ledger.area import ControlArea, ledger_hosts
 from fenceless.localstate import member, set_agent_view
 from fenceless.lvm.adapter import Lvm, Role
-from fenceless.ops.cluster import InitOp, JoinOp, NotInitialized, VgEnv
+from fenceless.ops.cluster import InitOp, JoinOp, VgEnv
 from fenceless.ops.context import Context
 
 ACTIVE_EVERY = 10.0  # seconds between looks at which LVs are active here

@@ -60,7 +60,28 @@ def _common(p: argparse.ArgumentParser, *, json_opt: bool = True) -> None:
                        help="machine-readable output")
 
 
-def build_parser() -> Parser:
+TOP_COMMANDS = ("lab", "init", "join", "agent", "status", "writer", "scan", "config")
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command named in argv, so that only its parser is built (start-up time)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-c", "--config"):
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in TOP_COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> Parser:
+    """The whole parser, or (``only``) the top level plus one command's subtree."""
+
+    def want(name: str) -> bool:
+        return only is None or only == name
+
     fmt = argparse.RawDescriptionHelpFormatter
     p = Parser(prog="fenceless", formatter_class=fmt,
                description="Safe VM hosts on one shared LUN with plain LVM2, no cluster stack.",
@@ -80,6 +101,42 @@ def build_parser() -> Parser:
         _common(sp, json_opt=json_opt)
         return sp
 
+    if want("lab"):
+        _build_lab(sub, cmd, fmt)
+
+    def vg_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--vg", help="the shared VG, when several are configured")
+
+    if want("init"):
+        sp = cmd(sub, "init", "init", "make this host's shared VG a fenceless cluster; this "
+                 "host becomes the metadata writer at epoch 1 (runs in the local agent)")
+        vg_opt(sp)
+        sp.add_argument("--max-hosts", type=int, default=16, help="host ids to provide (1-250)")
+        sp.add_argument("--adopt", action="store_true",
+                        help="the VG exists already: add the control LV, touch no existing LV")
+    if want("join"):
+        sp = cmd(sub, "join", "join", "take a host id in the cluster (runs in the local agent)")
+        vg_opt(sp)
+    if want("agent"):
+        sp = cmd(sub, "agent", "agent", "the per-host daemon (foreground): renews leases, "
+                 "serves the writer role", json_opt=False)
+        sp.add_argument("--auto-takeover", action="store_true", help="take over a dead writer "
+                        "when this is the lowest-numbered live host")
+    if want("status"):
+        sp = cmd(sub, "status", "status", "hosts, leases, writer and ledger, read from the "
+                 "control area (no LVM command runs)")
+        vg_opt(sp)
+    if want("writer"):
+        _build_writer(sub, cmd, fmt, vg_opt)
+    if want("scan"):
+        sp = cmd(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
+        vg_opt(sp)
+    if want("config"):
+        cmd(sub, "config", "config", "check this host's config and show it")
+    return p
+
+
+def _build_lab(sub: Any, cmd: Any, fmt: Any) -> None:
     lab = sub.add_parser("lab", help="a simulated SAN of loop devices, for tests and learning",
                          description="A simulated SAN: one sparse image per LUN, one loop "
                          "device per host, one mount namespace per host.",
@@ -130,24 +187,8 @@ def build_parser() -> Parser:
     sp.add_argument("action", choices=["start", "stop", "kill", "pause", "resume", "pid"])
     sp.add_argument("--auto-takeover", action="store_true", help="with start")
 
-    def vg_opt(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--vg", help="the shared VG, when several are configured")
 
-    sp = cmd(sub, "init", "init", "make this host's shared VG a fenceless cluster; this host "
-             "becomes the metadata writer at epoch 1 (runs in the local agent)")
-    vg_opt(sp)
-    sp.add_argument("--max-hosts", type=int, default=16, help="host ids to provide (1-250)")
-    sp.add_argument("--adopt", action="store_true",
-                    help="the VG exists already: add the control LV, touch no existing LV")
-    sp = cmd(sub, "join", "join", "take a host id in the cluster (runs in the local agent)")
-    vg_opt(sp)
-    sp = cmd(sub, "agent", "agent", "the per-host daemon (foreground): renews leases, serves "
-             "the writer role", json_opt=False)
-    sp.add_argument("--auto-takeover", action="store_true",
-                    help="take over a dead writer when this is the lowest-numbered live host")
-    sp = cmd(sub, "status", "status", "hosts, leases, writer and ledger, read from the control "
-             "area (no LVM command runs)")
-    vg_opt(sp)
+def _build_writer(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
     writer = sub.add_parser("writer", help="the metadata writer role", formatter_class=fmt,
                             description="The metadata writer: the one host that changes LVM "
                             "metadata, chosen by a Disk Paxos lease whose version is the epoch.",
@@ -170,10 +211,6 @@ def build_parser() -> Parser:
     sp.add_argument("--timeout", type=float, help="seconds to wait for the old writer to be "
                     "declared dead (default 20 x io_timeout)")
 
-    sp = cmd(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
-    sp.add_argument("--vg", help="the shared VG, when several are configured")
-    cmd(sub, "config", "config", "check this host's config and show it")
-    return p
 
 
 # --- output -----------------------------------------------------------------------
@@ -463,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list or os.environ.get("FENCELESS_DEBUG") == "1"
     try:
-        args = build_parser().parse_args(args_list)
+        args = build_parser(_command_of(args_list)).parse_args(args_list)
         if not args.command:
             build_parser().print_help()
             return 2

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.errors import IntegrityError
+from fenceless.errors import IntegrityError, UserError
 from fenceless.ledger.format import (
     KIND_ANCHOR,
     CorruptRecord,
@@ -40,6 +40,11 @@ TAIL_SIZE = 1 << 20
 ANCHOR_INDEX = 0
 INIT_LOCK_INDEX = 1
 _BODY = struct.Struct("<16s128s64s64s64sQQ")
+
+
+class NotInitialized(UserError):
+    """Refused: there is no fenceless cluster on VG {vg} as this host sees it ({device}). \
+Run `fenceless init` on the first host."""
 
 
 class DeviceTooSmall(IntegrityError):

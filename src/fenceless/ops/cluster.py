@@ -24,6 +24,7 @@ from fenceless.ledger import format as fmt
 from fenceless.ledger.anchor import (
     TAIL_SIZE,
     Anchor,
+    NotInitialized,
     init_lock_region,
     read_anchor,
     tail_offset,
@@ -50,11 +51,6 @@ class AlreadyInitialized(UserError):
 class VgExists(UserError):
     """Refused: VG {vg} already exists on {device} ({lvs} LVs) and is not a fenceless VG \
 yet. `fenceless init --adopt` adds the control LV in free space and touches no existing LV."""
-
-
-class NotInitialized(UserError):
-    """Refused: there is no fenceless cluster on VG {vg} as this host sees it ({device}). \
-Run `fenceless init` on the first host."""
 
 
 class InitBusy(UserError):

@@ -16,10 +16,9 @@ from fenceless.blockio import device_size, open_device
 from fenceless.config import HostConfig
 from fenceless.lease.clock import SystemClock
 from fenceless.ledger import format as fmt
-from fenceless.ledger.anchor import read_anchor
+from fenceless.ledger.anchor import NotInitialized, read_anchor
 from fenceless.ledger.area import ControlArea, ledger_hosts
 from fenceless.localstate import agent_view, member
-from fenceless.ops.cluster import NotInitialized
 
 
 def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
