@@ -34,6 +34,7 @@ from typing import Any
 
 from fenceless import __version__
 from fenceless.agent.ipc import Server
+from fenceless.agent.volumes import POLL, VolumeService
 from fenceless.blockio import BlockDevice, IoError, TimedIO, device_size, open_device
 from fenceless.config import HostConfig, VgConfig
 from fenceless.errors import FencelessError, LeaseLost, UserError
@@ -49,7 +50,7 @@ from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops.cluster import InitOp, JoinOp, VgEnv
 from fenceless.ops.context import Context
 
-ACTIVE_EVERY = 10.0  # seconds between looks at which LVs are active here
+ACTIVE_EVERY = 2.0  # seconds between looks at which LVs are active here
 SCRUB_EVERY = 10  # the writer re-reads the whole ledger every this many renewals
 
 
@@ -101,7 +102,11 @@ class VgAgent:
         self.ledger_cache: dict[str, Any] | None = None  # the writer's last ledger state
         self.active_checked = -ACTIVE_EVERY
         self.ticks = 0
-        self.active_cache: list[str] = []
+        self.logged: set[str] = set()
+        self.announce: dict[str, bool] = {}  # LVs being activated here (published first)
+        self.seqno: int | None = None
+        self.volumes = VolumeService(self)
+        self.active_cache: dict[str, int] = {}
         self.logged_hosts: set[str] = set()
 
     # --- plumbing ---------------------------------------------------------------
@@ -122,24 +127,57 @@ class VgAgent:
 
         return VgEnv(self.cfg, self.vg, self.dev, self.size, self.clock, lvm, self.log)
 
-    def active_lvs(self) -> list[str]:
-        """LVs active on this host, looked up at most every ACTIVE_EVERY seconds."""
+    def active_lvs(self, force: bool = False) -> dict[str, int]:
+        """LVs active on this host and their mapped sizes (looked up every ACTIVE_EVERY s)."""
         now = self.clock.monotonic()
-        if now - self.active_checked >= ACTIVE_EVERY:
+        if force or now - self.active_checked >= ACTIVE_EVERY:
             self.active_checked = now
             try:
-                self.active_cache = sorted(a.lv for a in
-                                           self.agent.ctx.activator(self.vg.name).active())
+                self.active_cache = {a.lv: a.size for a in
+                                     self.agent.ctx.activator(self.vg.name).active()}
             except FencelessError as exc:
-                self.log(f"cannot list active LVs: {exc}")
+                self.log_once(f"cannot list active LVs: {exc}")
         return self.active_cache
+
+    def check_seqno(self) -> None:
+        """A new VG metadata seqno: refresh every LV active here to its new size."""
+        try:
+            seqno = self.agent.ctx.lvm(self.vg.name).vg_info().seqno
+        except FencelessError as exc:
+            self.log_once(f"cannot read the VG seqno: {exc}")
+            return
+        if seqno != self.seqno:
+            self.seqno = seqno
+            if self.refresh_active(force=True) and self.lease is not None:
+                self.renew()  # publish the refreshed sizes now: an extend waits for them
+
+    def refresh_active(self, force: bool = False) -> bool:
+        """Bring every active mapping to the size in the metadata; True if any changed."""
+        active = self.active_lvs(force=force)
+        if not active:
+            return False
+        changed = False
+        try:
+            sizes = {lv.name: lv.size for lv in self.agent.ctx.lvm(self.vg.name).lvs()}
+            activator = self.agent.ctx.activator(self.vg.name)
+            for lv, size in active.items():
+                if lv in sizes and sizes[lv] != size:
+                    got = activator.refresh(lv)
+                    self.log(f"refreshed {lv}: {size} -> {got.size} bytes")
+                    changed = True
+        except FencelessError as exc:
+            self.log(f"refresh failed: {exc}")
+        if changed:
+            self.active_lvs(force=True)
+        return changed
 
     def facts(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
             "version": __version__,
             "lvm_role": "writer" if self.epoch else "reader",
             "lvm_version": self.agent.lvm_version,
-            "active": self.active_lvs(),
+            "active": {**{lv: 0 for lv in self.announce}, **self.active_lvs()},
+            "seqno": self.seqno,
         }
         if self.handover_request:
             facts["handover_request"] = self.handover_request
@@ -189,25 +227,38 @@ class VgAgent:
         while not self.stop.is_set():
             now = self.clock.monotonic()
             if now >= next_tick:
-                try:
-                    delay = self.tick()
-                except FencelessError as exc:
-                    if str(exc) != self.last_error:
-                        self.log(f"error: {exc}")
-                    self.last_error = str(exc)
-                    delay = self.timing.renew_interval
-                except Exception as exc:
-                    self.log(f"internal error: {type(exc).__name__}: {exc}")
-                    delay = self.timing.renew_interval
-                next_tick = self.clock.monotonic() + delay
+                delay = self.guarded(self.tick)
+                next_tick = self.clock.monotonic() + (delay or self.timing.renew_interval)
             self.serve_requests()
-            timeout = max(0.0, min(next_tick - self.clock.monotonic(), self.n / 2))
+            self.guarded(self.mailboxes)
+            timeout = max(0.0, min(next_tick - self.clock.monotonic(), self.n / 2, POLL))
             try:
                 item = self.requests.get(timeout=timeout)
             except queue.Empty:
                 continue
             self.waiting.append(item)
             self.serve_requests()
+
+    def guarded(self, fn: Callable[[], float | None]) -> float | None:
+        try:
+            return fn()
+        except FencelessError as exc:
+            if str(exc) != self.last_error:
+                self.log(f"error: {exc}")
+            self.last_error = str(exc)
+        except Exception as exc:
+            self.log(f"internal error: {type(exc).__name__}: {exc}")
+        return None
+
+    def mailboxes(self) -> None:
+        if self.area is None or self.lease is None:
+            return
+        if self.epoch is not None:
+            self.volumes.writer_poll()
+            self.volumes.run_work()
+        else:
+            self.volumes.poll_outbox()
+            self.volumes.expire(self.clock.monotonic())
 
     def tick(self) -> float:
         """One renewal round; returns the delay until the next one."""
@@ -227,7 +278,21 @@ class VgAgent:
             self.lease = self.area.hosts().acquire(int(known["host_id"]), self.cfg.host,
                                                    self.facts())
             self.log(f"host id {self.lease.host_id} generation {self.lease.generation}")
+        if not self.renew():
+            return self.n / 2
+        self.check_seqno()
+        if self.epoch is not None:
+            self.writer_duties()
+        else:
+            self.reader_duties()
+        self.publish()
+        return self.timing.renew_interval
+
+    def renew(self) -> bool:
+        """Renew the host lease and feed the observer; False if this renewal failed."""
         lease = self.lease
+        if lease is None:
+            return False
         late = lease.clock.monotonic() - lease.last_renewal
         if late > self.timing.warn_after:
             self.log(f"WARNING: renewal is late ({late:.2f}s since the last one)")
@@ -235,24 +300,29 @@ class VgAgent:
             raw = lease.renew(self.facts())
         except LeaseLost as exc:
             self.lose_host(str(exc))
-            return self.n
+            return False
         except IoError as exc:
             if lease.remaining() <= 0:
                 self.lose_host(f"renewal I/O failing past the lease time: {exc}")
             else:
                 self.drop_if_late()
                 self.log(f"WARNING: renewal failed ({exc}); retrying")
-            return self.n / 2
+            return False
         crashpoint("agent.renewed")
-        now = self.clock.monotonic()
         assert self.observer is not None
-        self.observer.observe(raw, now)
-        if self.epoch is not None:
-            self.writer_duties()
-        else:
-            self.reader_duties()
-        self.publish()
-        return self.timing.renew_interval
+        self.observer.observe(raw, self.clock.monotonic())
+        return True
+
+    def renew_if_due(self) -> None:
+        """Between long steps (LVM calls, batches of requests): renew when it falls due."""
+        if self.lease is not None and \
+                self.clock.monotonic() - self.lease.last_renewal >= self.timing.renew_interval:
+            self.renew()
+
+    def log_once(self, msg: str) -> None:
+        if msg not in self.logged:
+            self.logged.add(msg)
+            self.log(msg)
 
     def drop_if_late(self) -> None:
         if self.epoch is not None and self.lease is not None and \
@@ -449,6 +519,13 @@ class VgAgent:
     def serve_requests(self) -> None:
         keep = []
         for item in self.waiting:
+            if item.request.get("op") == "volume":
+                try:
+                    self.volumes.submit(item)  # completed by the volume service
+                except BaseException as exc:
+                    item.error = exc
+                    item.done.set()
+                continue
             try:
                 result = self.handle(item)
             except BaseException as exc:
@@ -483,15 +560,51 @@ class VgAgent:
             assert join.area is not None and join.host_lease is not None
             self.adopt(join.area, join.anchor, join.host_lease, None)
             return result
-        if op in ("takeover", "handover") and (self.area is None or self.lease is None):
+        if op in ("takeover", "handover", "activate", "refresh") and \
+                (self.area is None or self.lease is None):
             if not self.attach():
                 raise NotInitialized(vg=self.vg.name, device=self.vg.devices[0])
             raise NotMember(vg=self.vg.name)
         if op == "takeover":
             return self.handle_takeover(item, wait=bool(item.request.get("wait")))
+        if op in ("activate", "deactivate", "refresh"):
+            return self.handle_activation(op, str(item.request.get("lv")),
+                                          bool(item.request.get("readonly")))
         if op == "handover":
             return self.handle_handover(str(item.request.get("to")))
         raise UserError(detail=f"unknown agent request {op!r}")
+
+    def handle_activation(self, op: str, lv: str, readonly: bool) -> dict[str, Any]:
+        """Activation through the agent: announce it on disk first, then map it.
+
+        The writer refuses to remove or rename an LV that any host's lease sector
+        lists as active, so the announcement (a renewal carrying the LV in this
+        host's facts) must land before the mapping exists, and the mapping must be
+        gone before the announcement is withdrawn.
+        """
+        from fenceless.validate import lv_name
+
+        lv_name(lv)
+        activator = self.agent.ctx.activator(self.vg.name)
+        if op == "activate":
+            self.announce[lv] = True
+            if self.lease is not None and not self.renew():
+                raise LeaseLost(detail="could not announce the activation on disk")
+            got = activator.activate(lv, readonly=readonly)
+        elif op == "refresh":
+            got = activator.refresh(lv)
+        else:
+            activator.deactivate(lv)
+            self.announce.pop(lv, None)
+            self.active_lvs(force=True)
+            if self.lease is not None:
+                self.renew()
+            return {"vg": self.vg.name, "lv": lv, "active": False}
+        self.active_lvs(force=True)
+        if self.lease is not None:
+            self.renew()
+        return {"vg": got.vg, "lv": got.lv, "device": got.device, "size_bytes": got.size,
+                "readonly": got.readonly}
 
     def handle_takeover(self, item: Pending, *, wait: bool = False) -> dict[str, Any] | None:
         assert self.area is not None and self.lease is not None and self.observer is not None
@@ -570,6 +683,14 @@ class VgAgent:
             self.lease.renew(self.facts())  # publish the request now
         return {"outcome": "requested", "from_epoch": leader.lver if leader else 0,
                 "to": to, "id": nonce}
+
+    def note_metadata_change(self, request_id: str, seqno: int) -> None:
+        """After a change by this writer: refresh locally (history comes with issue 4)."""
+        self.seqno = None  # the next check_seqno() looks again
+
+    def audit(self, host: str, req: Any, result: str, message: str) -> None:
+        self.log(f"audit: {host} {req.user or '-'} {req.op} {req.args} -> {result}"
+                 + (f": {message}" if message else ""))
 
     # --- what the CLI reads locally -------------------------------------------------
 

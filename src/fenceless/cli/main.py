@@ -35,6 +35,12 @@ EXAMPLES = {
     "writer handover": "fenceless writer handover h2",
     "writer takeover": "fenceless writer takeover",
     "lab agent": "fenceless lab agent --dir /tmp/lab h2 stop",
+    "volume create": "fenceless volume create vm7-disk 20G",
+    "volume extend": "fenceless volume extend vm7-disk +5G",
+    "volume rename": "fenceless volume rename vm7-disk vm8-disk",
+    "volume remove": "fenceless volume remove vm8-disk",
+    "volume list": "fenceless volume list --json",
+    "volume show": "fenceless volume show vm7-disk",
 }
 
 
@@ -60,7 +66,7 @@ def _common(p: argparse.ArgumentParser, *, json_opt: bool = True) -> None:
                        help="machine-readable output")
 
 
-TOP_COMMANDS = ("lab", "init", "join", "agent", "status", "writer", "scan", "config")
+TOP_COMMANDS = ("lab", "init", "join", "agent", "status", "writer", "scan", "config", "volume")
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -128,6 +134,8 @@ def build_parser(only: str | None = None) -> Parser:
         vg_opt(sp)
     if want("writer"):
         _build_writer(sub, cmd, fmt, vg_opt)
+    if want("volume"):
+        _build_volume(sub, cmd, fmt, vg_opt)
     if want("scan"):
         sp = cmd(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
         vg_opt(sp)
@@ -186,6 +194,48 @@ def _build_lab(sub: Any, cmd: Any, fmt: Any) -> None:
     sp.add_argument("host")
     sp.add_argument("action", choices=["start", "stop", "kill", "pause", "resume", "pid"])
     sp.add_argument("--auto-takeover", action="store_true", help="with start")
+
+
+def _build_volume(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
+    vp = sub.add_parser("volume", help="volumes (LVs) of a shared VG, from any host",
+                        formatter_class=fmt,
+                        description="Volume operations run on the metadata writer; from any "
+                        "other host they are forwarded to it through the on-disk mailboxes.",
+                        epilog=_epilog("volume create", "volume extend", "volume list"))
+    vsub = vp.add_subparsers(dest="volume_command", metavar="VOLUMECOMMAND",
+                             parser_class=Parser)
+    vsub.required = True
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        vg_opt(sp)
+        sp.add_argument("--request-id", help="an id of your own, to retry a request safely "
+                        "(the same id is never applied twice)")
+        sp.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for the writer (default 120)")
+
+    sp = cmd(vsub, "create", "volume create", "create a volume")
+    sp.add_argument("name")
+    sp.add_argument("size", help="e.g. 512M, 10G")
+    sp.add_argument("--shared-ro", action="store_true",
+                    help="meant to be shared read-only by many hosts (images, repositories)")
+    common(sp)
+    sp = cmd(vsub, "extend", "volume extend", "grow a volume to SIZE (or by +SIZE); every "
+             "host with it active is refreshed before this returns")
+    sp.add_argument("name")
+    sp.add_argument("size", help="new size (10G) or growth (+2G)")
+    common(sp)
+    sp = cmd(vsub, "rename", "volume rename", "rename a volume (not while active anywhere)")
+    sp.add_argument("name")
+    sp.add_argument("new_name")
+    common(sp)
+    sp = cmd(vsub, "remove", "volume remove", "remove a volume (not while active anywhere)")
+    sp.add_argument("name")
+    common(sp)
+    sp = cmd(vsub, "list", "volume list", "the volumes of the VG (read-only, this host)")
+    vg_opt(sp)
+    sp = cmd(vsub, "show", "volume show", "one volume: size, segments, where it is active")
+    sp.add_argument("name")
+    vg_opt(sp)
 
 
 def _build_writer(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
@@ -330,7 +380,19 @@ def _lab_activation(args: argparse.Namespace, cluster: Any) -> int:
 
     d = cluster.lab_dir(args.dir)
     host = cluster.find_host(d, cluster.read_state(d), args.host)
-    ctx = Context(config.load(host["config"]))
+    cfg = config.load(host["config"])
+    if cluster.agent_pid(args.dir, args.host) is not None:
+        # Through the host's agent, which announces the activation on disk first.
+        res = _agent_call(cfg, {"op": args.lab_command, "vg": args.vg, "lv": args.lv,
+                                "readonly": getattr(args, "readonly", False)}, timeout=30.0)
+        data = {"host": args.host, **res}
+        if args.lab_command == "deactivate":
+            emit(args, data, lambda r: f"{r['host']}: {r['lv']} deactivated")
+        else:
+            emit(args, data, lambda r: f"{r['host']}: {r['vg']}/{r['lv']} on {r['device']} "
+                 f"({r['size_bytes']} bytes, {'read-only' if r['readonly'] else 'read-write'})")
+        return 0
+    ctx = Context(cfg)
     act = ctx.activator(args.vg)
     sub = args.lab_command
     if sub == "deactivate":
@@ -478,9 +540,80 @@ def _writer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _volume(args: argparse.Namespace) -> int:
+    import getpass
+    import secrets
+
+    from fenceless.validate import human, lv_name, parse_size
+
+    cfg = _load_cfg(args)
+    sub = args.volume_command
+    if sub in ("list", "show"):
+        from fenceless.ops.context import Context
+        from fenceless.ops.volume import list_volumes
+
+        ctx = Context(cfg)
+        vols = list_volumes(ctx.lvm(args.vg))
+        if sub == "list":
+            emit(args, vols, lambda v: _table(
+                [(x["name"], human(x["size_bytes"]), "yes" if x["shared_ro"] else "")
+                 for x in v], ("VOLUME", "SIZE", "SHARED-RO")))
+            return 0
+        found = next((v for v in vols if v["name"] == args.name), None)
+        if found is None:
+            from fenceless.errors import NotFound
+
+            raise NotFound(kind="volume", name=args.name, where=f" in VG {cfg.vg(args.vg).name}")
+        from contextlib import suppress
+
+        from fenceless.errors import FencelessError
+        from fenceless.ops.status import read_status
+
+        with suppress(FencelessError):
+            st = read_status(cfg, args.vg)
+            found["active_on"] = [h["name"] for h in st["hosts"]
+                                  if args.name in (h["facts"].get("active") or {})]
+        emit(args, found, lambda v: f"{v['name']}: {human(v['size_bytes'])}"
+             + (", shared read-only" if v["shared_ro"] else "")
+             + (f", active on {', '.join(v.get('active_on', [])) or 'no host'}"))
+        return 0
+    name = lv_name(args.name)
+    body: dict[str, Any] = {"name": name}
+    if sub == "create":
+        body.update(size_bytes=parse_size(args.size), shared_ro=args.shared_ro)
+    elif sub == "extend":
+        size = args.size.strip()
+        body.update(size_bytes=parse_size(size.lstrip("+")), relative=size.startswith("+"))
+    elif sub == "rename":
+        body["new_name"] = lv_name(args.new_name)
+    argv = ["fenceless", "volume", sub, args.name] + (
+        [args.size] if sub in ("create", "extend") else []) + (
+        [args.new_name] if sub == "rename" else [])
+    request = {"id": args.request_id or secrets.token_hex(8), "op": sub, "args": body,
+               "user": getpass.getuser(), "argv": argv}
+    res = _agent_call(cfg, {"op": "volume", "vg": args.vg, "request": request},
+                      timeout=args.timeout)
+
+    def text(r: dict[str, Any]) -> str:
+        if sub == "remove":
+            return f"removed {r['name']} (VG seqno {r.get('seqno')}, epoch {r.get('epoch')})"
+        line = (f"{sub}: {r['name']} is {human(r['size_bytes'])}"
+                + (" (shared read-only)" if r.get("shared_ro") else "")
+                + f" (VG seqno {r.get('seqno')}, writer epoch {r.get('epoch')})")
+        if sub == "extend":
+            if r.get("refreshed"):
+                line += f"; refreshed on {', '.join(r['refreshed'])}"
+            if r.get("not_refreshed"):
+                line += f"; NOT yet refreshed on {', '.join(r['not_refreshed'])}"
+        return line
+
+    emit(args, res, text)
+    return 3 if res.get("not_refreshed") else 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "lab": _lab, "scan": _scan, "config": _config, "init": _init, "join": _join,
-    "agent": _agent, "status": _status, "writer": _writer,
+    "agent": _agent, "status": _status, "writer": _writer, "volume": _volume,
 }
 
 

@@ -74,6 +74,8 @@ KIND_REQUEST = 4
 KIND_DBLOCK = 5
 KIND_LEDGER = 6
 KIND_ANCHOR = 7
+KIND_INBOX = 10
+KIND_OUTBOX = 11
 
 MAGICS: dict[int, bytes] = {
     KIND_SUPERBLOCK: b"FLSB",
@@ -83,6 +85,8 @@ MAGICS: dict[int, bytes] = {
     KIND_DBLOCK: b"FLPD",
     KIND_LEDGER: b"FLLG",
     KIND_ANCHOR: b"FLAN",
+    KIND_INBOX: b"FLIB",
+    KIND_OUTBOX: b"FLOB",
 }
 KIND_NAMES = {
     KIND_SUPERBLOCK: "superblock",
@@ -92,6 +96,8 @@ KIND_NAMES = {
     KIND_DBLOCK: "writer dblock",
     KIND_LEDGER: "ledger",
     KIND_ANCHOR: "anchor",
+    KIND_INBOX: "mailbox inbox",
+    KIND_OUTBOX: "mailbox outbox",
 }
 _KIND_BY_MAGIC = {m: k for k, m in MAGICS.items()}
 

@@ -151,21 +151,23 @@ class Lvm:
                  "--setautoactivation", "n", self.vg.name, *devices)
 
     def lvcreate(self, name: str, size_bytes: int, tags: Sequence[str] = (), *,
-                 contiguous: bool = False, pvs: Sequence[str] = ()) -> None:
+                 contiguous: bool = False, pvs: Sequence[str] = (),
+                 timeout: float | None = None) -> None:
         tag_args = [a for t in tags for a in ("--addtag", t)]
         alloc = ["--alloc", "contiguous"] if contiguous else []
         self.run("lvcreate", "--yes", "--activate", "n", "--zero", "n",
                  "--setautoactivation", "n", "--size", f"{size_bytes}b", "--name", name,
-                 *alloc, *tag_args, self.vg.name, *pvs)
+                 *alloc, *tag_args, self.vg.name, *pvs, timeout=timeout)
 
-    def lvextend(self, name: str, size_bytes: int) -> None:
-        self.run("lvextend", "--size", f"{size_bytes}b", f"{self.vg.name}/{name}")
+    def lvextend(self, name: str, size_bytes: int, *, timeout: float | None = None) -> None:
+        self.run("lvextend", "--size", f"{size_bytes}b", f"{self.vg.name}/{name}",
+                 timeout=timeout)
 
-    def lvrename(self, old: str, new: str) -> None:
-        self.run("lvrename", self.vg.name, old, new)
+    def lvrename(self, old: str, new: str, *, timeout: float | None = None) -> None:
+        self.run("lvrename", self.vg.name, old, new, timeout=timeout)
 
-    def lvremove(self, name: str) -> None:
-        self.run("lvremove", "--yes", f"{self.vg.name}/{name}")
+    def lvremove(self, name: str, *, timeout: float | None = None) -> None:
+        self.run("lvremove", "--yes", f"{self.vg.name}/{name}", timeout=timeout)
 
     def vgck(self) -> Result:
         return self.run("vgck", self.vg.name)

@@ -1,0 +1,205 @@
+"""Per-host mailboxes on the control area: requests to the writer, replies from it.
+
+Region ``mailboxes``: host id n owns 8 KiB at (n-1) * 8 KiB.
+- sector 0, the *inbox*, is written only by host n: its open requests;
+- sector 1, the *outbox*, is written only by the writer: its replies to host n.
+So every byte still has one writer at a time. Both are single-sector records
+(atomic writes) in the common checksummed format; the inbox's ``seq`` rises
+on every write, the outbox carries the writer's epoch, and a reader ignores
+an outbox from an epoch older than the writer lease's.
+
+Everything read here came from the disk and is untrusted: payloads are
+parsed as JSON data and checked for shape, never executed or passed to a
+shell.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fenceless.blockio import SECTOR, BlockDevice
+from fenceless.ledger import format as fmt
+
+SLOT = 2 * SECTOR
+ROOM = SECTOR - fmt.HEADER_SIZE
+
+
+class MailboxFull(fmt.LedgerTooLarge):
+    """Mailbox record of {size} bytes does not fit in a sector ({limit} bytes of room); \
+nothing was written"""
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    op: str
+    args: dict[str, Any]
+    user: str = ""
+    argv: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "op": self.op, "args": self.args, "user": self.user,
+                "argv": list(self.argv)}
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: str
+    status: str  # "ok" | "error"
+    result: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "status": self.status}
+        if self.result:
+            out["result"] = self.result
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class Inbox:
+    seq: int
+    host: str
+    generation: int
+    requests: tuple[Request, ...]
+
+
+@dataclass(frozen=True)
+class Outbox:
+    seq: int
+    epoch: int
+    replies: tuple[Reply, ...]
+
+
+def offsets(layout: fmt.Layout, host_id: int) -> tuple[int, int]:
+    region = layout.region("mailboxes")
+    if not 1 <= host_id <= layout.max_hosts or region.length < host_id * SLOT:
+        raise ValueError(f"host id {host_id} has no mailbox")
+    base = region.offset + (host_id - 1) * SLOT
+    return base, base + SECTOR
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_inbox(box: Inbox) -> bytes:
+    body = _dump({"host": box.host, "gen": box.generation,
+                  "requests": [r.as_json() for r in box.requests]})
+    if len(body) > ROOM:
+        raise MailboxFull(size=len(body), limit=ROOM)
+    return fmt.pad(fmt.encode_record(fmt.KIND_INBOX, body, seq=box.seq), SECTOR)
+
+
+def encode_outbox(box: Outbox) -> bytes:
+    body = _dump({"replies": [r.as_json() for r in box.replies]})
+    if len(body) > ROOM:
+        raise MailboxFull(size=len(body), limit=ROOM)
+    return fmt.pad(fmt.encode_record(fmt.KIND_OUTBOX, body, seq=box.seq, epoch=box.epoch),
+                   SECTOR)
+
+
+def fits_outbox(replies: list[Reply]) -> bool:
+    return len(_dump({"replies": [r.as_json() for r in replies]})) <= ROOM
+
+
+def fits_inbox(host: str, generation: int, requests: list[Request]) -> bool:
+    body = {"host": host, "gen": generation, "requests": [r.as_json() for r in requests]}
+    return len(_dump(body)) <= ROOM
+
+
+def _payload(buf: bytes, kind: int, region: str, offset: int) -> tuple[fmt.Record, Any] | None:
+    rec = fmt.decode_record(buf[:SECTOR], kind=kind, region=region, offset=offset)
+    if rec is None:
+        return None
+    try:
+        return rec, json.loads(rec.payload.decode("utf-8"))
+    except ValueError as exc:
+        raise fmt.CorruptRecord(region=region, offset=offset,
+                                detail=f"mailbox payload is not JSON: {exc}") from exc
+
+
+def _str(x: Any) -> str:
+    if not isinstance(x, str):
+        raise TypeError("expected a string")
+    return x
+
+
+def decode_inbox(buf: bytes, offset: int) -> Inbox | None:
+    got = _payload(buf, fmt.KIND_INBOX, "mailboxes", offset)
+    if got is None:
+        return None
+    rec, data = got
+    try:
+        requests = []
+        for r in data["requests"]:
+            args = r["args"]
+            if not isinstance(args, dict):
+                raise TypeError("args is not an object")
+            requests.append(Request(id=_str(r["id"]), op=_str(r["op"]), args=args,
+                                    user=_str(r.get("user", "")),
+                                    argv=tuple(_str(a) for a in r.get("argv", []))))
+        return Inbox(seq=rec.seq, host=_str(data["host"]), generation=int(data["gen"]),
+                     requests=tuple(requests))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fmt.CorruptRecord(region="mailboxes", offset=offset,
+                                detail=f"inbox is malformed: {exc}") from exc
+
+
+def decode_outbox(buf: bytes, offset: int) -> Outbox | None:
+    got = _payload(buf, fmt.KIND_OUTBOX, "mailboxes", offset)
+    if got is None:
+        return None
+    rec, data = got
+    try:
+        replies = []
+        for r in data["replies"]:
+            result, error = r.get("result", {}), r.get("error", {})
+            if not isinstance(result, dict) or not isinstance(error, dict):
+                raise TypeError("result/error is not an object")
+            replies.append(Reply(id=_str(r["id"]), status=_str(r["status"]), result=result,
+                                 error=error))
+        return Outbox(seq=rec.seq, epoch=rec.epoch, replies=tuple(replies))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fmt.CorruptRecord(region="mailboxes", offset=offset,
+                                detail=f"outbox is malformed: {exc}") from exc
+
+
+def read_all(dev: BlockDevice, layout: fmt.Layout) -> bytes:
+    """The whole mailbox region in one O_DIRECT read (the writer's poll)."""
+    region = layout.region("mailboxes")
+    return dev.read(region.offset, layout.max_hosts * SLOT)
+
+
+def inbox_from(area: bytes, layout: fmt.Layout, host_id: int) -> Inbox | None:
+    base = (host_id - 1) * SLOT
+    return decode_inbox(area[base : base + SECTOR], offsets(layout, host_id)[0])
+
+
+def outbox_from(area: bytes, layout: fmt.Layout, host_id: int) -> Outbox | None:
+    base = (host_id - 1) * SLOT + SECTOR
+    return decode_outbox(area[base : base + SECTOR], offsets(layout, host_id)[1])
+
+
+def read_outbox(dev: BlockDevice, layout: fmt.Layout, host_id: int) -> Outbox | None:
+    off = offsets(layout, host_id)[1]
+    return decode_outbox(dev.read(off, SECTOR), off)
+
+
+def read_inbox(dev: BlockDevice, layout: fmt.Layout, host_id: int) -> Inbox | None:
+    off = offsets(layout, host_id)[0]
+    return decode_inbox(dev.read(off, SECTOR), off)
+
+
+def write_inbox(dev: BlockDevice, layout: fmt.Layout, host_id: int, box: Inbox) -> None:
+    """Only host ``host_id`` calls this: the inbox is its own sector."""
+    dev.write(offsets(layout, host_id)[0], encode_inbox(box))
+
+
+def write_outbox(dev: BlockDevice, layout: fmt.Layout, host_id: int, box: Outbox) -> None:
+    """Only the writer calls this (after its lease check)."""
+    dev.write(offsets(layout, host_id)[1], encode_outbox(box))
