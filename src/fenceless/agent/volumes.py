@@ -320,9 +320,10 @@ class VolumeService:
         state["intents"] = {**state.get("intents", {}), req.id: intent}
         a.write_ledger(state)
         crashpoint(f"volume.{req.op}.journaled")
-        return self.finish(vop, req.id, intent)
+        return self.finish(vop, req.id, intent, fresh=True)
 
-    def finish(self, vop: vol.VolumeOp, rid: str, intent: dict[str, Any]) -> mb.Reply:
+    def finish(self, vop: vol.VolumeOp, rid: str, intent: dict[str, Any],
+               fresh: bool = False) -> mb.Reply:
         """Run the journaled intent (if not already done) and record the outcome."""
         a = self.a
         assert a.lease is not None
@@ -331,8 +332,8 @@ class VolumeService:
         req = mb.Request(rid, vop.op, dict(intent.get("request", {}).get("args", {})),
                          str(intent.get("user", "")), tuple(intent.get("argv", [])))
         try:
-            before = vol.Snapshot.take(lvm)
-            effect = vop.effect(intent, before)
+            # Just journaled: not done yet. Otherwise (recovery) look at the VG first.
+            effect = False if fresh else vop.effect(intent, vol.Snapshot.take(lvm))
             if effect is False:
                 budget = a.lease.remaining() - a.n
                 if budget <= 0:

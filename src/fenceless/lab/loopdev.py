@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,14 @@ def list_loops() -> list[LoopInfo]:
         backing = _read(entry / "loop" / "backing_file")
         if not backing:
             continue
+        backing = backing.removesuffix(" (deleted)")
+        if re.fullmatch(r"/loop[0-9]+", backing):
+            # Attached from inside a lab host's mount namespace, the path is shown
+            # relative to a /dev that this namespace cannot reach.
+            backing = "/dev" + backing
         out.append(LoopInfo(
             device=f"/dev/{entry.name}",
-            backing=backing.removesuffix(" (deleted)"),
+            backing=backing,
             offset=int(_read(entry / "loop" / "offset") or 0),
             sizelimit=int(_read(entry / "loop" / "sizelimit") or 0),
             readonly=_read(entry / "ro") == "1",

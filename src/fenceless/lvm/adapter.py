@@ -129,6 +129,16 @@ class Lvm:
     def lvs(self) -> list[parse.LvInfo]:
         return parse.parse_lvs(self._report("lvs", parse.LV_FIELDS, self.vg.name))
 
+    def vg_and_lvs(self) -> tuple[parse.VgInfo, list[parse.LvInfo]]:
+        """The VG and its LVs from one LVM process (a VG with no LV needs a second)."""
+        fields = tuple(dict.fromkeys(parse.VG_FIELDS + parse.LV_FIELDS))
+        text = self._report("lvs", fields, self.vg.name)
+        lvs = parse.parse_lvs(text)
+        vgs = parse.parse_vgs(text.replace('"lv": [', '"vg": ['), command="lvs")
+        if not vgs:
+            return self.vg_info(), []
+        return vgs[0], lvs
+
     def segments(self) -> list[parse.Segment]:
         return parse.parse_segments(
             self._report("lvs", parse.SEG_FIELDS, "--segments", self.vg.name))

@@ -50,7 +50,8 @@ class Snapshot:
 
     @classmethod
     def take(cls, lvm: Lvm) -> Snapshot:
-        return cls(lvm.vg_info(), {lv.name: lv for lv in lvm.lvs()})
+        vg, lvs = lvm.vg_and_lvs()
+        return cls(vg, {lv.name: lv for lv in lvs})
 
 
 def _round_up(n: int, extent: int) -> int:

@@ -1,0 +1,198 @@
+"""Volume operations through the writer: forwarding, refusals, refresh, concurrency and
+the crash matrix, on a lab with real agents and real LVM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import CLI, cli
+from tests.integration.test_cluster import all_live, status, wait_until
+
+pytestmark = pytest.mark.lab
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def vlab(make_lab):
+    def make(hosts=3, size="1G"):
+        lab = make_lab(hosts, "--agents", "--size", size)
+        lab.on("h1", "init")
+        for h in lab.hosts[1:]:
+            lab.on(h, "join")
+        for h in lab.hosts:
+            wait_until(lambda h=h: all_live(lab, h, lab.hosts), 20, f"all live from {h}")
+        return lab
+    return make
+
+
+def volumes(lab, host):
+    return {v["name"]: v for v in json.loads(lab.on(host, "volume", "list", "--json").stdout)}
+
+
+def vgck(lab, writer):
+    res = lab.exec(writer, "vgck", "sanvg", check=False)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def ledger_state(lab, host):
+    from fenceless import config
+    from fenceless.blockio import device_size, open_device
+    from fenceless.lease.clock import SystemClock
+    from fenceless.ledger.anchor import read_anchor
+    from fenceless.ledger.area import ControlArea
+
+    path = config.load(lab.config(host)).vgs[0].devices[0]
+    dev = open_device(path)
+    try:
+        area = ControlArea.open(dev, read_anchor(dev, device_size(path)), SystemClock())
+        return area.ledger().current.state
+    finally:
+        dev.close()
+
+
+def test_volume_from_a_non_writer_appears_everywhere(vlab):
+    lab = vlab()
+    res = json.loads(lab.on("h3", "volume", "create", "vm1-disk", "64M", "--json").stdout)
+    assert res["name"] == "vm1-disk" and res["size_bytes"] == 64 * MiB and res["epoch"] == 1
+    lab.on("h2", "volume", "create", "iso", "8M", "--shared-ro")
+    for host in lab.hosts:
+        vols = volumes(lab, host)
+        assert vols["vm1-disk"] == {"name": "vm1-disk", "size_bytes": 64 * MiB,
+                                    "shared_ro": False}
+        assert vols["iso"]["shared_ro"] is True
+        assert "fenceless-ctl" not in vols
+    state = ledger_state(lab, "h2")
+    assert state["intents"] == {}
+    assert state["vg_seqno"] == json.loads(lab.on("h2", "scan", "--json").stdout)["vg"]["seqno"]
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["create", "bad/name", "8M"], "Invalid volume name"),
+    (["create", "x", "0M"], "greater than zero"),
+    (["create", "x", "--", "-5G"], "Invalid size"),
+    (["create", "x", "lots"], "Invalid size"),
+    (["create", "x", "100T"], "free"),
+    (["create", "fenceless-ctl", "8M"], "control area"),
+    (["extend", "v", "4M"], "only grows"),
+    (["extend", "nope", "+4M"], "not found"),
+    (["rename", "v", "v"], "already exists"),
+    (["remove", "nope"], "not found"),
+])
+def test_bad_requests_are_refused_and_change_nothing(vlab, argv, expect):
+    lab = vlab(2)
+    lab.on("h2", "volume", "create", "v", "8M")
+    seq = json.loads(lab.on("h1", "scan", "--json").stdout)["vg"]["seqno"]
+    res = lab.on("h2", "volume", *argv, check=False)
+    assert res.returncode == 2, res.stderr
+    assert expect in res.stderr
+    assert json.loads(lab.on("h1", "scan", "--json").stdout)["vg"]["seqno"] == seq
+
+
+def test_remove_or_rename_refused_while_active_elsewhere(vlab):
+    lab = vlab()
+    lab.on("h3", "volume", "create", "busy", "16M")
+    cli("lab", "activate", "--dir", str(lab.dir), "h2", "busy")
+    for argv in (["remove", "busy"], ["rename", "busy", "other"]):
+        res = lab.on("h3", "volume", *argv, check=False)
+        assert res.returncode == 2 and "active on h2" in res.stderr
+    cli("lab", "deactivate", "--dir", str(lab.dir), "h2", "busy")
+    lab.on("h3", "volume", "remove", "busy")
+    assert "busy" not in volumes(lab, "h1")
+
+
+def test_extend_refreshes_the_host_that_has_it_active_before_returning(vlab):
+    lab = vlab()
+    lab.on("h1", "volume", "create", "grow", "32M")
+    act = json.loads(cli("lab", "activate", "--dir", str(lab.dir), "h2", "grow",
+                         "--json").stdout)
+    res = json.loads(lab.on("h3", "volume", "extend", "grow", "+32M", "--json").stdout)
+    assert res["size_bytes"] == 64 * MiB
+    assert res["refreshed"] == ["h2"] and res["not_refreshed"] == []
+    size = subprocess.run(["blockdev", "--getsize64", act["device"]], capture_output=True,
+                          text=True, check=True).stdout
+    assert int(size) == 64 * MiB
+
+
+def test_a_retried_request_id_is_applied_once(vlab):
+    lab = vlab(2)
+    lab.on("h1", "volume", "create", "r", "8M")
+    first = json.loads(lab.on("h2", "volume", "extend", "r", "+8M", "--request-id",
+                              "retry-me-1", "--json").stdout)
+    again = json.loads(lab.on("h2", "volume", "extend", "r", "+8M", "--request-id",
+                              "retry-me-1", "--json").stdout)
+    assert first == again
+    assert volumes(lab, "h1")["r"]["size_bytes"] == 16 * MiB
+
+
+def test_every_host_sends_100_requests_at_once(vlab):
+    lab = vlab(3, size="4G")
+    procs = []
+    for host in lab.hosts:
+        for i in range(100):
+            procs.append(subprocess.Popen(
+                [*CLI, "-c", lab.config(host), "volume", "create", f"{host}-v{i:03d}", "4M",
+                 "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True))
+    failed = [(p.args[-4], p.stderr.read()) for p in procs if p.wait(timeout=400) != 0]
+    assert failed == []
+    expected = {f"{h}-v{i:03d}" for h in lab.hosts for i in range(100)}
+    for host in lab.hosts:
+        assert set(volumes(lab, host)) == expected
+    vgck(lab, "h1")
+    state = ledger_state(lab, "h1")
+    assert state["intents"] == {}
+    assert sum(1 for r in state["requests"].values() if r["status"] == "ok") == 300
+
+
+CRASH_STEPS = ("journaled", "applied", "recorded")
+
+
+@pytest.mark.parametrize("op", ["create", "extend", "rename", "remove"])
+def test_crash_matrix(vlab, op):
+    """kill -9 the writer's agent at every journaled step; the next writer finishes it."""
+    lab = vlab(3)
+    for step in CRASH_STEPS:
+        name = f"{op}-{step}"
+        if op != "create":
+            lab.on("h1" if step == CRASH_STEPS[0] else writer, "volume", "create", name, "8M")
+        writer = status(lab, "h3")["writer"]["host"]
+        survivor = next(h for h in ("h1", "h2") if h != writer)
+        cli("lab", "agent", "--dir", str(lab.dir), writer, "stop")
+        cli("lab", "agent", "--dir", str(lab.dir), writer, "start",
+            env={"FENCELESS_CRASHPOINT": f"volume.{op}.{step}"})
+        # The stop released the writer lease; the restarted agent takes it again.
+        lab.on(writer, "writer", "takeover", "--wait")
+        argv = {"create": ["create", name, "8M"], "extend": ["extend", name, "+8M"],
+                "rename": ["rename", name, name + "-new"], "remove": ["remove", name]}[op]
+        req = subprocess.Popen([*CLI, "-c", lab.config("h3"), "volume", *argv, "--json",
+                                "--timeout", "120"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        # The writer's agent kills itself at the crash point; another host takes over.
+        wait_until(lambda w=writer: cli("lab", "agent", "--dir", str(lab.dir), w, "pid",
+                                        "--json", check=False).returncode != 0,
+                   30, f"{writer}'s agent to die at volume.{op}.{step}")
+        lab.on(survivor, "writer", "takeover", "--wait")
+        out, err = req.communicate(timeout=120)
+        assert req.returncode == 0, (step, err)
+        vols = volumes(lab, "h3")
+        if op == "create":
+            assert vols[name]["size_bytes"] == 8 * MiB
+        elif op == "extend":
+            assert vols[name]["size_bytes"] == 16 * MiB, "applied exactly once"
+        elif op == "rename":
+            assert name not in vols and vols[name + "-new"]["size_bytes"] == 8 * MiB
+        else:
+            assert name not in vols
+        state = ledger_state(lab, "h3")
+        assert state["intents"] == {}, state["intents"]
+        vgck(lab, survivor)
+        # Bring the dead writer back (a new incarnation) for the next step.
+        cli("lab", "agent", "--dir", str(lab.dir), writer, "start")
+        wait_until(lambda: all_live(lab, "h3", lab.hosts), 30, "all live again")
+        writer = survivor
