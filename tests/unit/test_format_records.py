@@ -124,10 +124,10 @@ def test_layout_for_sixteen_hosts() -> None:
         "ledger_a": (3 * MiB, 256 * 1024),
         "ledger_b": (4 * MiB, 256 * 1024),
         "mailboxes": (5 * MiB, 16 * 8192),
-        "mdhistory": (6 * MiB, 128 * 4096),
-        "audit": (7 * MiB, MiB),
+        "mdhistory": (6 * MiB, 128 * 256 * 1024),
+        "audit": (38 * MiB, MiB),
     }
-    assert layout.total_size() == 8 * MiB
+    assert layout.total_size() == 39 * MiB
 
 
 @pytest.mark.parametrize("hosts", [1, 2, 16, 100, 250])

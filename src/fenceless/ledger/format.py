@@ -74,6 +74,8 @@ KIND_REQUEST = 4
 KIND_DBLOCK = 5
 KIND_LEDGER = 6
 KIND_ANCHOR = 7
+KIND_MDHISTORY = 8
+KIND_AUDIT = 9
 KIND_INBOX = 10
 KIND_OUTBOX = 11
 
@@ -85,6 +87,8 @@ MAGICS: dict[int, bytes] = {
     KIND_DBLOCK: b"FLPD",
     KIND_LEDGER: b"FLLG",
     KIND_ANCHOR: b"FLAN",
+    KIND_MDHISTORY: b"FLMH",
+    KIND_AUDIT: b"FLAU",
     KIND_INBOX: b"FLIB",
     KIND_OUTBOX: b"FLOB",
 }
@@ -96,6 +100,8 @@ KIND_NAMES = {
     KIND_DBLOCK: "writer dblock",
     KIND_LEDGER: "ledger",
     KIND_ANCHOR: "anchor",
+    KIND_MDHISTORY: "metadata history",
+    KIND_AUDIT: "audit",
     KIND_INBOX: "mailbox inbox",
     KIND_OUTBOX: "mailbox outbox",
 }
@@ -231,9 +237,9 @@ def unpack_name(raw: bytes) -> str:
 REGION_ALIGN = MiB
 LEDGER_SLOT_SIZE = 256 * KiB
 MAILBOX_SLOT_SIZE = 8 * KiB  # per host: 4 KiB inbox + 4 KiB outbox
-MDHISTORY_ENTRIES = 128
-MDHISTORY_ENTRY_SIZE = 4 * KiB
-AUDIT_SIZE = MiB
+MDHISTORY_ENTRIES = 128  # fixed: a slot is the region's length / 128 (ledger/history.py)
+MDHISTORY_SLOT_SIZE = 256 * KiB  # ~2.5 MB of LVM text (~6000 LVs) at zlib's ~10x
+AUDIT_SIZE = MiB  # 256 one-sector records
 MAX_HOSTS_LIMIT = 250  # the host area must fit its 1 MiB alignment unit
 
 REQUIRED_REGIONS = ("superblock", "hosts", "writer", "ledger_a", "ledger_b")
@@ -268,7 +274,7 @@ class Layout:
         *,
         ledger_slot_size: int = LEDGER_SLOT_SIZE,
         mailbox_slot_size: int = MAILBOX_SLOT_SIZE,
-        mdhistory_entries: int = MDHISTORY_ENTRIES,
+        mdhistory_slot_size: int = MDHISTORY_SLOT_SIZE,
         audit_size: int = AUDIT_SIZE,
     ) -> Layout:
         """Lay regions out in order, each starting on a 1 MiB boundary."""
@@ -276,6 +282,7 @@ class Layout:
             raise ValueError(f"max_hosts must be 1..{MAX_HOSTS_LIMIT}, not {max_hosts}")
         for what, size in (("ledger_slot_size", ledger_slot_size),
                            ("mailbox_slot_size", mailbox_slot_size),
+                           ("mdhistory_slot_size", mdhistory_slot_size),
                            ("audit_size", audit_size)):
             if size <= 0 or size % SECTOR:
                 raise ValueError(f"{what} must be a positive multiple of {SECTOR}")
@@ -288,7 +295,7 @@ class Layout:
             ("ledger_a", ledger_slot_size),
             ("ledger_b", ledger_slot_size),
             ("mailboxes", max_hosts * mailbox_slot_size),
-            ("mdhistory", mdhistory_entries * MDHISTORY_ENTRY_SIZE),
+            ("mdhistory", MDHISTORY_ENTRIES * mdhistory_slot_size),
             ("audit", audit_size),
         ]
         regions = []

@@ -1,0 +1,399 @@
+"""The VG metadata history: a ring of the last 128 metadata texts in region ``mdhistory``.
+
+Why: LVM keeps only the current metadata (and a local archive on whichever
+host ran the command). After every change the writer stores the new VG
+metadata text here, so any host can show what changed, when, by which
+request and under which writer epoch, and an admin can diff two versions.
+
+Layout (docs/format.md, "Metadata history"): the region is cut into
+``MDHISTORY_ENTRIES`` (128) equal slots; entry number ``n`` (the header's
+``seq``, rising by one per entry) lives in slot ``n % 128``. Each entry is
+one record of kind ``KIND_MDHISTORY``: the common header (``epoch`` = writer
+epoch), a fixed body, then the zlib-compressed text. A write puts the tail
+sectors down first and the header sector last (the commit point, as in
+``write_ledger``), so an interrupted write leaves a checksum mismatch in the
+oldest slot, never a wrong entry.
+
+Only the writer appends. A stale writer is handled like this:
+
+- ``append`` re-reads every slot header right before writing and refuses
+  (``StaleEpoch``) if any carries a higher epoch; ``before_write`` (the
+  writer's lease check) runs before each of its two device writes.
+- A write that was issued in time but lands late can still replace one
+  slot, at most the entry the new writer put there. Readers therefore mark
+  an entry ``stale`` when an entry with a lower number has a higher epoch
+  (it was written after a newer writer had taken over), list it as such,
+  and ``read_entry`` ignores it unless asked.
+- History is for humans (show, diff, audit): no decision reads it. The
+  ledger and the real VG stay the only inputs to recovery.
+
+Slots that do not decode are reported by ``list_entries`` and never written
+over, except our own torn or older entries: a slot with foreign data or a
+record of an older format is skipped (its entry number is left unused), and
+a record of a newer format makes ``append`` refuse outright (a newer
+fenceless is writing this ring).
+"""
+
+from __future__ import annotations
+
+import difflib
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from fenceless.blockio import SECTOR, BlockDevice
+from fenceless.errors import IntegrityError, UserError
+from fenceless.lease.errors import StaleEpoch
+from fenceless.ledger.format import (
+    FORMAT_VERSION,
+    HEADER,
+    HEADER_SIZE,
+    KIND_MDHISTORY,
+    MAGICS,
+    MDHISTORY_ENTRIES,
+    MIN_FORMAT_VERSION,
+    BadLength,
+    ChecksumMismatch,
+    CorruptRecord,
+    Layout,
+    Region,
+    decode_record,
+    encode_record,
+    is_empty,
+    pack_name,
+    pad,
+    unpack_name,
+)
+from fenceless.lvm.mda import MdaError, vg_section
+
+REGION = "mdhistory"
+COMPRESSION_ZLIB = 1
+# vg_seqno, wall ms, text length, writer host id, compression, request id, VG name
+_BODY = struct.Struct("<QQIHH64s128s")
+BODY_SIZE = HEADER_SIZE + _BODY.size  # 256: compressed text starts here
+MAX_TEXT = 64 * 1024 * 1024  # decompression bound: far above any LVM metadata area
+_MAX_SEQ = 1 << 62  # a claimed entry number above this is damage, not history
+
+
+class HistoryTooLarge(UserError):
+    """VG {vg} metadata seqno {seqno} is {size} bytes ({stored} compressed) but a history \
+slot holds {limit} compressed bytes; no history entry was written for it"""
+
+
+class HistoryNotFound(UserError):
+    """VG metadata seqno {seqno} is not in the metadata history{detail}"""
+
+
+class RingFull(IntegrityError):
+    """Control area region '{region}' at offset {offset}: {detail}; refusing to overwrite \
+any of its slots"""
+
+
+# --- the ring rule, shared with the audit log -------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a slot's header sector says, before any checksum: enough to pick a slot.
+
+    ``ours``: our magic, kind and a readable version: the header's ``seq``
+    and ``epoch`` are claims (untrusted, possibly torn) that are used only to
+    refuse a stale writer and to number the next entry. ``blocked``: foreign
+    data or an older format, which must never be written over.
+    """
+
+    state: Literal["empty", "ours", "blocked"]
+    seq: int = 0
+    epoch: int = 0
+
+
+def claim(buf: bytes, kind: int, *, region: str, offset: int) -> Claim:
+    """Classify a slot by its first sector; a newer format version raises.
+
+    A newer version is refused rather than skipped: a newer fenceless is
+    writing this ring and we cannot know its numbering.
+    """
+    if is_empty(buf[:SECTOR]):
+        return Claim("empty")
+    magic, version, rkind, _flags, _len, seq, epoch, _crc, _res = HEADER.unpack_from(buf)
+    if magic != MAGICS[kind]:
+        return Claim("blocked")
+    if version > FORMAT_VERSION:
+        decode_record(buf[:SECTOR], kind=kind, region=region, offset=offset)  # raises
+    if version < MIN_FORMAT_VERSION or rkind != kind or seq >= _MAX_SEQ:
+        return Claim("blocked")
+    return Claim("ours", seq=seq, epoch=epoch)
+
+
+def next_slot(claims: list[Claim], epoch: int, *, region: Region) -> tuple[int, int]:
+    """(entry number, slot) for the next record at ``epoch``, per the ring rule.
+
+    Refuses a stale writer (a claimed higher epoch anywhere), numbers the
+    entry one past the highest claimed number (torn headers included, so an
+    interrupted entry is never re-used with different content), and skips
+    slots that are blocked.
+    """
+    for c in claims:
+        if c.state == "ours" and c.epoch > epoch:
+            raise StaleEpoch(epoch=epoch, where=f"region {region.name}", seen=c.epoch)
+    n = len(claims)
+    seq = max((c.seq for c in claims if c.state == "ours"), default=0) + 1
+    for _ in range(n):
+        if claims[seq % n].state != "blocked":
+            return seq, seq % n
+        seq += 1
+    raise RingFull(region=region.name, offset=region.offset,
+                   detail=f"all {n} slots hold foreign data or an older format")
+
+
+def mark_stale(seqs_epochs: list[tuple[int, int]]) -> set[int]:
+    """Entry numbers whose epoch is below that of some lower-numbered entry."""
+    stale: set[int] = set()
+    top = 0
+    for seq, epoch in sorted(seqs_epochs):
+        if epoch < top:
+            stale.add(seq)
+        top = max(top, epoch)
+    return stale
+
+
+# --- entries ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """What the writer records after a change: the VG's metadata text as LVM wrote it."""
+
+    text: str
+    vg_seqno: int
+    request_id: str
+    writer_host_id: int = 0
+
+
+@dataclass(frozen=True)
+class HistorySummary:
+    """One slot as listed: an entry without its text, or a problem (``error``).
+
+    For a problem the entry number and epoch are those its header claims
+    (0 when the header is not ours); nothing else is known.
+    """
+
+    slot: int
+    offset: int
+    seq: int
+    epoch: int
+    vg_name: str = ""
+    vg_seqno: int = 0
+    wall_ms: int = 0
+    request_id: str = ""
+    writer_host_id: int = 0
+    text_size: int = 0
+    stored_size: int = 0
+    stale: bool = False
+    error: CorruptRecord | None = None
+
+
+def slot_size(layout: Layout) -> int:
+    """Bytes per slot: the region's length / 128, in whole sectors."""
+    region = layout.region(REGION)
+    size = region.length // MDHISTORY_ENTRIES // SECTOR * SECTOR
+    if size < SECTOR:
+        raise RingFull(region=REGION, offset=region.offset, detail=f"the region is "
+                       f"{region.length} bytes, less than {MDHISTORY_ENTRIES} sectors")
+    return size
+
+
+def max_stored(layout: Layout) -> int:
+    """Largest compressed text one entry can hold."""
+    return slot_size(layout) - BODY_SIZE
+
+
+def _compress(entry: HistoryEntry, layout: Layout) -> tuple[str, bytes, bytes]:
+    try:
+        vg = vg_section(entry.text)
+    except MdaError as exc:
+        raise ValueError(f"history entry text is not VG metadata: {exc}") from exc
+    if vg.seqno != entry.vg_seqno:
+        raise ValueError(f"history entry says seqno {entry.vg_seqno}, its text {vg.seqno}")
+    raw = entry.text.encode("utf-8")
+    stored = zlib.compress(raw, 9) if len(raw) <= MAX_TEXT else raw
+    if len(raw) > MAX_TEXT or len(stored) > max_stored(layout):
+        raise HistoryTooLarge(vg=vg.name, seqno=entry.vg_seqno, size=len(raw),
+                              stored=len(stored), limit=max_stored(layout))
+    return vg.name, raw, stored
+
+
+def _read_slot(dev: BlockDevice, region: Region, size: int, slot: int,
+               head: bytes | None = None) -> tuple[HistorySummary | None, bytes]:
+    """Decode one slot fully (header, then the sectors its length names).
+
+    Returns (None, b"") for an empty slot, else the summary (with ``error``
+    set for a problem) and the compressed text.
+    """
+    offset = region.offset + slot * size
+    if head is None:
+        head = dev.read(offset, SECTOR)
+    if is_empty(head):
+        return None, b""
+    buf = head
+    length = HEADER.unpack_from(head)[4]
+    if head[:4] == MAGICS[KIND_MDHISTORY] and HEADER_SIZE + length > SECTOR:
+        need = min(size, -(-(HEADER_SIZE + length) // SECTOR) * SECTOR)
+        buf = head + dev.read(offset + SECTOR, need - SECTOR)
+    try:
+        rec = decode_record(buf, kind=KIND_MDHISTORY, region=REGION, offset=offset)
+    except (ChecksumMismatch, BadLength) as exc:
+        return HistorySummary(slot, offset, int(exc.fields["seq"]), int(exc.fields["epoch"]),
+                              error=exc), b""
+    except CorruptRecord as exc:
+        return HistorySummary(slot, offset, 0, 0, error=exc), b""
+    assert rec is not None
+
+    def bad(detail: str) -> tuple[HistorySummary, bytes]:
+        err = CorruptRecord(region=REGION, offset=offset, detail=detail)
+        return HistorySummary(slot, offset, rec.seq, rec.epoch, error=err), b""
+
+    if len(rec.payload) < _BODY.size:
+        return bad("checksum is valid but the history payload is too short")
+    if rec.seq % MDHISTORY_ENTRIES != slot:
+        return bad(f"entry {rec.seq} does not belong in slot {slot}")
+    seqno, wall, text_len, host, comp, rid, vg = _BODY.unpack_from(rec.payload)
+    if comp != COMPRESSION_ZLIB or text_len > MAX_TEXT:
+        return bad(f"unknown compression {comp} or text length {text_len}")
+    stored = rec.payload[_BODY.size :]
+    return HistorySummary(
+        slot=slot, offset=offset, seq=rec.seq, epoch=rec.epoch, vg_name=unpack_name(vg),
+        vg_seqno=seqno, wall_ms=wall, request_id=unpack_name(rid), writer_host_id=host,
+        text_size=text_len, stored_size=len(stored)), stored
+
+
+def _scan(dev: BlockDevice, layout: Layout) -> list[tuple[HistorySummary, bytes]]:
+    region = layout.region(REGION)
+    size = slot_size(layout)
+    found = []
+    for slot in range(MDHISTORY_ENTRIES):
+        summary, stored = _read_slot(dev, region, size, slot)
+        if summary is not None:
+            found.append((summary, stored))
+    stale = mark_stale([(s.seq, s.epoch) for s, _ in found if s.error is None])
+    return [(replace(s, stale=s.seq in stale) if s.error is None else s, b)
+            for s, b in found]
+
+
+def list_entries(dev: BlockDevice, layout: Layout) -> list[HistorySummary]:
+    """Every non-empty slot, newest first; problems are listed, not raised.
+
+    Problems whose header is ours sort by the number they claim; the others
+    (foreign data) come last.
+    """
+    found = [s for s, _ in _scan(dev, layout)]
+    return sorted(found, key=lambda s: (s.seq, s.slot), reverse=True)
+
+
+def _inflate(summary: HistorySummary, stored: bytes) -> str:
+    def bad(detail: str) -> CorruptRecord:
+        return CorruptRecord(region=REGION, offset=summary.offset, detail=detail)
+
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(stored, summary.text_size + 1)
+    except zlib.error as exc:
+        raise bad(f"compressed text does not inflate: {exc}") from exc
+    if len(raw) != summary.text_size or not d.eof or d.unused_data:
+        raise bad(f"text inflates to {len(raw)}+ bytes, the entry says {summary.text_size}")
+    try:
+        text = raw.decode("utf-8")
+        seqno = vg_section(text).seqno
+    except (UnicodeDecodeError, MdaError) as exc:
+        raise bad(f"stored text is not VG metadata: {exc}") from exc
+    if seqno != summary.vg_seqno:
+        raise bad(f"stored text has seqno {seqno}, the entry says {summary.vg_seqno}")
+    return text
+
+
+def read_entry(dev: BlockDevice, layout: Layout, seqno: int, *,
+               include_stale: bool = False) -> str:
+    """The metadata text recorded for VG seqno ``seqno``.
+
+    If several entries carry that seqno (recorded again after a takeover),
+    the one with the highest (epoch, number) wins; ``stale`` entries are
+    ignored unless ``include_stale``.
+    """
+    found = _scan(dev, layout)
+    match = [(s, b) for s, b in found if s.error is None and s.vg_seqno == seqno
+             and (include_stale or not s.stale)]
+    if not match:
+        kept = sorted(s.vg_seqno for s, _ in found if s.error is None)
+        bad = sum(1 for s, _ in found if s.error is not None)
+        detail = f" (it holds seqno {kept[0]}..{kept[-1]})" if kept else " (it is empty)"
+        if bad:
+            detail += f"; {bad} slot(s) could not be read"
+        raise HistoryNotFound(seqno=seqno, detail=detail)
+    summary, stored = max(match, key=lambda m: (m[0].epoch, m[0].seq))
+    return _inflate(summary, stored)
+
+
+def append(
+    dev: BlockDevice,
+    layout: Layout,
+    entry: HistoryEntry,
+    *,
+    epoch: int,
+    before_write: Callable[[], None] | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> HistorySummary:
+    """Record ``entry`` as the next history entry, written by the writer at ``epoch``.
+
+    Refuses before any I/O if the compressed text does not fit a slot
+    (``HistoryTooLarge``: the change itself stands, only its history entry
+    is missing). Re-reads every slot header, refuses a stale writer, and is
+    idempotent: if the newest entry already holds this very text, nothing
+    is written and that entry is returned (a retried request after a crash).
+    """
+    if epoch <= 0:
+        raise ValueError("writer epochs start at 1")
+    vg_name, raw, stored = _compress(entry, layout)
+    region = layout.region(REGION)
+    size = slot_size(layout)
+    heads = [dev.read(region.offset + i * size, SECTOR) for i in range(MDHISTORY_ENTRIES)]
+    claims = [claim(h, KIND_MDHISTORY, region=REGION, offset=region.offset + i * size)
+              for i, h in enumerate(heads)]
+    seq, slot = next_slot(claims, epoch, region=region)
+    newest = [i for i, c in enumerate(claims) if c.state == "ours" and c.seq == seq - 1]
+    if newest:
+        last, last_stored = _read_slot(dev, region, size, newest[0], heads[newest[0]])
+        if last is not None and last.error is None and last.vg_name == vg_name \
+                and last.vg_seqno == entry.vg_seqno:
+            try:
+                if _inflate(last, last_stored) == entry.text:
+                    return last
+            except CorruptRecord:
+                pass
+    wall_ms = int(wall_clock() * 1000)
+    body = _BODY.pack(entry.vg_seqno, wall_ms, len(raw), entry.writer_host_id,
+                      COMPRESSION_ZLIB, pack_name(entry.request_id, 64, "request id"),
+                      pack_name(vg_name, 128, "VG name"))
+    data = pad(encode_record(KIND_MDHISTORY, body + stored, seq=seq, epoch=epoch))
+    offset = region.offset + slot * size
+    if len(data) > SECTOR:
+        if before_write is not None:
+            before_write()
+        dev.write(offset + SECTOR, data[SECTOR:])
+    if before_write is not None:
+        before_write()
+    dev.write(offset, data[:SECTOR])
+    return HistorySummary(
+        slot=slot, offset=offset, seq=seq, epoch=epoch, vg_name=vg_name,
+        vg_seqno=entry.vg_seqno, wall_ms=wall_ms, request_id=entry.request_id,
+        writer_host_id=entry.writer_host_id, text_size=len(raw), stored_size=len(stored))
+
+
+def diff(text_a: str, text_b: str, *, label_a: str = "a", label_b: str = "b",
+         context: int = 3) -> str:
+    """Unified diff of two metadata texts (empty string when they are equal)."""
+    a = [line + "\n" for line in text_a.splitlines()]
+    b = [line + "\n" for line in text_b.splitlines()]
+    return "".join(difflib.unified_diff(a, b, fromfile=label_a, tofile=label_b, n=context))

@@ -1,0 +1,396 @@
+"""Read the VG metadata text straight from a PV's LVM2 metadata area, without LVM.
+
+Why: the agent wants to notice a metadata change every tick. Running ``vgs``
+costs a process, a scan and locks, and LVM may "repair" what it reads (write
+it back). Reading the metadata area ourselves is one O_DIRECT 4 KiB read per
+poll once the area's location is known, and it can never write anything.
+
+The on-disk format (LVM2 ``format_text``; facts checked against
+lib/format_text/layout.h and real PVs made by lvm2 2.03.16):
+
+- **Label**: in one of the first four 512-byte sectors: ``id`` "LABELONE"
+  (8), ``sector_xl`` u64 (the sector it is in), ``crc_xl`` u32 (over bytes
+  20..512 of that sector), ``offset_xl`` u32 (where the PV header starts in
+  the sector, normally 32), ``type`` "LVM2 001" (8).
+- **PV header** (at label + ``offset_xl``): ``pv_uuid`` (32), ``device_size``
+  u64, then a list of data areas and a list of metadata areas, each
+  ``(offset u64, size u64)`` and ended by ``(0, 0)``; then an optional
+  extension we do not need.
+- **mda_header** (512 bytes at each metadata area's start): ``checksum`` u32
+  (over bytes 4..512), ``magic`` " LVM2 x[5A%r0N*>" (16), ``version`` u32 (1),
+  ``start`` u64 (the area's absolute offset), ``size`` u64, then ``raw_locn``
+  entries ``(offset u64, size u64, checksum u32, flags u32)`` ended by zeroes.
+  Entry 0 is the committed metadata; flag 1 means "ignored".
+- **Text**: at ``start + offset``, ``size`` bytes including a trailing NUL,
+  in a circular buffer that spans ``[start + 512, start + size)``: if
+  ``offset + size`` passes the end, the rest continues at ``start + 512``.
+  Its checksum is LVM's ``calc_crc``: the IEEE CRC-32 table, initial value
+  0xf597a6cf and no final inversion.
+
+Everything read from the PV is untrusted: every offset and size is checked
+against the sector, the area and the device before it is used, and anything
+malformed is a ``MdaError`` (an ``IntegrityError``) naming the device and the
+byte offset. All reads go through a ``BlockDevice`` in whole aligned 4 KiB
+sectors (the enclosing aligned range is read and sliced).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+
+from fenceless.blockio import SECTOR, BlockDevice
+from fenceless.errors import IntegrityError, UserError
+
+LABEL_ID = b"LABELONE"
+LABEL_TYPE = b"LVM2 001"
+LABEL_SIZE = 512
+LABEL_SCAN_SECTORS = 4
+MDA_MAGIC = b" LVM2 x[5A%r0N*>"
+MDA_VERSION = 1
+MDA_HEADER_SIZE = 512
+INITIAL_CRC = 0xF597A6CF
+RAW_LOCN_IGNORED = 0x1
+ID_LEN = 32
+
+_LABEL = struct.Struct("<8sQII8s")  # id, sector, crc, offset of pv header, type
+_DISK_LOCN = struct.Struct("<QQ")
+_MDA_HEADER = struct.Struct("<I16sIQQ")  # checksum, magic, version, start, size
+_RAW_LOCN = struct.Struct("<QQII")  # offset, size, checksum, flags
+_MAX_LOCNS = 16  # LVM writes 2 data + 2 metadata areas at most; more is garbage
+
+
+class MdaError(IntegrityError):
+    """LVM metadata on {path} at offset {offset}: {detail}"""
+
+
+class MdaChecksumMismatch(MdaError):
+    """LVM metadata on {path} at offset {offset}: {what} checksum mismatch \
+(stored {stored:#010x}, computed {computed:#010x})"""
+
+
+class NoVgMetadata(UserError):
+    """{path} holds no VG metadata ({detail})"""
+
+
+def calc_crc(data: bytes, crc: int = INITIAL_CRC) -> int:
+    """LVM2's ``calc_crc``: the IEEE CRC-32 without zlib's pre/post inversion.
+
+    zlib.crc32 inverts the running value on entry and exit; undoing both
+    gives LVM's variant, whose initial value is ``INITIAL_CRC``.
+    """
+    return zlib.crc32(data, crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+def read_range(dev: BlockDevice, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) via the enclosing aligned sectors (O_DIRECT rule)."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"bad range {offset}+{length}")
+    if length == 0:
+        return b""
+    start = offset - offset % SECTOR
+    end = -(-(offset + length) // SECTOR) * SECTOR
+    buf = dev.read(start, end - start)
+    return buf[offset - start : offset - start + length]
+
+
+@dataclass(frozen=True)
+class MdaLocation:
+    """Where one metadata area is, from the PV header (valid until the PV is re-created)."""
+
+    path: str
+    pv_uuid: str
+    pv_size: int  # the PV header's device_size: may be less than the device
+    start: int  # absolute byte offset of the mda_header
+    size: int  # bytes of the whole area, header included
+
+
+@dataclass(frozen=True)
+class MdaInfo:
+    """The committed-metadata pointer of one metadata area.
+
+    ``key`` changes whenever LVM commits new metadata: a poll compares it
+    with the previous one after reading just the mda_header.
+    """
+
+    location: MdaLocation
+    offset: int  # of the text, relative to location.start; 0 = no metadata
+    size: int  # of the text in bytes, including its trailing NUL
+    checksum: int
+    flags: int
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.offset, self.size, self.checksum)
+
+    @property
+    def empty(self) -> bool:
+        return self.offset == 0 and self.size == 0
+
+    @property
+    def ignored(self) -> bool:
+        return bool(self.flags & RAW_LOCN_IGNORED)
+
+    @property
+    def wraps(self) -> bool:
+        return self.offset + self.size > self.location.size
+
+
+def _pv_uuid(raw: bytes) -> str:
+    """LVM prints the 32-character id in groups 6-4-4-4-4-4-6."""
+    text = raw.decode("ascii", errors="replace")
+    parts, pos = [], 0
+    for n in (6, 4, 4, 4, 4, 4, 6):
+        parts.append(text[pos : pos + n])
+        pos += n
+    return "-".join(parts)
+
+
+def read_label(dev: BlockDevice, *, size: int | None = None) -> list[MdaLocation]:
+    """Find the label in the first four 512-byte sectors; return its metadata areas.
+
+    ``size`` is the device size when the caller knows it (a BlockDevice
+    cannot tell); without it the PV header's own device size bounds the
+    areas, and a read past the real end fails in the device.
+    """
+    path = dev.path
+    head = dev.read(0, SECTOR)
+    found: int | None = None
+    for sector in range(LABEL_SCAN_SECTORS):
+        if head[sector * LABEL_SIZE : sector * LABEL_SIZE + 8] == LABEL_ID:
+            found = sector
+            break
+    if found is None:
+        raise MdaError(path=path, offset=0,
+                       detail="no LVM2 label (LABELONE) in the first 4 sectors: not a PV")
+    base = found * LABEL_SIZE
+    sec = head[base : base + LABEL_SIZE]
+    _id, sector_xl, crc_xl, offset_xl, ltype = _LABEL.unpack_from(sec)
+    if sector_xl != found:
+        raise MdaError(path=path, offset=base,
+                       detail=f"label claims sector {sector_xl} but is in sector {found}")
+    computed = calc_crc(sec[20:])
+    if computed != crc_xl:
+        raise MdaChecksumMismatch(path=path, offset=base, what="label", stored=crc_xl,
+                                  computed=computed)
+    if ltype != LABEL_TYPE:
+        raise MdaError(path=path, offset=base, detail=f"label type {ltype!r} is not LVM2 001")
+    if not _LABEL.size <= offset_xl <= LABEL_SIZE - ID_LEN - 8 - 2 * _DISK_LOCN.size:
+        raise MdaError(path=path, offset=base,
+                       detail=f"PV header offset {offset_xl} is outside the label sector")
+    pos = offset_xl
+    pv_uuid = _pv_uuid(sec[pos : pos + ID_LEN])
+    (pv_size,) = struct.unpack_from("<Q", sec, pos + ID_LEN)
+    pos += ID_LEN + 8
+    if size is not None and pv_size > size:
+        raise MdaError(path=path, offset=base + offset_xl + ID_LEN,
+                       detail=f"PV header says the PV is {pv_size} bytes, the device is {size}")
+    # LVM may leave device_size 0 for a PV in a VG; then only the device bounds the areas
+    bounds = [b for b in (pv_size, size) if b]
+    limit = min(bounds) if bounds else 1 << 63
+    lists: list[list[tuple[int, int]]] = []
+    for _ in range(2):  # data areas, then metadata areas
+        entries: list[tuple[int, int]] = []
+        while True:
+            if pos + _DISK_LOCN.size > LABEL_SIZE or len(entries) >= _MAX_LOCNS:
+                raise MdaError(path=path, offset=base + pos,
+                               detail="PV header area list runs past the label sector")
+            off, length = _DISK_LOCN.unpack_from(sec, pos)
+            pos += _DISK_LOCN.size
+            if off == 0:
+                break
+            entries.append((off, length))
+        lists.append(entries)
+    mdas = []
+    for off, length in lists[1]:
+        at = base + pos
+        if length < MDA_HEADER_SIZE * 2 or off < LABEL_SIZE * LABEL_SCAN_SECTORS \
+                or off + length > limit:
+            raise MdaError(path=path, offset=at, detail=f"metadata area {off}+{length} is "
+                           f"outside the PV ({limit} bytes) or too small")
+        mdas.append(MdaLocation(path=path, pv_uuid=pv_uuid, pv_size=pv_size, start=off,
+                                size=length))
+    return mdas
+
+
+def _read_header_at(dev: BlockDevice, loc: MdaLocation) -> MdaInfo:
+    path = dev.path
+    raw = read_range(dev, loc.start, MDA_HEADER_SIZE)
+    stored, magic, version, start, size = _MDA_HEADER.unpack_from(raw)
+    if magic != MDA_MAGIC:
+        raise MdaError(path=path, offset=loc.start,
+                       detail=f"no metadata area header (magic {magic[:16]!r})")
+    computed = calc_crc(raw[4:])
+    if computed != stored:
+        raise MdaChecksumMismatch(path=path, offset=loc.start, what="mda_header",
+                                  stored=stored, computed=computed)
+    if version != MDA_VERSION:
+        raise MdaError(path=path, offset=loc.start,
+                       detail=f"metadata area header version {version} is not {MDA_VERSION}")
+    if start != loc.start or size != loc.size:
+        raise MdaError(path=path, offset=loc.start, detail=f"metadata area header says "
+                       f"{start}+{size}, the PV header says {loc.start}+{loc.size}")
+    off, length, checksum, flags = _RAW_LOCN.unpack_from(raw, _MDA_HEADER.size)
+    info = MdaInfo(location=loc, offset=off, size=length, checksum=checksum, flags=flags)
+    if info.empty:
+        return info
+    capacity = loc.size - MDA_HEADER_SIZE
+    wrap = max(0, off + length - loc.size)
+    if not MDA_HEADER_SIZE <= off < loc.size or not 0 < length <= capacity \
+            or MDA_HEADER_SIZE + wrap > off:
+        raise MdaError(path=path, offset=loc.start + _MDA_HEADER.size,
+                       detail=f"metadata text location {off}+{length} does not fit the "
+                       f"circular buffer of {capacity} bytes")
+    return info
+
+
+def read_mda_header(dev: BlockDevice, *, location: MdaLocation | None = None,
+                    size: int | None = None) -> MdaInfo:
+    """The committed-metadata pointer of the PV's metadata area in use.
+
+    With ``location`` (from an earlier ``MdaInfo.location``) this is a single
+    aligned read of the mda_header: what a poll does each tick. Without it
+    the label is read first, and the first metadata area that is not ignored
+    and whose header is valid is used (as LVM does with several copies).
+    """
+    if location is not None:
+        return _read_header_at(dev, location)
+    locations = read_label(dev, size=size)
+    if not locations:
+        raise NoVgMetadata(path=dev.path, detail="the PV has no metadata area")
+    errors: list[MdaError] = []
+    fallback: MdaInfo | None = None
+    for loc in locations:
+        try:
+            info = _read_header_at(dev, loc)
+        except MdaError as exc:
+            errors.append(exc)
+            continue
+        if not info.ignored:
+            return info
+        fallback = fallback or info
+    if errors:
+        raise errors[0]
+    assert fallback is not None
+    return fallback
+
+
+def _read_text_bytes(dev: BlockDevice, info: MdaInfo) -> bytes:
+    loc = info.location
+    wrap = max(0, info.offset + info.size - loc.size)
+    data = read_range(dev, loc.start + info.offset, info.size - wrap)
+    if wrap:
+        data += read_range(dev, loc.start + MDA_HEADER_SIZE, wrap)
+    return data
+
+
+def read_metadata_text(dev: BlockDevice, *, location: MdaLocation | None = None,
+                       size: int | None = None, retries: int = 3) -> tuple[str, int]:
+    """The committed VG metadata text and its seqno, checksum-verified.
+
+    LVM writes new text beside the old one and then switches the header, so
+    the text a header points at stays intact until the commit after next. A
+    checksum mismatch is therefore retried when the header moved in between
+    (LVM committed twice while we read) and is an error when it did not.
+    """
+    info = read_mda_header(dev, location=location, size=size)
+    for attempt in range(retries + 1):
+        if info.ignored:
+            raise NoVgMetadata(path=dev.path, detail="its metadata area is marked ignored")
+        if info.empty:
+            raise NoVgMetadata(path=dev.path, detail="the PV is not in a VG")
+        raw = _read_text_bytes(dev, info)
+        computed = calc_crc(raw)
+        if computed == info.checksum:
+            text = raw.rstrip(b"\0").decode("utf-8", errors="replace")
+            return text, parse_seqno(text, path=dev.path,
+                                     offset=info.location.start + info.offset)
+        again = read_mda_header(dev, location=info.location)
+        if again.key == info.key or attempt == retries:
+            raise MdaChecksumMismatch(path=dev.path, offset=info.location.start + info.offset,
+                                      what="metadata text", stored=info.checksum,
+                                      computed=computed)
+        info = again
+    raise AssertionError("unreachable")
+
+
+# --- the text ---------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<punct>[{}\[\]=,])
+  | (?P<word>[^\s{}\[\]=,"\#]+)
+""", re.VERBOSE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class VgSection:
+    """The top-level ``name { ... }`` block of a metadata text."""
+
+    name: str
+    seqno: int
+    start: int  # index in the text of the name
+    end: int  # index just past the closing brace
+
+
+def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection:
+    """Find the VG block and its top-level ``seqno`` with a small tokenizer.
+
+    Comments and quoted strings are skipped properly, so a description or
+    tag that contains "seqno = 9" cannot be mistaken for the seqno.
+    """
+    def bad(detail: str) -> MdaError:
+        return MdaError(path=path, offset=offset, detail=f"metadata text: {detail}")
+
+    pos = 0
+    depth = 0
+    word: str | None = None  # the last top-level word: the VG name once "{" follows
+    name = ""
+    start = 0
+    seqno: int | None = None
+    run: list[tuple[str, str]] = []  # the last tokens directly inside the VG block
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise bad(f"unterminated string at character {pos}")
+        kind, tok, pos = m.lastgroup or "", m.group(), m.end()
+        if kind in ("space", "comment"):
+            continue
+        if depth == 0:
+            if kind == "punct" and tok == "{" and word is not None:
+                depth, name, run = 1, word, []
+                continue
+            if kind == "word":
+                word, start = tok, m.start()
+            else:
+                word = None
+            continue
+        if kind == "punct" and tok in "{[":
+            depth += 1
+            run = []
+            continue
+        if kind == "punct" and tok in "}]":
+            depth -= 1
+            if depth == 0:
+                if seqno is None:
+                    raise bad(f"VG {name!r} has no seqno")
+                return VgSection(name=name, seqno=seqno, start=start, end=pos)
+            continue
+        if depth == 1:
+            run = [*run[-2:], (kind, tok)]
+            if len(run) == 3 and run[0] == ("word", "seqno") and run[1] == ("punct", "="):
+                if seqno is not None:
+                    raise bad("seqno appears twice")
+                if kind != "word" or not tok.isdigit():
+                    raise bad(f"seqno {tok!r} is not a number")
+                seqno = int(tok)
+    raise bad("no complete VG section")
+
+
+def parse_seqno(text: str, *, path: str = "<text>", offset: int = 0) -> int:
+    """The VG's seqno from its metadata text (what ``vgs -o vg_seqno`` shows)."""
+    return vg_section(text, path=path, offset=offset).seqno
