@@ -31,7 +31,8 @@ from fenceless.errors import ConfigError, UsageError
 DEFAULT_PATH = "/etc/fenceless/fenceless.toml"
 ENV_VAR = "FENCELESS_CONFIG"
 
-HOST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# 43 characters: the on-disk name fields hold 48 bytes, and the init lock adds "init:".
+HOST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,42}$")
 # LVM's own VG name rule, minus names LVM reserves.
 VG_NAME_RE = re.compile(r"^[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}$")
 # Device paths end up inside an LVM filter regex; keep them to a plain alphabet.
@@ -142,7 +143,7 @@ def parse(text: str, path: str) -> HostConfig:
     assert host is not None
     if not HOST_NAME_RE.match(host):
         raise fail("host", "a host name of lowercase letters, digits and '-' "
-                   "(at most 63, starting with a letter or digit)", host)
+                   "(at most 43, starting with a letter or digit)", host)
 
     state_dir = string("state_dir", "/var/lib/fenceless")
     assert state_dir is not None

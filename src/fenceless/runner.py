@@ -45,13 +45,22 @@ class Runner:
         input: str | None = None,
         timeout: float | None = None,
         check: bool = True,
+        die_with_parent: bool = False,
     ) -> Result:
+        """Run argv; ``die_with_parent`` kills it (SIGKILL) if our thread dies first.
+
+        Without that, an LVM command started by a writer that is then killed
+        would go on running after others have waited out its lease.
+        """
         full_env = dict(os.environ if self.base_env is None else self.base_env)
         full_env["LC_ALL"] = "C"
         if env:
             full_env.update(env)
         argv_t = tuple(argv)
         self.calls.append(argv_t)
+        shown = " ".join(argv_t[:2])
+        if die_with_parent:
+            argv_t = ("setpriv", "--pdeathsig", "KILL", "--", *argv_t)
         limit = self.default_timeout if timeout is None else timeout
         started = time.monotonic()
         try:
@@ -71,15 +80,13 @@ class Runner:
             out, err = proc.communicate(input=input, timeout=limit)
         except subprocess.TimeoutExpired as exc:
             _kill_group(proc)
-            raise CommandTimeout(argv0=" ".join(argv_t[:2]), timeout=limit) from exc
+            raise CommandTimeout(argv0=shown, timeout=limit) from exc
         except BaseException:
             _kill_group(proc)
             raise
         result = Result(argv_t, proc.returncode, out, err, time.monotonic() - started)
         if check and result.rc != 0:
-            raise CommandFailed(
-                argv0=" ".join(argv_t[:2]), rc=result.rc, stderr=_last_lines(err or out)
-            )
+            raise CommandFailed(argv0=shown, rc=result.rc, stderr=_last_lines(err or out))
         return result
 
 

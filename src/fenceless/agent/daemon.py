@@ -39,6 +39,8 @@ from fenceless.blockio import BlockDevice, IoError, TimedIO, device_size, open_d
 from fenceless.config import HostConfig, VgConfig
 from fenceless.errors import FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
+from fenceless.guard.role import RoleEntry, write_role_file
+from fenceless.guard.role import entry as role_entry
 from fenceless.lease.clock import Clock, SystemClock
 from fenceless.lease.delta import DeltaLease, HostObserver, HostState, LeaseTiming
 from fenceless.lease.paxos import AcquireResult, Leader, Outcome
@@ -46,6 +48,7 @@ from fenceless.ledger import format as fmt
 from fenceless.ledger.anchor import Anchor, NotInitialized, read_anchor
 from fenceless.ledger.area import ControlArea, ledger_hosts
 from fenceless.localstate import member, set_agent_view
+from fenceless.lvm import mda
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops.cluster import InitOp, JoinOp, VgEnv
 from fenceless.ops.context import Context
@@ -70,6 +73,7 @@ class Pending:
     error: BaseException | None = None
     deadline: float = 0.0
     seen_epoch: int | None = None  # the writer epoch when the request arrived
+    started: bool = False
 
 
 def _log_to_stderr(msg: str) -> None:
@@ -104,7 +108,10 @@ class VgAgent:
         self.ticks = 0
         self.logged: set[str] = set()
         self.announce: dict[str, bool] = {}  # LVs being activated here (published first)
+        self.last_leader: Leader | None = None
         self.seqno: int | None = None
+        self.mda_location: Any = None
+        self.mda_key: Any = None
         self.volumes = VolumeService(self)
         self.active_cache: dict[str, int] = {}
         self.logged_hosts: set[str] = set()
@@ -140,16 +147,35 @@ class VgAgent:
         return self.active_cache
 
     def check_seqno(self) -> None:
-        """A new VG metadata seqno: refresh every LV active here to its new size."""
+        """A new VG metadata seqno: refresh every LV active here to its new size.
+
+        The change is noticed from LVM's own metadata header on the PV (one 4 KiB
+        O_DIRECT read, no LVM process, nothing that could "repair" metadata).
+        """
+        assert self.dev is not None
         try:
-            seqno = self.agent.ctx.lvm(self.vg.name).vg_info().seqno
+            info = mda.read_mda_header(self.dev, location=self.mda_location, size=self.size)
+            self.mda_location = info.location
+            if info.key == self.mda_key:
+                return
+            _text, seqno = mda.read_metadata_text(self.dev, location=info.location,
+                                                  size=self.size)
+            self.mda_key = info.key
         except FencelessError as exc:
-            self.log_once(f"cannot read the VG seqno: {exc}")
+            self.mda_location = None
+            self.log_once(f"cannot read the VG metadata header: {exc}")
             return
         if seqno != self.seqno:
             self.seqno = seqno
             if self.refresh_active(force=True) and self.lease is not None:
                 self.renew()  # publish the refreshed sizes now: an extend waits for them
+
+    def lvm(self, role: Role = Role.READER) -> Lvm:
+        """LVM for this VG, each command bounded by the time the lease has left."""
+        lvm = self.agent.ctx.lvm(self.vg.name, role)
+        if self.lease is not None:
+            lvm.timeout = max(0.5, min(lvm.timeout, self.lease.remaining() - self.n))
+        return lvm
 
     def refresh_active(self, force: bool = False) -> bool:
         """Bring every active mapping to the size in the metadata; True if any changed."""
@@ -158,7 +184,7 @@ class VgAgent:
             return False
         changed = False
         try:
-            sizes = {lv.name: lv.size for lv in self.agent.ctx.lvm(self.vg.name).lvs()}
+            sizes = {lv.name: lv.size for lv in self.lvm().lvs()}
             activator = self.agent.ctx.activator(self.vg.name)
             for lv, size in active.items():
                 if lv in sizes and sizes[lv] != size:
@@ -311,6 +337,7 @@ class VgAgent:
         crashpoint("agent.renewed")
         assert self.observer is not None
         self.observer.observe(raw, self.clock.monotonic())
+        self.publish_role()
         return True
 
     def renew_if_due(self) -> None:
@@ -334,6 +361,10 @@ class VgAgent:
         if self.lease is None:
             raise LeaseLost(detail="no host lease")
         self.lease.check(margin=self.n)
+        if isinstance(self.dev, TimedIO) and self.dev.abandoned:
+            # A timed-out write may still land: writing again could be overtaken by it.
+            raise LeaseLost(detail=f"{self.dev.abandoned} I/O request(s) to the LUN are still "
+                            "hung; no shared write until they complete")
 
     def drop_writer(self, why: str) -> None:
         self.ledger_cache = None
@@ -341,6 +372,8 @@ class VgAgent:
             self.log(f"!!! GIVING UP THE WRITER ROLE (epoch {self.epoch}): {why}. "
                      "This host writes nothing shared from now on.")
         self.epoch = None
+        with contextlib.suppress(FencelessError, OSError):
+            self.publish_role()
 
     def lose_host(self, why: str) -> None:
         self.drop_writer(why)
@@ -352,7 +385,24 @@ class VgAgent:
 
     def read_leader(self) -> Leader | None:
         assert self.area is not None
-        return self.area.writer().read_leader()
+        self.last_leader = self.area.writer().read_leader()
+        return self.last_leader
+
+    def publish_role(self) -> None:
+        """Tell the local LVM guard whether this host may change this VG's metadata.
+
+        Valid only for the time the lease has left (less a margin of N): if the
+        agent stops renewing, the guard falls back to "reader" by itself.
+        """
+        leader = self.last_leader
+        writer = leader.owner_name if leader is not None and not leader.released else None
+        epoch = leader.lver if leader is not None else 0
+        left = 0.0
+        if self.epoch is not None and self.lease is not None:
+            left = self.lease.remaining() - self.n
+            writer, epoch = self.cfg.host, self.epoch
+        self.agent.set_role(role_entry(self.vg.name, "writer" if left > 0 else "reader",
+                                       writer, epoch, max(left, 0.0)))
 
     def writer_duties(self) -> None:
         assert self.area is not None and self.lease is not None and self.observer is not None
@@ -424,7 +474,9 @@ class VgAgent:
         for hid in range(1, self.area.sb.max_hosts + 1):
             rec = self.observer.record(hid)
             req = rec.facts.get("handover_request") if rec else None
-            if not isinstance(req, dict) or req.get("id") == done:
+            if not isinstance(req, dict) or req.get("id") == done or \
+                    self.observer.state(hid, now) is not HostState.LIVE or \
+                    int(req.get("from_epoch", -1)) != self.epoch:
                 continue
             target = names.get(str(req.get("to")))
             if target is None or self.observer.state(target, now) is not HostState.LIVE:
@@ -449,9 +501,17 @@ class VgAgent:
     def reader_duties(self) -> None:
         assert self.area is not None and self.lease is not None and self.observer is not None
         leader = self.read_leader()
-        if self.handover_request and leader is not None and not leader.released and \
-                leader.owner_name == self.handover_request.get("to"):
-            self.handover_request = None  # done: stop asking
+        if leader is not None and not leader.released and \
+                (leader.owner_id, leader.owner_generation) == \
+                (self.lease.host_id, self.lease.generation):
+            # We gave the role up (late renewals) but still hold it on disk, and the
+            # lease is healthy again: take it back, or nobody could.
+            if self.lease.remaining() > 2 * self.n:
+                self.acquire("the lease is healthy again")
+            return
+        if self.handover_request and leader is not None and \
+                leader.lver > int(self.handover_request.get("from_epoch", 0)):
+            self.handover_request = None  # done (or overtaken): stop asking
         if leader is not None and leader.released:
             view = self.area.ledger()
             ho = (view.current.state.get("handover") if view.current else None) or {}
@@ -491,16 +551,22 @@ class VgAgent:
             self.lease.host_id, self.lease.generation, gone, name=self.cfg.host,
             max_ballots=6, before_write=self.check_write)
         if result.won:
-            self.epoch = result.epoch
             crashpoint("agent.writer-acquired")
-            self.lease.renew(self.facts())  # publish the new role at once
             view = self.area.ledger()
             state = dict(view.current.state) if view.current else {}
             state["writer"] = {"host_id": self.lease.host_id, "name": self.cfg.host,
                                "epoch": result.epoch}
-            # A takeover publishes its epoch first, in both slots, so no stale
-            # writer can roll the ledger back.
-            self.write_ledger(state, both_slots=True)
+            # A takeover publishes its epoch first, in both slots, so no stale writer
+            # can roll the ledger back; only then does this host act as the writer.
+            self.epoch = result.epoch
+            try:
+                self.write_ledger(state, both_slots=True)
+            except BaseException:
+                self.epoch = None  # reader_duties takes it back once it can publish
+                raise
+            self.read_leader()
+            self.lease.renew(self.facts())  # tell the others (and the guard) at once
+            self.publish_role()
             self.log(f"*** this host is the metadata writer at epoch {result.epoch} ({why})")
         return result
 
@@ -519,6 +585,12 @@ class VgAgent:
     def serve_requests(self) -> None:
         keep = []
         for item in self.waiting:
+            if not item.started and self.clock.monotonic() > item.deadline:
+                item.error = UserError(detail=f"the agent was busy; {item.request.get('op')!r} "
+                                       "was not started (nothing was changed)")
+                item.done.set()
+                continue
+            item.started = True
             if item.request.get("op") == "volume":
                 try:
                     self.volumes.submit(item)  # completed by the volume service
@@ -679,14 +751,15 @@ class VgAgent:
             state = dict(view.current.state) if view.current else {}
             self.hand_over(state, target, to, nonce)
         else:
-            self.handover_request = {"to": to, "id": nonce}
+            self.handover_request = {"to": to, "id": nonce,
+                                     "from_epoch": leader.lver if leader else 0}
             self.lease.renew(self.facts())  # publish the request now
         return {"outcome": "requested", "from_epoch": leader.lver if leader else 0,
                 "to": to, "id": nonce}
 
     def note_metadata_change(self, request_id: str, seqno: int) -> None:
         """After a change by this writer: refresh locally (history comes with issue 4)."""
-        self.seqno = None  # the next check_seqno() looks again
+        self.mda_key = None  # the next check_seqno() looks again
 
     def audit(self, host: str, req: Any, result: str, message: str) -> None:
         self.log(f"audit: {host} {req.user or '-'} {req.op} {req.args} -> {result}"
@@ -739,8 +812,19 @@ class Agent:
         self.auto_takeover = auto_takeover
         self.pid = os.getpid()
         self.lvm_version = "unknown"
+        self.roles: dict[str, RoleEntry] = {}
+        self.role_lock = threading.Lock()
         self.vgs = {vg.name: VgAgent(self, vg) for vg in cfg.vgs}
         self.server: Server | None = None
+
+    def set_role(self, entry: RoleEntry) -> None:
+        """Rewrite the guard's role file with this VG's new entry (all VGs in one file)."""
+        with self.role_lock:
+            self.roles[entry.vg] = entry
+            try:
+                write_role_file(self.cfg.state_dir, list(self.roles.values()))
+            except OSError as exc:
+                self.log(f"cannot write the guard's role file: {exc}")
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         vg = self.cfg.vg(request.get("vg"))
@@ -761,6 +845,8 @@ class Agent:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        for vg in self.vgs:
+            self.set_role(role_entry(vg, "reader", None, 0, 0.0))
         self.server = Server(self.cfg.state_dir, self.handle)
         self.server.start()
         for v in self.vgs.values():
@@ -770,7 +856,14 @@ class Agent:
         for v in self.vgs.values():
             v.stop.set()
         for v in self.vgs.values():
-            v.thread.join(timeout=10)
+            self.set_role(role_entry(v.vg.name, "reader", None, 0, 0.0))
+            v.thread.join(timeout=30)
+            if v.thread.is_alive() or (isinstance(v.dev, TimedIO) and v.dev.abandoned):
+                # Something may still be writing: releasing now would let others take
+                # over at once. Leave the leases to run out (the dead time covers it).
+                self.log(f"[{v.vg.name}] still busy: NOT releasing the leases; they "
+                         "expire by themselves")
+                continue
             v.shutdown()
         self.log("agent stopped")
         return 0

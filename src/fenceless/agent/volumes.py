@@ -305,7 +305,7 @@ class VolumeService:
         if req.id in state.get("requests", {}):
             return self.reply_from_record(req.id, state["requests"][req.id])
         host = a.cfg.host if hid is None else a.ledger_name(hid)
-        lvm = a.agent.ctx.lvm(a.vg.name, Role.WRITER)
+        lvm = a.lvm(Role.WRITER)
         try:
             vop = vol.make(req.id, req.op, req.args, lvm, self.active_on)
             snap = vol.Snapshot.take(lvm)
@@ -381,7 +381,7 @@ class VolumeService:
             a.renew_if_due()
             if a.epoch is None:
                 return
-            lvm = a.agent.ctx.lvm(a.vg.name, Role.WRITER)
+            lvm = a.lvm(Role.WRITER)
             op = str(intent.get("op"))
             args = dict(intent.get("request", {}).get("args", {}))
             try:

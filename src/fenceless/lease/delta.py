@@ -220,8 +220,12 @@ class HostArea:
 
     def _wait_dead(self, host_id: int, name: str, area: bytes,
                    watch: Mapping[int, HostRecord]) -> None:
-        """Watch ``watch``'s sectors for the dead time; raise if any changes."""
-        timing = self.timing
+        """Watch ``watch``'s sectors for the dead time; raise if any changes.
+
+        The dead time is the holder's, if its io_timeout is longer than ours.
+        """
+        timing = LeaseTiming(max([self.timing.io_timeout,
+                                  *(r.io_timeout for r in watch.values())]))
         start = self.clock.monotonic()
         while True:
             elapsed = self.clock.monotonic() - start
@@ -300,6 +304,9 @@ class DeltaLease:
         except CorruptRecord as exc:
             self.lost = str(exc)
             raise
+        if other is not None and not other.free and \
+                (other.name, other.generation) == (self.name, self.generation):
+            return  # one of our own renewals that timed out and landed late: still ours
         if other is None or other.free:
             raise self._lose("our sector was cleared by someone else")
         raise self._lose(f"the sector now belongs to {other.name!r} generation {other.generation}")
@@ -338,6 +345,7 @@ class DeltaLease:
         """Write timestamp 0 (free), after checking the sector is still ours."""
         if self.lost is not None:
             raise HostLeaseLost(host_id=self.host_id, detail=self.lost)
+        self.check(margin=self.timing.io_timeout)  # past its time, a lease writes nothing
         self._verify(self.area.read_area())
         rec = HostRecord(host_id=self.host_id, name=self.name, generation=self.generation,
                          timestamp=0, io_timeout=self.record.io_timeout, facts=self.record.facts)

@@ -6,6 +6,7 @@ no page cache) at the byte offset the anchor names: no activation, no LVM call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,10 @@ class ControlArea:
         if sb is None:
             raise IntegrityError(detail=f"the anchor on {dev.path} points at offset "
                                  f"{anchor.offset}, but no superblock is there")
+        if sb.cluster_uuid != anchor.cluster_uuid:
+            raise IntegrityError(detail=f"superblock at {anchor.offset} on {dev.path} belongs "
+                                 f"to cluster {sb.cluster_uuid}, the anchor names "
+                                 f"{anchor.cluster_uuid}")
         if sb.vg_uuid != anchor.vg_uuid:
             raise IntegrityError(detail=f"superblock at {anchor.offset} on {dev.path} belongs "
                                  f"to VG {sb.vg_uuid}, the anchor names {anchor.vg_uuid}")
@@ -103,7 +108,8 @@ class ControlArea:
         return out
 
 
-def format_regions(dev: BlockDevice, layout: fmt.Layout) -> None:
+def format_regions(dev: BlockDevice, layout: fmt.Layout,
+                   before_write: Callable[[], None] | None = None) -> None:
     """Zero every region fenceless reads, so old bytes in reused extents are never trusted."""
     zero = bytes(1 << 20)
     for r in layout.regions:
@@ -112,6 +118,8 @@ def format_regions(dev: BlockDevice, layout: fmt.Layout) -> None:
         pos = r.offset
         while pos < r.end:
             n = min(len(zero), r.end - pos)
+            if before_write is not None:
+                before_write()
             dev.write(pos, zero[:n])
             pos += n
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from fenceless.config import HostConfig, VgConfig
 from fenceless.errors import CommandFailed, CommandTimeout, LvmError, NotFound, RoleRefused
+from fenceless.guard.binary import resolve_lvm_binary
 from fenceless.lvm import parse
 from fenceless.runner import Result, Runner
 
@@ -82,7 +83,7 @@ class Lvm:
 
     def argv(self, command: str, args: Sequence[str]) -> list[str]:
         """The full argv for one LVM command, or RoleRefused for a reader."""
-        argv = [self.host.lvm_binary, command, *args]
+        argv = [resolve_lvm_binary(self.host), command, *args]
         if command in REPORT_COMMANDS:
             if "--readonly" not in argv:
                 argv.append("--readonly")
@@ -98,8 +99,11 @@ class Lvm:
     def run(self, command: str, *args: str, timeout: float | None = None) -> Result:
         argv = self.argv(command, args)
         try:
+            # Metadata changes die with their caller: no LVM writer may outlive the
+            # lease that allowed it.
             return self.runner.run(argv, env=self.env(),
-                                   timeout=self.timeout if timeout is None else timeout)
+                                   timeout=self.timeout if timeout is None else timeout,
+                                   die_with_parent=command not in REPORT_COMMANDS)
         except CommandTimeout:
             raise
         except CommandFailed as exc:

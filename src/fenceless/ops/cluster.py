@@ -152,6 +152,8 @@ class InitOp(Operation):
             if CONTROL_LV in lvs and not ours:
                 raise UserError(detail=f"Refused: VG {vg.name} has an LV named {CONTROL_LV} "
                                 "that fenceless did not create")
+            if ours:
+                self._refuse_live_control_area(lvm, vg)
             pv = mine[0] if mine else None
             if pv is None:
                 raise UserError(detail=f"Refused: {env.device} is not a PV of VG {vg.name}")
@@ -169,10 +171,36 @@ class InitOp(Operation):
             raise UserError(detail=f"Refused: {env.device} is {human(env.device_size)}, too "
                             "small for a fenceless VG")
 
+    def _refuse_live_control_area(self, lvm: Lvm, vg: Any) -> None:
+        """A control LV that holds a superblock is a cluster: never format over it."""
+        env = self.env
+        pvs = {p.name: p for p in lvm.pvs()}
+        ext = single_extent(lvm.segments(), pvs, vg.extent_size, vg.name, CONTROL_LV)
+        if not _same_device(ext.device, env.device):
+            return
+        try:
+            sb = fmt.read_superblock(OffsetDevice(env.dev, ext.offset, ext.size))
+        except fmt.CorruptRecord as exc:
+            raise UserError(detail=f"Refused: the control LV {CONTROL_LV} holds data fenceless "
+                            f"cannot read ({exc}); not formatting over it") from exc
+        if sb is not None:
+            raise UserError(detail=(
+                f"Refused: the control LV {CONTROL_LV} of VG {vg.name} already holds cluster "
+                f"{sb.cluster_uuid}, but the anchor at the end of {env.device} is missing "
+                "(was the LUN resized, or its last MiB overwritten?). fenceless does not "
+                "reformat a cluster that may be live."))
+
+    def lock_check(self) -> None:
+        """Before every write of init: the init lock must have N to spare."""
+        assert self.init_lock is not None
+        self.init_lock.check(margin=self.env.io_timeout)
+
     def execute(self) -> dict[str, Any]:
         env = self.env
         assert self.layout is not None
         writer = env.lvm(Role.WRITER)
+        assert self.init_lock is not None
+        writer.timeout = max(1.0, self.init_lock.remaining() - env.io_timeout)
         if not self._vg_exists:
             self._keep_lock()
             writer.pvcreate(env.device, metadatasize=METADATA_SIZE,
@@ -196,9 +224,10 @@ class InitOp(Operation):
         lv_uuid = next(lv.uuid for lv in reader.lvs() if lv.name == CONTROL_LV)
         ctl = OffsetDevice(env.dev, ext.offset, ext.size)
         self._keep_lock()
-        format_regions(ctl, self.layout)
+        format_regions(ctl, self.layout, before_write=self._keep_lock)
         sb = fmt.Superblock(cluster_uuid=uuid.uuid4(), vg_uuid=vg.uuid,
                             io_timeout=env.io_timeout, creation_epoch=1, layout=self.layout)
+        self.lock_check()
         fmt.write_superblock(ctl, sb, overwrite=True)
         crashpoint("init.formatted")
         self._keep_lock()
@@ -216,10 +245,11 @@ class InitOp(Operation):
         }
         self._keep_lock()
         fmt.write_ledger(ctl, self.layout, got.epoch, state, writer_host_id=1,
-                         both_slots=True, before_write=lease.check)
+                         both_slots=True, before_write=self.lock_check)
         crashpoint("init.ledger-written")
         self._keep_lock()
         # The commit point: from here on, every host can find the cluster.
+        self.lock_check()
         write_anchor(env.dev, env.device_size, Anchor(
             cluster_uuid=sb.cluster_uuid, vg_name=vg.name, vg_uuid=vg.uuid,
             lv_name=CONTROL_LV, lv_uuid=lv_uuid, offset=ext.offset, length=ext.size))
