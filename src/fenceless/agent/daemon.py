@@ -37,14 +37,16 @@ from fenceless.agent.ipc import Server
 from fenceless.agent.volumes import POLL, VolumeService
 from fenceless.blockio import BlockDevice, IoError, TimedIO, device_size, open_device
 from fenceless.config import HostConfig, VgConfig
-from fenceless.errors import FencelessError, LeaseLost, UserError
+from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.guard.role import RoleEntry, write_role_file
 from fenceless.guard.role import entry as role_entry
 from fenceless.lease.clock import Clock, SystemClock
 from fenceless.lease.delta import DeltaLease, HostObserver, HostState, LeaseTiming
 from fenceless.lease.paxos import AcquireResult, Leader, Outcome
+from fenceless.ledger import audit, history
 from fenceless.ledger import format as fmt
+from fenceless.ledger import mailbox as mb
 from fenceless.ledger.anchor import Anchor, NotInitialized, read_anchor
 from fenceless.ledger.area import ControlArea, ledger_hosts
 from fenceless.localstate import member, set_agent_view
@@ -632,19 +634,69 @@ class VgAgent:
             assert join.area is not None and join.host_lease is not None
             self.adopt(join.area, join.anchor, join.host_lease, None)
             return result
-        if op in ("takeover", "handover", "activate", "refresh") and \
+        if op in ("takeover", "handover", "activate", "refresh", "restore") and \
                 (self.area is None or self.lease is None):
             if not self.attach():
                 raise NotInitialized(vg=self.vg.name, device=self.vg.devices[0])
             raise NotMember(vg=self.vg.name)
         if op == "takeover":
             return self.handle_takeover(item, wait=bool(item.request.get("wait")))
+        if op == "restore":
+            return self.handle_restore(int(item.request.get("seqno", 0)),
+                                       bool(item.request.get("apply")))
         if op in ("activate", "deactivate", "refresh"):
             return self.handle_activation(op, str(item.request.get("lv")),
                                           bool(item.request.get("readonly")))
         if op == "handover":
             return self.handle_handover(str(item.request.get("to")))
         raise UserError(detail=f"unknown agent request {op!r}")
+
+    def handle_restore(self, seqno: int, apply: bool) -> dict[str, Any]:
+        """Restore the VG metadata from the history ring: on the writer only, dry run first."""
+        import os
+        import tempfile
+
+        from fenceless.ops.metadata import changed_lvs, with_seqno
+
+        assert self.area is not None and self.dev is not None and self.lease is not None
+        if self.epoch is None:
+            leader = self.read_leader()
+            who = f"{leader.owner_name} is, epoch {leader.lver}" if leader else "none is"
+            raise UserError(detail=f"Refused: host {self.cfg.host} is not the metadata writer "
+                            f"({who}). Run `fenceless metadata restore` on the writer.")
+        target = history.read_entry(self.area.dev, self.area.layout, seqno)
+        current, cur_seq = mda.read_metadata_text(self.dev, size=self.size)
+        changes = changed_lvs(current, target)
+        busy = {lv: hosts for lv in changes if (hosts := self.volumes.active_on(lv))}
+        result: dict[str, Any] = {
+            "seqno": seqno, "current_seqno": cur_seq, "changes": changes,
+            "busy": busy, "diff": history.diff(current, target, label_a=f"seqno {cur_seq}",
+                                               label_b=f"seqno {seqno}"),
+            "applied": False}
+        if busy:
+            where = "; ".join(f"{lv} is active on {', '.join(h)}" for lv, h in busy.items())
+            raise UserError(detail=f"Refused: restoring seqno {seqno} would change LVs that "
+                            f"are in use ({where}); deactivate them first. Nothing was changed")
+        if not apply:
+            return result
+        fd, path = tempfile.mkstemp(prefix="fenceless-restore-", suffix=".vg")
+        try:
+            with os.fdopen(fd, "w") as f:
+                # Keep the seqno rising: the restore becomes current seqno + 1.
+                f.write(with_seqno(target, cur_seq))
+            self.check_write()
+            lvm = self.lvm(Role.WRITER)
+            lvm.run("vgcfgrestore", "--force", "--file", path, self.vg.name,
+                    timeout=max(0.5, self.lease.remaining() - self.n))
+        finally:
+            os.unlink(path)
+        _text, new_seq = mda.read_metadata_text(self.dev, size=self.size)
+        self.note_metadata_change(f"restore-{seqno}", new_seq)
+        req = mb.Request(id=f"restore-{seqno}-{new_seq}", op="restore", args={},
+                         user="-", argv=("fenceless", "metadata", "restore", str(seqno)))
+        self.audit(self.cfg.host, req, "ok", f"restored seqno {seqno} as seqno {new_seq}")
+        result.update(applied=True, new_seqno=new_seq)
+        return result
 
     def handle_activation(self, op: str, lv: str, readonly: bool) -> dict[str, Any]:
         """Activation through the agent: announce it on disk first, then map it.
@@ -758,11 +810,34 @@ class VgAgent:
                 "to": to, "id": nonce}
 
     def note_metadata_change(self, request_id: str, seqno: int) -> None:
-        """After a change by this writer: refresh locally (history comes with issue 4)."""
+        """After a change by this writer: keep the VG metadata text in the history ring."""
+        assert self.area is not None and self.dev is not None and self.lease is not None
         self.mda_key = None  # the next check_seqno() looks again
+        try:
+            text, got = mda.read_metadata_text(self.dev, size=self.size)
+            if got < seqno:
+                raise ExecError(detail=f"the PV shows seqno {got}, expected {seqno}")
+            history.append(self.area.dev, self.area.layout,
+                           history.HistoryEntry(text, got, request_id, self.lease.host_id),
+                           epoch=self.epoch or 0, before_write=self.check_write)
+        except LeaseLost:
+            raise
+        except FencelessError as exc:
+            self.log(f"metadata history: seqno {seqno} not recorded: {exc}")
 
     def audit(self, host: str, req: Any, result: str, message: str) -> None:
-        self.log(f"audit: {host} {req.user or '-'} {req.op} {req.args} -> {result}"
+        """One record per request in the audit log on the LUN (best effort, never fatal)."""
+        assert self.area is not None
+        try:
+            audit.append(self.area.dev, self.area.layout, audit.audit_record(
+                host=host, user=req.user or "-", argv=req.argv or (req.op,),
+                request_id=req.id, result=result, message=message),
+                epoch=self.epoch or 0, before_write=self.check_write)
+        except LeaseLost:
+            raise
+        except FencelessError as exc:
+            self.log(f"audit log: request {req.id} not recorded: {exc}")
+        self.log(f"audit: {host} {req.user or '-'} {' '.join(req.argv) or req.op} -> {result}"
                  + (f": {message}" if message else ""))
 
     # --- what the CLI reads locally -------------------------------------------------

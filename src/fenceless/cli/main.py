@@ -41,6 +41,12 @@ EXAMPLES = {
     "volume remove": "fenceless volume remove vm8-disk",
     "volume list": "fenceless volume list --json",
     "volume show": "fenceless volume show vm7-disk",
+    "log": "fenceless log --limit 20",
+    "metadata history": "fenceless metadata history",
+    "metadata show": "fenceless metadata show 42",
+    "metadata diff": "fenceless metadata diff 41 42",
+    "metadata restore": "fenceless metadata restore 41 --yes",
+    "guard": "fenceless guard install",
 }
 
 
@@ -66,7 +72,8 @@ def _common(p: argparse.ArgumentParser, *, json_opt: bool = True) -> None:
                        help="machine-readable output")
 
 
-TOP_COMMANDS = ("lab", "init", "join", "agent", "status", "writer", "scan", "config", "volume")
+TOP_COMMANDS = ("lab", "init", "join", "agent", "status", "writer", "scan", "config", "volume",
+                "log", "metadata", "guard")
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -136,6 +143,16 @@ def build_parser(only: str | None = None) -> Parser:
         _build_writer(sub, cmd, fmt, vg_opt)
     if want("volume"):
         _build_volume(sub, cmd, fmt, vg_opt)
+    if want("log"):
+        sp = cmd(sub, "log", "log", "the audit log on the LUN: every change, who asked, result")
+        vg_opt(sp)
+        sp.add_argument("--limit", type=int, help="only the last N records")
+    if want("metadata"):
+        _build_metadata(sub, cmd, fmt, vg_opt)
+    if want("guard"):
+        from fenceless.cli import guard_cmd
+
+        guard_cmd.register(sub, cmd, vg_opt)
     if want("scan"):
         sp = cmd(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
         vg_opt(sp)
@@ -194,6 +211,33 @@ def _build_lab(sub: Any, cmd: Any, fmt: Any) -> None:
     sp.add_argument("host")
     sp.add_argument("action", choices=["start", "stop", "kill", "pause", "resume", "pid"])
     sp.add_argument("--auto-takeover", action="store_true", help="with start")
+
+
+def _build_metadata(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
+    mp = sub.add_parser("metadata", help="the VG metadata history on the LUN",
+                        formatter_class=fmt,
+                        description="After every change the writer keeps the VG metadata text "
+                        "in a ring on the control area (the last 128 versions).",
+                        epilog=_epilog("metadata history", "metadata diff",
+                                       "metadata restore"))
+    msub = mp.add_subparsers(dest="metadata_command", metavar="METADATACOMMAND",
+                             parser_class=Parser)
+    msub.required = True
+    sp = cmd(msub, "history", "metadata history", "the stored versions, newest first")
+    vg_opt(sp)
+    sp = cmd(msub, "show", "metadata show", "one stored version's text", json_opt=False)
+    sp.add_argument("seqno", type=int)
+    vg_opt(sp)
+    sp = cmd(msub, "diff", "metadata diff", "what changed between two stored versions",
+             json_opt=False)
+    sp.add_argument("a", type=int)
+    sp.add_argument("b", type=int)
+    vg_opt(sp)
+    sp = cmd(msub, "restore", "metadata restore", "restore a stored version (writer only; "
+             "a dry run that shows the diff unless --yes)")
+    sp.add_argument("seqno", type=int)
+    sp.add_argument("--yes", action="store_true", help="really restore")
+    vg_opt(sp)
 
 
 def _build_volume(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
@@ -611,9 +655,55 @@ def _volume(args: argparse.Namespace) -> int:
     return 3 if res.get("not_refreshed") else 0
 
 
+def _log(args: argparse.Namespace) -> int:
+    from fenceless.ops.metadata import read_log
+
+    entries = read_log(_load_cfg(args), args.vg, args.limit)
+    emit(args, entries, lambda es: _table(
+        [(e["seq"], e["time"], e["epoch"], e["host"], e["user"], " ".join(e["command"]),
+          e["result"] + (f": {e['message']}" if e["message"] else ""))
+         if "error" not in e else (e["seq"], "-", "-", "-", "-", "-", "ERROR " + e["error"])
+         for e in es], ("SEQ", "TIME", "EPOCH", "HOST", "USER", "COMMAND", "RESULT")))
+    return 0
+
+
+def _metadata(args: argparse.Namespace) -> int:
+    from fenceless.ledger.history import diff
+    from fenceless.ops import metadata as md
+
+    cfg = _load_cfg(args)
+    sub = args.metadata_command
+    if sub == "history":
+        emit(args, md.list_history(cfg, args.vg), lambda es: _table(
+            [(e["seqno"], e["time"], e["epoch"], e["request_id"], e["text_bytes"],
+              "stale" if e["stale"] else "") if "error" not in e else
+             ("?", "-", "-", "ERROR " + e["error"], "-", "") for e in es],
+            ("SEQNO", "TIME", "EPOCH", "REQUEST", "BYTES", "")))
+    elif sub == "show":
+        sys.stdout.write(md.read_version(cfg, args.vg, args.seqno))
+    elif sub == "diff":
+        a, b = md.read_version(cfg, args.vg, args.a), md.read_version(cfg, args.vg, args.b)
+        sys.stdout.write(diff(a, b, label_a=f"seqno {args.a}", label_b=f"seqno {args.b}"))
+    else:
+        res = _agent_call(cfg, {"op": "restore", "vg": args.vg, "seqno": args.seqno,
+                                "apply": args.yes}, timeout=120.0)
+        emit(args, res, lambda r: r["diff"] + (
+            f"\nrestored seqno {r['seqno']} as seqno {r['new_seqno']}" if r["applied"] else
+            f"\ndry run: would change {', '.join(r['changes']) or 'no LV'}; "
+            "run again with --yes to restore"))
+    return 0
+
+
+def _guard(args: argparse.Namespace) -> int:
+    from fenceless.cli import guard_cmd
+
+    return guard_cmd.run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "lab": _lab, "scan": _scan, "config": _config, "init": _init, "join": _join,
     "agent": _agent, "status": _status, "writer": _writer, "volume": _volume,
+    "log": _log, "metadata": _metadata, "guard": _guard,
 }
 
 
