@@ -9,7 +9,7 @@ import pytest
 from fenceless.lvm.mda import vg_section
 from fenceless.ops.metadata import changed_lvs, lv_blocks
 from tests.conftest import cli
-from tests.integration.test_volumes import volumes, vgck
+from tests.integration.test_volumes import vgck, volumes
 
 pytestmark = pytest.mark.lab
 
