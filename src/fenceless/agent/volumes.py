@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from fenceless.agent.daemon import Pending, VgAgent
 
 POLL = 0.05  # seconds between mailbox polls (the writer's inboxes, a requester's outbox)
+IDLE_POLL = 0.2  # the writer's inbox poll when no request came for IDLE_AFTER seconds
+IDLE_AFTER = 10.0
 KEEP_REQUESTS = 400  # outcomes kept in the ledger for de-duplication
 ACK_WAIT_N = 15  # an extend waits up to this many N for hosts to refresh
 
@@ -70,6 +72,7 @@ class VolumeService:
         self.last_inboxes = b""
         self.reconciled_epoch: int | None = None
         self.last_poll = 0.0
+        self.last_activity = 0.0
 
     # --- entry from the CLI ----------------------------------------------------------
 
@@ -159,13 +162,23 @@ class VolumeService:
 
     def writer_poll(self) -> None:
         a = self.a
-        assert a.area is not None and a.lease is not None
+        assert a.area is not None and a.lease is not None and a.observer is not None
         if self.reconciled_epoch != a.epoch:
             self.reconcile()
             self.reconciled_epoch = a.epoch
-        raw = mb.read_all(a.area.dev, a.area.layout)
+        now = a.clock.monotonic()
+        # Poll fast while requests come in, slower when idle: one contiguous read of the
+        # inboxes up to the highest host id that holds a lease.
+        interval = POLL if now - self.last_activity < IDLE_AFTER else IDLE_POLL
+        if now - self.last_poll < interval:
+            return
+        self.last_poll = now
+        upto = max([h for h in range(1, a.area.sb.max_hosts + 1)
+                    if (r := a.observer.record(h)) is not None and not r.free] or [1])
+        raw = mb.read_inboxes(a.area.dev, a.area.layout, upto)
         if raw == self.last_inboxes:
             return
+        self.last_activity = now
         self.last_inboxes = raw
         state = self.ledger_state()
         done = state.get("requests", {})

@@ -1,8 +1,9 @@
 """Per-host mailboxes on the control area: requests to the writer, replies from it.
 
-Region ``mailboxes``: host id n owns 8 KiB at (n-1) * 8 KiB.
-- sector 0, the *inbox*, is written only by host n: its open requests;
-- sector 1, the *outbox*, is written only by the writer: its replies to host n.
+Region ``mailboxes`` (2 x max_hosts sectors): all inboxes first, then all outboxes,
+so that the writer's poll of every inbox is one contiguous read.
+- host n's *inbox*, sector n-1, is written only by host n: its open requests;
+- host n's *outbox*, sector max_hosts + n-1, is written only by the writer.
 So every byte still has one writer at a time. Both are single-sector records
 (atomic writes) in the common checksummed format; the inbox's ``seq`` rises
 on every write, the outbox carries the writer's epoch, and a reader ignores
@@ -76,11 +77,12 @@ class Outbox:
 
 
 def offsets(layout: fmt.Layout, host_id: int) -> tuple[int, int]:
+    """(inbox, outbox) byte offsets of a host's mailbox in the control area."""
     region = layout.region("mailboxes")
-    if not 1 <= host_id <= layout.max_hosts or region.length < host_id * SLOT:
+    if not 1 <= host_id <= layout.max_hosts or region.length < layout.max_hosts * SLOT:
         raise ValueError(f"host id {host_id} has no mailbox")
-    base = region.offset + (host_id - 1) * SLOT
-    return base, base + SECTOR
+    inbox = region.offset + (host_id - 1) * SECTOR
+    return inbox, inbox + layout.max_hosts * SECTOR
 
 
 def _dump(obj: Any) -> bytes:
@@ -169,20 +171,17 @@ def decode_outbox(buf: bytes, offset: int) -> Outbox | None:
                                 detail=f"outbox is malformed: {exc}") from exc
 
 
-def read_all(dev: BlockDevice, layout: fmt.Layout) -> bytes:
-    """The whole mailbox region in one O_DIRECT read (the writer's poll)."""
+def read_inboxes(dev: BlockDevice, layout: fmt.Layout, upto: int) -> bytes:
+    """Inboxes of host ids 1..upto in one O_DIRECT read (the writer's poll)."""
     region = layout.region("mailboxes")
-    return dev.read(region.offset, layout.max_hosts * SLOT)
+    return dev.read(region.offset, max(1, min(upto, layout.max_hosts)) * SECTOR)
 
 
 def inbox_from(area: bytes, layout: fmt.Layout, host_id: int) -> Inbox | None:
-    base = (host_id - 1) * SLOT
+    base = (host_id - 1) * SECTOR
+    if base + SECTOR > len(area):
+        return None
     return decode_inbox(area[base : base + SECTOR], offsets(layout, host_id)[0])
-
-
-def outbox_from(area: bytes, layout: fmt.Layout, host_id: int) -> Outbox | None:
-    base = (host_id - 1) * SLOT + SECTOR
-    return decode_outbox(area[base : base + SECTOR], offsets(layout, host_id)[1])
 
 
 def read_outbox(dev: BlockDevice, layout: fmt.Layout, host_id: int) -> Outbox | None:
