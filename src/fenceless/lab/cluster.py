@@ -4,8 +4,11 @@ One image file per shared VG is the LUN. Each lab host gets its own loop
 device over each image (its own block cache, as a host on a real SAN has),
 its own LVM system dir whose filter admits only its own loop devices, and
 its own mount namespace in which /etc/lvm, /run/lvm and /run/lock/lvm are
-that host's. ``lab exec`` runs a command inside it, so what a host runs in
-the lab is what it would run on a real machine.
+that host's, and /usr/sbin and /var/lib/dpkg are overlays whose changes stay
+in DIR/hosts/NAME/ov/ (so ``fenceless guard install`` can divert the lvm
+binary for that host only). ``lab exec`` runs a command inside it, so what a
+host runs in the lab is what it would run on a real machine. The mounts live
+and die with the namespace's holder process: ``lab down`` needs no unmount.
 
 Everything the lab makes is recorded in DIR/lab.json *before* it is made,
 and every process it starts carries ``FENCELESS_LAB=DIR`` in its
@@ -42,10 +45,23 @@ FORMAT = 1
 # Paths that are per host inside a lab host's mount namespace, and the
 # folder under DIR/hosts/NAME that backs each.
 NS_BINDS = (("lvm", "/etc/lvm"), ("run-lvm", "/run/lvm"), ("lock", "/run/lock/lvm"))
+# Machine paths that a lab host may change in its own view only: an overlay
+# whose upper and work dirs are DIR/hosts/NAME/SUB/{upper,work}. The guard
+# (dpkg-divert) renames files in /usr/sbin and rewrites /var/lib/dpkg, which a
+# bind mount of one file cannot isolate; an overlay copies up only what changes.
+NS_OVERLAYS = (("ov/usr-sbin", "/usr/sbin"), ("ov/var-lib-dpkg", "/var/lib/dpkg"))
 
 _HOLDER_SCRIPT = (
     'set -e; h="$1"; shift\n'
-    'while [ "$#" -gt 1 ]; do mount --bind "$h/$1" "$2"; shift 2; done\n'
+    'while [ "$#" -gt 1 ] && [ "$1" != "--overlays" ]; do\n'
+    '  mount --bind "$h/$1" "$2"; shift 2\n'
+    "done\n"
+    'if [ "$#" -gt 0 ]; then shift; fi\n'
+    'while [ "$#" -gt 1 ]; do\n'
+    '  mount -t overlay "fenceless-lab" \\\n'
+    '    -o "lowerdir=$2,upperdir=$h/$1/upper,workdir=$h/$1/work" "$2"\n'
+    "  shift 2\n"
+    "done\n"
     "echo ready\n"
     "exec sleep infinity </dev/null >/dev/null 2>&1\n"
 )
@@ -227,6 +243,15 @@ def _start_holder(d: Path, hdir: Path, name: str, runner: Runner) -> int:
     binds: list[str] = []
     for sub, target in NS_BINDS:
         Path(target).mkdir(parents=True, exist_ok=True)
+        binds += [sub, target]
+    # overlayfs takes its dirs in one comma/colon-separated option string.
+    if any(c in str(hdir) for c in ",:\\"):
+        raise LabError(dir=str(d), detail=f"the lab path {hdir} must not contain , : or \\ "
+                       "(overlay mount options)")
+    binds.append("--overlays")
+    for sub, target in NS_OVERLAYS:
+        for part in ("upper", "work"):
+            (hdir / sub / part).mkdir(parents=True, exist_ok=True)
         binds += [sub, target]
     argv = ["unshare", "--mount", "--propagation", "private", "--",
             "sh", "-c", _HOLDER_SCRIPT, f"fenceless-lab-{name}", str(hdir), *binds]

@@ -1,0 +1,156 @@
+"""The guard installed for real (dpkg-divert, wrapper, lvm.conf) inside a lab host's namespace.
+
+The lab overlays /usr/sbin and /var/lib/dpkg per host, so the diversion and
+the wrapper exist only in that host's view; the machine's own binary and
+diversion list are checked to be byte-identical before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fenceless.guard import role
+from tests.conftest import cli
+
+pytestmark = pytest.mark.lab
+
+MACHINE_FILES = ("/usr/sbin/lvm", "/var/lib/dpkg/diversions")
+
+
+def sha(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def guard_argv(*args: str) -> list[str]:
+    """`fenceless guard ...`, through cli.main once it is wired there."""
+    from fenceless.cli import main
+
+    module = "fenceless.cli.main" if "guard" in main.COMMANDS else "fenceless.cli.guard_cmd"
+    return [sys.executable, "-m", module, "guard", *args]
+
+
+def seqno(lab, host="h2") -> int:
+    out = lab.exec(host, "vgs", "--noheadings", "-o", "vg_seqno", "sanvg").stdout
+    return int(out.strip())
+
+
+def lv_names(lab, host) -> set[str]:
+    out = lab.exec(host, "lvs", "--noheadings", "-o", "lv_name", "sanvg").stdout
+    return {x.strip() for x in out.split()}
+
+
+def state_dir(lab, host) -> str:
+    import tomllib
+
+    return str(tomllib.loads(Path(lab.config(host)).read_text())["state_dir"])
+
+
+def in_ns(lab, host, script: str) -> str:
+    return lab.exec(host, "sh", "-c", script).stdout
+
+
+@pytest.fixture
+def guarded(make_lab):
+    machine = {p: sha(p) for p in MACHINE_FILES}
+    lab = make_lab(2)
+    dev = lab.device("h1")
+    lab.exec("h1", "pvcreate", "-q", dev)
+    lab.exec("h1", "vgcreate", "-q", "--setautoactivation", "n", "sanvg", dev)
+    lab.exec("h1", "lvcreate", "-q", "-an", "-Zn", "-L", "8m", "-n", "a", "sanvg")
+    before = {
+        "binary": in_ns(lab, "h2", "sha256sum /usr/sbin/lvm"),
+        "diversions": in_ns(lab, "h2", "dpkg-divert --list | sort"),
+        "lvm_conf": (lab.dir / "hosts" / "h2" / "lvm" / "lvm.conf").read_bytes(),
+    }
+    lab.exec("h2", *guard_argv("install"))
+    yield lab, before
+    assert {p: sha(p) for p in MACHINE_FILES} == machine, "the machine's files changed"
+
+
+def test_reader_is_refused_every_way_and_the_vg_is_unchanged(guarded):
+    lab, _ = guarded
+    assert "local diversion of /sbin/lvm to /sbin/lvm.distrib" in in_ns(
+        lab, "h2", "dpkg-divert --list")
+    # Only h2 sees it: h1's view of the system is the machine's.
+    assert sha("/usr/sbin/lvm") in in_ns(lab, "h1", "sha256sum /usr/sbin/lvm")
+    before = seqno(lab)
+    for argv in (["lvcreate"], ["lvm", "lvcreate"], ["/sbin/lvm", "lvcreate"],
+                 ["/usr/sbin/lvcreate"]):
+        res = lab.exec("h2", *argv, "-an", "-Zn", "-L", "8m", "-n", "b", "sanvg", check=False)
+        assert res.returncode == 5, res.stderr
+        assert res.stderr.startswith(
+            "Refused: this host (h2) is not the metadata writer of VG sanvg (the local agent's "
+            "role file"), res.stderr
+        assert "`fenceless volume create NAME SIZE`" in res.stderr
+    assert seqno(lab) == before
+    assert lv_names(lab, "h1") == {"a"}
+    # Reports and read-only activation still work.
+    assert lab.exec("h2", "vgs").returncode == 0
+    assert lv_names(lab, "h2") == {"a"}
+    lab.exec("h2", "lvchange", "-ay", "--sysinit", "--readonly", "sanvg/a")
+    lab.exec("h2", "lvchange", "-an", "sanvg/a")  # rewritten to --sysinit --readonly
+    assert seqno(lab) == before
+
+
+def test_role_file_decides_and_expires(guarded):
+    lab, _ = guarded
+    sd = state_dir(lab, "h2")
+    role.write_role_file(sd, [role.entry("sanvg", "reader", "h1", 7, 60.0)])
+    res = lab.exec("h2", "lvcreate", "-an", "-Zn", "-L", "8m", "-n", "b", "sanvg", check=False)
+    assert res.returncode == 5
+    assert res.stderr.splitlines()[0] == (
+        "Refused: this host (h2) is not the metadata writer of VG sanvg (h1 is, epoch 7). "
+        "Use `fenceless volume create NAME SIZE`, which forwards the request to h1.")
+
+    before = seqno(lab)
+    role.write_role_file(sd, [role.entry("sanvg", "writer", "h2", 8, 60.0)])
+    lab.exec("h2", "lvcreate", "-q", "-an", "-Zn", "-L", "8m", "-n", "b", "sanvg")
+    assert seqno(lab) == before + 1
+    assert lv_names(lab, "h1") == {"a", "b"}
+
+    role.write_role_file(sd, [role.RoleEntry("sanvg", "writer", "h2", 8,
+                                             role.boottime_cs() - 1)])
+    res = lab.exec("h2", "lvremove", "-y", "sanvg/b", check=False)
+    assert res.returncode == 5
+    assert "the local agent's role file is stale: is `fenceless agent` running?" in res.stderr
+    assert "`fenceless volume remove NAME`" in res.stderr
+    assert seqno(lab) == before + 1
+
+
+def test_status_and_remove_restore_exactly(guarded):
+    lab, before = guarded
+    lab.exec("h1", "vgchange", "-q", "--setautoactivation", "y", "sanvg")
+    st = json.loads(lab.exec("h2", *guard_argv("status", "--json")).stdout)
+    assert st["installed"] and st["diverted"] and st["wrapper"]["matches"]
+    assert st["lvm_conf"]["block"]
+    assert st["role_file"]["vgs"][0]["state"] == "missing"
+    assert st["autoactivation"] == [{"vg": "sanvg", "autoactivation": True, "raw": "enabled"}]
+    assert any("autoactivation on" in w for w in st["warnings"])
+    conf = lab.dir / "hosts" / "h2" / "lvm" / "lvm.conf"
+    assert b"metadata_read_only = 1" in conf.read_bytes()
+    # LVM 2.03 accepts the writer's override of the block.
+    lab.exec("h2", "/sbin/lvm", "lvs", "--config", "global/metadata_read_only=0")
+
+    lab.exec("h2", *guard_argv("install"))  # again: idempotent, keeps the first original
+    lab.exec("h2", *guard_argv("remove"))
+    assert in_ns(lab, "h2", "sha256sum /usr/sbin/lvm") == before["binary"]
+    assert in_ns(lab, "h2", "dpkg-divert --list | sort") == before["diversions"]
+    assert conf.read_bytes() == before["lvm_conf"]
+    assert in_ns(lab, "h2", "ls /usr/sbin/lvm.distrib 2>/dev/null || echo gone") == "gone\n"
+    st = json.loads(lab.exec("h2", *guard_argv("status", "--json")).stdout)
+    assert not st["installed"] and not st["diverted"] and not st["lvm_conf"]["block"]
+
+
+def test_lab_down_leaves_no_overlay_mount(make_lab):
+    lab = make_lab(1)
+    mounts = in_ns(lab, "h1", "findmnt -rn -o TARGET,FSTYPE")
+    assert "/usr/sbin overlay" in mounts and "/var/lib/dpkg overlay" in mounts
+    cli("lab", "down", "--dir", str(lab.dir))
+    machine_mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(lab.dir) not in machine_mounts
+    assert " overlay " not in machine_mounts or "fenceless-lab" not in machine_mounts
