@@ -154,3 +154,45 @@ def test_lab_down_leaves_no_overlay_mount(make_lab):
     machine_mounts = Path("/proc/self/mountinfo").read_text()
     assert str(lab.dir) not in machine_mounts
     assert " overlay " not in machine_mounts or "fenceless-lab" not in machine_mounts
+
+
+def test_guard_follows_the_writer_role_with_real_agents(make_lab):
+    """h1 writes, h2 is refused; after a handover to h2 it is the other way round."""
+    from tests.integration.test_cluster import all_live, wait_until
+
+    lab = make_lab(2, "--agents")
+    lab.on("h1", "init")
+    lab.on("h2", "join")
+    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all live")
+    for h in lab.hosts:
+        lab.exec(h, "fenceless", "guard", "install")
+
+    def seqno():
+        return json.loads(lab.on("h1", "scan", "--json").stdout)["vg"]["seqno"]
+
+    def try_lvcreate(host, name):
+        return lab.exec(host, "lvcreate", "-q", "-an", "-Zn", "-L", "4m", "-n", name, "sanvg",
+                        check=False)
+
+    # The agents publish their roles at every renewal.
+    wait_until(lambda: try_lvcreate("h1", "on-h1").returncode == 0, 10, "h1 may write")
+    before = seqno()
+    refused = try_lvcreate("h2", "on-h2")
+    assert refused.returncode == 5
+    assert "not the metadata writer of VG sanvg (h1 is, epoch 1)" in refused.stderr
+    assert "fenceless volume create" in refused.stderr
+    assert seqno() == before
+    # Reports still work on the reader, read-only.
+    assert "on-h1" in lab.exec("h2", "lvs", "sanvg").stdout
+    assert lab.exec("h2", "vgs", "sanvg").returncode == 0
+
+    lab.on("h1", "writer", "handover", "h2")
+    wait_until(lambda: try_lvcreate("h2", "on-h2").returncode == 0, 10, "h2 may write")
+    after = seqno()
+    refused = wait_until(lambda: (r := try_lvcreate("h1", "again-h1")).returncode == 5
+                         and "(h2 is, epoch 2)" in r.stderr and r, 10, "h1 refused, naming h2")
+    assert "h2" in refused.stderr
+    assert seqno() == after
+    # fenceless itself still works through the guard on both hosts.
+    lab.on("h1", "volume", "create", "via-fenceless", "4M")
+    assert "via-fenceless" in lab.exec("h1", "lvs", "sanvg").stdout

@@ -313,6 +313,7 @@ class VgAgent:
             self.writer_duties()
         else:
             self.reader_duties()
+        self.publish_role()  # with the leader as just read
         self.publish()
         return self.timing.renew_interval
 
@@ -399,11 +400,12 @@ class VgAgent:
         leader = self.last_leader
         writer = leader.owner_name if leader is not None and not leader.released else None
         epoch = leader.lver if leader is not None else 0
-        left = 0.0
-        if self.epoch is not None and self.lease is not None:
-            left = self.lease.remaining() - self.n
-            writer, epoch = self.cfg.host, self.epoch
-        self.agent.set_role(role_entry(self.vg.name, "writer" if left > 0 else "reader",
+        left = self.lease.remaining() - self.n if self.lease is not None else 0.0
+        writing = self.epoch is not None and left > 0
+        if writing:
+            writer, epoch = self.cfg.host, self.epoch or 0
+        # A reader's line is valid for as long as its view (who the writer is) is fresh.
+        self.agent.set_role(role_entry(self.vg.name, "writer" if writing else "reader",
                                        writer, epoch, max(left, 0.0)))
 
     def writer_duties(self) -> None:
@@ -498,6 +500,7 @@ class VgAgent:
         crashpoint("agent.handover-recorded")
         self.area.writer().release(self.lease.host_id, self.lease.generation, epoch,
                                    before_write=self.check_write)
+        self.read_leader()
         self.drop_writer(f"handed over to {name}")
 
     def reader_duties(self) -> None:
