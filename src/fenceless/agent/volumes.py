@@ -222,6 +222,20 @@ class VolumeService:
                     item.error = exc
                     item.done.set()
                 break
+            except FencelessError as exc:
+                # E.g. the control area's I/O timed out: the intent (if journaled) stays
+                # for reconciliation; the requester hears of it and may retry by id.
+                a.log(f"request {req.id} ({req.op}) interrupted: {exc}")
+                self.in_work.discard(req.id)
+                self.last_inboxes = b""  # look at the inboxes again
+                if item is not None:
+                    item.error = ExecError(detail=(
+                        f"request {req.id} was interrupted ({exc}); if it was journaled the "
+                        f"writer finishes it: run it again with --request-id {req.id} to "
+                        "learn the outcome (it is never applied twice)"))
+                    item.done.set()
+                self.reconciled_epoch = None  # finish any journaled intent first
+                break
             self.in_work.discard(req.id)
             if item is not None:
                 if reply.status == "ok":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fenceless.blockio import device_size, open_device
+from fenceless.blockio import TimedIO, device_size, open_device
 from fenceless.config import HostConfig
 from fenceless.lease.clock import SystemClock
 from fenceless.ledger import format as fmt
@@ -24,7 +24,8 @@ from fenceless.localstate import agent_view, member
 def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
     vg = cfg.vg(vg_name)
     path = vg.devices[0]
-    dev = open_device(path)
+    # With a deadline: a hung path gives an error, not a hung command.
+    dev = TimedIO(open_device(path), timeout=max(cfg.io_timeout, 1.0))
     try:
         size = device_size(path)
         anchor = read_anchor(dev, size)
