@@ -234,8 +234,14 @@ def test_reader_with_a_warm_stale_cache_still_sees_the_latest_ledger(cluster):
         st = wait_until(lambda: (s := status(lab, "h3"))["ledger"]["generation"] > gen_before
                         and s, 10, "new ledger generation seen from h3")
         assert "h4" in {h["name"] for h in st["hosts"]}
-        # The buffered view through h3's device is stale: O_DIRECT is what saw the change.
-        assert os.pread(fd, ledger[1], ledger[0]) == cached
+        # The buffered view through h3's device is normally still the old one: O_DIRECT is
+        # what saw the change. (The kernel may drop clean cache at any time, so a fresh
+        # buffered view is reported, not failed: the requirement is the status above.)
+        if os.pread(fd, ledger[1], ledger[0]) != cached:
+            import warnings
+
+            warnings.warn("h3's page cache was dropped during the test; staleness not shown",
+                          stacklevel=1)
     finally:
         os.close(fd)
 
