@@ -336,3 +336,18 @@ def test_handover_moves_the_writer_to_the_named_host(cluster):
     assert st["writer"]["host"] == "h3" and st["writer"]["state"] == "active"
     refused = lab.on("h1", "writer", "takeover", check=False)
     assert refused.returncode == 2 and "is alive" in refused.stderr
+
+
+def test_a_second_machine_with_a_live_hosts_name_is_refused(cluster):
+    lab = cluster(hosts=4, join=("h2", "h3"))
+    # h4 is misconfigured with h2's name: it must be refused, not merged with h2.
+    cfg = Path(lab.config("h4"))
+    cfg.write_text(cfg.read_text().replace('host = "h4"', 'host = "h2"'))
+    agent(lab, "h4", "stop")
+    agent(lab, "h4", "start")
+    res = lab.on("h4", "join", check=False)
+    assert res.returncode == 2, res.stderr
+    assert "h2" in res.stderr and ("is in use" in res.stderr or "already live" in res.stderr)
+    st = wait_until(lambda: all_live(lab, "h1", ["h1", "h2", "h3"]), 10, "cluster intact")
+    assert [h["name"] for h in st["hosts"]] == ["h1", "h2", "h3"]
+    assert next(h for h in st["hosts"] if h["name"] == "h2")["generation"] == 1
