@@ -27,6 +27,7 @@ from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.ledger import format as fmt
 from fenceless.ledger import mailbox as mb
+from fenceless.lvm import mda
 from fenceless.lvm.adapter import Role
 from fenceless.ops import volume as vol
 
@@ -73,6 +74,7 @@ class VolumeService:
         self.reconciled_epoch: int | None = None
         self.last_poll = 0.0
         self.last_activity = 0.0
+        self.snap_cache: tuple[Any, vol.Snapshot] | None = None
 
     # --- entry from the CLI ----------------------------------------------------------
 
@@ -275,6 +277,29 @@ class VolumeService:
             return mb.Reply(rid, "ok", result=dict(rec.get("result", {})))
         return mb.Reply(rid, "error", error=dict(rec.get("error", {})))
 
+    def snapshot(self, lvm: Any) -> vol.Snapshot:
+        """A report of the VG, reused while LVM's metadata on the PV is byte-identical.
+
+        The key is LVM's own metadata header (text offset, size, checksum), read
+        with one O_DIRECT sector: an unchanged key means unchanged metadata, so the
+        report taken after one change serves the checks of the next request.
+        """
+        a = self.a
+        assert a.dev is not None
+        try:
+            key = mda.read_mda_header(a.dev, location=a.mda_location, size=a.size).key
+        except FencelessError:
+            key = None
+        if key is not None and self.snap_cache is not None and self.snap_cache[0] == key:
+            return self.snap_cache[1]
+        snap = vol.Snapshot.take(lvm)
+        try:
+            again = mda.read_mda_header(a.dev, location=a.mda_location, size=a.size).key
+        except FencelessError:
+            again = None
+        self.snap_cache = (key, snap) if key is not None and again == key else None
+        return snap
+
     def ledger_state(self) -> dict[str, Any]:
         a = self.a
         assert a.area is not None
@@ -335,7 +360,7 @@ class VolumeService:
         lvm = a.lvm(Role.WRITER)
         try:
             vop = vol.make(req.id, req.op, req.args, lvm, self.active_on)
-            snap = vol.Snapshot.take(lvm)
+            snap = self.snapshot(lvm)
             intent = vop.plan(snap)
         except UserError as exc:
             a.log(f"refused {req.op} {req.args} from {host}: {exc}")
@@ -360,7 +385,7 @@ class VolumeService:
                          str(intent.get("user", "")), tuple(intent.get("argv", [])))
         try:
             # Just journaled: not done yet. Otherwise (recovery) look at the VG first.
-            effect = False if fresh else vop.effect(intent, vol.Snapshot.take(lvm))
+            effect = False if fresh else vop.effect(intent, self.snapshot(lvm))
             if effect is False:
                 budget = a.lease.remaining() - a.n
                 if budget <= 0:
@@ -368,7 +393,7 @@ class VolumeService:
                 a.check_write()
                 vop.apply(intent, timeout=budget)
                 crashpoint(f"volume.{vop.op}.applied")
-            after = vol.Snapshot.take(lvm)
+            after = self.snapshot(lvm)
             effect = vop.effect(intent, after)
             if effect is not True:
                 raise ExecError(detail=f"{vop.op} of {intent.get('name')!r} did not take "
@@ -417,7 +442,7 @@ class VolumeService:
                 self.record(rid, {"status": "error", "error": _error(exc), "op": op,
                                   "epoch": a.epoch}, intent_done=True)
                 continue
-            snap = vol.Snapshot.take(lvm)
+            snap = self.snapshot(lvm)
             effect = vop.effect(intent, snap)
             a.log(f"reconciling {op} {intent.get('name')!r} (request {rid}, journaled at "
                   f"epoch {intent.get('epoch')}): "
