@@ -22,6 +22,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
+from fenceless.agent.ipc import RemoteError
 from fenceless.blockio import SECTOR
 from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
@@ -45,16 +46,15 @@ def _error(exc: FencelessError) -> dict[str, Any]:
     return {"message": exc.message, "code": exc.exit_code, "kind": type(exc).__name__}
 
 
-class RemoteFailure(FencelessError):
-    """{message}"""
-
-    def __init__(self, *, message: str, code: int, kind: str) -> None:
-        super().__init__(message=message, kind=kind)
-        self.remote_code = code
-
-    @property
-    def exit_code(self) -> int:  # type: ignore[override]
-        return self.remote_code
+def _complete(item: Pending, reply: mb.Reply) -> None:
+    """Hand a writer's reply to the CLI waiting for it, as its result or its error."""
+    if reply.status == "ok":
+        item.result = reply.result
+    else:
+        item.error = RemoteError(message=str(reply.error.get("message")),
+                                 code=int(reply.error.get("code", 3)),
+                                 kind=str(reply.error.get("kind")))
+    item.done.set()
 
 
 class VolumeService:
@@ -135,14 +135,7 @@ class VolumeService:
             return
         done = [r for r in box.replies if r.id in self.outgoing]
         for reply in done:
-            item = self.outgoing.pop(reply.id)
-            if reply.status == "ok":
-                item.result = reply.result
-            else:
-                item.error = RemoteFailure(message=str(reply.error.get("message")),
-                                           code=int(reply.error.get("code", 3)),
-                                           kind=str(reply.error.get("kind")))
-            item.done.set()
+            _complete(self.outgoing.pop(reply.id), reply)
         if done:
             ids = {r.id for r in done}
             self.inbox = [r for r in self.inbox if r.id not in ids]
@@ -240,13 +233,7 @@ class VolumeService:
                 break
             self.in_work.discard(req.id)
             if item is not None:
-                if reply.status == "ok":
-                    item.result = reply.result
-                else:
-                    item.error = RemoteFailure(message=str(reply.error.get("message")),
-                                               code=int(reply.error.get("code", 3)),
-                                               kind=str(reply.error.get("kind")))
-                item.done.set()
+                _complete(item, reply)
             elif hid is not None:
                 self.reply(hid, reply)
         if a.epoch is None:
