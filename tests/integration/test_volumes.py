@@ -127,6 +127,10 @@ def test_a_retried_request_id_is_applied_once(vlab):
                               "retry-me-1", "--json").stdout)
     assert first == again
     assert volumes(lab, "h1")["r"]["size_bytes"] == 16 * MiB
+    other = lab.on("h2", "volume", "extend", "r", "+16M", "--request-id", "retry-me-1",
+                   check=False)
+    assert other.returncode == 2 and "already used for `extend`" in other.stderr, other.stderr
+    assert volumes(lab, "h1")["r"]["size_bytes"] == 16 * MiB
 
 
 def test_every_host_sends_100_requests_at_once(vlab):
@@ -147,6 +151,32 @@ def test_every_host_sends_100_requests_at_once(vlab):
     state = ledger_state(lab, "h1")
     assert state["intents"] == {}
     assert sum(1 for r in state["requests"].values() if r["status"] == "ok") == 300
+
+
+def test_a_writer_that_lost_its_lease_takes_the_role_back(vlab):
+    """A writer frozen past its lease (an overloaded host) must not leave the cluster
+    without a writer: once its host lease is acquired anew, it takes the role back at a
+    new epoch; requests asked in between, here and elsewhere, are carried out."""
+    lab = vlab(3)
+    before = status(lab, "h2")
+    assert before["writer"]["host"] == "h1"
+    cli("lab", "agent", "--dir", str(lab.dir), "h1", "pause")
+    wait_until(lambda: next(h for h in status(lab, "h2")["hosts"] if h["name"] == "h1")[
+        "lease"] in ("fail", "dead"), 30, "h1's lease to fail as seen from h2")
+    reqs = [subprocess.Popen([*CLI, "-c", lab.config(h), "volume", "create", f"gap-{h}",
+                              "4M", "--timeout", "60"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for h in ("h2", "h1")]
+    cli("lab", "agent", "--dir", str(lab.dir), "h1", "resume")
+    for req in reqs:
+        _, err = req.communicate(timeout=90)
+        assert req.returncode == 0, err
+    st = wait_until(lambda: (s := status(lab, "h3"))["writer"]["epoch"] > 1 and s, 30,
+                    "a new writer epoch")
+    assert st["writer"]["host"] == "h1" and st["writer"]["epoch"] == 2
+    h1 = next(h for h in st["hosts"] if h["name"] == "h1")
+    assert h1["generation"] == 2  # a new incarnation took it, not the frozen one
+    assert {"gap-h1", "gap-h2"} <= set(volumes(lab, "h3"))
+    vgck(lab, "h1")
 
 
 CRASH_STEPS = ("journaled", "applied", "recorded")

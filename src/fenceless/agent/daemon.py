@@ -34,6 +34,7 @@ from typing import Any
 
 from fenceless import __version__
 from fenceless.agent.ipc import Server
+from fenceless.agent.priority import raise_priority
 from fenceless.agent.volumes import POLL, VolumeService
 from fenceless.blockio import BlockDevice, IoError, TimedIO, device_size, open_device
 from fenceless.config import HostConfig, VgConfig
@@ -206,6 +207,7 @@ class VgAgent:
             "lvm_version": self.agent.lvm_version,
             "active": {**{lv: 0 for lv in self.announce}, **self.active_lvs()},
             "seqno": self.seqno,
+            "priority": self.agent.priority,
         }
         if self.handover_request:
             facts["handover_request"] = self.handover_request
@@ -280,11 +282,14 @@ class VgAgent:
 
     def mailboxes(self) -> None:
         if self.area is None or self.lease is None:
+            self.volumes.expire(self.clock.monotonic())
             return
         if self.epoch is not None:
+            self.volumes.adopt_own()
             self.volumes.writer_poll()
             self.volumes.run_work()
         else:
+            self.volumes.publish_inbox()
             self.volumes.poll_outbox()
             self.volumes.expire(self.clock.monotonic())
 
@@ -513,6 +518,16 @@ class VgAgent:
             # lease is healthy again: take it back, or nobody could.
             if self.lease.remaining() > 2 * self.n:
                 self.acquire("the lease is healthy again")
+            return
+        if leader is not None and not leader.released and \
+                leader.owner_id == self.lease.host_id and \
+                leader.owner_generation < self.lease.generation:
+            # The writer was this host's previous incarnation (its lease ran out, or the
+            # agent restarted): it writes nothing any more, and nobody else was made
+            # writer since. Take the role back at a new epoch rather than leave the
+            # cluster without a writer until an admin notices; a racing takeover from
+            # another host is settled by the ballot.
+            self.acquire("this host was the writer before its host lease was renewed anew")
             return
         if self.handover_request and leader is not None and \
                 leader.lver > int(self.handover_request.get("from_epoch", 0)):
@@ -890,6 +905,7 @@ class Agent:
         self.auto_takeover = auto_takeover
         self.pid = os.getpid()
         self.lvm_version = "unknown"
+        self.priority = "normal"
         self.roles: dict[str, RoleEntry] = {}
         self.role_lock = threading.Lock()
         self.vgs = {vg.name: VgAgent(self, vg) for vg in cfg.vgs}
@@ -910,11 +926,12 @@ class Agent:
         return self.vgs[vg.name].submit(request, timeout)
 
     def run(self) -> int:
+        self.priority = raise_priority(self.log)  # before any thread starts: they inherit it
         with contextlib.suppress(FencelessError):
             self.lvm_version = self.ctx.lvm().version()
         self.log(f"fenceless agent {__version__} on host {self.cfg.host} (pid {self.pid}), "
                  f"VGs: {', '.join(self.vgs)}; auto-takeover "
-                 f"{'on' if self.auto_takeover else 'off'}")
+                 f"{'on' if self.auto_takeover else 'off'}; scheduling {self.priority}")
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:

@@ -19,6 +19,7 @@ failed — never left half-done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.ledger import format as fmt
 from fenceless.ledger import mailbox as mb
+from fenceless.localstate import member
 from fenceless.lvm import mda
 from fenceless.lvm.adapter import Role
 from fenceless.ops import volume as vol
@@ -92,14 +94,36 @@ class VolumeService:
             self.work.append((None, request, item))
             self.in_work.add(request.id)
         else:
-            if a.lease is None or a.area is None:
+            if a.area is None or (a.lease is None and
+                                  not member(a.cfg.state_dir, a.vg.name)):
                 raise UserError(detail=f"this host has no lease in the cluster on VG "
                                 f"{a.vg.name}; run `fenceless join`")
+            # Without a lease right now (it is being acquired again), the request waits
+            # here and goes into the mailbox once the lease is back.
             self.outgoing[request.id] = item
             self.queued.append(request)
+            # A retried id may find its reply already in the outbox, left there from the
+            # first try: read the outbox afresh rather than wait for it to change.
+            self.last_outbox = b""
             self.publish_inbox()
 
     # --- the requester --------------------------------------------------------------
+
+    def adopt_own(self) -> None:
+        """This host became the writer: carry out its own requests still waiting for one.
+
+        Also those whose CLI stopped waiting: they were promised to run.
+        """
+        if not self.inbox and not self.queued:
+            return
+        for req in [*self.inbox, *self.queued]:
+            if req.id not in self.in_work:
+                self.work.append((None, req, self.outgoing.pop(req.id, None)))
+                self.in_work.add(req.id)
+        self.inbox, self.queued = [], []
+        self._dirty = True  # empty our inbox on disk: a later writer must not see them
+        with contextlib.suppress(FencelessError):
+            self.publish_inbox()
 
     def publish_inbox(self) -> None:
         a = self.a
@@ -133,7 +157,9 @@ class VolumeService:
         box = mb.decode_outbox(raw, off)
         if box is None:
             return
-        done = [r for r in box.replies if r.id in self.outgoing]
+        asked = {r.id: r for r in [*self.inbox, *self.queued]}
+        done = [r for r in box.replies
+                if r.id in self.outgoing and r.id in asked and r.answers(asked[r.id])]
         for reply in done:
             _complete(self.outgoing.pop(reply.id), reply)
         if done:
@@ -175,8 +201,6 @@ class VolumeService:
             return
         self.last_activity = now
         self.last_inboxes = raw
-        state = self.ledger_state()
-        done = state.get("requests", {})
         for hid in range(1, a.area.sb.max_hosts + 1):
             if hid == a.lease.host_id:
                 continue
@@ -190,13 +214,12 @@ class VolumeService:
             wanted = {r.id for r in box.requests}
             # Forget replies the host no longer waits for.
             self.replies[hid] = [r for r in self.replies.get(hid, []) if r.id in wanted]
-            answered = {r.id for r in self.replies[hid]}
+            answered = {r.id: r for r in self.replies[hid]}
             for req in box.requests:
-                if req.id in answered or req.id in self.in_work:
+                if (req.id in answered and answered[req.id].answers(req)) or \
+                        req.id in self.in_work:
                     continue
-                if req.id in done:
-                    self.reply(hid, self.reply_from_record(req.id, done[req.id]))
-                    continue
+                # Also a retry of a finished request: process() answers it from the ledger.
                 self.work.append((hid, req, None))
                 self.in_work.add(req.id)
 
@@ -235,7 +258,7 @@ class VolumeService:
             if item is not None:
                 _complete(item, reply)
             elif hid is not None:
-                self.reply(hid, reply)
+                self.reply(hid, dataclasses.replace(reply, fp=req.fingerprint))
         if a.epoch is None:
             # No longer the writer: local requests go through the mailbox instead.
             for _hid, req, item in self.work:
@@ -341,9 +364,17 @@ class VolumeService:
         a = self.a
         assert a.area is not None and a.lease is not None and a.epoch is not None
         state = self.ledger_state()
-        if req.id in state.get("requests", {}):
-            return self.reply_from_record(req.id, state["requests"][req.id])
         host = a.cfg.host if hid is None else a.ledger_name(hid)
+        done = state.get("requests", {}).get(req.id)
+        if done is not None:
+            if (done.get("op"), done.get("args", req.args)) == (req.op, req.args):
+                return self.reply_from_record(req.id, done)
+            exc = UserError(detail=(
+                f"request id {req.id} was already used for `{done.get('op')}` with "
+                f"{done.get('args')}; a retry must repeat the same operation, and a new "
+                "operation needs a new id"))
+            self.audit(host, req, "refused", str(exc))
+            return mb.Reply(req.id, "error", error=_error(exc))
         lvm = a.lvm(Role.WRITER)
         try:
             vop = vol.make(req.id, req.op, req.args, lvm, self.active_on)
@@ -390,7 +421,7 @@ class VolumeService:
         except FencelessError as exc:
             a.log(f"{vop.op} {intent.get('name')!r} for {host} failed: {exc}")
             outcome = {"status": "error", "error": _error(exc), "op": vop.op,
-                       "epoch": a.epoch}
+                       "args": req.args, "epoch": a.epoch}
             self.record(rid, outcome, intent_done=True)
             self.audit(host, req, "failed", str(exc))
             return mb.Reply(rid, "error", error=_error(exc))
@@ -400,7 +431,8 @@ class VolumeService:
         if vop.op == "extend":
             result.update(self.wait_for_refresh(intent["name"], after.vg.seqno,
                                                 intent["size_bytes"]))
-        self.record(rid, {"status": "ok", "result": result, "op": vop.op, "epoch": a.epoch},
+        self.record(rid, {"status": "ok", "result": result, "op": vop.op, "args": req.args,
+                          "epoch": a.epoch},
                     intent_done=True, seqno=after.vg.seqno)
         crashpoint(f"volume.{vop.op}.recorded")
         a.log(f"{vop.op} {intent.get('name')!r} for {host}: done (seqno {after.vg.seqno})")
@@ -427,7 +459,7 @@ class VolumeService:
                 vop = vol.make(rid, op, args, lvm, self.active_on)
             except UserError as exc:
                 self.record(rid, {"status": "error", "error": _error(exc), "op": op,
-                                  "epoch": a.epoch}, intent_done=True)
+                                  "args": args, "epoch": a.epoch}, intent_done=True)
                 continue
             snap = self.snapshot(lvm)
             effect = vop.effect(intent, snap)
@@ -439,7 +471,7 @@ class VolumeService:
                 gone = ExecError(detail=f"{op} of {intent.get('name')!r} was interrupted when "
                                  "its writer died, and the VG no longer allows it")
                 self.record(rid, {"status": "error", "error": _error(gone), "op": op,
-                                  "epoch": a.epoch}, intent_done=True)
+                                  "args": args, "epoch": a.epoch}, intent_done=True)
                 continue
             self.finish(vop, rid, intent)
 

@@ -16,6 +16,7 @@ shell.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,11 @@ class Request:
         return {"id": self.id, "op": self.op, "args": self.args, "user": self.user,
                 "argv": list(self.argv)}
 
+    @property
+    def fingerprint(self) -> str:
+        """What was asked, short: a reply answers one id *and* this operation."""
+        return hashlib.sha256(_dump([self.op, self.args])).hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -51,9 +57,15 @@ class Reply:
     status: str  # "ok" | "error"
     result: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] = field(default_factory=dict)
+    fp: str = ""  # the fingerprint of the request answered ("" from format 1.0 writers)
+
+    def answers(self, req: Request) -> bool:
+        return self.id == req.id and self.fp in ("", req.fingerprint)
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "status": self.status}
+        if self.fp:
+            out["fp"] = self.fp
         if self.result:
             out["result"] = self.result
         if self.error:
@@ -164,7 +176,7 @@ def decode_outbox(buf: bytes, offset: int) -> Outbox | None:
             if not isinstance(result, dict) or not isinstance(error, dict):
                 raise TypeError("result/error is not an object")
             replies.append(Reply(id=_str(r["id"]), status=_str(r["status"]), result=result,
-                                 error=error))
+                                 error=error, fp=_str(r.get("fp", ""))))
         return Outbox(seq=rec.seq, epoch=rec.epoch, replies=tuple(replies))
     except (KeyError, TypeError, ValueError) as exc:
         raise fmt.CorruptRecord(region="mailboxes", offset=offset,

@@ -1,0 +1,135 @@
+"""The requester side of the mailboxes, against an in-memory control area."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fenceless.agent.daemon import Pending
+from fenceless.agent.volumes import VolumeService
+from fenceless.blockio import MemDevice
+from fenceless.errors import UserError
+from fenceless.ledger import mailbox as mb
+from fenceless.ledger.format import Layout
+from fenceless.localstate import set_member
+
+LAYOUT = Layout.compute(4)
+HOST_ID = 2
+
+
+class FakeLease:
+    host_id = HOST_ID
+    generation = 1
+
+    def check(self, margin: float = 0.0) -> None:
+        pass
+
+
+def requester(state_dir: str = "/nonexistent") -> tuple[VolumeService, MemDevice]:
+    dev = MemDevice(LAYOUT.total_size())
+    agent: Any = SimpleNamespace(epoch=None, lease=FakeLease(),
+                                 area=SimpleNamespace(dev=dev, layout=LAYOUT),
+                                 cfg=SimpleNamespace(host="h2", state_dir=state_dir),
+                                 vg=SimpleNamespace(name="vg"))
+    return VolumeService(agent), dev
+
+
+def pending(rid: str, size: str = "+8M") -> Pending:
+    return Pending(request={"request": {"id": rid, "op": "extend",
+                                        "args": {"name": "r", "size": size}}},
+                   deadline=1e9)
+
+
+def fp(size: str = "+8M") -> str:
+    return mb.Request("any", "extend", {"name": "r", "size": size}).fingerprint
+
+
+def writer_replies(dev: MemDevice, *replies: mb.Reply) -> None:
+    mb.write_outbox(dev, LAYOUT, HOST_ID, mb.Outbox(seq=1, epoch=1, replies=replies))
+
+
+def test_a_reply_reaches_the_waiting_request_and_leaves_the_inbox():
+    svc, dev = requester()
+    item = pending("a")
+    svc.submit(item)
+    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["a"]
+    writer_replies(dev, mb.Reply("a", "ok", result={"size_bytes": 1}, fp=fp()))
+    svc.poll_outbox()
+    assert item.done.is_set() and item.result == {"size_bytes": 1}
+    assert mb.read_inbox(dev, LAYOUT, HOST_ID).requests == ()
+
+
+def test_a_retried_id_is_answered_from_a_reply_already_in_the_outbox():
+    """The writer answers an id once: it does not rewrite an outbox that holds the reply.
+
+    If the retry reaches the inbox before the writer saw the first try leave it,
+    the requester must find the old reply in the (unchanged) outbox.
+    """
+    svc, dev = requester()
+    first = pending("retry-me")
+    svc.submit(first)
+    writer_replies(dev, mb.Reply("retry-me", "ok", result={"size_bytes": 16}, fp=fp()))
+    svc.poll_outbox()
+    assert first.done.is_set()
+    again = pending("retry-me")
+    svc.submit(again)
+    svc.poll_outbox()  # the outbox bytes are those already seen
+    assert again.done.is_set() and again.result == first.result
+
+
+def test_a_reply_to_another_operation_under_the_same_id_is_not_taken():
+    svc, dev = requester()
+    svc.submit(pending("reused", "+8M"))
+    writer_replies(dev, mb.Reply("reused", "ok", result={"size_bytes": 16}, fp=fp("+8M")))
+    svc.poll_outbox()
+    different = pending("reused", "+16M")
+    svc.submit(different)
+    svc.poll_outbox()
+    assert not different.done.is_set()  # the writer must look at it (and refuse it)
+    writer_replies(dev, mb.Reply("reused", "error", error={"message": "already used"},
+                                 fp=fp("+16M")))
+    svc.poll_outbox()
+    assert different.done.is_set() and different.error is not None
+
+
+def test_replies_round_trip_their_fingerprint_and_old_replies_have_none():
+    box = mb.Outbox(seq=3, epoch=2, replies=(mb.Reply("x", "ok", fp=fp()), mb.Reply("y", "ok")))
+    off = mb.offsets(LAYOUT, HOST_ID)[1]
+    got = mb.decode_outbox(mb.encode_outbox(box), off)
+    assert got is not None and got.replies == box.replies
+    req = mb.Request("x", "extend", {"name": "r", "size": "+8M"})
+    assert got.replies[0].answers(req) and not got.replies[0].answers(
+        mb.Request("x", "extend", {"name": "r", "size": "+9M"}))
+    assert mb.Reply("x", "ok").answers(req)  # written before fingerprints: trusted by id
+
+
+def test_without_a_lease_a_member_queues_and_a_stranger_is_refused(tmp_path):
+    svc, dev = requester(str(tmp_path))
+    svc.a.lease = None  # lost, being acquired again
+    with pytest.raises(UserError, match="run `fenceless join`"):
+        svc.submit(pending("early"))
+    set_member(str(tmp_path), "vg", {"host_id": HOST_ID, "cluster": "c"})
+    item = pending("waits")
+    svc.submit(item)
+    assert mb.read_inbox(dev, LAYOUT, HOST_ID) is None  # nothing written without a lease
+    svc.a.lease = FakeLease()  # back
+    svc.publish_inbox()
+    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["waits"]
+    assert not item.done.is_set()
+
+
+def test_a_host_that_becomes_the_writer_runs_its_own_waiting_requests():
+    svc, dev = requester()
+    waiting, given_up = pending("waiting"), pending("given-up")
+    svc.submit(waiting)
+    svc.submit(given_up)
+    given_up.deadline = 0.0
+    svc.expire(now=1.0)  # its CLI stopped waiting; the request stays queued
+    assert given_up.error is not None and not waiting.done.is_set()
+    svc.a.epoch = 3
+    svc.adopt_own()
+    assert [(rid, item) for _h, r, item in svc.work for rid in [r.id]] == [
+        ("waiting", waiting), ("given-up", None)]
+    assert mb.read_inbox(dev, LAYOUT, HOST_ID).requests == ()  # no later writer re-runs them
