@@ -61,6 +61,21 @@ def test_crc32c_matches_the_published_check_values() -> None:
     assert crc32c(b"6789", crc32c(b"12345")) == 0xE3069283  # chaining
 
 
+def test_the_c_crc32c_is_used_and_agrees_with_the_reference() -> None:
+    import random
+
+    from fenceless.ledger.format import CRC32C_IMPLEMENTATION, crc32c_py
+
+    assert CRC32C_IMPLEMENTATION == "c", "google-crc32c's C extension is missing"
+    rnd = random.Random(7)
+    for n in (0, 1, 7, 64, 4095, 4096, 70001):
+        data = rnd.randbytes(n)
+        seed = rnd.getrandbits(32)
+        assert crc32c(data) == crc32c_py(data)
+        assert crc32c(data, seed) == crc32c_py(data, seed)
+    assert crc32c_py(b"123456789") == 0xE3069283
+
+
 def test_record_round_trip_and_empty_sector() -> None:
     raw = pad(encode_record(KIND_HOST, b"payload", seq=7, epoch=3))
     assert len(raw) == SECTOR

@@ -15,6 +15,7 @@ lower than what is on disk) is refused before it writes (protocol-notes §1).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import struct
@@ -39,6 +40,7 @@ KiB = 1024
 _CRC32C_POLY = 0x82F63B78  # reflected 0x1EDC6F41
 
 
+@functools.cache
 def _crc32c_table() -> tuple[int, ...]:
     table = []
     for n in range(256):
@@ -49,16 +51,31 @@ def _crc32c_table() -> tuple[int, ...]:
     return tuple(table)
 
 
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes, crc: int = 0) -> int:
-    """CRC-32C as in iSCSI/ext4/sanlock (zlib only has the IEEE CRC-32)."""
-    table = _CRC32C_TABLE
+def crc32c_py(data: bytes, crc: int = 0) -> int:
+    """CRC-32C in plain Python (about 20 MB/s): the reference, and the fallback."""
+    table = _crc32c_table()
     c = crc ^ 0xFFFFFFFF
     for b in data:
         c = table[(c ^ b) & 0xFF] ^ (c >> 8)
     return c ^ 0xFFFFFFFF
+
+
+try:
+    # Google's C library (SSE4.2 where present): GB/s instead of MB/s, which is
+    # most of the writer's CPU time per request with a ledger of a few hundred KiB.
+    from google_crc32c import extend as _extend
+    from google_crc32c import implementation as _impl
+except ImportError:  # pragma: no cover - without the wheel, the reference serves
+    _extend, _impl = None, "none"
+
+CRC32C_IMPLEMENTATION = "c" if _extend is not None and _impl == "c" else "python"
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC-32C as in iSCSI/ext4/sanlock (zlib only has the IEEE CRC-32)."""
+    if CRC32C_IMPLEMENTATION == "c":
+        return int(_extend(crc, data))
+    return crc32c_py(data, crc)
 
 
 # --- record header --------------------------------------------------------------
