@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from fenceless.blockio import SECTOR, BlockDevice, DirectDevice, MemDevice
+from fenceless.blockio import SECTOR, BlockDevice, MemDevice
 from fenceless.lease.errors import StaleEpoch
 from fenceless.ledger import audit
 from fenceless.ledger.audit import MARK, AuditRecord, append, audit_record, read_log
@@ -35,20 +33,6 @@ def rec(i: int = 1, **kw: object) -> AuditRecord:
         request_id=f"req-{i}", result="ok", message="", host_id=2)
     fields.update(kw)
     return audit_record(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture(params=["mem", "direct"])
-def dev(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockDevice]:
-    d: BlockDevice
-    if request.param == "mem":
-        d = MemDevice(LAYOUT.total_size())
-    else:
-        path = tmp_path / "control"
-        with open(path, "wb") as f:
-            f.truncate(LAYOUT.total_size())
-        d = DirectDevice(str(path), writable=True)
-    yield d
-    d.close()
 
 
 def test_round_trip(dev: BlockDevice) -> None:

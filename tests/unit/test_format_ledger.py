@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from fenceless.blockio import SECTOR, BlockDevice, DirectDevice, IoError, MemDevice
+from fenceless.blockio import SECTOR, BlockDevice, IoError, MemDevice
 from fenceless.errors import IntegrityError, LeaseLost
 from fenceless.lease.errors import StaleEpoch
 from fenceless.ledger import format as fmt
@@ -33,20 +31,6 @@ from fenceless.ledger.format import (
 LAYOUT = Layout.compute(4)
 A = LAYOUT.region("ledger_a")
 B = LAYOUT.region("ledger_b")
-
-
-@pytest.fixture(params=["mem", "direct"])
-def dev(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockDevice]:
-    d: BlockDevice
-    if request.param == "mem":
-        d = MemDevice(LAYOUT.total_size())
-    else:
-        path = tmp_path / "control"
-        with open(path, "wb") as f:
-            f.truncate(LAYOUT.total_size())
-        d = DirectDevice(str(path), writable=True)
-    yield d
-    d.close()
 
 
 def _write(dev: BlockDevice, epoch: int, state: dict[str, object], **kw: object) -> LedgerRecord:

@@ -6,12 +6,10 @@ import itertools
 import random
 import struct
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from fenceless.blockio import SECTOR, BlockDevice, DirectDevice, MemDevice
+from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.errors import IntegrityError, UserError
 from fenceless.ledger import format as fmt
 from fenceless.ledger.format import (
@@ -36,21 +34,6 @@ from fenceless.ledger.format import (
 )
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(params=["mem", "direct"])
-def dev(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockDevice]:
-    size = Layout.compute(4).total_size()
-    d: BlockDevice
-    if request.param == "mem":
-        d = MemDevice(size)
-    else:
-        path = tmp_path / "control"
-        with open(path, "wb") as f:
-            f.truncate(size)
-        d = DirectDevice(str(path), writable=True)
-    yield d
-    d.close()
 
 
 def test_crc32c_matches_the_published_check_values() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,20 +73,6 @@ def vg_text(seqno: int, lvs: int = 2, name: str = "sanvg", seed: int = 0) -> str
 def entry(seqno: int, lvs: int = 2, rid: str | None = None) -> HistoryEntry:
     return HistoryEntry(text=vg_text(seqno, lvs), vg_seqno=seqno,
                         request_id=rid or f"req-{seqno}", writer_host_id=1)
-
-
-@pytest.fixture(params=["mem", "direct"])
-def dev(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockDevice]:
-    d: BlockDevice
-    if request.param == "mem":
-        d = MemDevice(LAYOUT.total_size())
-    else:
-        path = tmp_path / "control"
-        with open(path, "wb") as f:
-            f.truncate(LAYOUT.total_size())
-        d = DirectDevice(str(path), writable=True)
-    yield d
-    d.close()
 
 
 def clock(t: float = 1_800_000_000.0) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,20 +31,6 @@ REGION = LAYOUT.region("hosts")
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@pytest.fixture(params=["mem", "direct"])
-def dev(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlockDevice]:
-    d: BlockDevice
-    if request.param == "mem":
-        d = MemDevice(LAYOUT.total_size())
-    else:
-        path = tmp_path / "control"
-        with open(path, "wb") as f:
-            f.truncate(LAYOUT.total_size())
-        d = DirectDevice(str(path), writable=True)
-    yield d
-    d.close()
 
 
 def _area(dev: BlockDevice, clock: FakeClock | SystemClock, n: float = N) -> HostArea:
