@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import stat
 import threading
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from fenceless.errors import ExecError
 
@@ -169,11 +170,12 @@ def open_device(path: str, writable: bool = False) -> BlockDevice:
 class TimedIO:
     """A ``BlockDevice`` whose every request has a deadline.
 
-    The request runs in a new daemon thread; if it has not finished after
-    ``timeout`` seconds the caller gets ``IoTimeout`` and the thread is left
-    behind (it cannot be cancelled). ``abandoned`` counts such threads still
-    stuck; past ``max_abandoned`` new requests are refused outright, so a dead
-    path cannot pile up threads without bound.
+    The request runs in a worker thread (an idle one is reused: a thread per
+    request cost more than the I/O); if it has not finished after ``timeout``
+    seconds the caller gets ``IoTimeout`` and the worker is left behind (it
+    cannot be cancelled). ``abandoned`` counts such requests still stuck; past
+    ``max_abandoned`` new requests are refused outright, so a dead path cannot
+    pile up threads without bound.
     """
 
     def __init__(self, device: BlockDevice, timeout: float, max_abandoned: int = 32) -> None:
@@ -184,6 +186,7 @@ class TimedIO:
         self.max_abandoned = max_abandoned
         self._lock = threading.Lock()
         self._abandoned = 0
+        self._idle: list[_Worker] = []
 
     @property
     def path(self) -> str:
@@ -203,8 +206,11 @@ class TimedIO:
             )
         call: _Call[T] = _Call(fn)
         done = call.done
-        threading.Thread(target=call.run, args=(self,), name=f"fenceless-io-{op}",
-                         daemon=True).start()
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = _Worker(self)
+        worker.calls.put(call)
         if not done.wait(self.timeout):
             with self._lock:
                 if not done.is_set():
@@ -230,6 +236,10 @@ class TimedIO:
         self._run("write", offset, len(data), lambda: self.device.write(offset, data))
 
     def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.calls.put(None)
         self.device.close()
 
 
@@ -243,16 +253,37 @@ class _Call(Generic[T]):
         self.error: BaseException | None = None
         self.result: T
 
-    def run(self, owner: TimedIO) -> None:
+    def run(self) -> None:
         try:
             self.result = self.fn()
         except BaseException as exc:
             self.error = exc
-        finally:
+
+
+class _Worker:
+    """A thread that runs one TimedIO's requests, one at a time, while it is needed."""
+
+    MAX_IDLE = 2
+
+    def __init__(self, owner: TimedIO) -> None:
+        self.owner = owner
+        self.calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
+        threading.Thread(target=self.loop, name="fenceless-io", daemon=True).start()
+
+    def loop(self) -> None:
+        owner = self.owner
+        while (call := self.calls.get()) is not None:
+            call.run()
             with owner._lock:
-                self.done.set()
-                if self.abandoned:
+                # Idle again before the caller wakes: its next request finds this worker.
+                keep = len(owner._idle) < self.MAX_IDLE
+                if keep:
+                    owner._idle.append(self)
+                call.done.set()
+                if call.abandoned:
                     owner._forget()
+            if not keep:
+                return
 
 
 class MemDevice:

@@ -118,6 +118,31 @@ def test_extend_refreshes_the_host_that_has_it_active_before_returning(vlab):
     assert int(size) == 64 * MiB
 
 
+def test_the_writer_plans_each_request_on_the_vg_as_the_last_one_left_it(vlab):
+    """The writer reports only what a change touched and keeps the rest from before;
+    every later check must still see the VG exactly as LVM does."""
+    lab = vlab(2)
+    steps = [("h1", ["create", "a", "8M"], 0), ("h2", ["create", "a", "8M"], 2),
+             ("h2", ["rename", "a", "b"], 0), ("h1", ["create", "b", "4M"], 2),
+             ("h1", ["create", "a", "4M"], 0), ("h2", ["extend", "b", "+4M"], 0),
+             ("h1", ["remove", "a"], 0), ("h2", ["rename", "b", "a"], 0),
+             ("h1", ["extend", "a", "8M"], 2), ("h2", ["remove", "b"], 2),
+             ("h1", ["create", "b", "2M"], 0)]
+    for host, argv, rc in steps:
+        res = lab.on(host, "volume", *argv, check=False)
+        assert res.returncode == rc, (argv, res.stderr)
+    free = int(json.loads(lab.exec("h1", "vgs", "--readonly", "--reportformat", "json",
+                                   "--units", "b", "--nosuffix", "-o", "vg_free", "sanvg")
+                          .stdout)["report"][0]["vg"][0]["vg_free"])
+    too_big = lab.on("h2", "volume", "create", "c", f"{free + 1}b", check=False)
+    assert too_big.returncode == 2 and "free" in too_big.stderr, too_big.stderr
+    exact = lab.on("h2", "volume", "create", "c", f"{free}b", check=False)
+    assert exact.returncode == 0, exact.stderr
+    assert {n: v["size_bytes"] for n, v in volumes(lab, "h2").items()} == {
+        "a": 12 * MiB, "b": 4 * MiB, "c": free}
+    vgck(lab, "h1")
+
+
 def test_a_retried_request_id_is_applied_once(vlab):
     lab = vlab(2)
     lab.on("h1", "volume", "create", "r", "8M")

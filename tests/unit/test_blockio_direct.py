@@ -168,3 +168,29 @@ def test_mem_device_tears_writes_at_sector_boundaries() -> None:
     assert mem.read(SECTOR, 2 * SECTOR) == bytes(2 * SECTOR)
     mem.write(0, b"\x08" * (2 * SECTOR))  # only the next write was torn
     assert mem.read(0, 2 * SECTOR) == b"\x08" * (2 * SECTOR)
+
+
+def test_timed_io_reuses_its_worker_and_a_hung_one_is_replaced() -> None:
+    def workers() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "fenceless-io")
+
+    before = workers()
+    mem = MemDevice(4 * SECTOR)
+    timed = TimedIO(mem, 0.2)
+    for _ in range(50):
+        timed.read(0, SECTOR)
+    assert workers() - before == 1
+    mem.hang()
+    with pytest.raises(IoTimeout):
+        timed.read(0, SECTOR)
+    mem.unhang()
+    assert timed.read(SECTOR, SECTOR) == bytes(SECTOR)  # served by another worker
+    deadline = time.monotonic() + 5
+    while timed.abandoned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert timed.abandoned == 0
+    timed.close()
+    deadline = time.monotonic() + 5
+    while workers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers() == before

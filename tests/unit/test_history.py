@@ -346,3 +346,40 @@ def test_diff_is_a_unified_diff() -> None:
     assert "+vm00001-disk {\n" in out
     assert diff(a, a) == ""
     assert diff("x", "y") == "--- a\n+++ b\n@@ -1 +1 @@\n-x\n+y\n"
+
+
+def test_known_heads_read_two_headers_and_write_what_a_full_read_writes() -> None:
+    """Kept headers change how much is read, never what is written (over a wrap too)."""
+    kept, full = MemDevice(LAYOUT.total_size()), MemDevice(LAYOUT.total_size())
+    heads = history.Heads()
+    append(kept, LAYOUT, entry(1), epoch=1, known=heads, wall_clock=clock)
+    for seqno in range(2, MDHISTORY_ENTRIES + 20):
+        reads = kept.reads
+        append(kept, LAYOUT, entry(seqno), epoch=1, known=heads, wall_clock=clock)
+        assert kept.reads - reads <= 4  # 2 headers + the newest entry (idempotence check)
+    for seqno in range(1, MDHISTORY_ENTRIES + 20):
+        append(full, LAYOUT, entry(seqno), epoch=1, wall_clock=clock)
+    assert kept.read(REGION.offset, REGION.length) == full.read(REGION.offset, REGION.length)
+
+
+def test_known_heads_still_notice_a_newer_writer() -> None:
+    dev = MemDevice(LAYOUT.total_size())
+    heads = history.Heads()
+    append(dev, LAYOUT, entry(1), epoch=1, known=heads)
+    append(dev, LAYOUT, entry(2), epoch=1, known=heads)
+    append(dev, LAYOUT, entry(3), epoch=2)  # a takeover, unknown to this writer
+    before = dev.read(REGION.offset, REGION.length)
+    with pytest.raises(StaleEpoch):
+        append(dev, LAYOUT, entry(4), epoch=1, known=heads)
+    assert dev.read(REGION.offset, REGION.length) == before
+    assert heads.claims is None  # the next append reads everything again
+
+
+def test_known_heads_never_write_over_what_appeared_in_the_next_slot() -> None:
+    dev = MemDevice(LAYOUT.total_size())
+    heads = history.Heads()
+    append(dev, LAYOUT, entry(1), epoch=1, known=heads)
+    foreign = REGION.offset + 2 * SLOT  # where entry 2 would go
+    dev.write(foreign, b"\x42" * SECTOR)
+    got = append(dev, LAYOUT, entry(2), epoch=1, known=heads)
+    assert got.slot == 3 and dev.read(foreign, SECTOR) == b"\x42" * SECTOR

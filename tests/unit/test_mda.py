@@ -311,6 +311,16 @@ def test_seqno_parser_ignores_strings_comments_and_nested_sections() -> None:
     assert text[sec.start : sec.end].startswith("vg1 {") and text[sec.end - 1] == "}"
 
 
+def test_seqno_parser_on_a_large_vg_sees_brackets_hidden_in_strings_deep_inside() -> None:
+    lvs = "".join(f'lv{i} {{\nid = "u{i}"\nstatus = ["READ", "WRITE"]\n'
+                  f'tags = ["t{{{i}", "]#"]\nsegment1 {{\nstripes = [\n"pv0", {i}\n]\n}}\n}}\n'
+                  for i in range(2000))
+    text = f'vg {{\nseqno = 77\nlogical_volumes {{\n{lvs}}}\n}}\ntail = "x"\n'
+    sec = vg_section(text)
+    assert (sec.name, sec.seqno) == ("vg", 77)
+    assert text[sec.end:] == '\ntail = "x"\n'
+
+
 @pytest.mark.parametrize("text,match", [
     ("vg {\nid = 1\n}\n", "has no seqno"),
     ("vg {\nseqno = 1\nseqno = 2\n}\n", "twice"),
@@ -318,6 +328,8 @@ def test_seqno_parser_ignores_strings_comments_and_nested_sections() -> None:
     ("vg {\nseqno = 1\n", "no complete VG section"),
     ('vg {\nid = "open\n}\n', "unterminated string"),
     ("", "no complete VG section"),
+    ('vg {\nseqno = 1\nlv { tags = ["a"] }\nhost = "h1"\n', "no complete VG section"),
+    ('vg {\nseqno = 1\nlv { tags = ["a]", "b\\" #"] }\nx = "', "unterminated string"),
 ])
 def test_seqno_parser_refuses_malformed_text(text: str, match: str) -> None:
     with pytest.raises(MdaError, match=match):

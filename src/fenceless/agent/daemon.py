@@ -107,6 +107,7 @@ class VgAgent:
         self.thread = threading.Thread(target=self.loop, name=f"vg-{vg.name}", daemon=True)
         self.last_error = ""
         self.ledger_cache: dict[str, Any] | None = None  # the writer's last ledger state
+        self.history_heads = history.Heads()  # the history ring as this writer left it
         self.active_checked = -ACTIVE_EVERY
         self.ticks = 0
         self.logged: set[str] = set()
@@ -837,7 +838,8 @@ class VgAgent:
                 raise ExecError(detail=f"the PV shows seqno {got}, expected {seqno}")
             history.append(self.area.dev, self.area.layout,
                            history.HistoryEntry(text, got, request_id, self.lease.host_id),
-                           epoch=self.epoch or 0, before_write=self.check_write)
+                           epoch=self.epoch or 0, before_write=self.check_write,
+                           known=self.history_heads)
         except LeaseLost:
             raise
         except FencelessError as exc:

@@ -310,6 +310,40 @@ class VolumeService:
         self.snap_cache = (key, snap) if key is not None and again == key else None
         return snap
 
+    def snapshot_after(self, vop: vol.VolumeOp, intent: dict[str, Any]) -> vol.Snapshot:
+        """The VG right after this writer's change, from a report of only what changed.
+
+        Taken from the snapshot the change was planned on, when LVM's seqno shows
+        exactly one commit since (ours) and the metadata header held still across the
+        report; otherwise (or if anything is odd) a full report, as before.
+        """
+        a, dev = self.a, self.a.dev
+        assert dev is not None
+        before = self.snap_cache
+        gone, name = vop.touches(intent)
+
+        def key() -> Any:
+            try:
+                return mda.read_mda_header(dev, location=a.mda_location, size=a.size).key
+            except FencelessError:
+                return None
+
+        if before is not None:
+            k = key()
+            try:
+                if name is None:
+                    vg, lv = vop.lvm.vg_info(), None
+                else:
+                    vg, lv = vop.lvm.vg_and_lv(name)
+            except FencelessError:
+                k = None
+            if k is not None and key() == k and vg.seqno == before[1].vg.seqno + 1:
+                snap = before[1].changed(vg, gone, lv)
+                self.snap_cache = (k, snap)
+                return snap
+        self.snap_cache = None
+        return self.snapshot(vop.lvm)
+
     def ledger_state(self) -> dict[str, Any]:
         a = self.a
         assert a.area is not None
@@ -411,7 +445,9 @@ class VolumeService:
                 a.check_write()
                 vop.apply(intent, timeout=budget)
                 crashpoint(f"volume.{vop.op}.applied")
-            after = self.snapshot(lvm)
+                after = self.snapshot_after(vop, intent)
+            else:
+                after = self.snapshot(lvm)
             effect = vop.effect(intent, after)
             if effect is not True:
                 raise ExecError(detail=f"{vop.op} of {intent.get('name')!r} did not take "

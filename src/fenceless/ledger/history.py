@@ -337,6 +337,42 @@ def read_entry(dev: BlockDevice, layout: Layout, seqno: int, *,
     return _inflate(summary, stored)
 
 
+@dataclass
+class Heads:
+    """The slot headers as this writer last saw and left them, kept between appends.
+
+    With it an append re-reads two headers instead of all 128: the slot it is
+    about to write and the newest entry. Anything another writer could have
+    written since must show in one of them (a ring is written in order), and
+    any difference, or any error, sends the next append back to a full read.
+    """
+
+    epoch: int = 0
+    claims: list[Claim] | None = None
+
+
+def _claims(dev: BlockDevice, region: Region, size: int, epoch: int,
+            known: Heads | None) -> tuple[list[Claim], dict[int, bytes]]:
+    """Every slot's claim, and the header sectors read (all, or the two that matter)."""
+    def read(i: int) -> tuple[bytes, Claim]:
+        head = dev.read(region.offset + i * size, SECTOR)
+        return head, claim(head, KIND_MDHISTORY, region=REGION, offset=region.offset + i * size)
+
+    if known is not None and known.claims is not None and known.epoch == epoch:
+        claims = list(known.claims)
+        seq, slot = next_slot(claims, epoch, region=region)
+        heads: dict[int, bytes] = {}
+        newest = [i for i, c in enumerate(claims) if c.state == "ours" and c.seq == seq - 1]
+        for i in {slot, *newest}:
+            heads[i], now = read(i)
+            if now != claims[i]:
+                break
+        else:
+            return claims, heads
+    got = [read(i) for i in range(MDHISTORY_ENTRIES)]
+    return [c for _h, c in got], {i: h for i, (h, _c) in enumerate(got)}
+
+
 def append(
     dev: BlockDevice,
     layout: Layout,
@@ -345,23 +381,25 @@ def append(
     epoch: int,
     before_write: Callable[[], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    known: Heads | None = None,
 ) -> HistorySummary:
     """Record ``entry`` as the next history entry, written by the writer at ``epoch``.
 
     Refuses before any I/O if the compressed text does not fit a slot
     (``HistoryTooLarge``: the change itself stands, only its history entry
-    is missing). Re-reads every slot header, refuses a stale writer, and is
-    idempotent: if the newest entry already holds this very text, nothing
-    is written and that entry is returned (a retried request after a crash).
+    is missing). Re-reads every slot header (or, with ``known``, the two that
+    matter), refuses a stale writer, and is idempotent: if the newest entry
+    already holds this very text, nothing is written and that entry is
+    returned (a retried request after a crash).
     """
     if epoch <= 0:
         raise ValueError("writer epochs start at 1")
     vg_name, raw, stored = _compress(entry, layout)
     region = layout.region(REGION)
     size = slot_size(layout)
-    heads = [dev.read(region.offset + i * size, SECTOR) for i in range(MDHISTORY_ENTRIES)]
-    claims = [claim(h, KIND_MDHISTORY, region=REGION, offset=region.offset + i * size)
-              for i, h in enumerate(heads)]
+    claims, heads = _claims(dev, region, size, epoch, known)
+    if known is not None:
+        known.claims = None  # valid again only once this append has succeeded
     seq, slot = next_slot(claims, epoch, region=region)
     newest = [i for i, c in enumerate(claims) if c.state == "ours" and c.seq == seq - 1]
     if newest:
@@ -370,6 +408,8 @@ def append(
                 and last.vg_seqno == entry.vg_seqno:
             try:
                 if _inflate(last, last_stored) == entry.text:
+                    if known is not None:
+                        known.epoch, known.claims = epoch, claims
                     return last
             except CorruptRecord:
                 pass
@@ -386,6 +426,9 @@ def append(
     if before_write is not None:
         before_write()
     dev.write(offset, data[:SECTOR])
+    if known is not None:
+        claims[slot] = Claim("ours", seq=seq, epoch=epoch)
+        known.epoch, known.claims = epoch, claims
     return HistorySummary(
         slot=slot, offset=offset, seq=seq, epoch=epoch, vg_name=vg_name,
         vg_seqno=entry.vg_seqno, wall_ms=wall_ms, request_id=entry.request_id,

@@ -143,6 +143,16 @@ class Lvm:
             return self.vg_info(), []
         return vgs[0], lvs
 
+    def vg_and_lv(self, name: str) -> tuple[parse.VgInfo, parse.LvInfo]:
+        """The VG and one LV from one LVM process: cheaper than every LV at scale."""
+        fields = tuple(dict.fromkeys(parse.VG_FIELDS + parse.LV_FIELDS))
+        text = self._report("lvs", fields, f"{self.vg.name}/{name}")
+        lvs = parse.parse_lvs(text)
+        vgs = parse.parse_vgs(text.replace('"lv": [', '"vg": ['), command="lvs")
+        if len(lvs) != 1 or len(vgs) != 1 or lvs[0].name != name:
+            raise NotFound(kind="volume", name=name, where=f" in VG {self.vg.name}")
+        return vgs[0], lvs[0]
+
     def segments(self) -> list[parse.Segment]:
         return parse.parse_segments(
             self._report("lvs", parse.SEG_FIELDS, "--segments", self.vg.name))

@@ -337,49 +337,62 @@ class VgSection:
     end: int  # index just past the closing brace
 
 
+# What the scan must stop at. Each match first skips (atomically: no backtracking
+# into it; possessive quantifiers misbehave on groups in Python 3.11.2) plain text and
+# strings free of brackets, "#" and escapes, which cannot change the structure;
+# words, numbers, "=" and strings only matter at the top two levels, where the
+# text between two matches is tokenized again with _TOKEN.
+_SCAN = re.compile(r"""
+    (?>(?:[^"\#{}\[\]]+|"[^"\\\#{}\[\]]*")*)
+    (?:
+        (?P<comment>\#[^\n]*)
+      | (?P<string>"(?:[^"\\]|\\.)*")
+      | (?P<quote>")
+      | (?P<punct>[{}\[\]])
+      | (?P<end>\Z)
+    )
+""", re.VERBOSE | re.DOTALL)
+
+
 def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection:
     """Find the VG block and its top-level ``seqno`` with a small tokenizer.
 
     Comments and quoted strings are skipped properly, so a description or
-    tag that contains "seqno = 9" cannot be mistaken for the seqno.
+    tag that contains "seqno = 9" cannot be mistaken for the seqno. Only
+    brackets, strings and comments are looked at inside LV and PV sections
+    (most of a large VG's text), which keeps this fast at thousands of LVs.
     """
     def bad(detail: str) -> MdaError:
         return MdaError(path=path, offset=offset, detail=f"metadata text: {detail}")
 
-    pos = 0
     depth = 0
     word: str | None = None  # the last top-level word: the VG name once "{" follows
     name = ""
     start = 0
     seqno: int | None = None
     run: list[tuple[str, str]] = []  # the last tokens directly inside the VG block
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None:
-            raise bad(f"unterminated string at character {pos}")
-        kind, tok, pos = m.lastgroup or "", m.group(), m.end()
-        if kind in ("space", "comment"):
-            continue
+
+    def token(kind: str, tok: str, at: int) -> VgSection | None:
+        nonlocal depth, word, name, start, seqno, run
         if depth == 0:
             if kind == "punct" and tok == "{" and word is not None:
                 depth, name, run = 1, word, []
-                continue
-            if kind == "word":
-                word, start = tok, m.start()
+            elif kind == "word":
+                word, start = tok, at
             else:
                 word = None
-            continue
+            return None
         if kind == "punct" and tok in "{[":
             depth += 1
             run = []
-            continue
+            return None
         if kind == "punct" and tok in "}]":
             depth -= 1
             if depth == 0:
                 if seqno is None:
                     raise bad(f"VG {name!r} has no seqno")
-                return VgSection(name=name, seqno=seqno, start=start, end=pos)
-            continue
+                return VgSection(name=name, seqno=seqno, start=start, end=at + 1)
+            return None
         if depth == 1:
             run = [*run[-2:], (kind, tok)]
             if len(run) == 3 and run[0] == ("word", "seqno") and run[1] == ("punct", "="):
@@ -388,6 +401,38 @@ def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection
                 if kind != "word" or not tok.isdigit():
                     raise bad(f"seqno {tok!r} is not a number")
                 seqno = int(tok)
+        return None
+
+    def gap(lo: int, hi: int) -> VgSection | None:
+        if depth > 1:
+            return None
+        for m in _TOKEN.finditer(text, lo, hi):
+            if m.lastgroup not in ("space", "comment"):
+                found = token(m.lastgroup or "", m.group(), m.start())
+                if found is not None:
+                    return found
+        return None
+
+    pos = 0
+    for m in _SCAN.finditer(text):
+        kind = m.lastgroup or ""
+        at = m.start(kind)
+        found = gap(pos, at)
+        if found is not None:
+            return found
+        pos = m.end()
+        if kind == "end":  # matched so that no failed match is retried inside a string
+            break
+        if kind == "quote":
+            raise bad(f"unterminated string at character {at}")
+        if kind == "comment":
+            continue
+        found = token(kind, m.group(kind), at)
+        if found is not None:
+            return found
+    found = gap(pos, len(text))
+    if found is not None:
+        return found
     raise bad("no complete VG section")
 
 

@@ -9,7 +9,7 @@ journaled intent whose outcome was never recorded, whether it happened.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,13 @@ class Snapshot:
     def take(cls, lvm: Lvm) -> Snapshot:
         vg, lvs = lvm.vg_and_lvs()
         return cls(vg, {lv.name: lv for lv in lvs})
+
+    def changed(self, vg: VgInfo, gone: Sequence[str], lv: LvInfo | None) -> Snapshot:
+        """This snapshot after one change: ``gone`` names left, ``lv`` is new or changed."""
+        lvs = {name: x for name, x in self.lvs.items() if name not in gone}
+        if lv is not None:
+            lvs[lv.name] = lv
+        return Snapshot(vg, lvs)
 
 
 def _round_up(n: int, extent: int) -> int:
@@ -104,6 +111,10 @@ class VolumeOp:
     def effect(self, intent: dict[str, Any], snap: Snapshot) -> bool | None:
         """True: done; False: not done (safe to redo); None: cannot be done any more."""
         raise NotImplementedError
+
+    def touches(self, intent: dict[str, Any]) -> tuple[list[str], str | None]:
+        """(names the change removes, the name to report afterwards): all it changes."""
+        return [], intent["name"]
 
     def result(self, intent: dict[str, Any], snap: Snapshot) -> dict[str, Any]:
         lv = snap.lvs.get(intent.get("name_after", intent.get("name", "")))
@@ -199,6 +210,9 @@ class RenameOp(VolumeOp):
     def apply(self, intent: dict[str, Any], timeout: float) -> None:
         self.lvm.lvrename(intent["name"], intent["name_after"], timeout=timeout)
 
+    def touches(self, intent: dict[str, Any]) -> tuple[list[str], str | None]:
+        return [intent["name"]], intent["name_after"]
+
     def effect(self, intent: dict[str, Any], snap: Snapshot) -> bool | None:
         after, before = snap.lvs.get(intent["name_after"]), snap.lvs.get(intent["name"])
         if after is not None and after.uuid == intent["uuid"]:
@@ -226,6 +240,9 @@ class RemoveOp(VolumeOp):
 
     def apply(self, intent: dict[str, Any], timeout: float) -> None:
         self.lvm.lvremove(intent["name"], timeout=timeout)
+
+    def touches(self, intent: dict[str, Any]) -> tuple[list[str], str | None]:
+        return [intent["name"]], None
 
     def effect(self, intent: dict[str, Any], snap: Snapshot) -> bool | None:
         lv = snap.lvs.get(intent["name"])
