@@ -22,9 +22,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fenceless.errors import ConfigError, UsageError
 
@@ -40,14 +38,14 @@ DEVICE_RE = re.compile(r"^/dev/[A-Za-z0-9/_.:+-]+$")
 ACTIVATION_MODES = ("lvm", "lab")
 
 
-@dataclass(frozen=True)
-class VgConfig:
+# NamedTuples, not dataclasses: every CLI start loads a config, and the
+# dataclasses module alone costs several ms of imports.
+class VgConfig(NamedTuple):
     name: str
     devices: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class HostConfig:
+class HostConfig(NamedTuple):
     path: str
     host: str
     state_dir: str
@@ -85,7 +83,8 @@ def resolve_path(cli_path: str | None, environ: dict[str, str] | None = None) ->
 
 def load(path: str) -> HostConfig:
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError as exc:
         raise ConfigError(
             path=path,

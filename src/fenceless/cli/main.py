@@ -586,7 +586,6 @@ def _writer(args: argparse.Namespace) -> int:
 
 def _volume(args: argparse.Namespace) -> int:
     import getpass
-    import secrets
 
     from fenceless.validate import human, lv_name, parse_size
 
@@ -633,7 +632,8 @@ def _volume(args: argparse.Namespace) -> int:
     argv = ["fenceless", "volume", sub, args.name] + (
         [args.size] if sub in ("create", "extend") else []) + (
         [args.new_name] if sub == "rename" else [])
-    request = {"id": args.request_id or secrets.token_hex(8), "op": sub, "args": body,
+    # os.urandom is what secrets uses, without its 4 ms of imports (hmac, random).
+    request = {"id": args.request_id or os.urandom(8).hex(), "op": sub, "args": body,
                "user": getpass.getuser(), "argv": argv}
     res = _agent_call(cfg, {"op": "volume", "vg": args.vg, "request": request},
                       timeout=args.timeout)

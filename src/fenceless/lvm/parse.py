@@ -203,7 +203,9 @@ def parse_segments(text: str, command: str = "lvs --segments") -> list[Segment]:
 
 
 def as_json(obj: Any) -> Any:
-    """A plain-JSON form of the records above, for ``--json`` output."""
+    """A plain-JSON form of the records above (and of NamedTuples), for ``--json`` output."""
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return {k: as_json(getattr(obj, k)) for k in obj._fields}
     if isinstance(obj, list | tuple):
         return [as_json(x) for x in obj]
     if hasattr(obj, "__dataclass_fields__"):
