@@ -43,7 +43,6 @@ import platform
 import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,11 +55,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from common import child_env, code_state, fenceless_cli, lab, lab_loops, log, med, p90, wait_until
+
 from fenceless import config as cfgmod
 from fenceless.agent.daemon import Agent, VgAgent
 from fenceless.blockio import BlockDevice, device_size, open_device
 from fenceless.config import HostConfig
-from fenceless.errors import FencelessError
 from fenceless.lab import cluster
 from fenceless.lease.clock import SystemClock
 from fenceless.lease.delta import decode_host
@@ -85,49 +85,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --- small helpers -------------------------------------------------------------------
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fenceless_cli() -> str:
-    beside = Path(sys.executable).parent / "fenceless"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("fenceless")
-    if not found:
-        sys.exit("bench: the fenceless CLI is not installed (pip install -e .)")
-    return found
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a timed child: as on a real install (.pyc files used)."""
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.pop("LVM_SYSTEM_DIR", None)
-    env.update(extra)
-    return env
-
-
-def p90(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return xs[0]
-    return statistics.quantiles(xs, n=10, method="inclusive")[8]
-
-
-def med(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
 def ms(x: float) -> str:
     return f"{x * 1000:.1f}" if x < 1 else f"{x * 1000:.0f}"
-
-
-def lab(cli: str, *words: str) -> str:
-    proc = subprocess.run([cli, "lab", *words], capture_output=True, text=True, check=False,
-                          env=child_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"fenceless lab {' '.join(words[:3])} failed: {proc.stderr.strip()}")
-    return proc.stdout
 
 
 def on(cli: str, cfg_path: str, *words: str) -> str:
@@ -137,26 +96,6 @@ def on(cli: str, cfg_path: str, *words: str) -> str:
         raise RuntimeError(f"fenceless {' '.join(words)} ({cfg_path}) failed "
                            f"(rc {proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
-
-
-def lab_loops(tmp: Path) -> list[str]:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-    return [ln for ln in out.splitlines() if str(tmp) in ln]
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except FencelessError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 @dataclass
@@ -824,20 +763,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.part_set <= {"1", "2", "3"} or not args.part_set:
         p.error("--parts takes a list of 1, 2, 3")
     return args
-
-
-def code_state() -> str:
-    """The commit measured, and which product files differ from it (the tree may be dirty)."""
-    def git(*words: str) -> str:
-        proc = subprocess.run(["git", "-C", str(HERE.parent), *words], capture_output=True,
-                              text=True, check=False)
-        return proc.stdout.rstrip("\n") if proc.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = [ln[3:] for ln in git("status", "--porcelain", "--", "src").splitlines()]
-    return f"commit `{head}`" + (f", with uncommitted changes in {len(dirty)} path(s) under "
-                                 f"src/: " + ", ".join(f"`{d}`" for d in dirty)
-                                 if dirty else ", clean src/")
 
 
 def with_lab(cli: str, tmp: Path, name: str, body: Callable[[Path], Any]) -> Any:

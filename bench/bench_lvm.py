@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import fenceless_cli, lab, lab_loops, log, lvm_version, ms, p90
+
 from fenceless import config as cfgmod
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops.context import Context
@@ -70,22 +72,8 @@ SETTING_KEYS = ("global/use_aio", "global/activation", "devices/obtain_device_li
 # --- small helpers -------------------------------------------------------------------
 
 
-def fenceless_cli() -> str:
-    beside = Path(sys.executable).parent / "fenceless"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("fenceless")
-    if not found:
-        sys.exit("bench: the fenceless CLI is not installed (pip install -e .)")
-    return found
-
-
 def lv_name(i: int) -> str:
     return f"lv{i:05d}"
-
-
-def p90(xs: Sequence[float]) -> float:
-    return statistics.quantiles(xs, n=10, method="inclusive")[8]
 
 
 def setns_mount(fd: int) -> None:
@@ -309,10 +297,6 @@ def checkpoint(count: int, repeat: int,
 # --- report ------------------------------------------------------------------------------
 
 
-def ms(x: float) -> str:
-    return f"{x * 1000:.1f}"
-
-
 def table(results: dict[int, dict[tuple[str, str], Sample]]) -> str:
     head = ("| LVs | operation | default median ms | default p90 ms | adapter median ms "
             "| adapter p90 ms | ratio adapter/default (median) | adapter: in LVM ms (median) "
@@ -329,15 +313,6 @@ def table(results: dict[int, dict[tuple[str, str], Sample]]) -> str:
                          f"| {ms(p90(a.wall))} | {am / dm:.2f} | {ms(statistics.median(a.inner))} "
                          f"| {procs} |")
     return "\n".join(lines)
-
-
-def lvm_version() -> str:
-    out = subprocess.run([LVM, "version"], capture_output=True, text=True, check=False,
-                         env={**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"})
-    for line in out.stdout.splitlines():
-        if "LVM version:" in line:
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def argv_text(argv: Sequence[str]) -> str:
@@ -457,22 +432,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--counts is empty")
     args.count_list = counts
     return args
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def lab(cli: str, *words: str) -> str:
-    proc = subprocess.run([cli, "lab", *words], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fenceless lab {words[0]} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def lab_loops(tmp: Path) -> list[str]:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-    return [ln for ln in out.splitlines() if str(tmp) in ln]
 
 
 def main(argv: list[str]) -> int:

@@ -46,7 +46,6 @@ import platform
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,11 +56,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fenceless
+from common import (
+    child_env,
+    code_state,
+    compile_package,
+    fenceless_cli,
+    lab,
+    lab_loops,
+    log,
+    lvm_version,
+    med,
+    ms,
+    p90,
+    run_ok,
+    wait_until,
+)
+
 from fenceless import config as cfgmod
 from fenceless.agent import ipc
 from fenceless.agent.volumes import IDLE_AFTER, IDLE_POLL, POLL
-from fenceless.errors import FencelessError
 from fenceless.ops.status import read_status
 
 HERE = Path(__file__).resolve().parent
@@ -91,96 +104,6 @@ BL = _load_bench_lvm()
 
 
 # --- small helpers -------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fenceless_cli() -> str:
-    beside = Path(sys.executable).parent / "fenceless"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("fenceless")
-    if not found:
-        sys.exit("bench: the fenceless CLI is not installed (pip install -e .)")
-    return found
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a timed child: as on a real install (.pyc files used)."""
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.pop("LVM_SYSTEM_DIR", None)
-    env.update(extra)
-    return env
-
-
-def p90(xs: Sequence[float]) -> float:
-    if len(xs) < 2:
-        return xs[0]
-    return statistics.quantiles(xs, n=10, method="inclusive")[8]
-
-
-def med(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
-def ms(x: float) -> str:
-    return f"{x * 1000:.1f}"
-
-
-def run_ok(argv: Sequence[str], what: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, **kw)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (rc {proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()[-400:]}")
-    return proc
-
-
-def lab(cli: str, *words: str) -> str:
-    return run_ok([cli, "lab", *words], f"fenceless lab {' '.join(words[:3])}",
-                  env=child_env()).stdout
-
-
-def lab_loops(tmp: Path) -> list[str]:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-    return [ln for ln in out.splitlines() if str(tmp) in ln]
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except FencelessError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def compile_package() -> None:
-    """Byte-compile fenceless, so the timed processes find .pyc files as an install would."""
-    pkg = Path(fenceless.__file__).parent
-    run_ok([sys.executable, "-m", "compileall", "-q", str(pkg)], "compileall", env=child_env())
-
-
-def code_state() -> str:
-    """The commit measured, and which product files differ from it (the tree may be dirty)."""
-    def git(*words: str) -> str:
-        proc = subprocess.run(["git", "-C", str(HERE.parent), *words], capture_output=True,
-                              text=True, check=False)
-        return proc.stdout.rstrip("\n") if proc.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = [ln[3:] for ln in git("status", "--porcelain", "--", "src").splitlines()]
-    return f"commit `{head}`" + (f", with uncommitted changes in {len(dirty)} path(s) under "
-                                 f"src/: " + ", ".join(f"`{d}`" for d in dirty)
-                                 if dirty else ", clean src/")
 
 
 # --- the lab ---------------------------------------------------------------------------
@@ -587,7 +510,7 @@ def report(args: argparse.Namespace, lb: Lab, w: dict[str, list[float]] | None,
     load = os.getloadavg()
     out = [f"## {when}: `{' '.join(['bench/bench_volume.py', *args.argv])}`", "",
            f"Code: {info['code']}", "",
-           f"LVM {BL.lvm_version()} · kernel {platform.release()} · {os.cpu_count()} CPUs · "
+           f"LVM {lvm_version()} · kernel {platform.release()} · {os.cpu_count()} CPUs · "
            f"load average at the start {info['load0'][0]:.2f}, at the end {load[0]:.2f} · "
            f"run time {info['total']:.0f} s (lab and cluster set-up {lb.setup_seconds:.0f} s; "
            f"filling {args.lvs} LVs: {VG} {lb.fill_seconds.get(VG, 0):.0f} s, {VG_DEFAULT} "

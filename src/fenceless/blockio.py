@@ -178,7 +178,8 @@ class TimedIO:
     pile up threads without bound.
     """
 
-    def __init__(self, device: BlockDevice, timeout: float, max_abandoned: int = 32) -> None:
+    def __init__(self, device: BlockDevice, timeout: float, max_abandoned: int = 32,
+                 thread_init: Callable[[], object] | None = None) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.device = device
@@ -187,6 +188,8 @@ class TimedIO:
         self._lock = threading.Lock()
         self._abandoned = 0
         self._idle: list[_Worker] = []
+        self._closed = False
+        self.thread_init = thread_init  # run first in each worker (the agent's priority)
 
     @property
     def path(self) -> str:
@@ -237,6 +240,7 @@ class TimedIO:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True  # a busy worker exits when done instead of idling forever
             idle, self._idle = self._idle, []
         for worker in idle:
             worker.calls.put(None)
@@ -272,11 +276,13 @@ class _Worker:
 
     def loop(self) -> None:
         owner = self.owner
+        if owner.thread_init is not None:
+            owner.thread_init()
         while (call := self.calls.get()) is not None:
             call.run()
             with owner._lock:
                 # Idle again before the caller wakes: its next request finds this worker.
-                keep = len(owner._idle) < self.MAX_IDLE
+                keep = not owner._closed and len(owner._idle) < self.MAX_IDLE
                 if keep:
                     owner._idle.append(self)
                 call.done.set()

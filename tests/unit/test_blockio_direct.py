@@ -194,3 +194,21 @@ def test_timed_io_reuses_its_worker_and_a_hung_one_is_replaced() -> None:
     while workers() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert workers() == before
+
+
+def test_timed_io_closed_while_a_request_hangs_leaves_no_thread_behind() -> None:
+    def workers() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "fenceless-io")
+
+    before = workers()
+    mem = MemDevice(4 * SECTOR)
+    timed = TimedIO(mem, 0.1)
+    mem.hang()
+    with pytest.raises(IoTimeout):
+        timed.read(0, SECTOR)
+    timed.close()  # the hung worker is busy, not idle: it must exit once released
+    mem.unhang()
+    deadline = time.monotonic() + 5
+    while workers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers() == before

@@ -1,28 +1,48 @@
-"""The agent's scheduling priority: real-time for itself, normal for its children."""
+"""The agent's scheduling priority: real-time for its lease threads, normal for LVM."""
 
+import ast
 import os
 import subprocess
 import sys
 
 CHILD = r"""
-import os, subprocess, sys
-from fenceless.agent.priority import raise_priority
-got = raise_priority(lambda m: print("log:", m, file=sys.stderr))
-mine = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
-probe = "import os; print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))"
-child = subprocess.run([sys.executable, "-c", probe],
-                       capture_output=True, text=True, check=True).stdout.split()
-print(got, mine, *child)
+import os, subprocess, sys, threading
+from fenceless.agent.priority import raise_this_thread
+from fenceless.blockio import MemDevice, TimedIO
+
+def policy():
+    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+
+seen = {}
+def lease_thread():
+    seen["raised"] = raise_this_thread()
+    seen["lease thread"] = policy()
+    timed = TimedIO(MemDevice(4096), 1.0, thread_init=raise_this_thread)
+    timed.read(0, 4096)
+    worker = [t for t in threading.enumerate() if t.name == "fenceless-io"][0]
+    seen["io worker"] = os.sched_getscheduler(worker.native_id) & ~os.SCHED_RESET_ON_FORK
+    plain = threading.Thread(target=lambda: seen.__setitem__("plain thread", policy()))
+    plain.start(); plain.join()
+    probe = "import os; print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.split()
+    seen["lvm child"], seen["lvm child nice"] = int(out[0]), int(out[1])
+
+t = threading.Thread(target=lease_thread); t.start(); t.join()
+print(repr(seen))
 """
 
 
-def test_agent_runs_round_robin_and_its_children_do_not():
+def test_lease_threads_run_round_robin_and_lvm_children_do_not():
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                         check=True).stdout.split()
-    got, mine, child_policy, child_nice = out[0], int(out[1]), int(out[2]), int(out[3])
+                         check=True).stdout
+    seen = ast.literal_eval(out)
     if os.geteuid() != 0:
-        assert got in ("nice", "normal")
+        assert seen["raised"] in ("nice", "normal")
         return
-    assert got == "rr"
-    assert mine == os.SCHED_RR
-    assert child_policy == os.SCHED_OTHER and child_nice == 0  # LVM is not real-time
+    assert seen["raised"] == "rr"
+    assert seen["lease thread"] == os.SCHED_RR
+    assert seen["io worker"] == os.SCHED_RR  # TimedIO's worker ran thread_init
+    # The kernel resets new threads and processes alike: each must raise itself.
+    assert seen["plain thread"] == os.SCHED_OTHER
+    assert seen["lvm child"] == os.SCHED_OTHER and seen["lvm child nice"] == 0

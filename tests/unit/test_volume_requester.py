@@ -121,6 +121,8 @@ def test_without_a_lease_a_member_queues_and_a_stranger_is_refused(tmp_path):
 
 
 def test_a_host_that_becomes_the_writer_runs_its_own_waiting_requests():
+    """Kept in the inbox (on disk too) until each outcome is recorded: nothing is lost
+    if the agent dies or the role goes away in between."""
     svc, dev = requester()
     waiting, given_up = pending("waiting"), pending("given-up")
     svc.submit(waiting)
@@ -130,6 +132,44 @@ def test_a_host_that_becomes_the_writer_runs_its_own_waiting_requests():
     assert given_up.error is not None and not waiting.done.is_set()
     svc.a.epoch = 3
     svc.adopt_own()
-    assert [(rid, item) for _h, r, item in svc.work for rid in [r.id]] == [
+    assert [(r.id, item) for _h, r, item in svc.work] == [
         ("waiting", waiting), ("given-up", None)]
-    assert mb.read_inbox(dev, LAYOUT, HOST_ID).requests == ()  # no later writer re-runs them
+    svc.adopt_own()  # a second pass adds nothing twice
+    assert len(svc.work) == 2
+    on_disk = [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests]
+    assert on_disk == ["waiting", "given-up"]
+    svc.work.pop(0)
+    svc.in_work.discard("waiting")
+    svc.forget_own("waiting")  # its outcome is recorded
+    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["given-up"]
+    svc.a.epoch = None  # the role is lost with "given-up" still to do
+    svc.requeue()
+    assert svc.work == [] and svc.in_work == set()
+    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["given-up"]
+
+
+def test_an_answered_request_leaves_the_inbox_even_if_nobody_waits_for_it():
+    svc, dev = requester()
+    item = pending("late")
+    svc.submit(item)
+    item.deadline = 0.0
+    svc.expire(now=1.0)
+    writer_replies(dev, mb.Reply("late", "ok", result={"size_bytes": 16}, fp=fp()))
+    svc.poll_outbox()
+    assert mb.read_inbox(dev, LAYOUT, HOST_ID).requests == ()
+
+
+def test_a_retry_joins_the_queued_request_and_another_operation_is_refused():
+    svc, dev = requester()
+    first = pending("x")
+    svc.submit(first)
+    first.deadline = 0.0
+    svc.expire(now=1.0)
+    with pytest.raises(UserError, match="already queued here for `extend`"):
+        svc.submit(pending("x", "+16M"))
+    retry = pending("x")
+    svc.submit(retry)
+    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["x"]  # no copy
+    writer_replies(dev, mb.Reply("x", "ok", result={"size_bytes": 16}, fp=fp()))
+    svc.poll_outbox()
+    assert retry.done.is_set() and retry.result == {"size_bytes": 16}

@@ -34,7 +34,7 @@ from typing import Any
 
 from fenceless import __version__
 from fenceless.agent.ipc import Server
-from fenceless.agent.priority import raise_priority
+from fenceless.agent.priority import raise_priority, raise_this_thread
 from fenceless.agent.volumes import POLL, VolumeService
 from fenceless.blockio import BlockDevice, IoError, TimedIO, device_size, open_device
 from fenceless.config import HostConfig, VgConfig
@@ -218,7 +218,8 @@ class VgAgent:
         if self.dev is None:
             path = self.vg.devices[0]
             self.size = device_size(path)
-            self.dev = TimedIO(self.agent.opener(path, True), timeout=self.cfg.io_timeout)
+            self.dev = TimedIO(self.agent.opener(path, True), timeout=self.cfg.io_timeout,
+                               thread_init=raise_this_thread)
 
     def attach(self) -> bool:
         """Find the control area through the anchor; False while there is none."""
@@ -234,7 +235,7 @@ class VgAgent:
         # From now on N is the cluster's, from the superblock.
         self.dev.close()
         self.dev = TimedIO(self.agent.opener(self.vg.devices[0], True),
-                           timeout=self.area.io_timeout)
+                           timeout=self.area.io_timeout, thread_init=raise_this_thread)
         self.area = ControlArea.open(self.dev, anchor, self.clock)
         self.observer = HostObserver(self.area.hosts())
         self.log(f"found cluster {anchor.cluster_uuid} (control LV {anchor.lv_name}, "
@@ -254,6 +255,7 @@ class VgAgent:
     # --- the loop ---------------------------------------------------------------
 
     def loop(self) -> None:
+        raise_this_thread()  # renewals must not wait behind a busy host's other work
         next_tick = 0.0
         while not self.stop.is_set():
             now = self.clock.monotonic()
@@ -290,6 +292,8 @@ class VgAgent:
             self.volumes.writer_poll()
             self.volumes.run_work()
         else:
+            if self.volumes.work:  # the role was given up between two passes
+                self.volumes.requeue()
             self.volumes.publish_inbox()
             self.volumes.poll_outbox()
             self.volumes.expire(self.clock.monotonic())
@@ -928,7 +932,7 @@ class Agent:
         return self.vgs[vg.name].submit(request, timeout)
 
     def run(self) -> int:
-        self.priority = raise_priority(self.log)  # before any thread starts: they inherit it
+        self.priority = raise_priority(self.log)  # each lease thread raises its own too
         with contextlib.suppress(FencelessError):
             self.lvm_version = self.ctx.lvm().version()
         self.log(f"fenceless agent {__version__} on host {self.cfg.host} (pid {self.pid}), "

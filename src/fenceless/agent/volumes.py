@@ -90,6 +90,17 @@ class VolumeService:
         if request.id in self.outgoing or request.id in self.in_work:
             raise UserError(detail=f"request {request.id} is already in flight")
         a = self.a
+        queued = self.own_pending().get(request.id)
+        if queued is not None:
+            # Still in this host's mailbox from an earlier try whose CLI gave up.
+            if queued.fingerprint != request.fingerprint:
+                raise UserError(detail=(
+                    f"request id {request.id} is already queued here for `{queued.op}` with "
+                    f"{queued.args}; a retry must repeat the same operation, and a new "
+                    "operation needs a new id"))
+            self.outgoing[request.id] = item  # wait for that one's reply
+            self.last_outbox = b""
+            return
         if a.epoch is not None:
             self.work.append((None, request, item))
             self.in_work.add(request.id)
@@ -109,19 +120,43 @@ class VolumeService:
 
     # --- the requester --------------------------------------------------------------
 
-    def adopt_own(self) -> None:
-        """This host became the writer: carry out its own requests still waiting for one.
+    def own_pending(self) -> dict[str, mb.Request]:
+        """This host's requests not yet answered: in its inbox, or waiting for room there."""
+        return {r.id: r for r in [*self.inbox, *self.queued]}
 
-        Also those whose CLI stopped waiting: they were promised to run.
+    def adopt_own(self) -> None:
+        """As the writer, carry out this host's own requests still waiting in its mailbox.
+
+        Also those whose CLI stopped waiting: they were promised to run. They stay
+        in the inbox (on disk too) until their outcome is recorded, so a crash or a
+        lost role in between loses none of them.
         """
-        if not self.inbox and not self.queued:
-            return
-        for req in [*self.inbox, *self.queued]:
+        for req in self.own_pending().values():
             if req.id not in self.in_work:
                 self.work.append((None, req, self.outgoing.pop(req.id, None)))
                 self.in_work.add(req.id)
-        self.inbox, self.queued = [], []
-        self._dirty = True  # empty our inbox on disk: a later writer must not see them
+
+    def forget_own(self, rid: str) -> None:
+        """An own request has its outcome (recorded by this writer): out of the mailbox."""
+        if rid not in self.own_pending():
+            return
+        self.inbox = [r for r in self.inbox if r.id != rid]
+        self.queued = [r for r in self.queued if r.id != rid]
+        self._dirty = True
+        with contextlib.suppress(FencelessError):
+            self.publish_inbox()  # if this fails, the next publish carries it
+
+    def requeue(self) -> None:
+        """No longer the writer: this host's own requests go through the mailbox again."""
+        pending = self.own_pending()
+        for hid, req, item in self.work:
+            self.in_work.discard(req.id)
+            if hid is None:
+                if item is not None:
+                    self.outgoing[req.id] = item
+                if req.id not in pending:
+                    self.queued.append(req)
+        self.work = []
         with contextlib.suppress(FencelessError):
             self.publish_inbox()
 
@@ -147,7 +182,7 @@ class VolumeService:
 
     def poll_outbox(self) -> None:
         a = self.a
-        if not self.outgoing or a.lease is None or a.area is None:
+        if not self.inbox or a.lease is None or a.area is None:
             return
         off = mb.offsets(a.area.layout, a.lease.host_id)[1]
         raw = a.area.dev.read(off, SECTOR)
@@ -157,14 +192,17 @@ class VolumeService:
         box = mb.decode_outbox(raw, off)
         if box is None:
             return
-        asked = {r.id: r for r in [*self.inbox, *self.queued]}
-        done = [r for r in box.replies
-                if r.id in self.outgoing and r.id in asked and r.answers(asked[r.id])]
+        asked = self.own_pending()
+        done = [r for r in box.replies if r.id in asked and r.answers(asked[r.id])]
         for reply in done:
-            _complete(self.outgoing.pop(reply.id), reply)
+            item = self.outgoing.pop(reply.id, None)
+            if item is not None:
+                _complete(item, reply)
         if done:
+            # Answered requests leave the inbox, also those nobody waits for any more.
             ids = {r.id for r in done}
             self.inbox = [r for r in self.inbox if r.id not in ids]
+            self.queued = [r for r in self.queued if r.id not in ids]
             self._dirty = True
             self.publish_inbox()
 
@@ -257,17 +295,12 @@ class VolumeService:
             self.in_work.discard(req.id)
             if item is not None:
                 _complete(item, reply)
-            elif hid is not None:
+            if hid is not None:
                 self.reply(hid, dataclasses.replace(reply, fp=req.fingerprint))
+            else:
+                self.forget_own(req.id)
         if a.epoch is None:
-            # No longer the writer: local requests go through the mailbox instead.
-            for _hid, req, item in self.work:
-                self.in_work.discard(req.id)
-                if item is not None:
-                    self.outgoing[req.id] = item
-                    self.queued.append(req)
-            self.work = []
-            self.publish_inbox()
+            self.requeue()
 
     def reply(self, hid: int, reply: mb.Reply) -> None:
         a = self.a
