@@ -55,7 +55,17 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from common import child_env, code_state, fenceless_cli, lab, lab_loops, log, med, p90, wait_until
+from common import (
+    child_env,
+    code_state,
+    lab,
+    lab_loops,
+    log,
+    med,
+    p90,
+    start,
+    wait_until,
+)
 
 from fenceless import config as cfgmod
 from fenceless.agent.daemon import Agent, VgAgent
@@ -783,15 +793,9 @@ def with_lab(cli: str, tmp: Path, name: str, body: Callable[[Path], Any]) -> Any
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (loop devices, LVM)", file=sys.stderr)
+    cli = start()
+    if cli is None:
         return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    cli = fenceless_cli()
     t0 = time.perf_counter()
     started_wall = time.time()
     info: dict[str, Any] = {"load0": os.getloadavg(), "code": code_state()}

@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import fenceless_cli, lab, lab_loops, log, lvm_version, ms, p90
+from common import lab, lab_loops, log, lvm_version, ms, p90, start
 
 from fenceless import config as cfgmod
 from fenceless.lvm.adapter import Lvm, Role
@@ -436,15 +435,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (loop devices, LVM)", file=sys.stderr)
+    cli = start()
+    if cli is None:
         return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    cli = fenceless_cli()
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="fenceless-bench-"))
     labdir = tmp / "lab"

@@ -45,7 +45,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,6 @@ from common import (
     child_env,
     code_state,
     compile_package,
-    fenceless_cli,
     lab,
     lab_loops,
     log,
@@ -69,6 +67,7 @@ from common import (
     ms,
     p90,
     run_ok,
+    start,
     wait_until,
 )
 
@@ -610,15 +609,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: needs root (loop devices, LVM)", file=sys.stderr)
+    cli = start()
+    if cli is None:
         return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    cli = fenceless_cli()
     t0 = time.perf_counter()
     started_wall = time.time()
     info: dict[str, Any] = {"load0": os.getloadavg(), "code": code_state()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -122,3 +123,17 @@ def code_state() -> str:
     return f"commit `{head}`" + (f", with uncommitted changes in {len(dirty)} path(s) under "
                                  f"src/: " + ", ".join(f"`{d}`" for d in dirty)
                                  if dirty else ", clean src/")
+
+
+def start() -> str | None:
+    """A bench's first step: root or nothing (loop devices, LVM); SIGTERM unwinds through
+    the ``finally`` that takes the lab down. Returns the CLI to run, or None."""
+    if os.geteuid() != 0:
+        print("bench: needs root (loop devices, LVM)", file=sys.stderr)
+        return None
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    return fenceless_cli()
