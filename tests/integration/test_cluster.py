@@ -338,6 +338,30 @@ def test_handover_moves_the_writer_to_the_named_host(cluster):
     assert refused.returncode == 2 and "is alive" in refused.stderr
 
 
+def test_a_writer_that_dies_mid_handover_leaves_the_role_to_the_named_host(cluster):
+    """Killed after recording "hand over to h2" but before releasing: h2 finishes the
+    handover by itself once the old writer is gone, and the restarted old writer does
+    not take the role back from it."""
+    lab = cluster(hosts=3)
+    wait_until(lambda: all_live(lab, "h3", ["h1", "h2", "h3"]), 10, "live from h3")
+    agent(lab, "h1", "stop")
+    cli("lab", "agent", "--dir", str(lab.dir), "h1", "start",
+        env={"FENCELESS_CRASHPOINT": "agent.handover-recorded"})
+    lab.on("h1", "writer", "takeover", "--wait")  # the stop released the role
+    asked = lab.on("h3", "writer", "handover", "h2", "--timeout", "3", check=False)
+    assert asked.returncode != 0  # h1 died at the crash point: no answer
+    wait_until(lambda: cli("lab", "agent", "--dir", str(lab.dir), "h1", "pid",
+                           check=False).returncode != 0, 30, "h1's agent to die")
+    st = wait_until(lambda: (s := status(lab, "h3"))["writer"]["host"] == "h2" and s,
+                    30, "h2 to finish the handover")
+    assert st["writer"]["epoch"] == 3
+    agent(lab, "h1", "start")
+    wait_until(lambda: all_live(lab, "h3", ["h1", "h2", "h3"]), 30, "h1 back")
+    time.sleep(6 * 0.2)  # a few renewals of h1's new incarnation
+    st = status(lab, "h3")
+    assert (st["writer"]["host"], st["writer"]["epoch"]) == ("h2", 3)
+
+
 def test_a_second_machine_with_a_live_hosts_name_is_refused(cluster):
     lab = cluster(hosts=4, join=("h2", "h3"))
     # h4 is misconfigured with h2's name: it must be refused, not merged with h2.

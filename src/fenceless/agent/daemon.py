@@ -524,27 +524,45 @@ class VgAgent:
             if self.lease.remaining() > 2 * self.n:
                 self.acquire("the lease is healthy again")
             return
-        if leader is not None and not leader.released and \
-                leader.owner_id == self.lease.host_id and \
-                leader.owner_generation < self.lease.generation:
-            # The writer was this host's previous incarnation (its lease ran out, or the
-            # agent restarted): it writes nothing any more, and nobody else was made
-            # writer since. Take the role back at a new epoch rather than leave the
-            # cluster without a writer until an admin notices; a racing takeover from
-            # another host is settled by the ballot.
-            self.acquire("this host was the writer before its host lease was renewed anew")
-            return
         if self.handover_request and leader is not None and \
                 leader.lver > int(self.handover_request.get("from_epoch", 0)):
             self.handover_request = None  # done (or overtaken): stop asking
-        if leader is not None and leader.released:
-            view = self.area.ledger()
-            ho = (view.current.state.get("handover") if view.current else None) or {}
-            if ho.get("to_id") == self.lease.host_id and ho.get("from_epoch") == leader.lver:
+        if leader is None or leader.owner_id == 0:
+            pass
+        elif leader.released:
+            if self.handover_to(leader).get("to_id") == self.lease.host_id:
                 self.acquire("planned handover")
+                return
+        elif self.observer.owner_gone(leader.owner_id, leader.owner_generation,
+                                      self.clock.monotonic()):
+            # The writer's incarnation is gone without releasing the role.
+            ho = self.handover_to(leader)
+            target = ho.get("to_id")
+            if target == self.lease.host_id:
+                # It died between recording a handover to us and releasing: finish it.
+                self.acquire(f"completing the handover {ho.get('to')} was promised")
+                return
+            if leader.owner_id == self.lease.host_id and not (
+                    isinstance(target, int) and
+                    self.observer.state(target, self.clock.monotonic()) is HostState.LIVE):
+                # The writer was this host's previous incarnation (its lease ran out, or
+                # the agent restarted): it writes nothing any more, and nobody else was
+                # made writer since. Take the role back at a new epoch rather than leave
+                # the cluster without a writer until an admin notices (unless it had
+                # named a live successor, which takes it); a racing takeover from another
+                # host is settled by the ballot.
+                self.acquire("this host was the writer before its host lease was "
+                             "renewed anew")
                 return
         if self.agent.auto_takeover and self.is_candidate(leader):
             self.acquire("automatic takeover")
+
+    def handover_to(self, leader: Leader) -> dict[str, Any]:
+        """The handover the ledger records away from ``leader``'s epoch, or {}."""
+        assert self.area is not None
+        view = self.area.ledger()
+        ho = (view.current.state.get("handover") if view.current else None) or {}
+        return ho if isinstance(ho, dict) and ho.get("from_epoch") == leader.lver else {}
 
     def is_candidate(self, leader: Leader | None) -> bool:
         """The writer is gone, and this is the lowest-numbered live host."""
