@@ -33,6 +33,17 @@ def lv_name(name: str, *, kind: str = "volume") -> str:
     return name
 
 
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def request_id(rid: str) -> str:
+    """A request id: it becomes part of an LVM tag and of records on the LUN."""
+    if not _REQUEST_ID_RE.match(rid):
+        raise InvalidName(kind="request id", name=rid,
+                          reason="use 1 to 64 letters, digits and _ . -")
+    return rid
+
+
 _UNITS = {"": None, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")

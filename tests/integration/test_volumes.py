@@ -82,6 +82,7 @@ def test_volume_from_a_non_writer_appears_everywhere(vlab):
     (["extend", "nope", "+4M"], "not found"),
     (["rename", "v", "v"], "already exists"),
     (["remove", "nope"], "not found"),
+    (["create", "x", "8M", "--request-id", "no spaces"], "Invalid request id"),
 ])
 def test_bad_requests_are_refused_and_change_nothing(vlab, argv, expect):
     lab = vlab(2)

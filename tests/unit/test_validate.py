@@ -1,7 +1,7 @@
 import pytest
 
 from fenceless.errors import InvalidName, InvalidSize
-from fenceless.validate import human, lv_name, parse_size
+from fenceless.validate import human, lv_name, parse_size, request_id
 
 
 @pytest.mark.parametrize(("text", "value"), [
@@ -46,3 +46,11 @@ def test_human():
     assert human(8 << 30) == "8G"
     assert human(1536 << 20) == "1.50G"
     assert human(12) == "12B"
+
+
+def test_request_ids_are_what_an_lvm_tag_and_a_record_can_hold():
+    assert request_id("retry-me_1.2") == "retry-me_1.2"
+    assert request_id("a" * 64) == "a" * 64
+    for bad in ("", "a" * 65, "no spaces", "a/b", "x$(rm)", "é"):
+        with pytest.raises(InvalidName, match="request id"):
+            request_id(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,7 +33,8 @@ def requester(state_dir: str = "/nonexistent") -> tuple[VolumeService, MemDevice
     agent: Any = SimpleNamespace(epoch=None, lease=FakeLease(),
                                  area=SimpleNamespace(dev=dev, layout=LAYOUT),
                                  cfg=SimpleNamespace(host="h2", state_dir=state_dir),
-                                 vg=SimpleNamespace(name="vg"))
+                                 vg=SimpleNamespace(name="vg"), n=0.1,
+                                 clock=SimpleNamespace(monotonic=time.monotonic))
     return VolumeService(agent), dev
 
 
@@ -173,3 +175,15 @@ def test_a_retry_joins_the_queued_request_and_another_operation_is_refused():
     writer_replies(dev, mb.Reply("x", "ok", result={"size_bytes": 16}, fp=fp()))
     svc.poll_outbox()
     assert retry.done.is_set() and retry.result == {"size_bytes": 16}
+
+
+def test_an_own_request_that_just_failed_waits_before_it_is_tried_again():
+    svc, _dev = requester()
+    svc.submit(pending("flaky"))
+    svc.a.epoch = 3
+    svc.retry_after["flaky"] = time.monotonic() + 60  # as run_work sets it on a failure
+    svc.adopt_own()
+    assert svc.work == []
+    svc.retry_after["flaky"] = time.monotonic() - 1
+    svc.adopt_own()
+    assert [r.id for _h, r, _i in svc.work] == ["flaky"]

@@ -542,9 +542,7 @@ class VgAgent:
                 # It died between recording a handover to us and releasing: finish it.
                 self.acquire(f"completing the handover {ho.get('to')} was promised")
                 return
-            if leader.owner_id == self.lease.host_id and not (
-                    isinstance(target, int) and
-                    self.observer.state(target, self.clock.monotonic()) is HostState.LIVE):
+            if leader.owner_id == self.lease.host_id and not self.may_still_take(target):
                 # The writer was this host's previous incarnation (its lease ran out, or
                 # the agent restarted): it writes nothing any more, and nobody else was
                 # made writer since. Take the role back at a new epoch rather than leave
@@ -556,6 +554,14 @@ class VgAgent:
                 return
         if self.agent.auto_takeover and self.is_candidate(leader):
             self.acquire("automatic takeover")
+
+    def may_still_take(self, target: Any) -> bool:
+        """A named successor (another host) that is not known to be gone may yet take the
+        role: UNKNOWN (a fresh view after a restart) and FAIL count as maybe alive."""
+        assert self.lease is not None and self.observer is not None
+        return isinstance(target, int) and target != self.lease.host_id and \
+            self.observer.state(target, self.clock.monotonic()) not in (HostState.DEAD,
+                                                                      HostState.FREE)
 
     def handover_to(self, leader: Leader) -> dict[str, Any]:
         """The handover the ledger records away from ``leader``'s epoch, or {}."""
@@ -571,13 +577,9 @@ class VgAgent:
         if leader is not None and not leader.free and \
                 not self.observer.owner_gone(leader.owner_id, leader.owner_generation, now):
             return False
-        if leader is not None and leader.released:
-            view = self.area.ledger()
-            ho = (view.current.state.get("handover") if view.current else None) or {}
-            target = ho.get("to_id")
-            if isinstance(target, int) and ho.get("from_epoch") == leader.lver and \
-                    self.observer.state(target, now) is HostState.LIVE:
-                return False  # the named successor is alive: let it take over
+        if leader is not None and leader.owner_id != 0 and \
+                self.may_still_take(self.handover_to(leader).get("to_id")):
+            return False  # a named successor takes it (released or not): let it
         live = [h for h in range(1, self.area.sb.max_hosts + 1)
                 if h == self.lease.host_id or self.observer.state(h, now) is HostState.LIVE]
         return min(live) == self.lease.host_id

@@ -33,6 +33,7 @@ from fenceless.localstate import member
 from fenceless.lvm import mda
 from fenceless.lvm.adapter import Role
 from fenceless.ops import volume as vol
+from fenceless.validate import request_id
 
 if TYPE_CHECKING:
     from fenceless.agent.daemon import Pending, VgAgent
@@ -77,6 +78,7 @@ class VolumeService:
         self.last_poll = 0.0
         self.last_activity = 0.0
         self.snap_cache: tuple[Any, vol.Snapshot] | None = None
+        self.retry_after: dict[str, float] = {}  # request id -> not before (after a failure)
 
     # --- entry from the CLI ----------------------------------------------------------
 
@@ -131,8 +133,9 @@ class VolumeService:
         in the inbox (on disk too) until their outcome is recorded, so a crash or a
         lost role in between loses none of them.
         """
+        now = self.a.clock.monotonic()
         for req in self.own_pending().values():
-            if req.id not in self.in_work:
+            if req.id not in self.in_work and self.retry_after.get(req.id, 0.0) <= now:
                 self.work.append((None, req, self.outgoing.pop(req.id, None)))
                 self.in_work.add(req.id)
 
@@ -150,13 +153,14 @@ class VolumeService:
         """No longer the writer: this host's own requests go through the mailbox again."""
         pending = self.own_pending()
         for hid, req, item in self.work:
-            self.in_work.discard(req.id)
             if hid is None:
                 if item is not None:
                     self.outgoing[req.id] = item
                 if req.id not in pending:
                     self.queued.append(req)
         self.work = []
+        self.in_work.clear()  # nothing runs now (also ids an unexpected error left behind)
+        self.last_inboxes = b""  # as writer again, look at every inbox afresh
         with contextlib.suppress(FencelessError):
             self.publish_inbox()
 
@@ -239,6 +243,7 @@ class VolumeService:
             return
         self.last_activity = now
         self.last_inboxes = raw
+        self.retry_after = {k: t for k, t in self.retry_after.items() if t > now}
         for hid in range(1, a.area.sb.max_hosts + 1):
             if hid == a.lease.host_id:
                 continue
@@ -257,6 +262,9 @@ class VolumeService:
                 if (req.id in answered and answered[req.id].answers(req)) or \
                         req.id in self.in_work:
                     continue
+                if req.id in self.retry_after:  # it failed a moment ago: not yet again
+                    self.last_inboxes = b""  # so the next poll looks at it again
+                    continue
                 # Also a retry of a finished request: process() answers it from the ledger.
                 self.work.append((hid, req, None))
                 self.in_work.add(req.id)
@@ -269,12 +277,15 @@ class VolumeService:
             if a.epoch is None:
                 break
             hid, req, item = self.work.pop(0)
+            queued_here = hid is None and req.id in self.own_pending()
             try:
                 reply = self.process(hid, req)
             except LeaseLost as exc:
                 a.drop_writer(str(exc))
                 self.in_work.discard(req.id)
-                if item is not None:
+                if queued_here and item is not None:
+                    self.outgoing[req.id] = item  # still in the mailbox: it will run
+                elif item is not None:
                     item.error = exc
                     item.done.set()
                 break
@@ -284,7 +295,10 @@ class VolumeService:
                 a.log(f"request {req.id} ({req.op}) interrupted: {exc}")
                 self.in_work.discard(req.id)
                 self.last_inboxes = b""  # look at the inboxes again
-                if item is not None:
+                self.retry_after[req.id] = a.clock.monotonic() + 2 * a.n
+                if queued_here and item is not None:
+                    self.outgoing[req.id] = item  # still in the mailbox: it will run
+                elif item is not None:
                     item.error = ExecError(detail=(
                         f"request {req.id} was interrupted ({exc}); if it was journaled the "
                         f"writer finishes it: run it again with --request-id {req.id} to "
@@ -293,6 +307,7 @@ class VolumeService:
                 self.reconciled_epoch = None  # finish any journaled intent first
                 break
             self.in_work.discard(req.id)
+            self.retry_after.pop(req.id, None)
             if item is not None:
                 _complete(item, reply)
             if hid is not None:
@@ -432,16 +447,21 @@ class VolumeService:
         assert a.area is not None and a.lease is not None and a.epoch is not None
         state = self.ledger_state()
         host = a.cfg.host if hid is None else a.ledger_name(hid)
+        try:
+            request_id(req.id)  # from the disk: untrusted, and it becomes an LVM tag
+        except UserError as exc:
+            self.audit(host, req, "refused", str(exc))
+            return mb.Reply(req.id, "error", error=_error(exc))
         done = state.get("requests", {}).get(req.id)
         if done is not None:
             if (done.get("op"), done.get("args", req.args)) == (req.op, req.args):
                 return self.reply_from_record(req.id, done)
-            exc = UserError(detail=(
+            reused = UserError(detail=(
                 f"request id {req.id} was already used for `{done.get('op')}` with "
                 f"{done.get('args')}; a retry must repeat the same operation, and a new "
                 "operation needs a new id"))
-            self.audit(host, req, "refused", str(exc))
-            return mb.Reply(req.id, "error", error=_error(exc))
+            self.audit(host, req, "refused", str(reused))
+            return mb.Reply(req.id, "error", error=_error(reused))
         lvm = a.lvm(Role.WRITER)
         try:
             vop = vol.make(req.id, req.op, req.args, lvm, self.active_on)

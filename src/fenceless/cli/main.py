@@ -587,7 +587,7 @@ def _writer(args: argparse.Namespace) -> int:
 def _volume(args: argparse.Namespace) -> int:
     import getpass
 
-    from fenceless.validate import human, lv_name, parse_size
+    from fenceless.validate import human, lv_name, parse_size, request_id
 
     cfg = _load_cfg(args)
     sub = args.volume_command
@@ -633,7 +633,8 @@ def _volume(args: argparse.Namespace) -> int:
         [args.size] if sub in ("create", "extend") else []) + (
         [args.new_name] if sub == "rename" else [])
     # os.urandom is what secrets uses, without its 4 ms of imports (hmac, random).
-    request = {"id": args.request_id or os.urandom(8).hex(), "op": sub, "args": body,
+    rid = request_id(args.request_id) if args.request_id else os.urandom(8).hex()
+    request = {"id": rid, "op": sub, "args": body,
                "user": getpass.getuser(), "argv": argv}
     res = _agent_call(cfg, {"op": "volume", "vg": args.vg, "request": request},
                       timeout=args.timeout)
