@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    HERE,
+    LVM,
     child_env,
     code_state,
     lab,
@@ -64,6 +66,7 @@ from common import (
     med,
     p90,
     start,
+    take_down,
     wait_until,
 )
 
@@ -82,9 +85,7 @@ from fenceless.lvm.adapter import REPORT_OPTS
 from fenceless.ops.context import Context
 from fenceless.ops.status import read_status
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results-control.md"
-LVM = "/usr/sbin/lvm"
 VG = "sanvg"
 N_STATUS = 0.5  # io_timeout of the status / renewal lab
 N_TAKEOVER = 0.2  # io_timeout of the takeover lab
@@ -781,14 +782,8 @@ def with_lab(cli: str, tmp: Path, name: str, body: Callable[[Path], Any]) -> Any
     try:
         return body(labdir)
     finally:
-        try:
-            if (labdir / "lab.json").exists():
-                lab(cli, "down", "--dir", str(labdir))
-        finally:
-            left = lab_loops(labdir)
-            if left:
-                raise RuntimeError("loop devices left behind:\n  " + "\n  ".join(left))
-            log(f"lab {name} down; losetup -a shows none of its loop devices")
+        if take_down(cli, labdir, labdir):
+            raise RuntimeError(f"lab {name}: loop devices left behind")
 
 
 def main(argv: list[str]) -> int:

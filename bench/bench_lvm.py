@@ -47,16 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import lab, lab_loops, log, lvm_version, ms, p90, start
+from common import HERE, LVM, lab, log, lvm_version, ms, p90, start, take_down
 
 from fenceless import config as cfgmod
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops.context import Context
 from fenceless.runner import Result, Runner
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results.md"
-LVM = "/usr/sbin/lvm"
 LV_SIZE = 4 << 20
 VG_DEFAULT = "dflt"
 VG_ADAPTER = "fncl"
@@ -453,16 +451,9 @@ def main(argv: list[str]) -> int:
         with in_mount_namespace(int(host["holder_pid"])):
             text = run(args, tmp, host, t0)
     finally:
-        try:
-            lab(cli, "down", "--dir", str(labdir))
-        finally:
-            left = lab_loops(tmp)
-            if left:
-                print("bench: loop devices left behind:\n  " + "\n  ".join(left),
-                      file=sys.stderr)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-                log("lab down; losetup -a shows no lab loop device")
+        left = take_down(cli, labdir, tmp)
+        if not left:
+            shutil.rmtree(tmp, ignore_errors=True)
     if left:
         return 1
     print(text, end="")

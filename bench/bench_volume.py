@@ -56,11 +56,12 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    HERE,
+    LVM,
     child_env,
     code_state,
     compile_package,
     lab,
-    lab_loops,
     log,
     lvm_version,
     med,
@@ -68,6 +69,7 @@ from common import (
     p90,
     run_ok,
     start,
+    take_down,
     wait_until,
 )
 
@@ -76,9 +78,7 @@ from fenceless.agent import ipc
 from fenceless.agent.volumes import IDLE_AFTER, IDLE_POLL, POLL
 from fenceless.ops.status import read_status
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results-volume.md"
-LVM = "/usr/sbin/lvm"
 VG = "sanvg"  # the fenceless cluster
 VG_DEFAULT = "dflt"  # plain LVM, default settings
 N = 0.5
@@ -647,17 +647,9 @@ def main(argv: list[str]) -> int:
                              + ", ".join(f"`{x}`" for x in changed))
         text = report(args, lb, w, f, c, info)
     finally:
-        try:
-            if (labdir / "lab.json").exists():
-                lab(cli, "down", "--dir", str(labdir))
-        finally:
-            left = lab_loops(tmp)
-            if left:
-                print("bench: loop devices left behind:\n  " + "\n  ".join(left),
-                      file=sys.stderr)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-                log("lab down; losetup -a shows no lab loop device")
+        left = take_down(cli, labdir, tmp)
+        if not left:
+            shutil.rmtree(tmp, ignore_errors=True)
     if left:
         return 1
     print(text, end="")

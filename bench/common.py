@@ -137,3 +137,18 @@ def start() -> str | None:
 
     signal.signal(signal.SIGTERM, on_term)
     return fenceless_cli()
+
+
+def take_down(cli: str, labdir: Path, scope: Path) -> list[str]:
+    """Take the lab down (if it came up) and return the loop devices still attached over
+    files under ``scope``: a bench must leave none, whatever happened before."""
+    try:
+        if (labdir / "lab.json").exists():
+            lab(cli, "down", "--dir", str(labdir))
+    finally:
+        left = lab_loops(scope)
+    if left:
+        print("bench: loop devices left behind:\n  " + "\n  ".join(left), file=sys.stderr)
+    else:
+        log(f"lab {labdir.name} down; losetup -a shows none of its loop devices")
+    return left
