@@ -170,10 +170,19 @@ def test_mem_device_tears_writes_at_sector_boundaries() -> None:
     assert mem.read(0, 2 * SECTOR) == b"\x08" * (2 * SECTOR)
 
 
-def test_timed_io_reuses_its_worker_and_a_hung_one_is_replaced() -> None:
-    def workers() -> int:
-        return sum(1 for t in threading.enumerate() if t.name == "fenceless-io")
+def workers() -> int:
+    """TimedIO worker threads alive in this process."""
+    return sum(1 for t in threading.enumerate() if t.name == "fenceless-io")
 
+
+def wait_for_workers(count: int) -> None:
+    deadline = time.monotonic() + 5
+    while workers() > count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers() == count
+
+
+def test_timed_io_reuses_its_worker_and_a_hung_one_is_replaced() -> None:
     before = workers()
     mem = MemDevice(4 * SECTOR)
     timed = TimedIO(mem, 0.2)
@@ -190,16 +199,10 @@ def test_timed_io_reuses_its_worker_and_a_hung_one_is_replaced() -> None:
         time.sleep(0.01)
     assert timed.abandoned == 0
     timed.close()
-    deadline = time.monotonic() + 5
-    while workers() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert workers() == before
+    wait_for_workers(before)
 
 
 def test_timed_io_closed_while_a_request_hangs_leaves_no_thread_behind() -> None:
-    def workers() -> int:
-        return sum(1 for t in threading.enumerate() if t.name == "fenceless-io")
-
     before = workers()
     mem = MemDevice(4 * SECTOR)
     timed = TimedIO(mem, 0.1)
@@ -208,7 +211,4 @@ def test_timed_io_closed_while_a_request_hangs_leaves_no_thread_behind() -> None
         timed.read(0, SECTOR)
     timed.close()  # the hung worker is busy, not idle: it must exit once released
     mem.unhang()
-    deadline = time.monotonic() + 5
-    while workers() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert workers() == before
+    wait_for_workers(before)

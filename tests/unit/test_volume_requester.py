@@ -48,6 +48,20 @@ def fp(size: str = "+8M") -> str:
     return mb.Request("any", "extend", {"name": "r", "size": size}).fingerprint
 
 
+def inbox_ids(dev: MemDevice) -> list[str]:
+    return [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests]
+
+
+def given_up(svc: VolumeService, rid: str) -> Pending:
+    """Submit a request whose CLI then stops waiting (the request stays queued)."""
+    item = pending(rid)
+    svc.submit(item)
+    item.deadline = 0.0
+    svc.expire(now=1.0)
+    assert item.error is not None
+    return item
+
+
 def writer_replies(dev: MemDevice, *replies: mb.Reply) -> None:
     mb.write_outbox(dev, LAYOUT, HOST_ID, mb.Outbox(seq=1, epoch=1, replies=replies))
 
@@ -56,7 +70,7 @@ def test_a_reply_reaches_the_waiting_request_and_leaves_the_inbox():
     svc, dev = requester()
     item = pending("a")
     svc.submit(item)
-    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["a"]
+    assert inbox_ids(dev) == ["a"]
     writer_replies(dev, mb.Reply("a", "ok", result={"size_bytes": 1}, fp=fp()))
     svc.poll_outbox()
     assert item.done.is_set() and item.result == {"size_bytes": 1}
@@ -118,7 +132,7 @@ def test_without_a_lease_a_member_queues_and_a_stranger_is_refused(tmp_path):
     assert mb.read_inbox(dev, LAYOUT, HOST_ID) is None  # nothing written without a lease
     svc.a.lease = FakeLease()  # back
     svc.publish_inbox()
-    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["waits"]
+    assert inbox_ids(dev) == ["waits"]
     assert not item.done.is_set()
 
 
@@ -126,36 +140,31 @@ def test_a_host_that_becomes_the_writer_runs_its_own_waiting_requests():
     """Kept in the inbox (on disk too) until each outcome is recorded: nothing is lost
     if the agent dies or the role goes away in between."""
     svc, dev = requester()
-    waiting, given_up = pending("waiting"), pending("given-up")
+    waiting = pending("waiting")
     svc.submit(waiting)
-    svc.submit(given_up)
-    given_up.deadline = 0.0
-    svc.expire(now=1.0)  # its CLI stopped waiting; the request stays queued
-    assert given_up.error is not None and not waiting.done.is_set()
+    given_up(svc, "given-up")
+    assert not waiting.done.is_set()
     svc.a.epoch = 3
     svc.adopt_own()
     assert [(r.id, item) for _h, r, item in svc.work] == [
         ("waiting", waiting), ("given-up", None)]
     svc.adopt_own()  # a second pass adds nothing twice
     assert len(svc.work) == 2
-    on_disk = [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests]
+    on_disk = inbox_ids(dev)
     assert on_disk == ["waiting", "given-up"]
     svc.work.pop(0)
     svc.in_work.discard("waiting")
     svc.forget_own("waiting")  # its outcome is recorded
-    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["given-up"]
+    assert inbox_ids(dev) == ["given-up"]
     svc.a.epoch = None  # the role is lost with "given-up" still to do
     svc.requeue()
     assert svc.work == [] and svc.in_work == set()
-    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["given-up"]
+    assert inbox_ids(dev) == ["given-up"]
 
 
 def test_an_answered_request_leaves_the_inbox_even_if_nobody_waits_for_it():
     svc, dev = requester()
-    item = pending("late")
-    svc.submit(item)
-    item.deadline = 0.0
-    svc.expire(now=1.0)
+    given_up(svc, "late")
     writer_replies(dev, mb.Reply("late", "ok", result={"size_bytes": 16}, fp=fp()))
     svc.poll_outbox()
     assert mb.read_inbox(dev, LAYOUT, HOST_ID).requests == ()
@@ -163,15 +172,12 @@ def test_an_answered_request_leaves_the_inbox_even_if_nobody_waits_for_it():
 
 def test_a_retry_joins_the_queued_request_and_another_operation_is_refused():
     svc, dev = requester()
-    first = pending("x")
-    svc.submit(first)
-    first.deadline = 0.0
-    svc.expire(now=1.0)
+    given_up(svc, "x")
     with pytest.raises(UserError, match="already queued here for `extend`"):
         svc.submit(pending("x", "+16M"))
     retry = pending("x")
     svc.submit(retry)
-    assert [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests] == ["x"]  # no copy
+    assert inbox_ids(dev) == ["x"]  # no copy
     writer_replies(dev, mb.Reply("x", "ok", result={"size_bytes": 16}, fp=fp()))
     svc.poll_outbox()
     assert retry.done.is_set() and retry.result == {"size_bytes": 16}
