@@ -174,6 +174,15 @@ class VgAgent:
             if self.refresh_active(force=True) and self.lease is not None:
                 self.renew()  # publish the refreshed sizes now: an extend waits for them
 
+    def metadata_key(self) -> Any:
+        """LVM's metadata header on the PV (offset, size, checksum of the text), or None
+        if it cannot be read: equal keys mean byte-identical VG metadata."""
+        assert self.dev is not None
+        try:
+            return mda.read_mda_header(self.dev, location=self.mda_location, size=self.size).key
+        except FencelessError:
+            return None
+
     def lvm(self, role: Role = Role.READER) -> Lvm:
         """LVM for this VG, each command bounded by the time the lease has left."""
         lvm = self.agent.ctx.lvm(self.vg.name, role)

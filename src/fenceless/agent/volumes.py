@@ -30,7 +30,6 @@ from fenceless.faults import crashpoint
 from fenceless.ledger import format as fmt
 from fenceless.ledger import mailbox as mb
 from fenceless.localstate import member
-from fenceless.lvm import mda
 from fenceless.lvm.adapter import Role
 from fenceless.ops import volume as vol
 from fenceless.validate import request_id
@@ -342,19 +341,11 @@ class VolumeService:
         with one O_DIRECT sector: an unchanged key means unchanged metadata, so the
         report taken after one change serves the checks of the next request.
         """
-        a = self.a
-        assert a.dev is not None
-        try:
-            key = mda.read_mda_header(a.dev, location=a.mda_location, size=a.size).key
-        except FencelessError:
-            key = None
+        key = self.a.metadata_key()
         if key is not None and self.snap_cache is not None and self.snap_cache[0] == key:
             return self.snap_cache[1]
         snap = vol.Snapshot.take(lvm)
-        try:
-            again = mda.read_mda_header(a.dev, location=a.mda_location, size=a.size).key
-        except FencelessError:
-            again = None
+        again = self.a.metadata_key()
         self.snap_cache = (key, snap) if key is not None and again == key else None
         return snap
 
@@ -365,29 +356,21 @@ class VolumeService:
         exactly one commit since (ours) and the metadata header held still across the
         report; otherwise (or if anything is odd) a full report, as before.
         """
-        a, dev = self.a, self.a.dev
-        assert dev is not None
         before = self.snap_cache
         gone, name = vop.touches(intent)
-
-        def key() -> Any:
-            try:
-                return mda.read_mda_header(dev, location=a.mda_location, size=a.size).key
-            except FencelessError:
-                return None
-
         if before is not None:
-            k = key()
+            key = self.a.metadata_key()
             try:
                 if name is None:
                     vg, lv = vop.lvm.vg_info(), None
                 else:
                     vg, lv = vop.lvm.vg_and_lv(name)
             except FencelessError:
-                k = None
-            if k is not None and key() == k and vg.seqno == before[1].vg.seqno + 1:
+                key = None
+            if key is not None and self.a.metadata_key() == key and \
+                    vg.seqno == before[1].vg.seqno + 1:
                 snap = before[1].changed(vg, gone, lv)
-                self.snap_cache = (k, snap)
+                self.snap_cache = (key, snap)
                 return snap
         self.snap_cache = None
         return self.snapshot(vop.lvm)

@@ -351,6 +351,11 @@ class Heads:
     claims: list[Claim] | None = None
 
 
+def _newest(claims: list[Claim], seq: int) -> list[int]:
+    """The slot(s) holding the entry just before number ``seq``."""
+    return [i for i, c in enumerate(claims) if c.state == "ours" and c.seq == seq - 1]
+
+
 def _claims(dev: BlockDevice, region: Region, size: int, epoch: int,
             known: Heads | None) -> tuple[list[Claim], dict[int, bytes]]:
     """Every slot's claim, and the header sectors read (all, or the two that matter)."""
@@ -362,7 +367,7 @@ def _claims(dev: BlockDevice, region: Region, size: int, epoch: int,
         claims = list(known.claims)
         seq, slot = next_slot(claims, epoch, region=region)
         heads: dict[int, bytes] = {}
-        newest = [i for i, c in enumerate(claims) if c.state == "ours" and c.seq == seq - 1]
+        newest = _newest(claims, seq)
         for i in {slot, *newest}:
             heads[i], now = read(i)
             if now != claims[i]:
@@ -401,7 +406,7 @@ def append(
     if known is not None:
         known.claims = None  # valid again only once this append has succeeded
     seq, slot = next_slot(claims, epoch, region=region)
-    newest = [i for i, c in enumerate(claims) if c.state == "ours" and c.seq == seq - 1]
+    newest = _newest(claims, seq)
     if newest:
         last, last_stored = _read_slot(dev, region, size, newest[0], heads[newest[0]])
         if last is not None and last.error is None and last.vg_name == vg_name \

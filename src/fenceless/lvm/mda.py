@@ -354,20 +354,7 @@ _SCAN = re.compile(r"""
 """, re.VERBOSE | re.DOTALL)
 
 
-_last_section: list[tuple[str, VgSection]] = []  # the writer parses each text twice
-
-
 def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection:
-    """The VG block of ``text``; the very same string object is not scanned twice."""
-    last = _last_section[:1]
-    if last and last[0][0] is text:
-        return last[0][1]
-    sec = _scan_vg_section(text, path=path, offset=offset)
-    _last_section[:] = [(text, sec)]
-    return sec
-
-
-def _scan_vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection:
     """Find the VG block and its top-level ``seqno`` with a small tokenizer.
 
     Comments and quoted strings are skipped properly, so a description or
