@@ -73,12 +73,12 @@ from common import (
 from fenceless import config as cfgmod
 from fenceless.agent.daemon import Agent, VgAgent
 from fenceless.blockio import BlockDevice, device_size, open_device
+from fenceless.clock import SystemClock
 from fenceless.config import HostConfig
+from fenceless.control.anchor import read_anchor
+from fenceless.control.area import ControlArea
 from fenceless.lab import cluster
-from fenceless.lease.clock import SystemClock
 from fenceless.lease.delta import decode_host
-from fenceless.ledger.anchor import read_anchor
-from fenceless.ledger.area import ControlArea
 from fenceless.localstate import agent_view
 from fenceless.lvm import parse
 from fenceless.lvm.adapter import REPORT_OPTS

@@ -160,7 +160,7 @@ def test_takeover_race_exactly_one_winner_in_50_rounds(cluster):
 def control_offset(lab, host):
     from fenceless import config
     from fenceless.blockio import device_size, open_device
-    from fenceless.ledger.anchor import read_anchor
+    from fenceless.control.anchor import read_anchor
 
     path = config.load(lab.config(host)).vgs[0].devices[0]
     dev = open_device(path)
@@ -174,9 +174,9 @@ def shared_bytes(lab, host):
     """Every shared sector of the control area, read with O_DIRECT through host's device."""
     from fenceless import config
     from fenceless.blockio import device_size, open_device
-    from fenceless.lease.clock import SystemClock
-    from fenceless.ledger.anchor import read_anchor
-    from fenceless.ledger.area import ControlArea
+    from fenceless.clock import SystemClock
+    from fenceless.control.anchor import read_anchor
+    from fenceless.control.area import ControlArea
 
     cfg = config.load(lab.config(host))
     path = cfg.vgs[0].devices[0]
@@ -250,9 +250,9 @@ def _corrupt(lab, host, region, data_fn):
     """Overwrite one sector of a control-area region through host's device; return offset."""
     from fenceless import config
     from fenceless.blockio import device_size, open_device
-    from fenceless.lease.clock import SystemClock
-    from fenceless.ledger.anchor import read_anchor
-    from fenceless.ledger.area import ControlArea
+    from fenceless.clock import SystemClock
+    from fenceless.control.anchor import read_anchor
+    from fenceless.control.area import ControlArea
 
     cfg = config.load(lab.config(host))
     path = cfg.vgs[0].devices[0]

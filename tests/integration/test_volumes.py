@@ -42,9 +42,9 @@ def vgck(lab, writer):
 def ledger_state(lab, host):
     from fenceless import config
     from fenceless.blockio import device_size, open_device
-    from fenceless.lease.clock import SystemClock
-    from fenceless.ledger.anchor import read_anchor
-    from fenceless.ledger.area import ControlArea
+    from fenceless.clock import SystemClock
+    from fenceless.control.anchor import read_anchor
+    from fenceless.control.area import ControlArea
 
     path = config.load(lab.config(host)).vgs[0].devices[0]
     dev = open_device(path)

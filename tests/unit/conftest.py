@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fenceless.blockio import BlockDevice, DirectDevice, MemDevice
-from fenceless.ledger.format import Layout
+from fenceless.ondisk.layout import Layout
 
 
 @pytest.fixture(params=["mem", "direct"])

@@ -7,20 +7,11 @@ import json
 import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice, MemDevice
-from fenceless.lease.errors import StaleEpoch
 from fenceless.ledger import audit
 from fenceless.ledger.audit import MARK, AuditRecord, append, audit_record, read_log
-from fenceless.ledger.format import (
-    HEADER_SIZE,
-    KIND_AUDIT,
-    BadMagic,
-    ChecksumMismatch,
-    Layout,
-    UnsupportedVersion,
-    decode_record,
-    encode_record,
-    pad,
-)
+from fenceless.ondisk.errors import BadMagic, ChecksumMismatch, StaleEpoch, UnsupportedVersion
+from fenceless.ondisk.layout import Layout
+from fenceless.ondisk.record import HEADER_SIZE, KIND_AUDIT, decode_record, encode_record, pad
 
 LAYOUT = Layout.compute(4)
 REGION = LAYOUT.region("audit")

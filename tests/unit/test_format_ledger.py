@@ -8,25 +8,18 @@ import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice, IoError, MemDevice
 from fenceless.errors import IntegrityError, LeaseLost
-from fenceless.lease.errors import StaleEpoch
-from fenceless.ledger import format as fmt
-from fenceless.ledger.format import (
-    KIND_HOST,
-    KIND_LEDGER,
-    BadMagic,
-    ChecksumMismatch,
-    Layout,
+from fenceless.ledger.slots import (
     LedgerRecord,
     LedgerTooLarge,
     LedgerUnreadable,
-    UnsupportedVersion,
     encode_ledger,
-    encode_record,
     max_ledger_state,
-    pad,
     read_ledger,
     write_ledger,
 )
+from fenceless.ondisk.errors import BadMagic, ChecksumMismatch, StaleEpoch, UnsupportedVersion
+from fenceless.ondisk.layout import Layout
+from fenceless.ondisk.record import FORMAT_VERSION, KIND_HOST, KIND_LEDGER, encode_record, pad
 
 LAYOUT = Layout.compute(4)
 A = LAYOUT.region("ledger_a")
@@ -119,7 +112,7 @@ def _corrupt_variants() -> dict[str, bytes]:
         "random": bytes(rnd.randrange(256) for _ in range(SECTOR)),
         "foreign kind": pad(encode_record(KIND_HOST, b"x")),
         "newer version": pad(encode_record(KIND_LEDGER, b"\0" * 12 + b"{}",
-                                           version=fmt.FORMAT_VERSION + 1, epoch=1, seq=1)),
+                                           version=FORMAT_VERSION + 1, epoch=1, seq=1)),
         "older version": pad(encode_record(KIND_LEDGER, b"\0" * 12 + b"{}", version=0)),
     }
 

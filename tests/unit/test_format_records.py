@@ -11,26 +11,30 @@ import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.errors import IntegrityError, UserError
-from fenceless.ledger import format as fmt
-from fenceless.ledger.format import (
-    KIND_HOST,
-    KIND_LEDGER,
+from fenceless.ondisk.crc import crc32c
+from fenceless.ondisk.errors import (
     BadLength,
     BadMagic,
     ChecksumMismatch,
     CorruptRecord,
+    UnsupportedVersion,
+)
+from fenceless.ondisk.layout import (
     Layout,
     Region,
     Superblock,
-    UnsupportedVersion,
-    crc32c,
-    decode_record,
     decode_superblock,
-    encode_record,
     encode_superblock,
-    pad,
     read_superblock,
     write_superblock,
+)
+from fenceless.ondisk.record import (
+    FORMAT_VERSION,
+    KIND_HOST,
+    KIND_LEDGER,
+    decode_record,
+    encode_record,
+    pad,
 )
 
 MiB = 1024 * 1024
@@ -47,7 +51,7 @@ def test_crc32c_matches_the_published_check_values() -> None:
 def test_the_c_crc32c_is_used_and_agrees_with_the_reference() -> None:
     import random
 
-    from fenceless.ledger.format import CRC32C_IMPLEMENTATION, crc32c_py
+    from fenceless.ondisk.crc import CRC32C_IMPLEMENTATION, crc32c_py
 
     assert CRC32C_IMPLEMENTATION == "c", "google-crc32c's C extension is missing"
     rnd = random.Random(7)
@@ -79,7 +83,7 @@ def _corruptions() -> list[tuple[str, bytes, type[CorruptRecord], str]]:
     flipped[60] ^= 0x10
     flipped_header = _good()
     flipped_header[24] ^= 0x01  # epoch field
-    newer = bytearray(pad(encode_record(KIND_HOST, b"x", version=fmt.FORMAT_VERSION + 1)))
+    newer = bytearray(pad(encode_record(KIND_HOST, b"x", version=FORMAT_VERSION + 1)))
     older = bytearray(pad(encode_record(KIND_HOST, b"x", version=0)))
     other_kind = pad(encode_record(KIND_LEDGER, b"x"))
     no_magic = bytearray(SECTOR)

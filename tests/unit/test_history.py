@@ -9,33 +9,32 @@ from pathlib import Path
 import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice, DirectDevice, IoError, MemDevice
-from fenceless.lease.errors import StaleEpoch
 from fenceless.ledger import history
-from fenceless.ledger.format import (
-    KIND_LEDGER,
-    KIND_MDHISTORY,
-    MDHISTORY_ENTRIES,
-    BadMagic,
-    ChecksumMismatch,
-    Layout,
-    UnsupportedVersion,
-    encode_record,
-    pad,
-)
 from fenceless.ledger.history import (
     HistoryEntry,
     HistoryNotFound,
     HistoryTooLarge,
-    append,
     diff,
     list_entries,
-    read_entry,
 )
+from fenceless.lvm.mda import vg_identity
+from fenceless.ondisk.errors import BadMagic, ChecksumMismatch, StaleEpoch, UnsupportedVersion
+from fenceless.ondisk.layout import MDHISTORY_ENTRIES, Layout
+from fenceless.ondisk.record import KIND_LEDGER, KIND_MDHISTORY, encode_record, pad
 
 # Small slots keep the ring at 1 MiB; the default layout is tested separately.
 LAYOUT = Layout.compute(4, mdhistory_slot_size=8192)
 REGION = LAYOUT.region("mdhistory")
 SLOT = 8192
+
+
+def append(*args, **kw):
+    """The ring's append with the LVM text parser the writer passes in."""
+    return history.append(*args, parse=vg_identity, **kw)
+
+
+def read_entry(*args, **kw):
+    return history.read_entry(*args, parse=vg_identity, **kw)
 
 
 def vg_text(seqno: int, lvs: int = 2, name: str = "sanvg", seed: int = 0) -> str:

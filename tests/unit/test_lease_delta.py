@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice, DirectDevice, IoTimeout, MemDevice, TimedIO
+from fenceless.clock import FakeClock, SystemClock
 from fenceless.errors import LeaseLost, UserError
-from fenceless.lease.clock import FakeClock, SystemClock
 from fenceless.lease.delta import (
     DeltaLease,
     HostArea,
@@ -20,7 +20,8 @@ from fenceless.lease.delta import (
     encode_host,
 )
 from fenceless.lease.errors import HostIdInUse, HostLeaseLost, HostNameInUse, LeaseExpired
-from fenceless.ledger.format import BadMagic, ChecksumMismatch, Layout
+from fenceless.ondisk.errors import BadMagic, ChecksumMismatch
+from fenceless.ondisk.layout import Layout
 
 N = 10.0
 HOSTS = 4

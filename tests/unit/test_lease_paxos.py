@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice, DirectDevice, MemDevice
+from fenceless.clock import FakeClock, SystemClock
 from fenceless.errors import LeaseLost
-from fenceless.lease.clock import FakeClock, SystemClock
 from fenceless.lease.errors import NotWriter
 from fenceless.lease.paxos import (
     DBlock,
@@ -26,7 +26,9 @@ from fenceless.lease.paxos import (
     encode_leader,
     next_mbal,
 )
-from fenceless.ledger.format import ChecksumMismatch, Layout, pad
+from fenceless.ondisk.errors import ChecksumMismatch
+from fenceless.ondisk.layout import Layout
+from fenceless.ondisk.record import pad
 
 HOSTS = 4
 LAYOUT = Layout.compute(HOSTS)

@@ -38,7 +38,7 @@ from fenceless.lease.paxos import (
     decode_leader,
     encode_leader,
 )
-from fenceless.ledger.format import Region
+from fenceless.ondisk.layout import Region
 
 HOSTS = 3
 REGION = Region("writer", 0, (2 + HOSTS) * SECTOR)

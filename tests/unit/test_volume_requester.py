@@ -13,8 +13,8 @@ from fenceless.agent.volumes import VolumeService
 from fenceless.blockio import MemDevice
 from fenceless.errors import UserError
 from fenceless.ledger import mailbox as mb
-from fenceless.ledger.format import Layout
 from fenceless.localstate import set_member
+from fenceless.ondisk.layout import Layout
 
 LAYOUT = Layout.compute(4)
 HOST_ID = 2

@@ -37,19 +37,20 @@ from fenceless.agent.ipc import Server
 from fenceless.agent.priority import raise_priority, raise_this_thread
 from fenceless.agent.volumes import POLL, VolumeService
 from fenceless.blockio import BlockDevice, IoError, TimedIO, device_size, open_device
+from fenceless.clock import Clock, SystemClock
 from fenceless.config import HostConfig, VgConfig
+from fenceless.control.anchor import Anchor, NotInitialized, read_anchor
+from fenceless.control.area import ControlArea
 from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.guard.role import RoleEntry, write_role_file
 from fenceless.guard.role import entry as role_entry
-from fenceless.lease.clock import Clock, SystemClock
 from fenceless.lease.delta import DeltaLease, HostObserver, HostState, LeaseTiming
 from fenceless.lease.paxos import AcquireResult, Leader, Outcome
 from fenceless.ledger import audit, history
-from fenceless.ledger import format as fmt
 from fenceless.ledger import mailbox as mb
-from fenceless.ledger.anchor import Anchor, NotInitialized, read_anchor
-from fenceless.ledger.area import ControlArea, ledger_hosts
+from fenceless.ledger.slots import write_ledger
+from fenceless.ledger.state import ledger_hosts
 from fenceless.localstate import member, set_agent_view
 from fenceless.lvm import mda
 from fenceless.lvm.adapter import Lvm, Role
@@ -477,7 +478,7 @@ class VgAgent:
         assert self.area is not None and self.lease is not None and self.epoch is not None
         crashpoint("agent.before-ledger-write")
         self.ledger_cache = None  # whatever happens next, re-read before trusting it
-        rec = fmt.write_ledger(self.area.dev, self.area.layout, self.epoch, state,
+        rec = write_ledger(self.area.dev, self.area.layout, self.epoch, state,
                                writer_host_id=self.lease.host_id, both_slots=both_slots,
                                before_write=self.check_write)
         self.ledger_cache = dict(rec.state)
@@ -716,7 +717,8 @@ class VgAgent:
             who = f"{leader.owner_name} is, epoch {leader.lver}" if leader else "none is"
             raise UserError(detail=f"Refused: host {self.cfg.host} is not the metadata writer "
                             f"({who}). Run `fenceless metadata restore` on the writer.")
-        target = history.read_entry(self.area.dev, self.area.layout, seqno)
+        target = history.read_entry(self.area.dev, self.area.layout, seqno,
+                                    parse=mda.vg_identity)
         current, cur_seq = mda.read_metadata_text(self.dev, size=self.size)
         changes = changed_lvs(current, target)
         busy = {lv: hosts for lv in changes if (hosts := self.volumes.active_on(lv))}
@@ -871,8 +873,8 @@ class VgAgent:
                 raise ExecError(detail=f"the PV shows seqno {got}, expected {seqno}")
             history.append(self.area.dev, self.area.layout,
                            history.HistoryEntry(text, got, request_id, self.lease.host_id),
-                           epoch=self.epoch or 0, before_write=self.check_write,
-                           known=self.history_heads)
+                           epoch=self.epoch or 0, parse=mda.vg_identity,
+                           before_write=self.check_write, known=self.history_heads)
         except LeaseLost:
             raise
         except FencelessError as exc:

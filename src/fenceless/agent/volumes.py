@@ -27,10 +27,10 @@ from fenceless.agent.ipc import RemoteError
 from fenceless.blockio import SECTOR
 from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
-from fenceless.ledger import format as fmt
 from fenceless.ledger import mailbox as mb
 from fenceless.localstate import member
 from fenceless.lvm.adapter import Role
+from fenceless.ondisk.errors import CorruptRecord
 from fenceless.ops import volume as vol
 from fenceless.validate import request_id
 
@@ -248,7 +248,7 @@ class VolumeService:
                 continue
             try:
                 box = mb.inbox_from(raw, a.area.layout, hid)
-            except fmt.CorruptRecord as exc:
+            except CorruptRecord as exc:
                 a.log_once(f"mailbox of host id {hid}: {exc}")
                 continue
             if box is None:
@@ -396,7 +396,7 @@ class VolumeService:
         for hid in range(1, a.area.sb.max_hosts + 1):
             try:
                 rec = hosts.decode(raw, hid)
-            except fmt.CorruptRecord:
+            except CorruptRecord:
                 continue
             if rec is None or rec.free or a.observer.state(hid, now) is HostState.DEAD:
                 continue
@@ -559,7 +559,7 @@ class VolumeService:
             a.renew_if_due()
             raw = a.area.hosts().read_area()
             for hid in range(1, a.area.sb.max_hosts + 1):
-                with contextlib.suppress(fmt.CorruptRecord):
+                with contextlib.suppress(CorruptRecord):
                     rec = a.area.hosts().decode(raw, hid)
                     if rec is not None and rec.name in pending:
                         active = rec.facts.get("active", {})

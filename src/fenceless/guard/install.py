@@ -30,7 +30,7 @@ from fenceless import __version__
 from fenceless.config import HostConfig
 from fenceless.errors import CommandFailed, ExecError, FencelessError, UsageError
 from fenceless.guard import role as rolemod
-from fenceless.guard.binary import GUARDED_PATHS, lvm_link
+from fenceless.guard.binary import GUARDED_PATHS, lvm_link, resolve_lvm_binary
 from fenceless.guard.wrapper import WrapperSettings, generate
 from fenceless.runner import Runner
 
@@ -389,7 +389,7 @@ def _autoactivation(cfg: HostConfig, runner: Runner) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for vg in cfg.vgs:
         try:
-            res = Lvm(runner, cfg, vg, timeout=30).run(
+            res = Lvm(runner, cfg, vg, timeout=30, binary=resolve_lvm_binary(cfg)).run(
                 "vgs", "--reportformat", "json", "-o", "vg_name,autoactivation", vg.name)
             rows = json.loads(res.stdout)["report"][0]["vg"]
             flag = (rows[0].get("vg_autoactivation") or rows[0].get("autoactivation")) \

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.lease.clock import Clock
+from fenceless.clock import Clock
 from fenceless.lease.errors import (
     BadHostIdentity,
     HostIdInUse,
@@ -39,10 +39,10 @@ from fenceless.lease.errors import (
     HostNameInUse,
     LeaseExpired,
 )
-from fenceless.ledger.format import (
+from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ondisk.layout import Region
+from fenceless.ondisk.record import (
     KIND_HOST,
-    CorruptRecord,
-    Region,
     decode_record,
     encode_record,
     pack_name,

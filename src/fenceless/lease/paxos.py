@@ -33,14 +33,14 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.lease.clock import Clock
+from fenceless.clock import Clock
 from fenceless.lease.errors import BadHostIdentity, NotWriter
-from fenceless.ledger.format import (
+from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ondisk.layout import Region
+from fenceless.ondisk.record import (
     KIND_DBLOCK,
     KIND_LEADER,
     KIND_REQUEST,
-    CorruptRecord,
-    Region,
     decode_record,
     encode_record,
     pack_name,

@@ -30,19 +30,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.ledger.format import (
-    HEADER_SIZE,
-    KIND_AUDIT,
-    BadLength,
-    ChecksumMismatch,
-    CorruptRecord,
-    Layout,
-    Region,
-    decode_record,
-    encode_record,
-    pad,
-)
 from fenceless.ledger.history import RingFull, claim, mark_stale, next_slot
+from fenceless.ondisk.errors import BadLength, ChecksumMismatch, CorruptRecord
+from fenceless.ondisk.layout import Layout, Region
+from fenceless.ondisk.record import HEADER_SIZE, KIND_AUDIT, decode_record, encode_record, pad
 
 REGION = "audit"
 RESULTS = ("ok", "refused", "failed")

@@ -46,20 +46,15 @@ from typing import Literal
 
 from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.errors import IntegrityError, UserError
-from fenceless.lease.errors import StaleEpoch
-from fenceless.ledger.format import (
+from fenceless.ondisk.errors import BadLength, ChecksumMismatch, CorruptRecord, StaleEpoch
+from fenceless.ondisk.layout import MDHISTORY_ENTRIES, Layout, Region
+from fenceless.ondisk.record import (
     FORMAT_VERSION,
     HEADER,
     HEADER_SIZE,
     KIND_MDHISTORY,
     MAGICS,
-    MDHISTORY_ENTRIES,
     MIN_FORMAT_VERSION,
-    BadLength,
-    ChecksumMismatch,
-    CorruptRecord,
-    Layout,
-    Region,
     decode_record,
     encode_record,
     is_empty,
@@ -67,7 +62,11 @@ from fenceless.ledger.format import (
     pad,
     unpack_name,
 )
-from fenceless.lvm.mda import MdaError, vg_section
+
+# What an entry's text must be: the LVM metadata of one VG. Reading that text is
+# the LVM adapter's business (``fenceless.lvm.mda.vg_identity``), so callers
+# pass the parser in: it returns (VG name, seqno) or raises an IntegrityError.
+TextParser = Callable[[str], tuple[str, int]]
 
 REGION = "mdhistory"
 COMPRESSION_ZLIB = 1
@@ -211,20 +210,21 @@ def max_stored(layout: Layout) -> int:
     return slot_size(layout) - BODY_SIZE
 
 
-def _compress(entry: HistoryEntry, layout: Layout) -> tuple[str, bytes, bytes]:
+def _compress(entry: HistoryEntry, layout: Layout,
+              parse: TextParser) -> tuple[str, bytes, bytes]:
     try:
-        vg = vg_section(entry.text)
-    except MdaError as exc:
+        vg_name, seqno = parse(entry.text)
+    except IntegrityError as exc:
         raise ValueError(f"history entry text is not VG metadata: {exc}") from exc
-    if vg.seqno != entry.vg_seqno:
-        raise ValueError(f"history entry says seqno {entry.vg_seqno}, its text {vg.seqno}")
+    if seqno != entry.vg_seqno:
+        raise ValueError(f"history entry says seqno {entry.vg_seqno}, its text {seqno}")
     raw = entry.text.encode("utf-8")
     # Level 1: the writer pays this after every change; level 9 cost 25 ms at 1000 LVs.
     stored = zlib.compress(raw, 1) if len(raw) <= MAX_TEXT else raw
     if len(raw) > MAX_TEXT or len(stored) > max_stored(layout):
-        raise HistoryTooLarge(vg=vg.name, seqno=entry.vg_seqno, size=len(raw),
+        raise HistoryTooLarge(vg=vg_name, seqno=entry.vg_seqno, size=len(raw),
                               stored=len(stored), limit=max_stored(layout))
-    return vg.name, raw, stored
+    return vg_name, raw, stored
 
 
 def _read_slot(dev: BlockDevice, region: Region, size: int, slot: int,
@@ -294,7 +294,7 @@ def list_entries(dev: BlockDevice, layout: Layout) -> list[HistorySummary]:
     return sorted(found, key=lambda s: (s.seq, s.slot), reverse=True)
 
 
-def _inflate(summary: HistorySummary, stored: bytes) -> str:
+def _inflate(summary: HistorySummary, stored: bytes, parse: TextParser) -> str:
     def bad(detail: str) -> CorruptRecord:
         return CorruptRecord(region=REGION, offset=summary.offset, detail=detail)
 
@@ -307,15 +307,15 @@ def _inflate(summary: HistorySummary, stored: bytes) -> str:
         raise bad(f"text inflates to {len(raw)}+ bytes, the entry says {summary.text_size}")
     try:
         text = raw.decode("utf-8")
-        seqno = vg_section(text).seqno
-    except (UnicodeDecodeError, MdaError) as exc:
+        _name, seqno = parse(text)
+    except (UnicodeDecodeError, IntegrityError) as exc:
         raise bad(f"stored text is not VG metadata: {exc}") from exc
     if seqno != summary.vg_seqno:
         raise bad(f"stored text has seqno {seqno}, the entry says {summary.vg_seqno}")
     return text
 
 
-def read_entry(dev: BlockDevice, layout: Layout, seqno: int, *,
+def read_entry(dev: BlockDevice, layout: Layout, seqno: int, *, parse: TextParser,
                include_stale: bool = False) -> str:
     """The metadata text recorded for VG seqno ``seqno``.
 
@@ -334,7 +334,7 @@ def read_entry(dev: BlockDevice, layout: Layout, seqno: int, *,
             detail += f"; {bad} slot(s) could not be read"
         raise HistoryNotFound(seqno=seqno, detail=detail)
     summary, stored = max(match, key=lambda m: (m[0].epoch, m[0].seq))
-    return _inflate(summary, stored)
+    return _inflate(summary, stored, parse)
 
 
 @dataclass
@@ -384,6 +384,7 @@ def append(
     entry: HistoryEntry,
     *,
     epoch: int,
+    parse: TextParser,
     before_write: Callable[[], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
     known: Heads | None = None,
@@ -399,7 +400,7 @@ def append(
     """
     if epoch <= 0:
         raise ValueError("writer epochs start at 1")
-    vg_name, raw, stored = _compress(entry, layout)
+    vg_name, raw, stored = _compress(entry, layout, parse)
     region = layout.region(REGION)
     size = slot_size(layout)
     claims, heads = _claims(dev, region, size, epoch, known)
@@ -412,7 +413,7 @@ def append(
         if last is not None and last.error is None and last.vg_name == vg_name \
                 and last.vg_seqno == entry.vg_seqno:
             try:
-                if _inflate(last, last_stored) == entry.text:
+                if _inflate(last, last_stored, parse) == entry.text:
                     if known is not None:
                         known.epoch, known.claims = epoch, claims
                     return last

@@ -22,13 +22,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.ledger import format as fmt
+from fenceless.ondisk.errors import CorruptRecord, RecordTooLarge
+from fenceless.ondisk.layout import Layout
+from fenceless.ondisk.record import (
+    HEADER_SIZE,
+    KIND_INBOX,
+    KIND_OUTBOX,
+    Record,
+    decode_record,
+    encode_record,
+    pad,
+)
 
 SLOT = 2 * SECTOR
-ROOM = SECTOR - fmt.HEADER_SIZE
+ROOM = SECTOR - HEADER_SIZE
 
 
-class MailboxFull(fmt.LedgerTooLarge):
+class MailboxFull(RecordTooLarge):
     """Mailbox record of {size} bytes does not fit in a sector ({limit} bytes of room); \
 nothing was written"""
 
@@ -88,7 +98,7 @@ class Outbox:
     replies: tuple[Reply, ...]
 
 
-def offsets(layout: fmt.Layout, host_id: int) -> tuple[int, int]:
+def offsets(layout: Layout, host_id: int) -> tuple[int, int]:
     """(inbox, outbox) byte offsets of a host's mailbox in the control area."""
     region = layout.region("mailboxes")
     if not 1 <= host_id <= layout.max_hosts or region.length < layout.max_hosts * SLOT:
@@ -106,14 +116,14 @@ def encode_inbox(box: Inbox) -> bytes:
                   "requests": [r.as_json() for r in box.requests]})
     if len(body) > ROOM:
         raise MailboxFull(size=len(body), limit=ROOM)
-    return fmt.pad(fmt.encode_record(fmt.KIND_INBOX, body, seq=box.seq), SECTOR)
+    return pad(encode_record(KIND_INBOX, body, seq=box.seq), SECTOR)
 
 
 def encode_outbox(box: Outbox) -> bytes:
     body = _dump({"replies": [r.as_json() for r in box.replies]})
     if len(body) > ROOM:
         raise MailboxFull(size=len(body), limit=ROOM)
-    return fmt.pad(fmt.encode_record(fmt.KIND_OUTBOX, body, seq=box.seq, epoch=box.epoch),
+    return pad(encode_record(KIND_OUTBOX, body, seq=box.seq, epoch=box.epoch),
                    SECTOR)
 
 
@@ -126,14 +136,14 @@ def fits_inbox(host: str, generation: int, requests: list[Request]) -> bool:
     return len(_dump(body)) <= ROOM
 
 
-def _payload(buf: bytes, kind: int, region: str, offset: int) -> tuple[fmt.Record, Any] | None:
-    rec = fmt.decode_record(buf[:SECTOR], kind=kind, region=region, offset=offset)
+def _payload(buf: bytes, kind: int, region: str, offset: int) -> tuple[Record, Any] | None:
+    rec = decode_record(buf[:SECTOR], kind=kind, region=region, offset=offset)
     if rec is None:
         return None
     try:
         return rec, json.loads(rec.payload.decode("utf-8"))
     except ValueError as exc:
-        raise fmt.CorruptRecord(region=region, offset=offset,
+        raise CorruptRecord(region=region, offset=offset,
                                 detail=f"mailbox payload is not JSON: {exc}") from exc
 
 
@@ -144,7 +154,7 @@ def _str(x: Any) -> str:
 
 
 def decode_inbox(buf: bytes, offset: int) -> Inbox | None:
-    got = _payload(buf, fmt.KIND_INBOX, "mailboxes", offset)
+    got = _payload(buf, KIND_INBOX, "mailboxes", offset)
     if got is None:
         return None
     rec, data = got
@@ -160,12 +170,12 @@ def decode_inbox(buf: bytes, offset: int) -> Inbox | None:
         return Inbox(seq=rec.seq, host=_str(data["host"]), generation=int(data["gen"]),
                      requests=tuple(requests))
     except (KeyError, TypeError, ValueError) as exc:
-        raise fmt.CorruptRecord(region="mailboxes", offset=offset,
+        raise CorruptRecord(region="mailboxes", offset=offset,
                                 detail=f"inbox is malformed: {exc}") from exc
 
 
 def decode_outbox(buf: bytes, offset: int) -> Outbox | None:
-    got = _payload(buf, fmt.KIND_OUTBOX, "mailboxes", offset)
+    got = _payload(buf, KIND_OUTBOX, "mailboxes", offset)
     if got is None:
         return None
     rec, data = got
@@ -179,38 +189,38 @@ def decode_outbox(buf: bytes, offset: int) -> Outbox | None:
                                  error=error, fp=_str(r.get("fp", ""))))
         return Outbox(seq=rec.seq, epoch=rec.epoch, replies=tuple(replies))
     except (KeyError, TypeError, ValueError) as exc:
-        raise fmt.CorruptRecord(region="mailboxes", offset=offset,
+        raise CorruptRecord(region="mailboxes", offset=offset,
                                 detail=f"outbox is malformed: {exc}") from exc
 
 
-def read_inboxes(dev: BlockDevice, layout: fmt.Layout, upto: int) -> bytes:
+def read_inboxes(dev: BlockDevice, layout: Layout, upto: int) -> bytes:
     """Inboxes of host ids 1..upto in one O_DIRECT read (the writer's poll)."""
     region = layout.region("mailboxes")
     return dev.read(region.offset, max(1, min(upto, layout.max_hosts)) * SECTOR)
 
 
-def inbox_from(area: bytes, layout: fmt.Layout, host_id: int) -> Inbox | None:
+def inbox_from(area: bytes, layout: Layout, host_id: int) -> Inbox | None:
     base = (host_id - 1) * SECTOR
     if base + SECTOR > len(area):
         return None
     return decode_inbox(area[base : base + SECTOR], offsets(layout, host_id)[0])
 
 
-def read_outbox(dev: BlockDevice, layout: fmt.Layout, host_id: int) -> Outbox | None:
+def read_outbox(dev: BlockDevice, layout: Layout, host_id: int) -> Outbox | None:
     off = offsets(layout, host_id)[1]
     return decode_outbox(dev.read(off, SECTOR), off)
 
 
-def read_inbox(dev: BlockDevice, layout: fmt.Layout, host_id: int) -> Inbox | None:
+def read_inbox(dev: BlockDevice, layout: Layout, host_id: int) -> Inbox | None:
     off = offsets(layout, host_id)[0]
     return decode_inbox(dev.read(off, SECTOR), off)
 
 
-def write_inbox(dev: BlockDevice, layout: fmt.Layout, host_id: int, box: Inbox) -> None:
+def write_inbox(dev: BlockDevice, layout: Layout, host_id: int, box: Inbox) -> None:
     """Only host ``host_id`` calls this: the inbox is its own sector."""
     dev.write(offsets(layout, host_id)[0], encode_inbox(box))
 
 
-def write_outbox(dev: BlockDevice, layout: fmt.Layout, host_id: int, box: Outbox) -> None:
+def write_outbox(dev: BlockDevice, layout: Layout, host_id: int, box: Outbox) -> None:
     """Only the writer calls this (after its lease check)."""
     dev.write(offsets(layout, host_id)[1], encode_outbox(box))

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from fenceless.config import HostConfig, VgConfig
 from fenceless.errors import CommandFailed, CommandTimeout, LvmError, NotFound, RoleRefused
-from fenceless.guard.binary import resolve_lvm_binary
 from fenceless.lvm import parse
 from fenceless.runner import Result, Runner
 
@@ -58,6 +57,9 @@ class Lvm:
     role: Role = Role.READER
     driver_loaded: bool = True
     timeout: float = 60.0
+    # The binary to run: the real one past this host's guard, as the caller resolved
+    # it (ops.context); empty means the config's ``lvm_binary``.
+    binary: str = ""
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -83,7 +85,7 @@ class Lvm:
 
     def argv(self, command: str, args: Sequence[str]) -> list[str]:
         """The full argv for one LVM command, or RoleRefused for a reader."""
-        argv = [resolve_lvm_binary(self.host), command, *args]
+        argv = [self.binary or self.host.lvm_binary, command, *args]
         if command in REPORT_COMMANDS:
             if "--readonly" not in argv:
                 argv.append("--readonly")

@@ -436,6 +436,15 @@ def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection
     raise bad("no complete VG section")
 
 
+def vg_identity(text: str) -> tuple[str, int]:
+    """(VG name, seqno) of a VG metadata text; ``MdaError`` if it is not one.
+
+    The metadata history on the LUN takes this as its text parser.
+    """
+    section = vg_section(text)
+    return section.name, section.seqno
+
+
 def parse_seqno(text: str, *, path: str = "<text>", offset: int = 0) -> int:
     """The VG's seqno from its metadata text (what ``vgs -o vg_seqno`` shows)."""
     return vg_section(text, path=path, offset=offset).seqno

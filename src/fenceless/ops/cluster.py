@@ -14,14 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fenceless.blockio import BlockDevice
+from fenceless.clock import Clock
 from fenceless.config import HostConfig, VgConfig
-from fenceless.errors import IntegrityError, UserError
-from fenceless.faults import crashpoint
-from fenceless.lease.clock import Clock
-from fenceless.lease.delta import DeltaLease, HostArea
-from fenceless.lease.errors import HostIdInUse
-from fenceless.ledger import format as fmt
-from fenceless.ledger.anchor import (
+from fenceless.control.anchor import (
     TAIL_SIZE,
     Anchor,
     NotInitialized,
@@ -30,10 +25,18 @@ from fenceless.ledger.anchor import (
     tail_offset,
     write_anchor,
 )
-from fenceless.ledger.area import ControlArea, OffsetDevice, format_regions, ledger_hosts
+from fenceless.control.area import ControlArea, OffsetDevice, format_regions
+from fenceless.errors import IntegrityError, UserError
+from fenceless.faults import crashpoint
+from fenceless.lease.delta import DeltaLease, HostArea
+from fenceless.lease.errors import HostIdInUse
+from fenceless.ledger.slots import write_ledger
+from fenceless.ledger.state import ledger_hosts
 from fenceless.localstate import member, set_member
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.lvm.mapping import single_extent
+from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ondisk.layout import Layout, Superblock, read_superblock, write_superblock
 from fenceless.ops.base import Operation
 from fenceless.validate import human
 
@@ -95,7 +98,7 @@ class InitOp(Operation):
         self.env = env
         self.max_hosts = max_hosts
         self.adopt = adopt
-        self.layout = fmt.Layout.compute(max_hosts) if 1 <= max_hosts <= 250 else None
+        self.layout = Layout.compute(max_hosts) if 1 <= max_hosts <= 250 else None
         self.init_lock: DeltaLease | None = None
         # Set by execute(), adopted by the agent:
         self.host_lease: DeltaLease | None = None
@@ -179,8 +182,8 @@ class InitOp(Operation):
         if not _same_device(ext.device, env.device):
             return
         try:
-            sb = fmt.read_superblock(OffsetDevice(env.dev, ext.offset, ext.size))
-        except fmt.CorruptRecord as exc:
+            sb = read_superblock(OffsetDevice(env.dev, ext.offset, ext.size))
+        except CorruptRecord as exc:
             raise UserError(detail=f"Refused: the control LV {CONTROL_LV} holds data fenceless "
                             f"cannot read ({exc}); not formatting over it") from exc
         if sb is not None:
@@ -225,10 +228,10 @@ class InitOp(Operation):
         ctl = OffsetDevice(env.dev, ext.offset, ext.size)
         self._keep_lock()
         format_regions(ctl, self.layout, before_write=self._keep_lock)
-        sb = fmt.Superblock(cluster_uuid=uuid.uuid4(), vg_uuid=vg.uuid,
+        sb = Superblock(cluster_uuid=uuid.uuid4(), vg_uuid=vg.uuid,
                             io_timeout=env.io_timeout, creation_epoch=1, layout=self.layout)
         self.lock_check()
-        fmt.write_superblock(ctl, sb, overwrite=True)
+        write_superblock(ctl, sb, overwrite=True)
         crashpoint("init.formatted")
         self._keep_lock()
         area = ControlArea(ctl, sb, env.clock)
@@ -244,7 +247,7 @@ class InitOp(Operation):
             "hosts": {"1": {"name": env.cfg.host, "since_epoch": got.epoch}},
         }
         self._keep_lock()
-        fmt.write_ledger(ctl, self.layout, got.epoch, state, writer_host_id=1,
+        write_ledger(ctl, self.layout, got.epoch, state, writer_host_id=1,
                          both_slots=True, before_write=self.lock_check)
         crashpoint("init.ledger-written")
         self._keep_lock()
@@ -297,7 +300,7 @@ class JoinOp(Operation):
         for hid in range(1, self.area.sb.max_hosts + 1):
             try:
                 rec = hosts.decode(raw, hid)
-            except fmt.CorruptRecord:
+            except CorruptRecord:
                 continue  # never take (or overwrite) a sector we cannot read
             if (rec is not None and rec.name == self.env.cfg.host) or \
                     in_ledger.get(hid) == self.env.cfg.host:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fenceless.config import HostConfig
+from fenceless.guard.binary import resolve_lvm_binary
 from fenceless.lvm.activation import Activator, LvmActivator
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.runner import Runner
@@ -38,7 +39,7 @@ class Context:
 
     def lvm(self, vg: str | None = None, role: Role = Role.READER) -> Lvm:
         return Lvm(self.runner, self.cfg, self.cfg.vg(vg), role=role,
-                   driver_loaded=self.driver_loaded())
+                   driver_loaded=self.driver_loaded(), binary=resolve_lvm_binary(self.cfg))
 
     def activator(self, vg: str | None = None, role: Role = Role.READER) -> Activator:
         lvm = self.lvm(vg, role)

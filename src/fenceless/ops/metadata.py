@@ -13,11 +13,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from fenceless.blockio import device_size, open_device
+from fenceless.clock import SystemClock
 from fenceless.config import HostConfig
-from fenceless.lease.clock import SystemClock
+from fenceless.control.anchor import NotInitialized, read_anchor
+from fenceless.control.area import ControlArea
 from fenceless.ledger import audit, history
-from fenceless.ledger.anchor import NotInitialized, read_anchor
-from fenceless.ledger.area import ControlArea
+from fenceless.lvm.mda import vg_identity
 
 
 @contextmanager
@@ -71,7 +72,7 @@ def list_history(cfg: HostConfig, vg: str | None) -> list[dict[str, Any]]:
 
 def read_version(cfg: HostConfig, vg: str | None, seqno: int) -> str:
     with control_area(cfg, vg) as area:
-        return history.read_entry(area.dev, area.layout, seqno)
+        return history.read_entry(area.dev, area.layout, seqno, parse=vg_identity)
 
 
 _OPEN = re.compile(r"^\s*([A-Za-z0-9+_.][A-Za-z0-9+_.-]*)\s*\{\s*$")

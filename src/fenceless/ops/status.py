@@ -13,12 +13,13 @@ import time
 from typing import Any
 
 from fenceless.blockio import TimedIO, device_size, open_device
+from fenceless.clock import SystemClock
 from fenceless.config import HostConfig
-from fenceless.lease.clock import SystemClock
-from fenceless.ledger import format as fmt
-from fenceless.ledger.anchor import NotInitialized, read_anchor
-from fenceless.ledger.area import ControlArea, ledger_hosts
+from fenceless.control.anchor import NotInitialized, read_anchor
+from fenceless.control.area import ControlArea
+from fenceless.ledger.state import ledger_hosts
 from fenceless.localstate import agent_view, member
+from fenceless.ondisk.errors import CorruptRecord
 
 
 def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
         try:
             rec = hosts_area.decode(raw, hid)
             problem = None
-        except fmt.CorruptRecord as exc:
+        except CorruptRecord as exc:
             rec, problem = None, str(exc)
         if rec is None and problem is None and hid not in names:
             continue

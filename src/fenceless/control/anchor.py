@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.errors import IntegrityError, UserError
-from fenceless.ledger.format import (
+from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ondisk.layout import Region
+from fenceless.ondisk.record import (
     KIND_ANCHOR,
-    CorruptRecord,
-    Region,
     decode_record,
     encode_record,
     pack_name,

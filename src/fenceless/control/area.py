@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fenceless.blockio import SECTOR, BlockDevice, check_aligned
+from fenceless.clock import Clock
+from fenceless.control.anchor import Anchor
 from fenceless.errors import IntegrityError
-from fenceless.lease.clock import Clock
 from fenceless.lease.delta import HostArea
 from fenceless.lease.paxos import WriterLease
-from fenceless.ledger import format as fmt
-from fenceless.ledger.anchor import Anchor
+from fenceless.ledger.slots import LedgerView, read_ledger
+from fenceless.ondisk.layout import Layout, Superblock, read_superblock
 
 
 class OutOfBounds(IntegrityError):
@@ -55,13 +55,13 @@ class OffsetDevice:
 @dataclass
 class ControlArea:
     dev: BlockDevice  # an OffsetDevice over the host's LUN device
-    sb: fmt.Superblock
+    sb: Superblock
     clock: Clock
 
     @classmethod
     def open(cls, dev: BlockDevice, anchor: Anchor, clock: Clock) -> ControlArea:
         view = OffsetDevice(dev, anchor.offset, anchor.length)
-        sb = fmt.read_superblock(view)
+        sb = read_superblock(view)
         if sb is None:
             raise IntegrityError(detail=f"the anchor on {dev.path} points at offset "
                                  f"{anchor.offset}, but no superblock is there")
@@ -77,7 +77,7 @@ class ControlArea:
         return cls(view, sb, clock)
 
     @property
-    def layout(self) -> fmt.Layout:
+    def layout(self) -> Layout:
         return self.sb.layout
 
     @property
@@ -92,8 +92,8 @@ class ControlArea:
         return WriterLease(dev or self.dev, self.layout.region("writer"), self.sb.max_hosts,
                            self.io_timeout, self.clock)
 
-    def ledger(self, dev: BlockDevice | None = None) -> fmt.LedgerView:
-        return fmt.read_ledger(dev or self.dev, self.layout)
+    def ledger(self, dev: BlockDevice | None = None) -> LedgerView:
+        return read_ledger(dev or self.dev, self.layout)
 
     def shared_snapshot(self) -> dict[str, bytes]:
         """Raw bytes of every region only the writer writes (for tests and audits)."""
@@ -108,7 +108,7 @@ class ControlArea:
         return out
 
 
-def format_regions(dev: BlockDevice, layout: fmt.Layout,
+def format_regions(dev: BlockDevice, layout: Layout,
                    before_write: Callable[[], None] | None = None) -> None:
     """Zero every region fenceless reads, so old bytes in reused extents are never trusted."""
     zero = bytes(1 << 20)
@@ -122,13 +122,3 @@ def format_regions(dev: BlockDevice, layout: fmt.Layout,
                 before_write()
             dev.write(pos, zero[:n])
             pos += n
-
-
-def ledger_hosts(state: dict[str, Any]) -> dict[int, str]:
-    raw = state.get("hosts", {})
-    out: dict[int, str] = {}
-    if isinstance(raw, dict):
-        for k, v in raw.items():
-            if str(k).isdigit() and isinstance(v, dict) and isinstance(v.get("name"), str):
-                out[int(k)] = v["name"]
-    return out

@@ -1,0 +1,240 @@
+"""The ledger: cluster state written only by the writer host, in two slots A and B.
+
+Each write goes to the slot that is older by (epoch, generation), so the
+newest valid record survives any torn write, and a stale writer (epoch lower
+than what is on disk) is refused before it writes (docs/design.md, "The
+stale writer").
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fenceless.blockio import SECTOR, BlockDevice
+from fenceless.errors import IntegrityError
+from fenceless.ondisk.errors import (
+    BadLength,
+    ChecksumMismatch,
+    CorruptRecord,
+    RecordTooLarge,
+    StaleEpoch,
+    UnsupportedVersion,
+)
+from fenceless.ondisk.layout import Layout, Region
+from fenceless.ondisk.record import HEADER_SIZE, KIND_LEDGER, decode_record, encode_record, pad
+
+
+class LedgerUnreadable(IntegrityError):
+    """Ledger has no valid slot ({detail}); refusing to use or overwrite it"""
+
+
+class LedgerTooLarge(RecordTooLarge):
+    """Ledger state is {size} bytes but a ledger slot holds at most {limit}; nothing was \
+written"""
+
+
+_LEDGER_BODY = struct.Struct("<HHQ")  # writer host id, reserved, wall clock ms (humans only)
+LEDGER_SLOTS = ("ledger_a", "ledger_b")
+
+
+@dataclass(frozen=True)
+class LedgerRecord:
+    epoch: int
+    generation: int
+    writer_host_id: int
+    written_wall_ms: int
+    state: dict[str, Any]
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.epoch, self.generation)
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """What one ledger slot holds: a record, nothing, or a problem.
+
+    ``torn`` marks a slot whose header is ours (magic, kind, current version)
+    but whose checksum or length does not match: possibly the footprint of a
+    write of our own that did not complete. Its header (epoch, generation) is
+    kept (``torn_order``, untrusted) so that a stale writer can still be
+    refused and a damaged *newest* slot can be told from an interrupted
+    overwrite of the older one.
+    """
+
+    name: str
+    offset: int
+    record: LedgerRecord | None = None
+    error: CorruptRecord | None = None
+    torn: bool = False
+    torn_order: tuple[int, int] = (0, 0)
+
+    @property
+    def empty(self) -> bool:
+        return self.record is None and self.error is None
+
+
+@dataclass(frozen=True)
+class LedgerView:
+    current: LedgerRecord | None
+    slots: tuple[SlotStatus, SlotStatus]
+
+    @property
+    def problems(self) -> list[CorruptRecord]:
+        return [s.error for s in self.slots if s.error is not None]
+
+
+def max_ledger_state(layout: Layout) -> int:
+    """Largest JSON state (bytes) a slot can hold."""
+    return layout.region("ledger_a").length - HEADER_SIZE - _LEDGER_BODY.size
+
+
+def encode_ledger(rec: LedgerRecord, slot_len: int) -> bytes:
+    body = json.dumps(rec.state, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+    payload = _LEDGER_BODY.pack(rec.writer_host_id, 0, rec.written_wall_ms) + body
+    if HEADER_SIZE + len(payload) > slot_len:
+        raise LedgerTooLarge(size=len(body), limit=slot_len - HEADER_SIZE - _LEDGER_BODY.size)
+    return pad(encode_record(KIND_LEDGER, payload, seq=rec.generation, epoch=rec.epoch))
+
+
+def _read_slot(dev: BlockDevice, region: Region) -> SlotStatus:
+    buf = dev.read(region.offset, region.length)
+    try:
+        rec = decode_record(buf, kind=KIND_LEDGER, region=region.name, offset=region.offset)
+    except (ChecksumMismatch, BadLength) as exc:
+        return SlotStatus(region.name, region.offset, error=exc, torn=True,
+                          torn_order=(int(exc.fields["epoch"]), int(exc.fields["seq"])))
+    except CorruptRecord as exc:
+        return SlotStatus(region.name, region.offset, error=exc)
+    if rec is None:
+        return SlotStatus(region.name, region.offset)
+    try:
+        host, _res, wall = _LEDGER_BODY.unpack_from(rec.payload)
+        state = json.loads(rec.payload[_LEDGER_BODY.size :].decode("utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("state is not a JSON object")
+    except (struct.error, ValueError) as exc:
+        err = CorruptRecord(region=region.name, offset=region.offset,
+                            detail=f"checksum is valid but the ledger payload is not: {exc}")
+        return SlotStatus(region.name, region.offset, error=err)
+    return SlotStatus(region.name, region.offset, record=LedgerRecord(
+        epoch=rec.epoch, generation=rec.seq, writer_host_id=host, written_wall_ms=wall,
+        state=state))
+
+
+def _view(a: SlotStatus, b: SlotStatus) -> LedgerView:
+    for s in (a, b):
+        if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
+            # The newest state may be in a format we cannot read: reading the
+            # other slot would silently roll the cluster state back.
+            raise s.error
+    valid = [s.record for s in (a, b) if s.record is not None]
+    if valid:
+        current = max(valid, key=lambda r: r.order)
+        return LedgerView(current=current, slots=(a, b))
+    if a.empty and b.empty:
+        return LedgerView(current=None, slots=(a, b))
+    detail = "; ".join(str(s.error) if s.error else f"{s.name} is empty" for s in (a, b))
+    raise LedgerUnreadable(detail=detail)
+
+
+def read_ledger(dev: BlockDevice, layout: Layout) -> LedgerView:
+    """Read both slots; the newest valid one by (epoch, generation) is current.
+
+    A corrupt slot is reported in ``slots``/``problems`` and the other valid
+    slot wins. No valid slot but some corrupt one: ``LedgerUnreadable``.
+    Both empty: ``current`` is None (a fresh cluster).
+    """
+    a, b = (_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS)
+    return _view(a, b)
+
+
+def _choose_target(view: LedgerView, epoch: int) -> SlotStatus:
+    """The slot the writer at ``epoch`` may write into, or raise.
+
+    Rules (docs/format.md, "Ledger A/B rule"):
+    1. any slot with a higher epoch (valid, or in a torn header) -> StaleEpoch;
+    2. a slot that is foreign, of another version or otherwise corrupt but
+       not recognisably our own torn write -> refuse (never overwrite it);
+    3. an empty slot is used first (A before B);
+    4. a torn slot is used only if the other slot holds a valid record that
+       is newer than the torn slot's header claims: that is what an
+       interrupted write leaves (the header sector, written last, still
+       names the older record). A corrupt slot claiming to be the newest is
+       damage, not our torn write: refuse;
+    5. otherwise the slot that is older by (epoch, generation).
+    """
+    for s in view.slots:
+        seen = s.record.epoch if s.record is not None else s.torn_order[0]
+        if seen > epoch:
+            raise StaleEpoch(epoch=epoch, where=f"ledger slot {s.name}", seen=seen)
+    for s in view.slots:
+        if s.error is not None and not s.torn:
+            raise s.error
+    for s in view.slots:
+        if s.empty:
+            return s
+    valid = [s for s in view.slots if s.record is not None]
+    torn = [s for s in view.slots if s.torn]
+    if torn:
+        t = torn[0]
+        if valid and len(torn) == 1 and valid[0].record is not None \
+                and t.torn_order < valid[0].record.order:
+            return t
+        if t.error is not None and valid:
+            raise t.error
+        raise LedgerUnreadable(detail="; ".join(str(s.error) for s in torn))
+    return min(valid, key=lambda s: s.record.order if s.record else (0, 0))
+
+
+def write_ledger(
+    dev: BlockDevice,
+    layout: Layout,
+    epoch: int,
+    state: Mapping[str, Any],
+    *,
+    writer_host_id: int,
+    both_slots: bool = False,
+    before_write: Callable[[], None] | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> LedgerRecord:
+    """Write ``state`` as the next ledger generation at writer ``epoch``.
+
+    Re-reads both slots first (never trusts an earlier read), refuses if the
+    disk shows a higher epoch, and writes only the slot chosen by
+    ``_choose_target``. A multi-sector record is written tail first and its
+    header sector last, so the header write is the commit point.
+    ``before_write`` runs right before every device write; the writer passes
+    its lease check there (protocol-notes §1). ``both_slots`` writes the
+    record into both slots one after the other: a takeover does this first,
+    so no slot is left from the previous epoch.
+    """
+    if epoch <= 0:
+        raise ValueError("writer epochs start at 1")
+    written: list[LedgerRecord] = []
+    for _ in range(2 if both_slots else 1):
+        a, b = (_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS)
+        view = LedgerView(current=None, slots=(a, b))
+        target = _choose_target(view, epoch)
+        prev = [s.record.generation for s in (a, b) if s.record is not None]
+        rec = LedgerRecord(
+            epoch=epoch, generation=max(prev, default=0) + 1, writer_host_id=writer_host_id,
+            written_wall_ms=int(wall_clock() * 1000), state=dict(state),
+        )
+        region = layout.region(target.name)
+        data = encode_ledger(rec, region.length)
+        if len(data) > SECTOR:
+            if before_write is not None:
+                before_write()
+            dev.write(region.offset + SECTOR, data[SECTOR:])
+        if before_write is not None:
+            before_write()
+        dev.write(region.offset, data[:SECTOR])
+        written.append(rec)
+    return written[-1]
