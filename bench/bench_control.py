@@ -71,7 +71,8 @@ from common import (
 )
 
 from fenceless import config as cfgmod
-from fenceless.agent.daemon import Agent, VgAgent
+from fenceless.agent.daemon import Agent
+from fenceless.agent.vg import VgAgent
 from fenceless.blockio import BlockDevice, device_size, open_device
 from fenceless.clock import SystemClock
 from fenceless.config import HostConfig
@@ -368,14 +369,15 @@ def loop_sectors(device: str) -> tuple[int, int, int, int]:
 
 
 def region_of(vga: VgAgent, offset: int) -> str:
-    assert vga.anchor is not None and vga.area is not None
-    rel = offset - vga.anchor.offset
-    if 0 <= rel < vga.anchor.length:
-        for r in vga.area.layout.regions:
+    k = vga.keeper
+    assert k.anchor is not None and k.area is not None
+    rel = offset - k.anchor.offset
+    if 0 <= rel < k.anchor.length:
+        for r in k.area.layout.regions:
             if r.offset <= rel < r.end:
                 return r.name
         return "control LV (unused)"
-    if offset >= vga.size - TAIL:
+    if offset >= k.size - TAIL:
         return "anchor (LUN tail)"
     return "outside the control area (LVM's metadata header on the PV)"
 
@@ -398,7 +400,7 @@ def measure_renewal_io(cli: str, c: Cluster, args: argparse.Namespace) -> dict[s
             runs[h] = run
             run.vga.thread.start()
         for run in runs.values():
-            wait_until(lambda run=run: run.vga.lease is not None, 30 + 20 * c.n,
+            wait_until(lambda run=run: run.vga.keeper.lease is not None, 30 + 20 * c.n,
                        f"{run.host}'s in-process agent to hold its host id")
         res = runs[writer].vga.submit({"op": "takeover", "vg": VG, "wait": True}, 20 * c.n + 5)
         log(f"  in-process agents: {reader} reader, {writer} writer ({res['outcome']} epoch "
@@ -414,8 +416,9 @@ def measure_renewal_io(cli: str, c: Cluster, args: argparse.Namespace) -> dict[s
         out: dict[str, Any] = {}
         for h, run in runs.items():
             vga = run.vga
-            assert vga.lease is not None and vga.area is not None and vga.anchor is not None
-            own = vga.anchor.offset + vga.area.hosts().sector_offset(vga.lease.host_id)
+            k = vga.keeper
+            assert k.lease is not None and k.area is not None and k.anchor is not None
+            own = k.anchor.offset + k.area.hosts().sector_offset(k.lease.host_id)
             ios = run.window(t0, t1)
             stamps = [t for t, op, off, _n in ios if op == "write" and off == own]
             renewals = len(stamps)
@@ -426,12 +429,12 @@ def measure_renewal_io(cli: str, c: Cluster, args: argparse.Namespace) -> dict[s
                 cnt[op] += 1
                 cnt[op + "_bytes"] += length
             d0, d1 = disk0[h], disk1[h]
-            out[h] = {"role": "writer" if vga.epoch is not None else "reader",
+            out[h] = {"role": "writer" if vga.port.epoch is not None else "reader",
                       "renewals": renewals, "seconds": t1 - t0, "regions": per,
                       "interval": (med(gaps), max(gaps)) if gaps else (0.0, 0.0),
                       "disk": tuple(b - a for a, b in zip(d0, d1, strict=True)),
                       "lvm": Counter(cmd[1] for cmd in calls1[h][calls0[h]:]),
-                      "max_hosts": vga.area.sb.max_hosts}
+                      "max_hosts": k.area.sb.max_hosts}
         return out
     finally:
         for run in runs.values():
@@ -439,8 +442,8 @@ def measure_renewal_io(cli: str, c: Cluster, args: argparse.Namespace) -> dict[s
         for run in runs.values():
             run.vga.thread.join(timeout=10)
             run.vga.shutdown()
-            if run.vga.dev is not None:
-                run.vga.dev.close()
+            if run.vga.keeper.dev is not None:
+                run.vga.keeper.dev.close()
         problems = [m for m in logs if "error" in m.lower() or "!!!" in m or "WARNING" in m]
         for m in problems[:10]:
             log(f"  agent log: {m}")

@@ -75,7 +75,7 @@ from common import (
 
 from fenceless import config as cfgmod
 from fenceless.agent import ipc
-from fenceless.agent.volumes import IDLE_AFTER, IDLE_POLL, POLL
+from fenceless.agent.mailbox import IDLE_AFTER, IDLE_POLL, POLL
 from fenceless.ops.status import read_status
 
 DEFAULT_OUTPUT = HERE / "results-volume.md"

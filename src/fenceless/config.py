@@ -112,104 +112,110 @@ def _type_name(value: Any) -> str:
             list: "array", dict: "table"}.get(type(value), type(value).__name__)
 
 
+class _Fields:
+    """Checked access to one parsed file's keys: every problem names the file and key."""
+
+    def __init__(self, raw: dict[str, Any], path: str) -> None:
+        self.raw = raw
+        self.path = path
+
+    def fail(self, key: str, expected: str, value: Any = None, *,
+             show: bool = True) -> ConfigError:
+        got = f", got {value!r} ({_type_name(value)})" if show else ""
+        return ConfigError(path=self.path, detail=f"key {key!r}: expected {expected}{got}")
+
+    def string(self, key: str, default: str | None, *, required: bool = False) -> str | None:
+        if key not in self.raw:
+            if required:
+                raise self.fail(key, "a string; it is required", show=False)
+            return default
+        value = self.raw[key]
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "a non-empty string", value)
+        return value
+
+    def io_timeout(self) -> float:
+        if "io_timeout" not in self.raw:
+            return 10.0
+        value = self.raw["io_timeout"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail("io_timeout", "a number of seconds", value)
+        if not 0.01 <= float(value) <= 300:
+            raise self.fail("io_timeout", "seconds between 0.01 and 300", value)
+        return float(value)
+
+    def vgs(self) -> tuple[VgConfig, ...]:
+        vg_table = self.raw.get("vg")
+        if vg_table is None:
+            raise ConfigError(
+                path=self.path,
+                detail='no shared VG configured: add a table such as [vg.vmstore] with '
+                'devices = ["/dev/sdX"]',
+            )
+        if not isinstance(vg_table, dict) or not vg_table:
+            raise self.fail("vg", "a table of VGs such as [vg.vmstore]", vg_table)
+        seen: dict[str, str] = {}
+        return tuple(self.vg(name, body, seen) for name, body in vg_table.items())
+
+    def vg(self, name: str, body: Any, seen: dict[str, str]) -> VgConfig:
+        key = f"vg.{name}"
+        if not VG_NAME_RE.match(name) or name in (".", ".."):
+            raise self.fail(key, "a VG name of letters, digits and + _ . - (at most 127)", name)
+        if not isinstance(body, dict):
+            raise self.fail(key, "a table with a 'devices' key", body)
+        for sub in body:
+            if sub not in _VG_KEYS:
+                raise ConfigError(path=self.path, detail=f"unknown key {key + '.' + sub!r} "
+                                  f"(known keys: {', '.join(sorted(_VG_KEYS))})")
+        devices = body.get("devices")
+        if devices is None:
+            raise self.fail(f"{key}.devices", "a list of device paths; it is required",
+                            show=False)
+        if not isinstance(devices, list) or not devices:
+            raise self.fail(f"{key}.devices", "a non-empty list of device paths", devices)
+        for dev in devices:
+            if not isinstance(dev, str) or not DEVICE_RE.match(dev) or ".." in dev:
+                raise self.fail(f"{key}.devices", "device paths under /dev/ "
+                                "(letters, digits and / _ . : + -)", dev)
+            if dev in seen:
+                raise self.fail(f"{key}.devices", f"each device in one VG only "
+                                f"({dev} is also in {seen[dev]})", dev, show=False)
+            seen[dev] = name
+        return VgConfig(name=name, devices=tuple(devices))
+
+
 def parse(text: str, path: str) -> HostConfig:
     """Parse and check one host's config; every problem names the file and key."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path=path, detail=f"not valid TOML: {exc}") from exc
-
-    def fail(key: str, expected: str, value: Any = None, *, show: bool = True) -> ConfigError:
-        got = f", got {value!r} ({_type_name(value)})" if show else ""
-        return ConfigError(path=path, detail=f"key {key!r}: expected {expected}{got}")
-
     for key in raw:
         if key not in _TOP_KEYS:
             known = ", ".join(sorted(_TOP_KEYS))
             raise ConfigError(path=path, detail=f"unknown key {key!r} (known keys: {known})")
-
-    def string(key: str, default: str | None, *, required: bool = False) -> str | None:
-        if key not in raw:
-            if required:
-                raise fail(key, "a string; it is required", show=False)
-            return default
-        value = raw[key]
-        if not isinstance(value, str) or not value:
-            raise fail(key, "a non-empty string", value)
-        return value
-
-    host = string("host", None, required=True)
+    f = _Fields(raw, path)
+    host = f.string("host", None, required=True)
     assert host is not None
     if not HOST_NAME_RE.match(host):
-        raise fail("host", "a host name of lowercase letters, digits and '-' "
-                   "(at most 43, starting with a letter or digit)", host)
-
-    state_dir = string("state_dir", "/var/lib/fenceless")
+        raise f.fail("host", "a host name of lowercase letters, digits and '-' "
+                     "(at most 43, starting with a letter or digit)", host)
+    state_dir = f.string("state_dir", "/var/lib/fenceless")
     assert state_dir is not None
     for key in ("state_dir", "lvm_system_dir", "lvm_binary"):
         value = raw.get(key)
         if isinstance(value, str) and not value.startswith("/"):
-            raise fail(key, "an absolute path", value)
-
-    io_timeout: float = 10.0
-    if "io_timeout" in raw:
-        value = raw["io_timeout"]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise fail("io_timeout", "a number of seconds", value)
-        if not 0.01 <= float(value) <= 300:
-            raise fail("io_timeout", "seconds between 0.01 and 300", value)
-        io_timeout = float(value)
-
-    activation = string("activation", "lvm")
+            raise f.fail(key, "an absolute path", value)
+    io_timeout = f.io_timeout()
+    activation = f.string("activation", "lvm")
     assert activation is not None
     if activation not in ACTIVATION_MODES:
-        raise fail("activation", " or ".join(repr(m) for m in ACTIVATION_MODES), activation)
-
-    vg_table = raw.get("vg")
-    if vg_table is None:
-        raise ConfigError(
-            path=path,
-            detail='no shared VG configured: add a table such as [vg.vmstore] with '
-            'devices = ["/dev/sdX"]',
-        )
-    if not isinstance(vg_table, dict) or not vg_table:
-        raise fail("vg", "a table of VGs such as [vg.vmstore]", vg_table)
-    vgs: list[VgConfig] = []
-    seen_devices: dict[str, str] = {}
-    for name, body in vg_table.items():
-        key = f"vg.{name}"
-        if not VG_NAME_RE.match(name) or name in (".", ".."):
-            raise fail(key, "a VG name of letters, digits and + _ . - (at most 127)", name)
-        if not isinstance(body, dict):
-            raise fail(key, "a table with a 'devices' key", body)
-        for sub in body:
-            if sub not in _VG_KEYS:
-                raise ConfigError(path=path, detail=f"unknown key {key + '.' + sub!r} "
-                                  f"(known keys: {', '.join(sorted(_VG_KEYS))})")
-        devices = body.get("devices")
-        if devices is None:
-            raise fail(f"{key}.devices", "a list of device paths; it is required", show=False)
-        if not isinstance(devices, list) or not devices:
-            raise fail(f"{key}.devices", "a non-empty list of device paths", devices)
-        for dev in devices:
-            if not isinstance(dev, str) or not DEVICE_RE.match(dev) or ".." in dev:
-                raise fail(f"{key}.devices", "device paths under /dev/ "
-                           "(letters, digits and / _ . : + -)", dev)
-            if dev in seen_devices:
-                raise fail(f"{key}.devices", f"each device in one VG only "
-                           f"({dev} is also in {seen_devices[dev]})", dev, show=False)
-            seen_devices[dev] = name
-        vgs.append(VgConfig(name=name, devices=tuple(devices)))
-
+        raise f.fail("activation", " or ".join(repr(m) for m in ACTIVATION_MODES), activation)
     return HostConfig(
-        path=path,
-        host=host,
-        state_dir=state_dir,
-        io_timeout=io_timeout,
-        vgs=tuple(vgs),
-        lvm_system_dir=string("lvm_system_dir", None),
-        lvm_binary=string("lvm_binary", "/usr/sbin/lvm") or "/usr/sbin/lvm",
-        hypervisor_uri=string("hypervisor_uri", None),
+        path=path, host=host, state_dir=state_dir, io_timeout=io_timeout, vgs=f.vgs(),
+        lvm_system_dir=f.string("lvm_system_dir", None),
+        lvm_binary=f.string("lvm_binary", "/usr/sbin/lvm") or "/usr/sbin/lvm",
+        hypervisor_uri=f.string("hypervisor_uri", None),
         activation=activation,
     )
 

@@ -4,38 +4,39 @@ from __future__ import annotations
 
 import time
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
-from fenceless.agent.daemon import Pending
-from fenceless.agent.volumes import VolumeService
+from fenceless.agent.mailbox import Mailboxes, Pending
 from fenceless.blockio import MemDevice
+from fenceless.clock import FakeClock
 from fenceless.errors import UserError
 from fenceless.ledger import mailbox as mb
 from fenceless.localstate import set_member
 from fenceless.ondisk.layout import Layout
+from fenceless.ops.journal import Journal
+from tests.unit.harness import FakeVg, host, make_area
 
 LAYOUT = Layout.compute(4)
 HOST_ID = 2
 
 
-class FakeLease:
-    host_id = HOST_ID
-    generation = 1
+class Desk(Mailboxes):
+    """The mailboxes of host h2, with its writer role settable by the test."""
 
-    def check(self, margin: float = 0.0) -> None:
-        pass
+    role = SimpleNamespace(epoch=None)
 
 
-def requester(state_dir: str = "/nonexistent") -> tuple[VolumeService, MemDevice]:
+def requester(state_dir: str = "/nonexistent") -> tuple[Desk, MemDevice]:
+    """h2's mailboxes over a real control area in memory, h2 holding a real host lease."""
+    clock = FakeClock(start=time.monotonic())
     dev = MemDevice(LAYOUT.total_size())
-    agent: Any = SimpleNamespace(epoch=None, lease=FakeLease(),
-                                 area=SimpleNamespace(dev=dev, layout=LAYOUT),
-                                 cfg=SimpleNamespace(host="h2", state_dir=state_dir),
-                                 vg=SimpleNamespace(name="vg"), n=0.1,
-                                 clock=SimpleNamespace(monotonic=time.monotonic))
-    return VolumeService(agent), dev
+    h2 = host(make_area(dev, clock), clock, "h2", HOST_ID, FakeVg(), state_dir)
+    role = SimpleNamespace(epoch=None)
+    desk = Desk(h2.keeper, "h2", "sanvg", lambda: role.epoch, Journal(h2.port),
+                h2.logs.append)
+    desk.role = role
+    return desk, dev
 
 
 def pending(rid: str, size: str = "+8M") -> Pending:
@@ -52,7 +53,7 @@ def inbox_ids(dev: MemDevice) -> list[str]:
     return [r.id for r in mb.read_inbox(dev, LAYOUT, HOST_ID).requests]
 
 
-def given_up(svc: VolumeService, rid: str) -> Pending:
+def given_up(svc: Desk, rid: str) -> Pending:
     """Submit a request whose CLI then stops waiting (the request stays queued)."""
     item = pending(rid)
     svc.submit(item)
@@ -123,14 +124,14 @@ def test_replies_round_trip_their_fingerprint_and_old_replies_have_none():
 
 def test_without_a_lease_a_member_queues_and_a_stranger_is_refused(tmp_path):
     svc, dev = requester(str(tmp_path))
-    svc.a.lease = None  # lost, being acquired again
+    lease, svc.keeper.lease = svc.keeper.lease, None  # lost, being acquired again
     with pytest.raises(UserError, match="run `fenceless join`"):
         svc.submit(pending("early"))
-    set_member(str(tmp_path), "vg", {"host_id": HOST_ID, "cluster": "c"})
+    set_member(str(tmp_path), "sanvg", {"host_id": HOST_ID, "cluster": "c"})
     item = pending("waits")
     svc.submit(item)
     assert mb.read_inbox(dev, LAYOUT, HOST_ID) is None  # nothing written without a lease
-    svc.a.lease = FakeLease()  # back
+    svc.keeper.lease = lease  # back
     svc.publish_inbox()
     assert inbox_ids(dev) == ["waits"]
     assert not item.done.is_set()
@@ -144,7 +145,7 @@ def test_a_host_that_becomes_the_writer_runs_its_own_waiting_requests():
     svc.submit(waiting)
     given_up(svc, "given-up")
     assert not waiting.done.is_set()
-    svc.a.epoch = 3
+    svc.role.epoch = 3
     svc.adopt_own()
     assert [(r.id, item) for _h, r, item in svc.work] == [
         ("waiting", waiting), ("given-up", None)]
@@ -156,7 +157,7 @@ def test_a_host_that_becomes_the_writer_runs_its_own_waiting_requests():
     svc.in_work.discard("waiting")
     svc.forget_own("waiting")  # its outcome is recorded
     assert inbox_ids(dev) == ["given-up"]
-    svc.a.epoch = None  # the role is lost with "given-up" still to do
+    svc.role.epoch = None  # the role is lost with "given-up" still to do
     svc.requeue()
     assert svc.work == [] and svc.in_work == set()
     assert inbox_ids(dev) == ["given-up"]
@@ -186,7 +187,7 @@ def test_a_retry_joins_the_queued_request_and_another_operation_is_refused():
 def test_an_own_request_that_just_failed_waits_before_it_is_tried_again():
     svc, _dev = requester()
     svc.submit(pending("flaky"))
-    svc.a.epoch = 3
+    svc.role.epoch = 3
     svc.retry_after["flaky"] = time.monotonic() + 60  # as run_work sets it on a failure
     svc.adopt_own()
     assert svc.work == []

@@ -1,19 +1,33 @@
 """The phase contract every operation follows (after Ganeti's logical units).
 
-check_args   pure: refuse bad input before touching anything
-lock         take the lease or lock that makes us the only actor
-check_prereq read-only: refuse if the world is not as required
-execute      make the change (crash points are named inside)
-record       write down what was done
+check_args    pure: refuse bad input before touching anything
+lock          take the lease or lock that makes us the only actor
+check_prereq  read-only: refuse if the world is not as required
+execute       make the change (crash points are named inside)
+record        write down what was done
 
 A refusal in the first three phases is a UserError: nothing was changed.
+
+Operations run by the metadata writer on behalf of any host are *journaled*
+(``JournaledOp``): their prerequisites are checked on a fresh report and
+turned into an intent with absolute values, the intent is journaled in the
+ledger before the first effect, and the effect is recognisable afterwards,
+so that a writer that dies in between leaves something the next one can
+finish or fail (docs/design.md, "Crash points"). ``ops/journal.py`` drives
+them through the same five phases.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fenceless.ledger.state import Intent, RequestInfo
+from fenceless.lvm.adapter import Lvm
+from fenceless.lvm.parse import LvInfo, VgInfo
 
 
 class Operation:
@@ -42,3 +56,64 @@ class Operation:
             result = self.execute()
             self.record(result)
         return result
+
+
+@dataclass
+class Snapshot:
+    """One fresh look at the VG (``--readonly``) that the checks and the effect test use."""
+
+    vg: VgInfo
+    lvs: dict[str, LvInfo]
+
+    @classmethod
+    def take(cls, lvm: Lvm) -> Snapshot:
+        vg, lvs = lvm.vg_and_lvs()
+        return cls(vg, {lv.name: lv for lv in lvs})
+
+    def changed(self, vg: VgInfo, gone: Sequence[str], lv: LvInfo | None) -> Snapshot:
+        """This snapshot after one change: ``gone`` names left, ``lv`` is new or changed."""
+        lvs = {name: x for name, x in self.lvs.items() if name not in gone}
+        if lv is not None:
+            lvs[lv.name] = lv
+        return Snapshot(vg, lvs)
+
+
+# Who has an LV active: host names (fresh; the claims that protect a mapped LV).
+Claims = Callable[[str], list[str]]
+
+
+class JournaledOp(abc.ABC):
+    """One operation run by the writer, journaled before its first effect."""
+
+    op: ClassVar[str] = "journaled"
+
+    def __init__(self, request: RequestInfo, lvm: Lvm, claims: Claims) -> None:
+        self.request = request
+        self.id = request.id
+        self.args: Mapping[str, Any] = dict(request.args)
+        self.lvm = lvm
+        self.claims = claims
+        self.vg = lvm.vg.name
+
+    @abc.abstractmethod
+    def check_args(self) -> None:
+        """The arguments as untrusted data (they may have come through the shared disk)."""
+
+    @abc.abstractmethod
+    def check_prereq(self, snap: Snapshot) -> Intent:
+        """Refuse, or plan: the intent to journal, with absolute values and LV uuids."""
+
+    @abc.abstractmethod
+    def execute(self, intent: Intent, timeout: float) -> None:
+        """The change itself (one LVM command), bounded by ``timeout``."""
+
+    @abc.abstractmethod
+    def effect(self, intent: Intent, snap: Snapshot) -> bool | None:
+        """True: done; False: not done (safe to redo); None: cannot be done any more."""
+
+    def touches(self, intent: Intent) -> tuple[list[str], str | None]:
+        """(names the change removes, the name to report afterwards): all it changes."""
+        return [], intent.name
+
+    def result(self, intent: Intent, snap: Snapshot) -> dict[str, Any]:
+        raise NotImplementedError

@@ -31,7 +31,7 @@ from fenceless.faults import crashpoint
 from fenceless.lease.delta import DeltaLease, HostArea
 from fenceless.lease.errors import HostIdInUse
 from fenceless.ledger.slots import write_ledger
-from fenceless.ledger.state import ledger_hosts
+from fenceless.ledger.state import HostEntry, LedgerState, WriterInfo, ledger_hosts
 from fenceless.localstate import member, set_member
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.lvm.mapping import single_extent
@@ -241,14 +241,12 @@ class InitOp(Operation):
                                     name=env.cfg.host, before_write=lease.check)
         if not got.won:
             raise IntegrityError(detail=f"a fresh writer lease was not won ({got.outcome.value})")
-        state = {
-            "cluster": str(sb.cluster_uuid), "vg": vg.name,
-            "writer": {"host_id": 1, "name": env.cfg.host, "epoch": got.epoch},
-            "hosts": {"1": {"name": env.cfg.host, "since_epoch": got.epoch}},
-        }
+        state = LedgerState(cluster=str(sb.cluster_uuid), vg=vg.name,
+                            writer=WriterInfo(1, env.cfg.host, got.epoch),
+                            hosts={1: HostEntry(env.cfg.host, got.epoch)})
         self._keep_lock()
-        write_ledger(ctl, self.layout, got.epoch, state, writer_host_id=1,
-                         both_slots=True, before_write=self.lock_check)
+        write_ledger(ctl, self.layout, got.epoch, state.to_json(), writer_host_id=1,
+                     both_slots=True, before_write=self.lock_check)
         crashpoint("init.ledger-written")
         self._keep_lock()
         # The commit point: from here on, every host can find the cluster.
@@ -295,7 +293,7 @@ class JoinOp(Operation):
         hosts = self.area.hosts()
         raw = hosts.read_area()
         view = self.area.ledger().current
-        in_ledger = ledger_hosts(view.state) if view else {}
+        in_ledger = ledger_hosts(LedgerState.from_json(view.state)) if view else {}
         own, fresh = [], []
         for hid in range(1, self.area.sb.max_hosts + 1):
             try:

@@ -17,7 +17,7 @@ from fenceless.clock import SystemClock
 from fenceless.config import HostConfig
 from fenceless.control.anchor import NotInitialized, read_anchor
 from fenceless.control.area import ControlArea
-from fenceless.ledger.state import ledger_hosts
+from fenceless.ledger.state import LedgerState, LedgerStateInvalid, ledger_hosts
 from fenceless.localstate import agent_view, member
 from fenceless.ondisk.errors import CorruptRecord
 
@@ -46,7 +46,12 @@ def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
     fresh = seen is not None and isinstance(seen.get("mono"), int | float) and \
         now - float(seen["mono"]) < 4 * area.io_timeout
     observed = seen.get("hosts", {}) if fresh and seen else {}
-    names = ledger_hosts(view.current.state) if view.current else {}
+    problems = [str(p) for p in view.problems]
+    try:
+        names = ledger_hosts(LedgerState.from_json(view.current.state)) if view.current else {}
+    except LedgerStateInvalid as exc:
+        names = {}
+        problems.append(str(exc))
     hosts = []
     for hid in range(1, area.sb.max_hosts + 1):
         try:
@@ -84,7 +89,7 @@ def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
         "hosts": hosts,
         "ledger": {"generation": view.current.generation if view.current else None,
                    "epoch": view.current.epoch if view.current else None,
-                   "problems": [str(p) for p in view.problems]},
+                   "problems": problems},
         "io_timeout": area.io_timeout,
         "lease_source": "agent" if fresh else "disk only (no running agent here)",
     }

@@ -1,0 +1,110 @@
+"""What this host has mapped of a shared VG, kept in step with the VG's metadata.
+
+Every agent notices a new VG metadata seqno from LVM's own metadata header on
+the PV (one 4 KiB O_DIRECT read, no LVM process, nothing that could "repair"
+metadata) and brings every LV it has active to its new size, so that a reader
+never runs ``lvchange --refresh`` and an extend on the writer is followed
+everywhere. What is active here is published in this host's lease sector:
+those are the claims that keep the writer from removing an LV in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fenceless.blockio import BlockDevice
+from fenceless.clock import Clock
+from fenceless.errors import FencelessError
+from fenceless.lvm import mda
+from fenceless.lvm.activation import Activator
+from fenceless.lvm.adapter import Lvm
+
+ACTIVE_EVERY = 2.0  # seconds between looks at which LVs are active here
+
+
+class LocalLvs:
+    """This host's mappings of one VG, and the VG metadata seqno they follow."""
+
+    def __init__(self, activator: Callable[[], Activator], reader: Callable[[], Lvm],
+                 clock: Clock, log: Callable[[str], None]) -> None:
+        self.activator = activator
+        self.reader = reader
+        self.clock = clock
+        self.log = log
+        self.claimed: set[str] = set()  # being mapped here: claimed before the mapping exists
+        self.cache: dict[str, int] = {}
+        self.checked = -ACTIVE_EVERY
+        self.seqno: int | None = None
+        self.mda_location: mda.MdaLocation | None = None
+        self.mda_key: object | None = None
+        self.logged: set[str] = set()
+
+    def log_once(self, msg: str) -> None:
+        if msg not in self.logged:
+            self.logged.add(msg)
+            self.log(msg)
+
+    def active(self, force: bool = False) -> dict[str, int]:
+        """LVs active on this host and their mapped sizes (looked up every ACTIVE_EVERY s)."""
+        now = self.clock.monotonic()
+        if force or now - self.checked >= ACTIVE_EVERY:
+            self.checked = now
+            try:
+                self.cache = {a.lv: a.size for a in self.activator().active()}
+            except FencelessError as exc:
+                self.log_once(f"cannot list active LVs: {exc}")
+        return self.cache
+
+    def published(self) -> dict[str, int]:
+        """What goes into this host's lease sector: claims (size 0) and mappings."""
+        return {**{lv: 0 for lv in self.claimed}, **self.active()}
+
+    def metadata_key(self, dev: BlockDevice, size: int) -> object | None:
+        """LVM's metadata header on the PV (offset, size, checksum of the text), or None
+        if it cannot be read: equal keys mean byte-identical VG metadata."""
+        try:
+            return mda.read_mda_header(dev, location=self.mda_location, size=size).key
+        except FencelessError:
+            return None
+
+    def seqno_changed(self, dev: BlockDevice, size: int) -> bool:
+        """Whether LVM's metadata seqno on the PV moved since the last look."""
+        try:
+            info = mda.read_mda_header(dev, location=self.mda_location, size=size)
+            self.mda_location = info.location
+            if info.key == self.mda_key:
+                return False
+            _text, seqno = mda.read_metadata_text(dev, location=info.location, size=size)
+            self.mda_key = info.key
+        except FencelessError as exc:
+            self.mda_location = None
+            self.log_once(f"cannot read the VG metadata header: {exc}")
+            return False
+        if seqno == self.seqno:
+            return False
+        self.seqno = seqno
+        return True
+
+    def forget_metadata(self) -> None:
+        """After this host changed the metadata: the next look reads it again."""
+        self.mda_key = None
+
+    def refresh(self, force: bool = False) -> bool:
+        """Bring every active mapping to the size in the metadata; True if any changed."""
+        active = self.active(force=force)
+        if not active:
+            return False
+        changed = False
+        try:
+            sizes = {lv.name: lv.size for lv in self.reader().lvs()}
+            activator = self.activator()
+            for lv, size in active.items():
+                if lv in sizes and sizes[lv] != size:
+                    got = activator.refresh(lv)
+                    self.log(f"refreshed {lv}: {size} -> {got.size} bytes")
+                    changed = True
+        except FencelessError as exc:
+            self.log(f"refresh failed: {exc}")
+        if changed:
+            self.active(force=True)
+        return changed

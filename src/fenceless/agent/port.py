@@ -1,0 +1,320 @@
+"""The agent's side of the ports: what operations may use of one VG's agent.
+
+``AgentPort`` implements ``ops.port.RolePort`` and ``HostPort`` over the
+lease keeper and the host's mappings, and keeps the writer role's own state:
+the epoch this host acts under, its copy of the ledger, and the leader as
+last read. Operations get this object typed as a port and never see the
+agent that runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fenceless import __version__
+from fenceless.agent.keeper import LeaseKeeper
+from fenceless.agent.local import LocalLvs
+from fenceless.clock import Clock
+from fenceless.config import HostConfig, VgConfig
+from fenceless.errors import ExecError, FencelessError, LeaseLost
+from fenceless.faults import crashpoint
+from fenceless.guard.role import RoleEntry
+from fenceless.guard.role import entry as role_entry
+from fenceless.lease.delta import HostState
+from fenceless.lease.paxos import AcquireResult, Leader
+from fenceless.ledger import audit, history
+from fenceless.ledger.slots import write_ledger
+from fenceless.ledger.state import LedgerState, RequestInfo
+from fenceless.lvm import mda
+from fenceless.lvm.activation import Activator
+from fenceless.lvm.adapter import Lvm, Role
+from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ops.context import Context
+from fenceless.ops.port import HostView
+
+
+class AgentPort:
+    """One VG's facilities for operations, and the writer role's state on this host."""
+
+    def __init__(self, cfg: HostConfig, vg: VgConfig, ctx: Context, keeper: LeaseKeeper,
+                 local: LocalLvs, clock: Clock, log: Callable[[str], None],
+                 set_role: Callable[[RoleEntry], None],
+                 extra_facts: Callable[[], Mapping[str, Any]]) -> None:
+        self.cfg = cfg
+        self.vg_cfg = vg
+        self.ctx = ctx
+        self.keeper = keeper
+        self.local = local
+        self._clock = clock
+        self._log = log
+        self.set_role = set_role
+        self.extra_facts = extra_facts
+        self._epoch: int | None = None
+        self.cache: LedgerState | None = None  # the writer's copy of the ledger
+        self.last_ledger_epoch = 0
+        self.last_leader: Leader | None = None
+        self.history_heads = history.Heads()  # the history ring as this writer left it
+        self.handover_ask: dict[str, Any] | None = None  # this host's request, published
+        keeper.on_late = lambda why: self.set_epoch(None, why) if self._epoch else None
+        keeper.on_lost = lambda why: self.set_epoch(None, why)
+
+    # --- identity and time ------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self.cfg.host
+
+    @property
+    def vg(self) -> str:
+        return self.vg_cfg.name
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    @property
+    def n(self) -> float:
+        return self.keeper.n
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def host_id(self) -> int:
+        assert self.keeper.lease is not None
+        return self.keeper.lease.host_id
+
+    @property
+    def generation(self) -> int:
+        assert self.keeper.lease is not None
+        return self.keeper.lease.generation
+
+    def log(self, msg: str) -> None:
+        self._log(msg)
+
+    # --- the lease ----------------------------------------------------------------------
+
+    def facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "version": __version__,
+            "lvm_role": "writer" if self._epoch else "reader",
+            "active": self.local.published(),
+            "seqno": self.local.seqno,
+            **self.extra_facts(),
+        }
+        if self.handover_ask:
+            facts["handover_request"] = self.handover_ask
+        return facts
+
+    def renew(self) -> bool:
+        ok = self.keeper.renew(self.facts())
+        if ok:
+            self.publish_role()
+        return ok
+
+    def renew_if_due(self) -> None:
+        if self.keeper.due():
+            self.renew()
+
+    def announce(self) -> None:
+        if self.keeper.lease is not None and not self.renew():
+            raise LeaseLost(detail="could not publish this host's state on the LUN")
+
+    def check_write(self) -> None:
+        self.keeper.check_write()
+
+    # --- the writer role ---------------------------------------------------------------
+
+    def set_epoch(self, epoch: int | None, why: str, *, quiet: bool = False) -> None:
+        self.cache = None  # a new role starts from the disk, a dropped one trusts nothing
+        if epoch is None and self._epoch is not None and not quiet:
+            self.log(f"!!! GIVING UP THE WRITER ROLE (epoch {self._epoch}): {why}. "
+                     "This host writes nothing shared from now on.")
+        self._epoch = epoch
+        if epoch is None:
+            try:
+                self.publish_role()
+            except (FencelessError, OSError) as exc:
+                self.log(f"cannot publish the role: {exc}")
+
+    def read_leader(self) -> Leader | None:
+        assert self.keeper.area is not None
+        self.last_leader = self.keeper.area.writer().read_leader()
+        return self.last_leader
+
+    def acquire_writer(self) -> AcquireResult:
+        area, lease = self.keeper.area, self.keeper.lease
+        assert area is not None and lease is not None
+        return area.writer().acquire(lease.host_id, lease.generation, self.owner_gone,
+                                     name=self.host, max_ballots=6,
+                                     before_write=self.check_write)
+
+    def release_writer(self, epoch: int) -> None:
+        assert self.keeper.area is not None
+        self.keeper.area.writer().release(self.host_id, self.generation, epoch,
+                                          before_write=self.check_write)
+
+    def request_handover(self, request: dict[str, Any] | None) -> None:
+        self.handover_ask = request
+        if request is not None and self.keeper.lease is not None:
+            self.keeper.lease.renew(self.facts())  # publish the request now
+
+    def publish_role(self) -> None:
+        """Tell the local LVM guard whether this host may change this VG's metadata.
+
+        Valid only for the time the lease has left (less a margin of N): if the
+        agent stops renewing, the guard falls back to "reader" by itself.
+        """
+        leader = self.last_leader
+        writer = leader.owner_name if leader is not None and not leader.released else None
+        epoch = leader.lver if leader is not None else 0
+        left = self.keeper.remaining() - self.n if self.keeper.lease is not None else 0.0
+        writing = self._epoch is not None and left > 0
+        if writing:
+            writer, epoch = self.host, self._epoch or 0
+        self.set_role(role_entry(self.vg, "writer" if writing else "reader", writer, epoch,
+                                 max(left, 0.0)))
+
+    # --- other hosts ----------------------------------------------------------------------
+
+    def host_state(self, host_id: int) -> HostState:
+        assert self.keeper.observer is not None
+        return self.keeper.observer.state(host_id, self.clock.monotonic())
+
+    def generation_of(self, host_id: int) -> int | None:
+        assert self.keeper.observer is not None
+        rec = self.keeper.observer.record(host_id)
+        return rec.generation if rec is not None else None
+
+    def owner_gone(self, host_id: int, generation: int) -> bool:
+        assert self.keeper.observer is not None
+        return self.keeper.observer.owner_gone(host_id, generation, self.clock.monotonic())
+
+    def hosts_now(self) -> list[HostView]:
+        area = self.keeper.area
+        assert area is not None
+        hosts = area.hosts()
+        raw = hosts.read_area()  # fresh: a decision must not rest on an old read
+        out = []
+        for hid in range(1, area.sb.max_hosts + 1):
+            try:
+                rec = hosts.decode(raw, hid)
+            except CorruptRecord:
+                continue
+            if rec is None or rec.free:
+                continue
+            out.append(HostView(hid, rec.name, rec.generation, self.host_state(hid),
+                                dict(rec.facts)))
+        return out
+
+    def host_name(self, host_id: int) -> str:
+        try:
+            return self.ledger(fresh=self.cache is None).host_name(host_id)
+        except FencelessError:
+            return f"host id {host_id}"
+
+    # --- the ledger -----------------------------------------------------------------------
+
+    def ledger(self, fresh: bool = False) -> LedgerState:
+        if self.cache is not None and not fresh:
+            return self.cache
+        assert self.keeper.area is not None
+        view = self.keeper.area.ledger()
+        self.last_ledger_epoch = view.current.epoch if view.current else 0
+        state = LedgerState.from_json(view.current.state) if view.current else LedgerState()
+        if self._epoch is not None:
+            self.cache = state
+        return state
+
+    def ledger_epoch(self) -> int:
+        return self.last_ledger_epoch
+
+    def write_ledger(self, state: LedgerState, *, both_slots: bool = False) -> LedgerState:
+        area, lease = self.keeper.area, self.keeper.lease
+        assert area is not None and lease is not None and self._epoch is not None
+        crashpoint("agent.before-ledger-write")
+        self.cache = None  # whatever happens next, re-read before trusting it
+        rec = write_ledger(area.dev, area.layout, self._epoch, state.to_json(),
+                           writer_host_id=lease.host_id, both_slots=both_slots,
+                           before_write=self.check_write)
+        self.last_ledger_epoch = rec.epoch
+        self.cache = state
+        return state
+
+    # --- LVM, history and audit ---------------------------------------------------------
+
+    def lvm(self, role: Role = Role.READER) -> Lvm:
+        lvm = self.ctx.lvm(self.vg, role)
+        if self.keeper.lease is not None:
+            lvm.timeout = max(0.5, min(lvm.timeout, self.keeper.remaining() - self.n))
+        return lvm
+
+    def lvm_budget(self) -> float:
+        return self.keeper.remaining() - self.n
+
+    def metadata_key(self) -> object | None:
+        assert self.keeper.dev is not None
+        return self.local.metadata_key(self.keeper.dev, self.keeper.size)
+
+    def read_metadata(self) -> tuple[str, int]:
+        assert self.keeper.dev is not None
+        return mda.read_metadata_text(self.keeper.dev, size=self.keeper.size)
+
+    def read_history(self, seqno: int) -> str:
+        area = self.keeper.area
+        assert area is not None
+        return history.read_entry(area.dev, area.layout, seqno, parse=mda.vg_identity)
+
+    def note_metadata_change(self, request_id: str, seqno: int) -> None:
+        area, lease = self.keeper.area, self.keeper.lease
+        assert area is not None and lease is not None
+        self.local.forget_metadata()  # the next seqno check looks again
+        try:
+            text, got = self.read_metadata()
+            if got < seqno:
+                raise ExecError(detail=f"the PV shows seqno {got}, expected {seqno}")
+            history.append(area.dev, area.layout,
+                           history.HistoryEntry(text, got, request_id, lease.host_id),
+                           epoch=self._epoch or 0, parse=mda.vg_identity,
+                           before_write=self.check_write, known=self.history_heads)
+        except LeaseLost:
+            raise
+        except FencelessError as exc:
+            self.log(f"metadata history: seqno {seqno} not recorded: {exc}")
+
+    def audit(self, host: str, request: RequestInfo, result: str, message: str) -> None:
+        area = self.keeper.area
+        assert area is not None
+        try:
+            audit.append(area.dev, area.layout, audit.audit_record(
+                host=host, user=request.user or "-", argv=request.argv or (request.op,),
+                request_id=request.id, result=result, message=message),
+                epoch=self._epoch or 0, before_write=self.check_write)
+        except LeaseLost:
+            raise
+        except FencelessError as exc:
+            self.log(f"audit log: request {request.id} not recorded: {exc}")
+        self.log(f"audit: {host} {request.user or '-'} "
+                 f"{' '.join(request.argv) or request.op} -> {result}"
+                 + (f": {message}" if message else ""))
+
+    # --- this host's mappings -----------------------------------------------------------
+
+    def activator(self) -> Activator:
+        return self.ctx.activator(self.vg)
+
+    def local_active(self, force: bool = False) -> Mapping[str, int]:
+        return self.local.active(force=force)
+
+    def refresh_active(self) -> bool:
+        return self.local.refresh(force=True)
+
+    def claim(self, lv: str) -> None:
+        self.local.claimed.add(lv)
+        if self.keeper.lease is not None and not self.renew():
+            raise LeaseLost(detail="could not announce the activation on disk")
+
+    def unclaim(self, lv: str) -> None:
+        self.local.claimed.discard(lv)

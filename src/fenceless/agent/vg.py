@@ -1,0 +1,339 @@
+"""One shared VG in the agent: a thread that keeps the lease and runs operations.
+
+Every 2N the VG thread renews this host's lease (``keeper.py``), follows the
+VG's metadata seqno (``local.py``), decides about the writer role
+(``role.py``) and carries the decision out with the operations of
+``ops/writer.py``. Between renewals it serves the mailboxes (``mailbox.py``)
+and the requests of local CLIs. Exactly one thread touches a VG's leases, so
+every operation runs on it, and a renewal never waits behind another thread.
+If a renewal is late, the writer role is given up first and questions are
+asked after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from fenceless.agent.keeper import LeaseKeeper, Opener
+from fenceless.agent.local import LocalLvs
+from fenceless.agent.mailbox import POLL, Mailboxes, Pending
+from fenceless.agent.port import AgentPort
+from fenceless.agent.priority import raise_this_thread
+from fenceless.agent.role import UNREAD, Act, HandoverAsk, RoleView, decide, handover_ask
+from fenceless.clock import Clock
+from fenceless.config import HostConfig, VgConfig
+from fenceless.control.anchor import NotInitialized, read_anchor
+from fenceless.errors import FencelessError, LeaseLost, UserError
+from fenceless.lease.delta import HostState
+from fenceless.lease.paxos import Leader
+from fenceless.ledger.state import Handover
+from fenceless.localstate import set_agent_view
+from fenceless.lvm.adapter import Lvm, Role
+from fenceless.ops.activation import ActivationOp
+from fenceless.ops.cluster import InitOp, JoinOp, VgEnv
+from fenceless.ops.context import Context
+from fenceless.ops.journal import Journal
+from fenceless.ops.restore import RestoreOp
+from fenceless.ops.writer import (
+    SCRUB_EVERY,
+    Takeover,
+    TakeoverRefused,
+    become_writer,
+    hand_over,
+    request_handover,
+    upkeep,
+)
+
+if TYPE_CHECKING:
+    from fenceless.guard.role import RoleEntry
+
+
+class NotMember(UserError):
+    """Refused: this host has not joined the cluster on VG {vg}. Run `fenceless join`."""
+
+
+class AgentBusy(UserError):
+    """the agent was busy; {op!r} was not started (nothing was changed)"""
+
+
+class UnknownRequest(UserError):
+    """unknown agent request {op!r}"""
+
+
+class AgentTimeout(UserError):
+    """the agent did not finish {op!r} within {timeout:.1f}s"""
+
+
+class VgAgent:
+    """Everything the agent does for one shared VG."""
+
+    def __init__(self, cfg: HostConfig, vg: VgConfig, ctx: Context, clock: Clock,
+                 opener: Opener, log: Callable[[str], None],
+                 set_role: Callable[[RoleEntry], None],
+                 facts: Callable[[], Mapping[str, Any]], auto_takeover: bool = False) -> None:
+        self.cfg = cfg
+        self.vg = vg
+        self.ctx = ctx
+        self.clock = clock
+        self.auto_takeover = auto_takeover
+        self.log: Callable[[str], None] = lambda msg: log(f"[{vg.name}] {msg}")
+        self.keeper = LeaseKeeper(cfg, vg, clock, opener, self.log)
+        self.local = LocalLvs(lambda: ctx.activator(vg.name), self.reader, clock, self.log)
+        self.port = AgentPort(cfg, vg, ctx, self.keeper, self.local, clock, self.log,
+                              set_role, facts)
+        self.journal = Journal(self.port)
+        self.mailboxes = Mailboxes(self.keeper, cfg.host, vg.name, lambda: self.port.epoch,
+                                   self.journal, self.log)
+        self.requests: queue.Queue[Pending] = queue.Queue()
+        self.waiting: list[Pending] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name=f"vg-{vg.name}", daemon=True)
+        self.last_error = ""
+        self.ticks = 0
+
+    def reader(self) -> Lvm:
+        return self.port.lvm(Role.READER)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def loop(self) -> None:
+        raise_this_thread()  # renewals must not wait behind a busy host's other work
+        next_tick = 0.0
+        while not self.stop.is_set():
+            if self.clock.monotonic() >= next_tick:
+                delay = self.guarded(self.tick)
+                next_tick = self.clock.monotonic() + (delay or self.keeper.timing.renew_interval)
+            self.serve_requests()
+            self.guarded(self.serve_mailboxes)
+            timeout = max(0.0, min(next_tick - self.clock.monotonic(), self.keeper.n / 2, POLL))
+            try:
+                item = self.requests.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            self.waiting.append(item)
+            self.serve_requests()
+
+    def guarded(self, fn: Callable[[], float | None]) -> float | None:
+        try:
+            return fn()
+        except FencelessError as exc:
+            if str(exc) != self.last_error:
+                self.log(f"error: {exc}")
+            self.last_error = str(exc)
+        except Exception as exc:
+            self.log(f"internal error: {type(exc).__name__}: {exc}")
+        return None
+
+    def tick(self) -> float:
+        """One renewal round; returns the delay until the next one."""
+        keeper = self.keeper
+        if not keeper.attach() or not keeper.acquire_member(self.port.facts()):
+            self.publish()
+            return keeper.timing.renew_interval
+        if not self.port.renew():
+            return keeper.n / 2
+        assert keeper.dev is not None
+        if self.local.seqno_changed(keeper.dev, keeper.size) and \
+                self.local.refresh(force=True) and keeper.lease is not None:
+            self.port.renew()  # publish the refreshed sizes now: an extend waits for them
+        self.role_round()
+        self.port.publish_role()  # with the leader as just read
+        self.publish()
+        return keeper.timing.renew_interval
+
+    def serve_mailboxes(self) -> None:
+        mbx = self.mailboxes
+        if self.keeper.area is None or self.keeper.lease is None:
+            mbx.expire(self.clock.monotonic())
+            return
+        if self.port.epoch is not None:
+            mbx.adopt_own()
+            mbx.writer_poll()
+            mbx.run_work(self.port.renew_if_due, self.port.host_name,
+                         lambda why: self.port.set_epoch(None, why))
+        else:
+            if mbx.work:  # the role was given up between two passes
+                mbx.requeue()
+            mbx.publish_inbox()
+            mbx.poll_outbox()
+            mbx.expire(self.clock.monotonic())
+
+    # --- the writer role --------------------------------------------------------------
+
+    def view(self, leader: Leader | None, *, ask: HandoverAsk | None = None,
+             handover: Handover | object | None = UNREAD) -> RoleView:
+        keeper, observer = self.keeper, self.keeper.observer
+        assert keeper.area is not None and keeper.lease is not None and observer is not None
+        now = self.clock.monotonic()
+        hosts = range(1, keeper.area.sb.max_hosts + 1)
+        records = {h: observer.record(h) for h in hosts}
+        return RoleView(
+            host_id=keeper.lease.host_id, generation=keeper.lease.generation,
+            epoch=self.port.epoch, lease_left=keeper.remaining(), n=keeper.n, leader=leader,
+            states={h: observer.state(h, now) for h in hosts},
+            generations={h: r.generation for h, r in records.items() if r is not None},
+            auto_takeover=self.auto_takeover, handover=handover,  # type: ignore[arg-type]
+            ask=ask)
+
+    def role_round(self) -> None:
+        port = self.port
+        leader = port.read_leader()
+        if port.epoch is not None:
+            self.writer_round(leader)
+            return
+        ask = port.handover_ask
+        if ask and leader is not None and leader.lver > int(ask.get("from_epoch", 0)):
+            port.handover_ask = None  # done (or overtaken): stop asking
+        decision = decide(self.view(leader))
+        if decision.act is Act.READ_LEDGER and leader is not None:
+            handover = port.ledger(fresh=True).handover_from(leader.lver)
+            decision = decide(self.view(leader, handover=handover))
+        if decision.act is Act.ACQUIRE:
+            become_writer(port, decision.why)
+
+    def writer_round(self, leader: Leader | None) -> None:
+        port, observer = self.port, self.keeper.observer
+        assert observer is not None and self.keeper.area is not None
+        decision = decide(self.view(leader))
+        if decision.act is Act.DROP:
+            port.set_epoch(None, decision.why)
+            return
+        try:
+            self.ticks += 1
+            hosts = range(1, self.keeper.area.sb.max_hosts + 1)
+            records = {h: r for h in hosts if (r := observer.record(h)) and not r.free}
+            state = upkeep(port, [(h, r.name) for h, r in records.items()],
+                           scrub=self.ticks % SCRUB_EVERY == 0 or port.cache is None)
+            now = self.clock.monotonic()
+            live = {h: observer.state(h, now) is HostState.LIVE for h in hosts}
+            ask = handover_ask({h: r.facts.get("handover_request") for h, r in records.items()},
+                               live, {n: h for h, n in state.host_names().items()},
+                               port.epoch or 0, state.handover.id if state.handover else None)
+            decision = decide(self.view(leader, ask=ask))
+            if decision.act is Act.HAND_OVER and decision.ask is not None:
+                hand_over(port, decision.ask.to_id, decision.ask.to, decision.ask.id)
+        except LeaseLost as exc:
+            port.set_epoch(None, str(exc))
+
+    # --- requests from the CLI --------------------------------------------------------
+
+    def submit(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        item = Pending(request, deadline=self.clock.monotonic() + timeout)
+        self.requests.put(item)
+        if not item.done.wait(timeout + 1.0):
+            raise AgentTimeout(op=request.get("op"), timeout=timeout)
+        if item.error is not None:
+            raise item.error
+        return item.result or {}
+
+    def serve_requests(self) -> None:
+        keep = []
+        for item in self.waiting:
+            if not item.started and self.clock.monotonic() > item.deadline:
+                item.error = AgentBusy(op=item.request.get("op"))
+                item.done.set()
+                continue
+            item.started = True
+            try:
+                if item.request.get("op") == "volume":
+                    self.mailboxes.submit(item)  # completed by the mailboxes
+                    continue
+                result = self.handle(item)
+            except BaseException as exc:
+                item.error = exc
+                item.done.set()
+                continue
+            if result is None:
+                if self.clock.monotonic() < item.deadline:
+                    keep.append(item)
+                    continue
+                waiting = item.op.waiting_for if isinstance(item.op, Takeover) else ""
+                item.error = TakeoverRefused(detail="gave up waiting: " + waiting)
+            item.result = result
+            item.done.set()
+        self.waiting = keep
+
+    def handle(self, item: Pending) -> dict[str, Any] | None:
+        """Carry out a request; None means "not yet, ask again on the next round"."""
+        req = item.request
+        op = req.get("op")
+        if op in ("init", "join"):
+            return self.make_or_join(op, req)
+        if op in ("takeover", "handover", "activate", "refresh", "restore") and \
+                (self.keeper.area is None or self.keeper.lease is None):
+            if not self.keeper.attach():
+                raise NotInitialized(vg=self.vg.name, device=self.vg.devices[0])
+            raise NotMember(vg=self.vg.name)
+        if op == "takeover":
+            if item.op is None:
+                item.op = Takeover(self.port, wait=bool(req.get("wait")))
+            step: dict[str, Any] | None = item.op.step()
+            return step
+        if op == "handover":
+            return request_handover(self.port, str(req.get("to")))
+        if op == "restore":
+            leader = self.port.read_leader()
+            who = f"{leader.owner_name} is, epoch {leader.lver}" if leader else "none is"
+            return RestoreOp(self.port, int(req.get("seqno", 0)), apply=bool(req.get("apply")),
+                             writer=who).run()
+        if op in ("activate", "deactivate", "refresh"):
+            return ActivationOp(self.port, self.vg.name, str(op), str(req.get("lv")),
+                                readonly=bool(req.get("readonly"))).run()
+        raise UnknownRequest(op=op)
+
+    def make_or_join(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """``init`` or ``join``: the agent keeps renewing the lease they took."""
+        dev = self.keeper.open_device()
+        env = VgEnv(self.cfg, self.vg, dev, self.keeper.size, self.clock,
+                    lambda role: self.ctx.lvm(self.vg.name, role), self.log)
+        if op == "init":
+            init = InitOp(env, max_hosts=int(req.get("max_hosts", 16)),
+                          adopt=bool(req.get("adopt")))
+            result = init.run()
+            assert init.area is not None and init.host_lease is not None
+            self.keeper.adopt(init.area, read_anchor(dev, self.keeper.size), init.host_lease)
+            self.port.set_epoch(init.epoch, "init")
+            return result
+        join = JoinOp(env)
+        result = join.run()
+        assert join.area is not None and join.host_lease is not None
+        self.keeper.adopt(join.area, join.anchor, join.host_lease)
+        self.port.set_epoch(None, "join")
+        return result
+
+    # --- what the CLI reads locally -------------------------------------------------------
+
+    def publish(self) -> None:
+        keeper, now = self.keeper, self.clock.monotonic()
+        lease = keeper.lease
+        view: dict[str, Any] = {"pid": os.getpid(), "mono": now, "vg": self.vg.name,
+                                "anchored": keeper.area is not None,
+                                "host_id": lease.host_id if lease else None,
+                                "generation": lease.generation if lease else None,
+                                "writer_epoch": self.port.epoch, "io_timeout": keeper.n,
+                                "error": self.last_error, "hosts": {}}
+        if keeper.area is not None and keeper.observer is not None:
+            for hid in range(1, keeper.area.sb.max_hosts + 1):
+                view["hosts"][str(hid)] = {
+                    "state": keeper.observer.state(hid, now).value,
+                    "changed": keeper.observer.last_change(hid),
+                }
+        with contextlib.suppress(OSError):
+            set_agent_view(self.cfg.state_dir, self.vg.name, view)
+
+    def shutdown(self) -> None:
+        """Planned stop: release the writer lease, then the host lease."""
+        keeper, port = self.keeper, self.port
+        if keeper.area is None or keeper.lease is None:
+            return
+        with contextlib.suppress(FencelessError):
+            if port.epoch is not None:
+                port.release_writer(port.epoch)
+                self.log(f"released the writer lease at epoch {port.epoch}")
+            port.set_epoch(None, "shutdown", quiet=True)
+            keeper.release()

@@ -1,0 +1,259 @@
+"""The writer's journal engine: every journaled operation goes through here.
+
+For a request from any host (the disk is untrusted input):
+
+1. check args      the request id and the arguments, as data;
+2. lock            the writer role (``port.check_write`` before every write);
+3. check prereq    against a fresh ``--readonly`` report -> an intent with
+                   absolute values (``ops/volume.py``);
+4. journal         the intent in the ledger, before any effect;
+5. execute         one LVM command, bounded by the time the lease has left;
+6. record          the outcome and the VG seqno in the ledger, then the audit
+                   log and the metadata history.
+
+The request id is the key: a request already recorded is answered from the
+ledger, never applied twice, and an id reused for another operation is
+refused. ``reconcile`` finishes or fails every intent a previous writer
+journaled but never recorded, against the real VG (done, redo, or failed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
+from fenceless.faults import crashpoint
+from fenceless.lease.delta import HostState
+from fenceless.ledger.state import Intent, Outcome, RequestInfo
+from fenceless.lvm.adapter import Lvm, Role
+from fenceless.ops import volume
+from fenceless.ops.base import JournaledOp, Snapshot
+from fenceless.ops.port import WriterPort
+from fenceless.validate import request_id
+
+ACK_WAIT_N = 15  # an extend waits up to this many N for hosts to refresh
+ACK_POLL = 0.05  # seconds between looks at the hosts' published sizes
+
+
+def error_fields(exc: FencelessError) -> dict[str, Any]:
+    """How an error is recorded in an outcome and sent in a reply."""
+    return {"message": exc.message, "code": exc.exit_code, "kind": type(exc).__name__}
+
+
+def refused(req: RequestInfo, exc: FencelessError, epoch: int) -> Outcome:
+    return Outcome("error", req.op, req.args, epoch, error=error_fields(exc))
+
+
+class ReusedRequestId(UserError):
+    """request id {id} was already used for `{op}` with {args}; a retry must repeat the same \
+operation, and a new operation needs a new id"""
+
+
+class NoEffect(ExecError):
+    """{op} of {name!r} did not take effect (the VG now shows otherwise)"""
+
+
+class Interrupted(ExecError):
+    """{op} of {name!r} was interrupted when its writer died, and the VG no longer allows it"""
+
+
+class UnreadableIntent(ExecError):
+    """the journaled intent of request {id} could not be read back from the ledger; it was \
+not carried out"""
+
+
+def claims(port: WriterPort, lv: str) -> list[str]:
+    """Hosts (other than dead ones) whose published facts list ``lv`` as active, and this
+    host if it has ``lv`` mapped: from a fresh read, never from an old one."""
+    out = [h.name for h in port.hosts_now()
+           if h.state is not HostState.DEAD and lv in h.active()]
+    if lv in port.local_active(force=True):
+        out = sorted(set(out) | {port.host})
+    return out
+
+
+class Journal:
+    """Runs journaled operations on the writer, through its ``WriterPort``."""
+
+    def __init__(self, port: WriterPort) -> None:
+        self.port = port
+        self.snap_cache: tuple[object, Snapshot] | None = None
+
+    def claims(self, lv: str) -> list[str]:
+        return claims(self.port, lv)
+
+    def make(self, req: RequestInfo, lvm: Lvm) -> JournaledOp:
+        return volume.make(req, lvm, self.claims)
+
+    # --- one request ------------------------------------------------------------------
+
+    def process(self, host: str, req: RequestInfo) -> Outcome:
+        """Carry out (or answer from the record) one request from ``host``."""
+        port = self.port
+        epoch = port.epoch or 0
+        try:
+            request_id(req.id)  # from the disk: untrusted, and it becomes an LVM tag
+        except UserError as exc:
+            port.audit(host, req, "refused", str(exc))
+            return refused(req, exc, epoch)
+        done = port.ledger().requests.get(req.id)
+        if done is not None:
+            if done.same_request(req.op, req.args):
+                return done
+            reused = ReusedRequestId(id=req.id, op=done.op, args=dict(done.args))
+            port.audit(host, req, "refused", str(reused))
+            return refused(req, reused, epoch)
+        lvm = port.lvm(Role.WRITER)
+        try:
+            op = self.make(req, lvm)
+            intent = op.check_prereq(self.snapshot(lvm))
+        except UserError as exc:
+            port.log(f"refused {req.op} {dict(req.args)} from {host}: {exc}")
+            port.audit(host, req, "refused", str(exc))
+            return refused(req, exc, epoch)
+        intent = replace(intent, host=host, user=req.user, argv=req.argv, epoch=epoch)
+        port.write_ledger(port.ledger().with_intent(req.id, intent))
+        crashpoint(f"volume.{req.op}.journaled")
+        return self.finish(op, intent, fresh=True)
+
+    def finish(self, op: JournaledOp, intent: Intent, fresh: bool = False) -> Outcome:
+        """Run the journaled intent (if not already done) and record the outcome."""
+        port = self.port
+        req = intent.request
+        try:
+            after = self._apply(op, intent, fresh)
+        except LeaseLost:
+            raise
+        except FencelessError as exc:
+            port.log(f"{op.op} {intent.name!r} for {intent.host} failed: {exc}")
+            self.record(req, Outcome("error", op.op, req.args, port.epoch or 0,
+                                     error=error_fields(exc)))
+            port.audit(intent.host, req, "failed", str(exc))
+            return refused(req, exc, port.epoch or 0)
+        result = op.result(intent, after)
+        result["seqno"] = after.vg.seqno
+        result["epoch"] = port.epoch
+        if op.op == "extend" and intent.size_bytes is not None:
+            result.update(self.wait_for_refresh(intent.name, intent.size_bytes))
+        outcome = Outcome("ok", op.op, req.args, port.epoch or 0, result=result)
+        self.record(req, outcome, seqno=after.vg.seqno)
+        crashpoint(f"volume.{op.op}.recorded")
+        port.log(f"{op.op} {intent.name!r} for {intent.host}: done (seqno {after.vg.seqno})")
+        port.audit(intent.host, req, "ok", "")
+        port.note_metadata_change(req.id, after.vg.seqno)
+        return outcome
+
+    def _apply(self, op: JournaledOp, intent: Intent, fresh: bool) -> Snapshot:
+        """Execute unless already done (recovery looks at the VG first); the VG after."""
+        port = self.port
+        effect = False if fresh else op.effect(intent, self.snapshot(op.lvm))
+        if effect is False:
+            budget = port.lvm_budget()
+            if budget <= 0:
+                raise LeaseLost(detail="no lease time left to run LVM safely")
+            port.check_write()
+            op.execute(intent, timeout=budget)
+            crashpoint(f"volume.{op.op}.applied")
+            after = self.snapshot_after(op, intent)
+        else:
+            after = self.snapshot(op.lvm)
+        if op.effect(intent, after) is not True:
+            raise NoEffect(op=op.op, name=intent.name)
+        return after
+
+    def record(self, req: RequestInfo, outcome: Outcome, *, seqno: int | None = None) -> None:
+        port = self.port
+        port.write_ledger(port.ledger().with_outcome(req.id, outcome, seqno=seqno))
+
+    # --- after a change of writer ---------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Finish or fail every intent a previous writer journaled but never recorded."""
+        port = self.port
+        state = port.ledger()
+        for rid, raw in sorted(state.unreadable.items()):
+            port.log(f"journaled intent {rid} does not read back: {raw!r}; failing it")
+            self._fail(RequestInfo(rid, "?", {}), UnreadableIntent(id=rid))
+        for rid, intent in sorted(state.intents.items()):
+            port.renew_if_due()
+            if port.epoch is None:
+                return
+            req = replace(intent.request, id=rid)
+            try:
+                op = self.make(req, port.lvm(Role.WRITER))
+            except UserError as exc:
+                self._fail(req, exc)
+                continue
+            effect = op.effect(intent, self.snapshot(op.lvm))
+            port.log(f"reconciling {req.op} {intent.name!r} (request {rid}, journaled at "
+                     f"epoch {intent.epoch}): "
+                     + {True: "it was done", False: "not done: doing it now",
+                        None: "cannot be done any more"}[effect])
+            if effect is None:
+                self._fail(req, Interrupted(op=req.op, name=intent.name))
+                continue
+            self.finish(op, intent)
+
+    def _fail(self, req: RequestInfo, exc: FencelessError) -> None:
+        self.record(req, Outcome("error", req.op, req.args, self.port.epoch or 0,
+                                 error=error_fields(exc)))
+
+    # --- reports of the VG ----------------------------------------------------------------
+
+    def snapshot(self, lvm: Lvm) -> Snapshot:
+        """A report of the VG, reused while LVM's metadata on the PV is byte-identical.
+
+        The key is LVM's own metadata header (text offset, size, checksum), read
+        with one O_DIRECT sector: an unchanged key means unchanged metadata, so the
+        report taken after one change serves the checks of the next request.
+        """
+        key = self.port.metadata_key()
+        if key is not None and self.snap_cache is not None and self.snap_cache[0] == key:
+            return self.snap_cache[1]
+        snap = Snapshot.take(lvm)
+        again = self.port.metadata_key()
+        self.snap_cache = (key, snap) if key is not None and again == key else None
+        return snap
+
+    def snapshot_after(self, op: JournaledOp, intent: Intent) -> Snapshot:
+        """The VG right after this writer's change, from a report of only what changed.
+
+        Taken from the snapshot the change was planned on, when LVM's seqno shows
+        exactly one commit since (ours) and the metadata header held still across the
+        report; otherwise (or if anything is odd) a full report.
+        """
+        before = self.snap_cache
+        gone, name = op.touches(intent)
+        if before is not None:
+            key = self.port.metadata_key()
+            try:
+                if name is None:
+                    vg, lv = op.lvm.vg_info(), None
+                else:
+                    vg, lv = op.lvm.vg_and_lv(name)
+            except FencelessError:
+                key = None
+            if key is not None and self.port.metadata_key() == key and \
+                    vg.seqno == before[1].vg.seqno + 1:
+                snap = before[1].changed(vg, gone, lv)
+                self.snap_cache = (key, snap)
+                return snap
+        self.snap_cache = None
+        return self.snapshot(op.lvm)
+
+    def wait_for_refresh(self, lv: str, size: int) -> dict[str, Any]:
+        """Until every host with ``lv`` active shows the new size (or the bound passes)."""
+        port = self.port
+        port.refresh_active()
+        hosts = [h for h in self.claims(lv) if h != port.host]
+        deadline = port.clock.monotonic() + ACK_WAIT_N * port.n
+        pending = set(hosts)
+        while pending and port.clock.monotonic() < deadline:
+            port.renew_if_due()
+            for h in port.hosts_now():
+                if h.name in pending and h.active().get(lv) == size:
+                    pending.discard(h.name)
+            if pending:
+                port.clock.sleep(ACK_POLL)
+        return {"refreshed": sorted(set(hosts) - pending), "not_refreshed": sorted(pending)}

@@ -1,0 +1,204 @@
+"""The writer's journal engine and reconcile, on a real control area (memory and O_DIRECT).
+
+LVM is an in-memory VG (tests/unit/harness.py); the ledger, the audit ring
+and the leases are the real code. A writer "dies" at a named crash point by
+raising out of the engine, and a second writer at a higher epoch reconciles.
+The lab tests (tests/integration/test_volumes.py) run the same paths on LVM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from fenceless.blockio import BlockDevice
+from fenceless.clock import FakeClock
+from fenceless.ledger import audit
+from fenceless.ledger.state import Intent, LedgerState, RequestInfo
+from fenceless.ondisk.layout import Layout
+from fenceless.ops import journal as journal_mod
+from fenceless.ops.journal import Journal
+from fenceless.ops.volume import REQ_TAG_PREFIX
+from tests.unit.harness import FakeVg, Host, host, make_area
+
+LAYOUT = Layout.compute(4)
+GiB = 1 << 30
+
+
+class Died(BaseException):
+    """The writer process died here (a crash point)."""
+
+
+@pytest.fixture
+def cluster(dev: BlockDevice) -> Iterator[tuple[FakeVg, Host, Host]]:
+    """h1, the writer at epoch 1, and h2, a reader that may take over; one VG."""
+    clock = FakeClock()
+    area = make_area(dev, clock)
+    vg = FakeVg()
+    h1 = host(area, clock, "h1", 1, vg)
+    h2 = host(area, clock, "h2", 2, vg)
+    h1.port.set_epoch(1, "test")
+    yield vg, h1, h2
+
+
+def ask(rid: str, op: str, **args: object) -> RequestInfo:
+    return RequestInfo(rid, op, args, "alice", ("fenceless", "volume", op))
+
+
+def die_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    def crashpoint(name: str) -> None:
+        if name == point:
+            raise Died(name)
+    monkeypatch.setattr(journal_mod, "crashpoint", crashpoint)
+
+
+def state(h: Host) -> LedgerState:
+    return h.port.ledger(fresh=True)
+
+
+def audit_results(h: Host) -> list[tuple[str, str]]:
+    area = h.keeper.area
+    assert area is not None
+    return [(e.record.request_id, e.record.result)
+            for e in audit.read_log(area.dev, area.layout) if e.record is not None]
+
+
+def test_a_create_is_journaled_applied_recorded_and_audited(cluster):
+    vg, h1, _h2 = cluster
+    out = Journal(h1.port).process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    assert out.ok and out.result["name"] == "web" and out.result["epoch"] == 1
+    assert REQ_TAG_PREFIX + "r1" in vg.lvs["web"].tags
+    st = state(h1)
+    assert st.intents == {} and st.requests["r1"].ok and st.vg_seqno == vg.seqno
+    assert audit_results(h1) == [("r1", "ok")]
+    assert h1.noted == [("r1", vg.seqno)]
+
+
+def test_a_retry_is_answered_from_the_record_and_applied_once(cluster):
+    vg, h1, _h2 = cluster
+    j = Journal(h1.port)
+    first = j.process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    again = j.process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    assert again.result == first.result
+    assert [c[0] for c in vg.commands] == ["lvcreate"]
+
+
+def test_an_id_reused_for_another_operation_is_refused(cluster):
+    vg, h1, _h2 = cluster
+    j = Journal(h1.port)
+    j.process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    out = j.process("h3", ask("r1", "remove", name="web"))
+    assert not out.ok and "already used for `create`" in out.error["message"]
+    assert "web" in vg.lvs
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    (ask("r", "create", name="db", size_bytes=GiB), "already exists"),
+    (ask("r", "create", name="big", size_bytes=64 * GiB), "free"),
+    (ask("r", "extend", name="nope", size_bytes=GiB), "not found"),
+    (ask("r", "extend", name="db", size_bytes=GiB // 2), "only grows"),
+    (ask("r", "remove", name="fenceless-ctl"), "control area"),
+    (ask("r", "create", name="bad name", size_bytes=GiB), "Invalid volume name"),
+    (ask("r", "frobnicate", name="db"), "unknown volume operation"),
+    (ask("bad id!", "remove", name="db"), "Invalid request id"),
+])
+def test_refusals_journal_nothing_and_change_nothing(cluster, request_, message):
+    vg, h1, _h2 = cluster
+    Journal(h1.port).process("h1", ask("setup", "create", name="db", size_bytes=GiB))
+    before = (dict(vg.lvs), vg.seqno, state(h1).requests.keys())
+    out = Journal(h1.port).process("h3", request_)
+    assert not out.ok and message in out.error["message"]
+    assert (dict(vg.lvs), vg.seqno, state(h1).requests.keys()) == before
+    assert state(h1).intents == {}
+
+
+def test_a_volume_another_host_has_active_is_not_removed(cluster):
+    vg, h1, h2 = cluster
+    j = Journal(h1.port)
+    j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    h2.local.claimed.add("db")
+    h2.port.renew()  # h2's claim is on the disk now
+    out = j.process("h3", ask("r", "remove", name="db"))
+    assert not out.ok and "active on h2" in out.error["message"]
+    assert "db" in vg.lvs
+
+
+@pytest.mark.parametrize("point", ["volume.create.journaled", "volume.create.applied"])
+def test_a_new_writer_finishes_what_a_dead_one_journaled(cluster, monkeypatch, point):
+    vg, h1, h2 = cluster
+    die_at(monkeypatch, point)
+    with pytest.raises(Died):
+        Journal(h1.port).process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    assert list(state(h1).intents) == ["r1"]
+    monkeypatch.setattr(journal_mod, "crashpoint", lambda name: None)
+    h2.port.set_epoch(2, "takeover")
+    Journal(h2.port).reconcile()
+    st = state(h2)
+    assert st.intents == {} and st.requests["r1"].ok and st.requests["r1"].epoch == 2
+    assert [c[0] for c in vg.commands] == ["lvcreate"]  # never twice
+    assert "web" in vg.lvs
+
+
+def test_a_relative_extend_is_never_applied_twice(cluster, monkeypatch):
+    """The intent holds the absolute size "+1G" led to; reconcile does not plan again."""
+    vg, h1, h2 = cluster
+    j = Journal(h1.port)
+    j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    die_at(monkeypatch, "volume.extend.applied")
+    with pytest.raises(Died):
+        j.process("h3", ask("x", "extend", name="db", size_bytes=GiB, relative=True))
+    monkeypatch.setattr(journal_mod, "crashpoint", lambda name: None)
+    h2.port.set_epoch(2, "takeover")
+    Journal(h2.port).reconcile()
+    assert vg.lvs["db"].size == 2 * GiB
+    assert state(h2).requests["x"].result["size_bytes"] == 2 * GiB
+
+
+def test_an_intent_the_vg_no_longer_allows_is_failed(cluster):
+    vg, h1, h2 = cluster
+    Journal(h1.port).process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    uuid = vg.lvs["db"].uuid
+    # A journaled rename whose LV was meanwhile removed by other means.
+    intent = Intent("rename", "db", ask("gone", "rename", name="db", new_name="db2"),
+                    host="h3", epoch=1, uuid=uuid, name_after="db2")
+    h1.port.write_ledger(state(h1).with_intent("gone", intent))
+    del vg.lvs["db"]
+    h2.port.set_epoch(2, "takeover")
+    Journal(h2.port).reconcile()
+    out = state(h2).requests["gone"]
+    assert not out.ok and "interrupted when its writer died" in out.error["message"]
+
+
+def test_an_intent_that_does_not_read_back_is_failed_not_ignored(cluster):
+    _vg, h1, h2 = cluster
+    bad = {**state(h1).to_json(), "intents": {"weird": {"op": 7}}}
+    area = h1.keeper.area
+    assert area is not None
+    from fenceless.ledger.slots import write_ledger
+    write_ledger(area.dev, area.layout, 1, bad, writer_host_id=1)
+    h2.port.set_epoch(2, "takeover")
+    Journal(h2.port).reconcile()
+    st = state(h2)
+    assert st.unreadable == {} and not st.requests["weird"].ok
+
+
+def test_an_extend_waits_for_the_hosts_that_have_the_volume_active(cluster):
+    vg, h1, h2 = cluster
+    j = Journal(h1.port)
+    j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    h2.activator.mapped["db"] = GiB
+    h2.port.renew()
+    out = j.process("h3", ask("x", "extend", name="db", size_bytes=2 * GiB))
+    assert out.ok and out.result["not_refreshed"] == ["h2"]  # h2 never refreshed
+    assert vg.lvs["db"].size == 2 * GiB
+
+
+def test_an_extend_returns_once_the_hosts_show_the_new_size(cluster):
+    _vg, h1, h2 = cluster
+    j = Journal(h1.port)
+    j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    h2.activator.mapped["db"] = 2 * GiB  # as h2 publishes it once it saw the new seqno
+    h2.port.renew()
+    out = j.process("h3", ask("x", "extend", name="db", size_bytes=2 * GiB))
+    assert out.result["refreshed"] == ["h2"] and out.result["not_refreshed"] == []
