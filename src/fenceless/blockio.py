@@ -1,15 +1,16 @@
 """Block I/O on the control area: the only module that opens devices with O_DIRECT.
 
 Every decision the lease and ledger code takes must rest on what is on the
-disk now, never on a page cache (protocol-notes §4), so reads and writes go
-through ``O_DIRECT|O_SYNC`` with page-aligned buffers. All I/O is whole 4 KiB
-sectors: we assume that an aligned 4 KiB write is atomic (§7) and nothing
-smaller is ever written.
+disk now, never on a page cache (docs/design.md, "Caches"), so reads and
+writes go through ``O_DIRECT|O_SYNC`` with page-aligned buffers. All I/O is
+whole 4 KiB sectors: we assume that an aligned 4 KiB write is atomic
+(docs/design.md, "Sector atomicity") and nothing smaller is ever written.
 
-A SAN path can hang a syscall forever, uninterruptibly (§2). ``TimedIO`` runs
-each request in its own worker thread, waits at most a deadline, and then
-abandons it: the caller gets ``IoTimeout`` and carries on, the worker keeps
-its own fresh buffer until the kernel lets go, and nothing ever waits for it.
+A SAN path can hang a syscall forever, uninterruptibly (docs/design.md, "I/O
+that never returns"). ``TimedIO`` runs each request in its own worker thread,
+waits at most a deadline, and then abandons it: the caller gets ``IoTimeout``
+and carries on, the worker keeps its own fresh buffer until the kernel lets
+go, and nothing ever waits for it.
 
 Domain code receives a ``BlockDevice`` (or an opener such as ``open_device``)
 and never opens devices itself, so tests can hand it a ``MemDevice`` with

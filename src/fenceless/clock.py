@@ -1,8 +1,9 @@
 """Injected clocks: lease code never calls ``time`` directly.
 
 Only the local monotonic clock is ever used for lease decisions (it keeps
-counting while the process is stopped, protocol-notes §1 and §3); tests drive
-the same code with ``FakeClock`` and never sleep for real.
+counting while the process is stopped; docs/design.md, "The stale writer"
+and "Clocks"); tests drive the same code with ``FakeClock`` and never sleep
+for real.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Each host id n owns sector n-1 of the ``hosts`` region. The holder renews it
 by writing its own monotonic timestamp every 2N (N = io_timeout). Nobody ever
 compares that timestamp with another clock: observers only notice that the
-sector *changed* and note their own monotonic time (protocol-notes §3).
+sector *changed* and note their own monotonic time (docs/design.md,
+"Clocks").
 
 Timing, in multiples of N, measured from the holder's last good renewal (for
 the holder) or from the last observed change (for an observer):
@@ -282,7 +283,8 @@ class DeltaLease:
     def check(self, margin: float = 0.0) -> None:
         """Raise unless we still hold the lease with ``margin`` seconds to spare.
 
-        Called right before every shared write (protocol-notes §1).
+        Called right before every shared write (docs/design.md, "The stale
+        writer").
         """
         if self.lost is not None:
             raise HostLeaseLost(host_id=self.host_id, detail=self.lost)

@@ -18,7 +18,7 @@ Choices beyond the paper (see docs/format.md):
   or replaced by a new generation) moves on to lver L+1 without writing the
   leader: so every leader write for a given lver comes from one host, and the
   leader's lver never goes back as long as a host whose lease ran out writes
-  nothing (its ``before_write`` check, protocol-notes §1).
+  nothing (its ``before_write`` check; docs/design.md, "The stale writer").
 - A dblock with a higher lver than ours (our own included) makes us abort
   and next run the ballot at that lver: it proves the instance before it is
   finished, and our own accepted value in it must never be overwritten.

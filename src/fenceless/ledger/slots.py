@@ -211,9 +211,9 @@ def write_ledger(
     ``_choose_target``. A multi-sector record is written tail first and its
     header sector last, so the header write is the commit point.
     ``before_write`` runs right before every device write; the writer passes
-    its lease check there (protocol-notes §1). ``both_slots`` writes the
-    record into both slots one after the other: a takeover does this first,
-    so no slot is left from the previous epoch.
+    its lease check there (docs/design.md, "The stale writer"). ``both_slots``
+    writes the record into both slots one after the other: a takeover does
+    this first, so no slot is left from the previous epoch.
     """
     if epoch <= 0:
         raise ValueError("writer epochs start at 1")
