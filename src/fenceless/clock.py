@@ -1,9 +1,12 @@
 """Injected clocks: lease code never calls ``time`` directly.
 
-Only the local monotonic clock is ever used for lease decisions (it keeps
-counting while the process is stopped; docs/design.md, "The stale writer"
-and "Clocks"); tests drive the same code with ``FakeClock`` and never sleep
-for real.
+Every lease decision is measured on this host's CLOCK_BOOTTIME: it only
+moves forward, keeps counting while the process is stopped, and, unlike
+CLOCK_MONOTONIC, also while the machine is suspended. A writer resumed from
+suspend therefore sees its lease as old as its peers see it, and stops
+(docs/design.md, "The stale writer" and "Clocks"). The guard's role file
+and the watchdog use the same clock (``/proc/uptime`` is CLOCK_BOOTTIME).
+Tests drive the same code with ``FakeClock`` and never sleep for real.
 """
 
 from __future__ import annotations
@@ -14,17 +17,23 @@ from collections.abc import Callable
 from typing import Protocol
 
 
+def boottime() -> float:
+    """Seconds on CLOCK_BOOTTIME: since boot, suspend included."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Clock(Protocol):
-    def monotonic(self) -> float: ...
+    def now(self) -> float:
+        """Seconds on this host's lease clock (never compared with another host's)."""
 
     def sleep(self, seconds: float) -> None: ...
 
 
 class SystemClock:
-    """CLOCK_MONOTONIC and a real sleep."""
+    """CLOCK_BOOTTIME and a real sleep."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    def now(self) -> float:
+        return boottime()
 
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -44,13 +53,13 @@ class FakeClock:
         self.slept: list[float] = []
         self.on_sleep: list[Callable[[], None]] = []
 
-    def monotonic(self) -> float:
+    def now(self) -> float:
         with self._lock:
             return self._now
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:
-            raise ValueError("a monotonic clock never goes back")
+            raise ValueError("a lease clock never goes back")
         with self._lock:
             self._now += seconds
 

@@ -2,7 +2,7 @@
 
 - ``vgs/VG/member.json``: this host's membership of the VG's cluster (host id).
 - ``vgs/VG/agent.json``: what the running agent last saw, stamped with this
-  host's monotonic clock, so a CLI on the same host can show lease states
+  host's lease clock (CLOCK_BOOTTIME), so a CLI on the same host can show lease states
   (a monotonic time is meaningful only on the host that took it).
 """
 

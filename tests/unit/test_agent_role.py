@@ -28,7 +28,7 @@ def leaders() -> Iterator[Leader | None]:
         yield Leader(owner, gen, 5, released=released, owner_name=f"h{owner}")
 
 
-def handovers() -> Iterator[Handover | None | object]:
+def handovers() -> Iterator[Handover | object | None]:
     yield UNREAD
     yield None
     for to in HOSTS:

@@ -56,7 +56,7 @@ def test_timing_table_in_multiples_of_n() -> None:
 
 def test_acquire_renew_release(dev: BlockDevice, clock: FakeClock) -> None:
     area = _area(dev, clock)
-    t0 = clock.monotonic()
+    t0 = clock.now()
     lease = area.acquire(2, "h2", {"version": "0.1", "lvm_role": "reader"})
     assert clock.slept == [2 * N]  # written, then 2N, then re-read
     assert (lease.host_id, lease.name, lease.generation) == (2, "h2", 1)
@@ -72,7 +72,7 @@ def test_acquire_renew_release(dev: BlockDevice, clock: FakeClock) -> None:
     area_bytes = lease.renew()
     assert len(area_bytes) == HOSTS * SECTOR
     assert _sector(dev, 2) != before
-    assert lease.last_renewal == clock.monotonic()
+    assert lease.last_renewal == clock.now()
     lease.check()
 
     lease.release()
@@ -175,7 +175,7 @@ def test_corrupt_own_sector_is_never_written_over(dev: BlockDevice, clock: FakeC
 def test_expiry_and_late_renewal(dev: BlockDevice, clock: FakeClock) -> None:
     lease = _area(dev, clock).acquire(1, "h1")
     # the lease clock started when we wrote the sector, before the 2N wait
-    assert clock.monotonic() - lease.last_renewal == 2 * N
+    assert clock.now() - lease.last_renewal == 2 * N
     clock.advance(5 * N)
     lease.check()
     with pytest.raises(LeaseExpired):
@@ -215,7 +215,7 @@ def test_a_renewal_that_timed_out_but_landed_is_not_a_takeover(clock: FakeClock)
     dev.fail_writes = False
     clock.advance(2 * N)
     lease.renew()  # the sector holds our unconfirmed write: still ours
-    assert lease.last_renewal == clock.monotonic()
+    assert lease.last_renewal == clock.now()
 
 
 def test_hung_storage_times_out_and_the_lease_runs_out(clock: FakeClock) -> None:
@@ -239,14 +239,14 @@ def test_observer_live_fail_dead_and_free(dev: BlockDevice, clock: FakeClock) ->
     watcher = HostObserver(area)
     lease = area.acquire(1, "h1")
     _put(dev, 2, "h2", 1, 0)  # released
-    watcher.observe(area.read_area(), clock.monotonic())
-    assert watcher.state(1, clock.monotonic()) is HostState.UNKNOWN  # no change seen yet
-    assert watcher.state(2, clock.monotonic()) is HostState.FREE
-    assert watcher.state(3, clock.monotonic()) is HostState.FREE  # never used
+    watcher.observe(area.read_area(), clock.now())
+    assert watcher.state(1, clock.now()) is HostState.UNKNOWN  # no change seen yet
+    assert watcher.state(2, clock.now()) is HostState.FREE
+    assert watcher.state(3, clock.now()) is HostState.FREE  # never used
     clock.advance(2 * N)
     lease.renew()
-    watcher.observe(area.read_area(), clock.monotonic())
-    changed = clock.monotonic()
+    watcher.observe(area.read_area(), clock.now())
+    changed = clock.now()
     assert watcher.state(1, changed) is HostState.LIVE
     assert watcher.state(1, changed + 8 * N - 0.01) is HostState.LIVE
     assert watcher.state(1, changed + 8 * N) is HostState.FAIL
@@ -263,9 +263,9 @@ def test_observer_calls_a_never_changing_host_dead_after_the_dead_time(
     _put(dev, 1, "crashed-before-we-started", 3, 555)
     dev.write(REGION.offset + SECTOR, b"\x13" * SECTOR)  # host 2: garbage
     watcher = HostObserver(area)
-    start = clock.monotonic()
+    start = clock.now()
     for _ in range(8):
-        watcher.observe(area.read_area(), clock.monotonic())
+        watcher.observe(area.read_area(), clock.now())
         clock.advance(2 * N)
     assert watcher.state(1, start + 14 * N - 0.01) is HostState.UNKNOWN
     assert watcher.state(1, start + 14 * N) is HostState.DEAD

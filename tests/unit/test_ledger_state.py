@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -115,7 +116,5 @@ def test_random_damage_never_escapes_as_another_exception() -> None:
             data = json.loads(mutated)
         except ValueError:
             continue
-        try:
+        with contextlib.suppress(LedgerStateInvalid):
             LedgerState.from_json(data)
-        except LedgerStateInvalid:
-            pass

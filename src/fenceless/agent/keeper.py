@@ -113,7 +113,7 @@ class LeaseKeeper:
             return True
         known = member(self.cfg.state_dir, self.vg.name)
         if not known or known.get("cluster") != str(self.anchor.cluster_uuid):
-            self.observer.observe(self.area.hosts().read_area(), self.clock.monotonic())
+            self.observer.observe(self.area.hosts().read_area(), self.clock.now())
             return False
         self.log(f"acquiring host id {known['host_id']} (waits out any earlier holder)")
         self.lease = self.area.hosts().acquire(int(known["host_id"]), self.cfg.host, facts)
@@ -125,7 +125,7 @@ class LeaseKeeper:
         lease = self.lease
         if lease is None:
             return False
-        late = self.clock.monotonic() - lease.last_renewal
+        late = self.clock.now() - lease.last_renewal
         if late > self.timing.warn_after:
             self.log(f"WARNING: renewal is late ({late:.2f}s since the last one)")
         try:
@@ -137,18 +137,18 @@ class LeaseKeeper:
             if lease.remaining() <= 0:
                 self.lose(f"renewal I/O failing past the lease time: {exc}")
             else:
-                if self.clock.monotonic() - lease.last_renewal > self.timing.warn_after:
+                if self.clock.now() - lease.last_renewal > self.timing.warn_after:
                     self.on_late("host lease renewals are failing")
                 self.log(f"WARNING: renewal failed ({exc}); retrying")
             return False
         crashpoint("agent.renewed")
         assert self.observer is not None
-        self.observer.observe(raw, self.clock.monotonic())
+        self.observer.observe(raw, self.clock.now())
         return True
 
     def due(self) -> bool:
         return self.lease is not None and \
-            self.clock.monotonic() - self.lease.last_renewal >= self.timing.renew_interval
+            self.clock.now() - self.lease.last_renewal >= self.timing.renew_interval
 
     def lose(self, why: str) -> None:
         self.on_lost(why)

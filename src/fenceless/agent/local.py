@@ -46,7 +46,7 @@ class LocalLvs:
 
     def active(self, force: bool = False) -> dict[str, int]:
         """LVs active on this host and their mapped sizes (looked up every ACTIVE_EVERY s)."""
-        now = self.clock.monotonic()
+        now = self.clock.now()
         if force or now - self.checked >= ACTIVE_EVERY:
             self.checked = now
             try:

@@ -180,7 +180,7 @@ class Mailboxes:
         in the inbox (on disk too) until their outcome is recorded, so a crash or a
         lost role in between loses none of them.
         """
-        now = self.clock.monotonic()
+        now = self.clock.now()
         for req in self.own_pending().values():
             if req.id not in self.in_work and self.retry_after.get(req.id, 0.0) <= now:
                 self.work.append((None, req, self.outgoing.pop(req.id, None)))
@@ -271,7 +271,7 @@ class Mailboxes:
         if self.reconciled_epoch != self.epoch():
             self.journal.reconcile()
             self.reconciled_epoch = self.epoch()
-        now = self.clock.monotonic()
+        now = self.clock.now()
         interval = POLL if now - self.last_activity < IDLE_AFTER else IDLE_POLL
         if now - self.last_poll < interval:
             return
@@ -339,7 +339,7 @@ class Mailboxes:
                 self.log(f"request {req.id} ({req.op}) interrupted: {exc}")
                 self.in_work.discard(req.id)
                 self.last_inboxes = b""  # look at the inboxes again
-                self.retry_after[req.id] = self.clock.monotonic() + 2 * self.keeper.n
+                self.retry_after[req.id] = self.clock.now() + 2 * self.keeper.n
                 self._keep_or_fail(req, item, queued_here,
                                    RequestInterrupted(id=req.id, why=str(exc)))
                 self.reconciled_epoch = None  # finish any journaled intent first

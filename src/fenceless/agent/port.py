@@ -181,7 +181,7 @@ class AgentPort:
 
     def host_state(self, host_id: int) -> HostState:
         assert self.keeper.observer is not None
-        return self.keeper.observer.state(host_id, self.clock.monotonic())
+        return self.keeper.observer.state(host_id, self.clock.now())
 
     def generation_of(self, host_id: int) -> int | None:
         assert self.keeper.observer is not None
@@ -190,7 +190,7 @@ class AgentPort:
 
     def owner_gone(self, host_id: int, generation: int) -> bool:
         assert self.keeper.observer is not None
-        return self.keeper.observer.owner_gone(host_id, generation, self.clock.monotonic())
+        return self.keeper.observer.owner_gone(host_id, generation, self.clock.now())
 
     def hosts_now(self) -> list[HostView]:
         area = self.keeper.area

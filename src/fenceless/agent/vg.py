@@ -105,12 +105,12 @@ class VgAgent:
         raise_this_thread()  # renewals must not wait behind a busy host's other work
         next_tick = 0.0
         while not self.stop.is_set():
-            if self.clock.monotonic() >= next_tick:
+            if self.clock.now() >= next_tick:
                 delay = self.guarded(self.tick)
-                next_tick = self.clock.monotonic() + (delay or self.keeper.timing.renew_interval)
+                next_tick = self.clock.now() + (delay or self.keeper.timing.renew_interval)
             self.serve_requests()
             self.guarded(self.serve_mailboxes)
-            timeout = max(0.0, min(next_tick - self.clock.monotonic(), self.keeper.n / 2, POLL))
+            timeout = max(0.0, min(next_tick - self.clock.now(), self.keeper.n / 2, POLL))
             try:
                 item = self.requests.get(timeout=timeout)
             except queue.Empty:
@@ -149,7 +149,7 @@ class VgAgent:
     def serve_mailboxes(self) -> None:
         mbx = self.mailboxes
         if self.keeper.area is None or self.keeper.lease is None:
-            mbx.expire(self.clock.monotonic())
+            mbx.expire(self.clock.now())
             return
         if self.port.epoch is not None:
             mbx.adopt_own()
@@ -161,7 +161,7 @@ class VgAgent:
                 mbx.requeue()
             mbx.publish_inbox()
             mbx.poll_outbox()
-            mbx.expire(self.clock.monotonic())
+            mbx.expire(self.clock.now())
 
     # --- the writer role --------------------------------------------------------------
 
@@ -169,7 +169,7 @@ class VgAgent:
              handover: Handover | object | None = UNREAD) -> RoleView:
         keeper, observer = self.keeper, self.keeper.observer
         assert keeper.area is not None and keeper.lease is not None and observer is not None
-        now = self.clock.monotonic()
+        now = self.clock.now()
         hosts = range(1, keeper.area.sb.max_hosts + 1)
         records = {h: observer.record(h) for h in hosts}
         return RoleView(
@@ -209,7 +209,7 @@ class VgAgent:
             records = {h: r for h in hosts if (r := observer.record(h)) and not r.free}
             state = upkeep(port, [(h, r.name) for h, r in records.items()],
                            scrub=self.ticks % SCRUB_EVERY == 0 or port.cache is None)
-            now = self.clock.monotonic()
+            now = self.clock.now()
             live = {h: observer.state(h, now) is HostState.LIVE for h in hosts}
             ask = handover_ask({h: r.facts.get("handover_request") for h, r in records.items()},
                                live, {n: h for h, n in state.host_names().items()},
@@ -223,7 +223,7 @@ class VgAgent:
     # --- requests from the CLI --------------------------------------------------------
 
     def submit(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-        item = Pending(request, deadline=self.clock.monotonic() + timeout)
+        item = Pending(request, deadline=self.clock.now() + timeout)
         self.requests.put(item)
         if not item.done.wait(timeout + 1.0):
             raise AgentTimeout(op=request.get("op"), timeout=timeout)
@@ -234,7 +234,7 @@ class VgAgent:
     def serve_requests(self) -> None:
         keep = []
         for item in self.waiting:
-            if not item.started and self.clock.monotonic() > item.deadline:
+            if not item.started and self.clock.now() > item.deadline:
                 item.error = AgentBusy(op=item.request.get("op"))
                 item.done.set()
                 continue
@@ -249,7 +249,7 @@ class VgAgent:
                 item.done.set()
                 continue
             if result is None:
-                if self.clock.monotonic() < item.deadline:
+                if self.clock.now() < item.deadline:
                     keep.append(item)
                     continue
                 waiting = item.op.waiting_for if isinstance(item.op, Takeover) else ""
@@ -309,7 +309,7 @@ class VgAgent:
     # --- what the CLI reads locally -------------------------------------------------------
 
     def publish(self) -> None:
-        keeper, now = self.keeper, self.clock.monotonic()
+        keeper, now = self.keeper, self.clock.now()
         lease = keeper.lease
         view: dict[str, Any] = {"pid": os.getpid(), "mono": now, "vg": self.vg.name,
                                 "anchored": keeper.area is not None,

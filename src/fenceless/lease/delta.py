@@ -1,9 +1,9 @@
 """Delta leases on the host area: host ids and host liveness, with sanlock's semantics.
 
 Each host id n owns sector n-1 of the ``hosts`` region. The holder renews it
-by writing its own monotonic timestamp every 2N (N = io_timeout). Nobody ever
+by writing its own lease timestamp every 2N (N = io_timeout). Nobody ever
 compares that timestamp with another clock: observers only notice that the
-sector *changed* and note their own monotonic time (docs/design.md,
+sector *changed* and note their own lease time (docs/design.md,
 "Clocks").
 
 Timing, in multiples of N, measured from the holder's last good renewal (for
@@ -88,7 +88,7 @@ class HostRecord:
     host_id: int
     name: str
     generation: int
-    timestamp: int  # the holder's own monotonic clock, ms; 0 = free
+    timestamp: int  # the holder's own lease clock, ms; 0 = free
     io_timeout: float
     facts: Mapping[str, Any] = field(default_factory=dict)
 
@@ -200,7 +200,7 @@ class HostArea:
             self._wait_dead(host_id, name, area, watch)
             dead_seen.update({h: self.sector_of(area, h) for h in watch})
         generation = (ours.generation if ours is not None else 0) + 1
-        started = self.clock.monotonic()
+        started = self.clock.now()
         rec = HostRecord(host_id=host_id, name=name, generation=generation,
                          timestamp=_ms(started), io_timeout=timing.io_timeout,
                          facts=dict(facts or {}))
@@ -227,9 +227,9 @@ class HostArea:
         """
         timing = LeaseTiming(max([self.timing.io_timeout,
                                   *(r.io_timeout for r in watch.values())]))
-        start = self.clock.monotonic()
+        start = self.clock.now()
         while True:
-            elapsed = self.clock.monotonic() - start
+            elapsed = self.clock.now() - start
             if elapsed >= timing.dead_after:
                 return
             self.clock.sleep(min(timing.renew_interval, timing.dead_after - elapsed))
@@ -270,15 +270,15 @@ class DeltaLease:
         return self.record.name
 
     def expires_at(self) -> float:
-        """Local monotonic time at which exclusive work must have stopped (8N)."""
+        """Local lease-clock time at which exclusive work must have stopped (8N)."""
         return self.last_renewal + self.timing.fail_after
 
     def takeover_at(self) -> float:
-        """Local monotonic time from which others may take our leases (14N)."""
+        """Local lease-clock time from which others may take our leases (14N)."""
         return self.last_renewal + self.timing.dead_after
 
     def remaining(self) -> float:
-        return self.expires_at() - self.clock.monotonic()
+        return self.expires_at() - self.clock.now()
 
     def check(self, margin: float = 0.0) -> None:
         """Raise unless we still hold the lease with ``margin`` seconds to spare.
@@ -288,7 +288,7 @@ class DeltaLease:
         """
         if self.lost is not None:
             raise HostLeaseLost(host_id=self.host_id, detail=self.lost)
-        age = self.clock.monotonic() - self.last_renewal
+        age = self.clock.now() - self.last_renewal
         if age + margin > self.timing.fail_after:
             raise LeaseExpired(host_id=self.host_id, age=age, limit=self.timing.fail_after)
 
@@ -322,14 +322,14 @@ class DeltaLease:
         """
         if self.lost is not None:
             raise HostLeaseLost(host_id=self.host_id, detail=self.lost)
-        start = self.clock.monotonic()
+        start = self.clock.now()
         age = start - self.last_renewal
         if age > self.timing.fail_after:
             self.lost = f"no successful renewal for {age:.3f}s"
             raise LeaseExpired(host_id=self.host_id, age=age, limit=self.timing.fail_after)
         area = self.area.read_area()
         self._verify(area)
-        t = self.clock.monotonic()
+        t = self.clock.now()
         ts = max(_ms(t), self.record.timestamp + 1)
         rec = HostRecord(host_id=self.host_id, name=self.name, generation=self.generation,
                          timestamp=ts, io_timeout=self.record.io_timeout,
@@ -376,7 +376,7 @@ class HostObserver:
     """Liveness of other hosts from repeated reads of the host area.
 
     Liveness rests only on whether a sector's bytes changed, timed by our
-    own monotonic clock. A host never seen to change is UNKNOWN until we have
+    own lease clock. A host never seen to change is UNKNOWN until we have
     watched its unchanged sector for the dead time, then DEAD: a host that
     was dead when we started never changes, and must not block us forever.
     A corrupt sector is judged the same way (a host that died mid-write
@@ -409,7 +409,7 @@ class HostObserver:
         return seen.record if seen else None
 
     def last_change(self, host_id: int) -> float | None:
-        """Our monotonic time when the host's sector last changed (None: not seen to change)."""
+        """Our lease-clock time when the host's sector last changed (None: not seen to change)."""
         seen = self._seen.get(host_id)
         return seen.last_change if seen else None
 

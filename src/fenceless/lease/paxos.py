@@ -70,7 +70,7 @@ class Leader:
     owner_id: int
     owner_generation: int
     lver: int
-    timestamp: int = 0  # the owner's monotonic ms, for humans
+    timestamp: int = 0  # the owner's lease clock, ms, for humans
     released: bool = False
     owner_name: str = ""
 
@@ -366,7 +366,7 @@ class WriterLease:
         """
         if not 1 <= host_id <= self.max_hosts or generation < 1:
             raise BadHostIdentity(detail=f"host id {host_id} generation {generation}")
-        ts = max(1, int(self.clock.monotonic() * 1000))
+        ts = max(1, int(self.clock.now() * 1000))
         steps = acquire_steps(self.region, self.max_hosts, host_id, generation, name=name,
                               timestamp=ts, max_ballots=max_ballots)
         return self.run(steps, owner_gone, before_write)
@@ -393,7 +393,7 @@ class WriterLease:
         if before_write is not None:
             before_write()
         released = Leader(leader.owner_id, leader.owner_generation, leader.lver,
-                          max(1, int(self.clock.monotonic() * 1000)), True, leader.owner_name)
+                          max(1, int(self.clock.now() * 1000)), True, leader.owner_name)
         self.dev.write(self._offset(LEADER_INDEX), pad(encode_leader(released), SECTOR))
 
     def request_handover(self, requester_id: int, epoch: int, force_mode: int = 0) -> None:

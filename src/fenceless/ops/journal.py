@@ -247,9 +247,9 @@ class Journal:
         port = self.port
         port.refresh_active()
         hosts = [h for h in self.claims(lv) if h != port.host]
-        deadline = port.clock.monotonic() + ACK_WAIT_N * port.n
+        deadline = port.clock.now() + ACK_WAIT_N * port.n
         pending = set(hosts)
-        while pending and port.clock.monotonic() < deadline:
+        while pending and port.clock.now() < deadline:
             port.renew_if_due()
             for h in port.hosts_now():
                 if h.name in pending and h.active().get(lv) == size:

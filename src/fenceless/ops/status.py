@@ -9,11 +9,10 @@ it a host is "free" or "unknown".
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fenceless.blockio import TimedIO, device_size, open_device
-from fenceless.clock import SystemClock
+from fenceless.clock import SystemClock, boottime
 from fenceless.config import HostConfig
 from fenceless.control.anchor import NotInitialized, read_anchor
 from fenceless.control.area import ControlArea
@@ -42,7 +41,7 @@ def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
         dev.close()
 
     seen = agent_view(cfg.state_dir, vg.name)
-    now = time.monotonic()
+    now = boottime()  # the agent publishes its view on the same clock
     fresh = seen is not None and isinstance(seen.get("mono"), int | float) and \
         now - float(seen["mono"]) < 4 * area.io_timeout
     observed = seen.get("hosts", {}) if fresh and seen else {}
@@ -107,5 +106,5 @@ def _writer_state(leader: Any, hosts: list[dict[str, Any]]) -> str:
 
 
 def _age(changed: Any, now: float) -> float | None:
-    """Seconds since the host's sector last changed, by this host's monotonic clock."""
+    """Seconds since the host's sector last changed, by this host's lease clock."""
     return round(now - float(changed), 2) if isinstance(changed, int | float) else None
