@@ -543,19 +543,18 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _writer(args: argparse.Namespace) -> int:
-    import time
-
-    from fenceless.ops.status import read_status
-
     cfg = _load_cfg(args)
     sub = args.writer_command
     if sub == "status":
+        from fenceless.ops.status import read_status
+
         st = read_status(cfg, args.vg)
         data = {"writer": st["writer"], "vg": st["vg"], "ledger": st["ledger"]}
         emit(args, data, lambda d: "no writer" if d["writer"] is None else
              f"writer: {d['writer']['host']} (host id {d['writer']['id']}) at epoch "
              f"{d['writer']['epoch']} [{d['writer']['state']}]")
         return 0
+    # Long enough for the old writer's lease to run out (a takeover --wait), and then some.
     timeout = args.timeout or 20 * cfg.io_timeout + 5
     if sub == "takeover":
         res = _agent_call(cfg, {"op": "takeover", "vg": args.vg, "wait": args.wait},
@@ -563,79 +562,39 @@ def _writer(args: argparse.Namespace) -> int:
         emit(args, res, lambda r: f"{r['host']} is the metadata writer at epoch {r['epoch']}"
              + (" (it already was)" if r["outcome"] == "already" else ""))
         return 0
-    res = _agent_call(cfg, {"op": "handover", "vg": args.vg, "to": args.to}, timeout=timeout)
-    if res.get("outcome") != "already":
-        deadline = time.monotonic() + timeout
-        while True:
-            st = read_status(cfg, args.vg)
-            w = st["writer"]
-            if w and w["host"] == args.to and not w["released"] and \
-                    w["epoch"] > res.get("from_epoch", 0):
-                res = {"outcome": "done", "host": args.to, "epoch": w["epoch"]}
-                break
-            if time.monotonic() > deadline:
-                from fenceless.errors import ExecError
+    from fenceless.ops.queries import status_reader
+    from fenceless.ops.requests import finish_handover
 
-                raise ExecError(detail=f"handover to {args.to} requested, but {args.to} did "
-                                f"not become the writer within {timeout:.0f}s (writer now: "
-                                f"{w})")
-            time.sleep(cfg.io_timeout / 2)
+    res = _agent_call(cfg, {"op": "handover", "vg": args.vg, "to": args.to}, timeout=timeout)
+    res = finish_handover(res, args.to, status_reader(cfg, args.vg), timeout=timeout,
+                          interval=cfg.io_timeout / 2)
     emit(args, res, lambda r: f"{r['host']} is the metadata writer at epoch {r['epoch']}")
     return 0
 
 
 def _volume(args: argparse.Namespace) -> int:
-    import getpass
-
-    from fenceless.validate import human, lv_name, parse_size, request_id
+    from fenceless.validate import human
 
     cfg = _load_cfg(args)
     sub = args.volume_command
     if sub in ("list", "show"):
-        from fenceless.ops.context import Context
-        from fenceless.ops.volume import list_volumes
+        from fenceless.ops import queries
 
-        ctx = Context(cfg)
-        vols = list_volumes(ctx.lvm(args.vg))
         if sub == "list":
-            emit(args, vols, lambda v: _table(
+            emit(args, queries.volume_list(cfg, args.vg), lambda v: _table(
                 [(x["name"], human(x["size_bytes"]), "yes" if x["shared_ro"] else "")
                  for x in v], ("VOLUME", "SIZE", "SHARED-RO")))
             return 0
-        found = next((v for v in vols if v["name"] == args.name), None)
-        if found is None:
-            from fenceless.errors import NotFound
-
-            raise NotFound(kind="volume", name=args.name, where=f" in VG {cfg.vg(args.vg).name}")
-        from contextlib import suppress
-
-        from fenceless.errors import FencelessError
-        from fenceless.ops.status import read_status
-
-        with suppress(FencelessError):
-            st = read_status(cfg, args.vg)
-            found["active_on"] = [h["name"] for h in st["hosts"]
-                                  if args.name in (h["facts"].get("active") or {})]
-        emit(args, found, lambda v: f"{v['name']}: {human(v['size_bytes'])}"
+        emit(args, queries.volume_show(cfg, args.vg, args.name),
+             lambda v: f"{v['name']}: {human(v['size_bytes'])}"
              + (", shared read-only" if v["shared_ro"] else "")
              + (f", active on {', '.join(v.get('active_on', [])) or 'no host'}"))
         return 0
-    name = lv_name(args.name)
-    body: dict[str, Any] = {"name": name}
-    if sub == "create":
-        body.update(size_bytes=parse_size(args.size), shared_ro=args.shared_ro)
-    elif sub == "extend":
-        size = args.size.strip()
-        body.update(size_bytes=parse_size(size.lstrip("+")), relative=size.startswith("+"))
-    elif sub == "rename":
-        body["new_name"] = lv_name(args.new_name)
-    argv = ["fenceless", "volume", sub, args.name] + (
-        [args.size] if sub in ("create", "extend") else []) + (
-        [args.new_name] if sub == "rename" else [])
-    # os.urandom is what secrets uses, without its 4 ms of imports (hmac, random).
-    rid = request_id(args.request_id) if args.request_id else os.urandom(8).hex()
-    request = {"id": rid, "op": sub, "args": body,
-               "user": getpass.getuser(), "argv": argv}
+    from fenceless.ops.requests import volume_request
+
+    request = volume_request(sub, args.name, size=getattr(args, "size", None),
+                             new_name=getattr(args, "new_name", None),
+                             shared_ro=getattr(args, "shared_ro", False), rid=args.request_id)
     res = _agent_call(cfg, {"op": "volume", "vg": args.vg, "request": request},
                       timeout=args.timeout)
 
