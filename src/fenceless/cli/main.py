@@ -7,70 +7,26 @@ that a quick command (``status``) starts quickly.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from fenceless import __version__
-from fenceless.errors import FencelessError, UsageError
-
-EXAMPLES = {
-    "lab up": "fenceless lab up --dir /tmp/lab --hosts 3 --size 8G --io-timeout 0.2",
-    "lab down": "fenceless lab down --dir /tmp/lab",
-    "lab status": "fenceless lab status --dir /tmp/lab --json",
-    "lab exec": "fenceless lab exec --dir /tmp/lab h2 -- lvs",
-    "lab shell": "fenceless lab shell --dir /tmp/lab h2",
-    "lab activate": "fenceless lab activate --dir /tmp/lab h2 vm1-disk",
-    "lab deactivate": "fenceless lab deactivate --dir /tmp/lab h2 vm1-disk",
-    "lab refresh": "fenceless lab refresh --dir /tmp/lab h2 vm1-disk",
-    "scan": "fenceless -c /tmp/lab/hosts/h2/fenceless.toml scan --json",
-    "config": "fenceless -c /etc/fenceless/fenceless.toml config",
-    "init": "fenceless init --max-hosts 16",
-    "join": "fenceless join",
-    "agent": "fenceless agent --auto-takeover",
-    "status": "fenceless status --json",
-    "writer status": "fenceless writer status",
-    "writer handover": "fenceless writer handover h2",
-    "writer takeover": "fenceless writer takeover",
-    "lab agent": "fenceless lab agent --dir /tmp/lab h2 stop",
-    "volume create": "fenceless volume create vm7-disk 20G",
-    "volume extend": "fenceless volume extend vm7-disk +5G",
-    "volume rename": "fenceless volume rename vm7-disk vm8-disk",
-    "volume remove": "fenceless volume remove vm8-disk",
-    "volume list": "fenceless volume list --json",
-    "volume show": "fenceless volume show vm7-disk",
-    "log": "fenceless log --limit 20",
-    "metadata history": "fenceless metadata history",
-    "metadata show": "fenceless metadata show 42",
-    "metadata diff": "fenceless metadata diff 41 42",
-    "metadata restore": "fenceless metadata restore 41 --yes",
-    "guard": "fenceless guard install",
-}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing and exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(detail=f"{message} (see `{self.prog} --help`)")
-
-
-def _epilog(*keys: str) -> str:
-    return "examples:\n" + "\n".join(f"  {EXAMPLES[k]}" for k in keys)
-
-
-def _common(p: argparse.ArgumentParser, *, json_opt: bool = True) -> None:
-    # Accepted both before and after the command name.
-    p.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
-                   help="host config (default: $FENCELESS_CONFIG or /etc/fenceless/fenceless.toml)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show tracebacks")
-    if json_opt:
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                       help="machine-readable output")
-
+from fenceless.cli.common import (
+    FORMATTER,
+    Parser,
+    Subparsers,
+    add_common,
+    agent_call,
+    command,
+    emit,
+    epilog,
+    load_config,
+    table,
+    vg_option,
+)
+from fenceless.errors import FencelessError
 
 TOP_COMMANDS = ("lab", "init", "join", "agent", "status", "writer", "scan", "config", "volume",
                 "log", "metadata", "guard")
@@ -95,81 +51,68 @@ def build_parser(only: str | None = None) -> Parser:
     def want(name: str) -> bool:
         return only is None or only == name
 
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = Parser(prog="fenceless", formatter_class=fmt,
+    p = Parser(prog="fenceless", formatter_class=FORMATTER,
                description="Safe VM hosts on one shared LUN with plain LVM2, no cluster stack.",
-               epilog=_epilog("lab up", "lab exec", "scan", "lab down")
+               epilog=epilog("lab up", "lab exec", "scan", "lab down")
                + "\n\nexit codes: 0 ok, 1 internal error, 2 refused/bad input (nothing "
                "changed),\n  3 failed part-way, 4 integrity error on disk, 5 lease lost, "
                "130 interrupted")
     p.add_argument("--version", action="version", version=f"fenceless {__version__}")
-    _common(p)
+    add_common(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    def cmd(parent: Any, name: str, key: str, helptext: str, *, json_opt: bool = True
-            ) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(
-            name, help=helptext, description=helptext, epilog=_epilog(key),
-            formatter_class=fmt)
-        _common(sp, json_opt=json_opt)
-        return sp
-
     if want("lab"):
-        _build_lab(sub, cmd, fmt)
-
-    def vg_opt(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--vg", help="the shared VG, when several are configured")
+        _build_lab(sub)
 
     if want("init"):
-        sp = cmd(sub, "init", "init", "make this host's shared VG a fenceless cluster; this "
-                 "host becomes the metadata writer at epoch 1 (runs in the local agent)")
-        vg_opt(sp)
+        sp = command(sub, "init", "init", "make this host's shared VG a fenceless cluster; this "
+                     "host becomes the metadata writer at epoch 1 (runs in the local agent)")
+        vg_option(sp)
         sp.add_argument("--max-hosts", type=int, default=16, help="host ids to provide (1-250)")
         sp.add_argument("--adopt", action="store_true",
                         help="the VG exists already: add the control LV, touch no existing LV")
     if want("join"):
-        sp = cmd(sub, "join", "join", "take a host id in the cluster (runs in the local agent)")
-        vg_opt(sp)
+        sp = command(sub, "join", "join", "take a host id in the cluster (runs in the local agent)")
+        vg_option(sp)
     if want("agent"):
-        sp = cmd(sub, "agent", "agent", "the per-host daemon (foreground): renews leases, "
-                 "serves the writer role", json_opt=False)
+        sp = command(sub, "agent", "agent", "the per-host daemon (foreground): renews leases, "
+                     "serves the writer role", json_opt=False)
         sp.add_argument("--auto-takeover", action="store_true", help="take over a dead writer "
                         "when this is the lowest-numbered live host")
     if want("status"):
-        sp = cmd(sub, "status", "status", "hosts, leases, writer and ledger, read from the "
-                 "control area (no LVM command runs)")
-        vg_opt(sp)
+        sp = command(sub, "status", "status", "hosts, leases, writer and ledger, read from the "
+                     "control area (no LVM command runs)")
+        vg_option(sp)
     if want("writer"):
-        _build_writer(sub, cmd, fmt, vg_opt)
+        _build_writer(sub)
     if want("volume"):
-        _build_volume(sub, cmd, fmt, vg_opt)
+        _build_volume(sub)
     if want("log"):
-        sp = cmd(sub, "log", "log", "the audit log on the LUN: every change, who asked, result")
-        vg_opt(sp)
+        sp = command(sub, "log", "log", "the audit log on the LUN: every change, who asked, result")
+        vg_option(sp)
         sp.add_argument("--limit", type=int, help="only the last N records")
     if want("metadata"):
-        _build_metadata(sub, cmd, fmt, vg_opt)
+        _build_metadata(sub)
     if want("guard"):
         from fenceless.cli import guard_cmd
 
-        guard_cmd.register(sub, cmd, vg_opt)
+        guard_cmd.register(sub, "guard")
     if want("scan"):
-        sp = cmd(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
-        vg_opt(sp)
+        sp = command(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
+        vg_option(sp)
     if want("config"):
-        cmd(sub, "config", "config", "check this host's config and show it")
+        command(sub, "config", "config", "check this host's config and show it")
     return p
 
 
-def _build_lab(sub: Any, cmd: Any, fmt: Any) -> None:
+def _build_lab(sub: Subparsers) -> None:
     lab = sub.add_parser("lab", help="a simulated SAN of loop devices, for tests and learning",
                          description="A simulated SAN: one sparse image per LUN, one loop "
                          "device per host, one mount namespace per host.",
-                         formatter_class=fmt,
-                         epilog=_epilog("lab up", "lab status", "lab exec", "lab down"))
+                         formatter_class=FORMATTER,
+                         epilog=epilog("lab up", "lab status", "lab exec", "lab down"))
     lsub = lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND", parser_class=Parser)
     lsub.required = True
-    sp = cmd(lsub, "up", "lab up", "make a lab: the LUN image(s), loop devices, host configs")
+    sp = command(lsub, "up", "lab up", "make a lab: the LUN image(s), loop devices, host configs")
     sp.add_argument("--dir", required=True, help="folder that holds the lab")
     sp.add_argument("--hosts", type=int, default=3, help="number of hosts (h1..hN), 1-16")
     sp.add_argument("--size", default="8G", help="size of each LUN image (sparse), e.g. 8G")
@@ -180,25 +123,25 @@ def _build_lab(sub: Any, cmd: Any, fmt: Any) -> None:
     sp.add_argument("--agents", action="store_true", help="start one agent per host")
     sp.add_argument("--auto-takeover", action="store_true",
                     help="with --agents: agents take over a dead writer by themselves")
-    sp = cmd(lsub, "down", "lab down", "stop every lab process and detach every loop device")
+    sp = command(lsub, "down", "lab down", "stop every lab process and detach every loop device")
     sp.add_argument("--dir", required=True)
     sp.add_argument("--force", action="store_true",
                     help="clean up by scanning even if lab.json is missing or unreadable")
-    sp = cmd(lsub, "status", "lab status", "what the lab holds and whether it is intact")
+    sp = command(lsub, "status", "lab status", "what the lab holds and whether it is intact")
     sp.add_argument("--dir", required=True)
-    sp = cmd(lsub, "exec", "lab exec", "run a command as a lab host would (its namespace, "
-             "its config)", json_opt=False)
+    sp = command(lsub, "exec", "lab exec", "run a command as a lab host would (its namespace, "
+                 "its config)", json_opt=False)
     sp.add_argument("--dir", required=True)
     sp.add_argument("host")
     sp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    sp = cmd(lsub, "shell", "lab shell", "an interactive shell as a lab host", json_opt=False)
+    sp = command(lsub, "shell", "lab shell", "an interactive shell as a lab host", json_opt=False)
     sp.add_argument("--dir", required=True)
     sp.add_argument("host")
     for name, helptext in (("activate", "map an LV onto a loop device on a lab host"),
                            ("deactivate", "remove a lab host's mapping of an LV"),
                            ("refresh", "re-read an LV's size from metadata and resize the "
                             "mapping")):
-        sp = cmd(lsub, name, f"lab {name}", helptext)
+        sp = command(lsub, name, f"lab {name}", helptext)
         sp.add_argument("--dir", required=True)
         sp.add_argument("host")
         sp.add_argument("lv")
@@ -206,100 +149,100 @@ def _build_lab(sub: Any, cmd: Any, fmt: Any) -> None:
         if name == "activate":
             sp.add_argument("--readonly", action="store_true", help="map read-only")
 
-    sp = cmd(lsub, "agent", "lab agent", "start, stop or signal a lab host's agent")
+    sp = command(lsub, "agent", "lab agent", "start, stop or signal a lab host's agent")
     sp.add_argument("--dir", required=True)
     sp.add_argument("host")
     sp.add_argument("action", choices=["start", "stop", "kill", "pause", "resume", "pid"])
     sp.add_argument("--auto-takeover", action="store_true", help="with start")
 
 
-def _build_metadata(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
+def _build_metadata(sub: Subparsers) -> None:
     mp = sub.add_parser("metadata", help="the VG metadata history on the LUN",
-                        formatter_class=fmt,
+                        formatter_class=FORMATTER,
                         description="After every change the writer keeps the VG metadata text "
                         "in a ring on the control area (the last 128 versions).",
-                        epilog=_epilog("metadata history", "metadata diff",
+                        epilog=epilog("metadata history", "metadata diff",
                                        "metadata restore"))
     msub = mp.add_subparsers(dest="metadata_command", metavar="METADATACOMMAND",
                              parser_class=Parser)
     msub.required = True
-    sp = cmd(msub, "history", "metadata history", "the stored versions, newest first")
-    vg_opt(sp)
-    sp = cmd(msub, "show", "metadata show", "one stored version's text", json_opt=False)
+    sp = command(msub, "history", "metadata history", "the stored versions, newest first")
+    vg_option(sp)
+    sp = command(msub, "show", "metadata show", "one stored version's text", json_opt=False)
     sp.add_argument("seqno", type=int)
-    vg_opt(sp)
-    sp = cmd(msub, "diff", "metadata diff", "what changed between two stored versions",
-             json_opt=False)
+    vg_option(sp)
+    sp = command(msub, "diff", "metadata diff", "what changed between two stored versions",
+                 json_opt=False)
     sp.add_argument("a", type=int)
     sp.add_argument("b", type=int)
-    vg_opt(sp)
-    sp = cmd(msub, "restore", "metadata restore", "restore a stored version (writer only; "
-             "a dry run that shows the diff unless --yes)")
+    vg_option(sp)
+    sp = command(msub, "restore", "metadata restore", "restore a stored version (writer only; "
+                 "a dry run that shows the diff unless --yes)")
     sp.add_argument("seqno", type=int)
     sp.add_argument("--yes", action="store_true", help="really restore")
-    vg_opt(sp)
+    vg_option(sp)
 
 
-def _build_volume(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
+def _build_volume(sub: Subparsers) -> None:
     vp = sub.add_parser("volume", help="volumes (LVs) of a shared VG, from any host",
-                        formatter_class=fmt,
+                        formatter_class=FORMATTER,
                         description="Volume operations run on the metadata writer; from any "
                         "other host they are forwarded to it through the on-disk mailboxes.",
-                        epilog=_epilog("volume create", "volume extend", "volume list"))
+                        epilog=epilog("volume create", "volume extend", "volume list"))
     vsub = vp.add_subparsers(dest="volume_command", metavar="VOLUMECOMMAND",
                              parser_class=Parser)
     vsub.required = True
 
     def common(sp: argparse.ArgumentParser) -> None:
-        vg_opt(sp)
+        vg_option(sp)
         sp.add_argument("--request-id", help="an id of your own, to retry a request safely "
                         "(the same id is never applied twice)")
         sp.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait for the writer (default 120)")
 
-    sp = cmd(vsub, "create", "volume create", "create a volume")
+    sp = command(vsub, "create", "volume create", "create a volume")
     sp.add_argument("name")
     sp.add_argument("size", help="e.g. 512M, 10G")
     sp.add_argument("--shared-ro", action="store_true",
                     help="meant to be shared read-only by many hosts (images, repositories)")
     common(sp)
-    sp = cmd(vsub, "extend", "volume extend", "grow a volume to SIZE (or by +SIZE); every "
-             "host with it active is refreshed before this returns")
+    sp = command(vsub, "extend", "volume extend", "grow a volume to SIZE (or by +SIZE); every "
+                 "host with it active is refreshed before this returns")
     sp.add_argument("name")
     sp.add_argument("size", help="new size (10G) or growth (+2G)")
     common(sp)
-    sp = cmd(vsub, "rename", "volume rename", "rename a volume (not while active anywhere)")
+    sp = command(vsub, "rename", "volume rename", "rename a volume (not while active anywhere)")
     sp.add_argument("name")
     sp.add_argument("new_name")
     common(sp)
-    sp = cmd(vsub, "remove", "volume remove", "remove a volume (not while active anywhere)")
+    sp = command(vsub, "remove", "volume remove", "remove a volume (not while active anywhere)")
     sp.add_argument("name")
     common(sp)
-    sp = cmd(vsub, "list", "volume list", "the volumes of the VG (read-only, this host)")
-    vg_opt(sp)
-    sp = cmd(vsub, "show", "volume show", "one volume: size, segments, where it is active")
+    sp = command(vsub, "list", "volume list", "the volumes of the VG (read-only, this host)")
+    vg_option(sp)
+    sp = command(vsub, "show", "volume show", "one volume: size, segments, where it is active")
     sp.add_argument("name")
-    vg_opt(sp)
+    vg_option(sp)
 
 
-def _build_writer(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
-    writer = sub.add_parser("writer", help="the metadata writer role", formatter_class=fmt,
+def _build_writer(sub: Subparsers) -> None:
+    writer = sub.add_parser("writer", help="the metadata writer role", formatter_class=FORMATTER,
                             description="The metadata writer: the one host that changes LVM "
                             "metadata, chosen by a Disk Paxos lease whose version is the epoch.",
-                            epilog=_epilog("writer status", "writer handover", "writer takeover"))
+                            epilog=epilog("writer status", "writer handover", "writer takeover"))
     wsub = writer.add_subparsers(dest="writer_command", metavar="WRITERCOMMAND",
                                  parser_class=Parser)
     wsub.required = True
-    sp = cmd(wsub, "status", "writer status", "which host is the writer, at which epoch")
-    vg_opt(sp)
-    sp = cmd(wsub, "handover", "writer handover", "planned move of the writer role to HOST "
-             "(the old writer finishes and releases; HOST acquires at epoch+1)")
-    vg_opt(sp)
+    sp = command(wsub, "status", "writer status", "which host is the writer, at which epoch")
+    vg_option(sp)
+    sp = command(wsub, "handover", "writer handover", "planned move of the writer role to HOST "
+                 "(the old writer finishes and releases; HOST acquires at epoch+1)")
+    vg_option(sp)
     sp.add_argument("to", metavar="HOST")
     sp.add_argument("--timeout", type=float, help="seconds to wait (default 20 x io_timeout)")
-    sp = cmd(wsub, "takeover", "writer takeover", "become the writer here; only when the "
-             "writer's host lease is DEAD (two hosts racing never both win)")
-    vg_opt(sp)
+    sp = command(wsub, "takeover", "writer takeover", "become the writer here; only when the "
+                 "writer's host lease is DEAD (two hosts racing never both win)")
+    vg_option(sp)
     sp.add_argument("--wait", action="store_true", help="if the writer still looks alive, "
                     "wait (up to --timeout) for its lease to die instead of refusing")
     sp.add_argument("--timeout", type=float, help="seconds to wait for the old writer to be "
@@ -307,33 +250,13 @@ def _build_writer(sub: Any, cmd: Any, fmt: Any, vg_opt: Any) -> None:
 
 
 
-# --- output -----------------------------------------------------------------------
-
-
-def emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        out = text(data)
-        if out:
-            print(out)
-
-
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in cells)
-
-
 # --- commands ---------------------------------------------------------------------
 
 
 def _context(args: argparse.Namespace) -> Any:
-    from fenceless import config
     from fenceless.ops.context import Context
 
-    return Context(config.load(config.resolve_path(getattr(args, "config", None))))
+    return Context(load_config(args))
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -377,9 +300,9 @@ def _lab(args: argparse.Namespace) -> int:
                      " ".join(h["loops"].values()), h["config"]) for h in s["hosts"]]
             out = [f"lab {s['dir']}: {s['status']}, io_timeout {s['io_timeout']}s, "
                    f"{s['processes']} lab processes",
-                   _table(rows, ("HOST", "NAMESPACE", "LOOPS", "DEVICES", "CONFIG"))]
+                   table(rows, ("HOST", "NAMESPACE", "LOOPS", "DEVICES", "CONFIG"))]
             if s["lv_mappings"]:
-                out.append(_table([(m["device"], m["over"], m["offset"], m["size"])
+                out.append(table([(m["device"], m["over"], m["offset"], m["size"])
                                    for m in s["lv_mappings"]],
                                   ("LV MAPPING", "OVER", "OFFSET", "SIZE")))
             return "\n".join(out)
@@ -427,7 +350,7 @@ def _lab_activation(args: argparse.Namespace, cluster: Any) -> int:
     cfg = config.load(host["config"])
     if cluster.agent_pid(args.dir, args.host) is not None:
         # Through the host's agent, which announces the activation on disk first.
-        res = _agent_call(cfg, {"op": args.lab_command, "vg": args.vg, "lv": args.lv,
+        res = agent_call(cfg, {"op": args.lab_command, "vg": args.vg, "lv": args.lv,
                                 "readonly": getattr(args, "readonly", False)}, timeout=30.0)
         data = {"host": args.host, **res}
         if args.lab_command == "deactivate":
@@ -466,7 +389,7 @@ def _scan(args: argparse.Namespace) -> int:
                 + ", ".join(p["name"] for p in d["pvs"]))
         rows = [(lv["name"], human(lv["size"]), lv["attr"], ",".join(lv["tags"]))
                 for lv in d["lvs"]]
-        return head + ("\n" + _table(rows, ("LV", "SIZE", "ATTR", "TAGS")) if rows else "")
+        return head + ("\n" + table(rows, ("LV", "SIZE", "ATTR", "TAGS")) if rows else "")
 
     emit(args, data, text)
     return 0
@@ -481,22 +404,9 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_cfg(args: argparse.Namespace) -> Any:
-    from fenceless import config
-
-    return config.load(config.resolve_path(getattr(args, "config", None)))
-
-
-def _agent_call(cfg: Any, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    from fenceless.agent import ipc
-
-    request = {**request, "timeout": timeout}
-    return ipc.call(cfg.state_dir, request, timeout=timeout + 5.0)
-
-
 def _init(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)
-    res = _agent_call(cfg, {"op": "init", "vg": args.vg, "max_hosts": args.max_hosts,
+    cfg = load_config(args)
+    res = agent_call(cfg, {"op": "init", "vg": args.vg, "max_hosts": args.max_hosts,
                             "adopt": args.adopt}, timeout=120.0)
     emit(args, res, lambda r: f"initialized cluster {r['cluster']} on VG {r['vg']}: this host "
          f"({cfg.host}) is host id {r['host_id']} and the metadata writer at epoch "
@@ -505,8 +415,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)
-    res = _agent_call(cfg, {"op": "join", "vg": args.vg}, timeout=120.0)
+    cfg = load_config(args)
+    res = agent_call(cfg, {"op": "join", "vg": args.vg}, timeout=120.0)
     emit(args, res, lambda r: f"joined cluster {r['cluster']} on VG {r['vg']} as host id "
          f"{r['host_id']} (generation {r['generation']})")
     return 0
@@ -515,7 +425,7 @@ def _join(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> int:
     from fenceless.agent.daemon import Agent
 
-    return Agent(_load_cfg(args), auto_takeover=args.auto_takeover).run()
+    return Agent(load_config(args), auto_takeover=args.auto_takeover).run()
 
 
 def _status_text(s: dict[str, Any]) -> str:
@@ -530,7 +440,7 @@ def _status_text(s: dict[str, Any]) -> str:
              f"{s['io_timeout']}s; lease states from {s['lease_source']})",
              f"writer: {writer}",
              f"ledger: generation {s['ledger']['generation']} at epoch {s['ledger']['epoch']}",
-             _table(rows, ("ID", "HOST", "LEASE", "AGE", "GEN", "LVM ROLE"))]
+             table(rows, ("ID", "HOST", "LEASE", "AGE", "GEN", "LVM ROLE"))]
     lines += [f"problem: {p}" for p in s["ledger"]["problems"]]
     return "\n".join(lines)
 
@@ -538,12 +448,12 @@ def _status_text(s: dict[str, Any]) -> str:
 def _status(args: argparse.Namespace) -> int:
     from fenceless.ops.status import read_status
 
-    emit(args, read_status(_load_cfg(args), args.vg), _status_text)
+    emit(args, read_status(load_config(args), args.vg), _status_text)
     return 0
 
 
 def _writer(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)
+    cfg = load_config(args)
     sub = args.writer_command
     if sub == "status":
         from fenceless.ops.status import read_status
@@ -557,7 +467,7 @@ def _writer(args: argparse.Namespace) -> int:
     # Long enough for the old writer's lease to run out (a takeover --wait), and then some.
     timeout = args.timeout or 20 * cfg.io_timeout + 5
     if sub == "takeover":
-        res = _agent_call(cfg, {"op": "takeover", "vg": args.vg, "wait": args.wait},
+        res = agent_call(cfg, {"op": "takeover", "vg": args.vg, "wait": args.wait},
                           timeout=timeout)
         emit(args, res, lambda r: f"{r['host']} is the metadata writer at epoch {r['epoch']}"
              + (" (it already was)" if r["outcome"] == "already" else ""))
@@ -565,7 +475,7 @@ def _writer(args: argparse.Namespace) -> int:
     from fenceless.ops.queries import status_reader
     from fenceless.ops.requests import finish_handover
 
-    res = _agent_call(cfg, {"op": "handover", "vg": args.vg, "to": args.to}, timeout=timeout)
+    res = agent_call(cfg, {"op": "handover", "vg": args.vg, "to": args.to}, timeout=timeout)
     res = finish_handover(res, args.to, status_reader(cfg, args.vg), timeout=timeout,
                           interval=cfg.io_timeout / 2)
     emit(args, res, lambda r: f"{r['host']} is the metadata writer at epoch {r['epoch']}")
@@ -575,13 +485,13 @@ def _writer(args: argparse.Namespace) -> int:
 def _volume(args: argparse.Namespace) -> int:
     from fenceless.validate import human
 
-    cfg = _load_cfg(args)
+    cfg = load_config(args)
     sub = args.volume_command
     if sub in ("list", "show"):
         from fenceless.ops import queries
 
         if sub == "list":
-            emit(args, queries.volume_list(cfg, args.vg), lambda v: _table(
+            emit(args, queries.volume_list(cfg, args.vg), lambda v: table(
                 [(x["name"], human(x["size_bytes"]), "yes" if x["shared_ro"] else "")
                  for x in v], ("VOLUME", "SIZE", "SHARED-RO")))
             return 0
@@ -595,7 +505,7 @@ def _volume(args: argparse.Namespace) -> int:
     request = volume_request(sub, args.name, size=getattr(args, "size", None),
                              new_name=getattr(args, "new_name", None),
                              shared_ro=getattr(args, "shared_ro", False), rid=args.request_id)
-    res = _agent_call(cfg, {"op": "volume", "vg": args.vg, "request": request},
+    res = agent_call(cfg, {"op": "volume", "vg": args.vg, "request": request},
                       timeout=args.timeout)
 
     def text(r: dict[str, Any]) -> str:
@@ -618,8 +528,8 @@ def _volume(args: argparse.Namespace) -> int:
 def _log(args: argparse.Namespace) -> int:
     from fenceless.ops.metadata import read_log
 
-    entries = read_log(_load_cfg(args), args.vg, args.limit)
-    emit(args, entries, lambda es: _table(
+    entries = read_log(load_config(args), args.vg, args.limit)
+    emit(args, entries, lambda es: table(
         [(e["seq"], e["time"], e["epoch"], e["host"], e["user"], " ".join(e["command"]),
           e["result"] + (f": {e['message']}" if e["message"] else ""))
          if "error" not in e else (e["seq"], "-", "-", "-", "-", "-", "ERROR " + e["error"])
@@ -631,10 +541,10 @@ def _metadata(args: argparse.Namespace) -> int:
     from fenceless.ledger.history import diff
     from fenceless.ops import metadata as md
 
-    cfg = _load_cfg(args)
+    cfg = load_config(args)
     sub = args.metadata_command
     if sub == "history":
-        emit(args, md.list_history(cfg, args.vg), lambda es: _table(
+        emit(args, md.list_history(cfg, args.vg), lambda es: table(
             [(e["seqno"], e["time"], e["epoch"], e["request_id"], e["text_bytes"],
               "stale" if e["stale"] else "") if "error" not in e else
              ("?", "-", "-", "ERROR " + e["error"], "-", "") for e in es],
@@ -645,7 +555,7 @@ def _metadata(args: argparse.Namespace) -> int:
         a, b = md.read_version(cfg, args.vg, args.a), md.read_version(cfg, args.vg, args.b)
         sys.stdout.write(diff(a, b, label_a=f"seqno {args.a}", label_b=f"seqno {args.b}"))
     else:
-        res = _agent_call(cfg, {"op": "restore", "vg": args.vg, "seqno": args.seqno,
+        res = agent_call(cfg, {"op": "restore", "vg": args.vg, "seqno": args.seqno,
                                 "apply": args.yes}, timeout=120.0)
         emit(args, res, lambda r: r["diff"] + (
             f"\nrestored seqno {r['seqno']} as seqno {r['new_seqno']}" if r["applied"] else
