@@ -1,16 +1,14 @@
 """``fenceless guard install|remove|status``: the CLI part (parsing and output only).
 
-Wired into ``cli.main`` with ``guard_cmd.register(sub, cmd, vg_opt)`` and
-``COMMANDS["guard"] = guard_cmd.run``. ``python -m fenceless.cli.guard_cmd``
-runs the same parser on its own.
+The guard itself is ``fenceless.guard.install``, imported when a guard command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from typing import Any
+
+from fenceless.cli.common import FORMATTER, Parser, Subparsers, command, emit, load_config
 
 EXAMPLES = {
     "install": "fenceless guard install",
@@ -19,37 +17,37 @@ EXAMPLES = {
 }
 
 
-def register(sub: Any, cmd: Any, vg_opt: Any) -> None:
-    """Add the ``guard`` parser and its subcommands to ``sub`` (as cli.main builds the others)."""
-    del vg_opt  # the guard covers every shared VG of the host's config
-    from fenceless.cli.main import Parser
+def register(sub: Subparsers, name: str) -> None:
+    """Add the ``guard`` command and its subcommands to the top-level ``sub``.
 
+    No --vg: the guard covers every shared VG of the host's config.
+    """
+    del name  # this module has the one command, "guard"
     guard = sub.add_parser(
         "guard", help="the LVM guard: LVM itself refuses metadata changes on non-writers",
         description="Replace this host's lvm binary by a wrapper (dpkg-divert): on a host "
         "that is not the metadata writer, reports run --readonly, activation runs "
         "--sysinit --readonly, and every other LVM command on a shared VG is refused.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=FORMATTER,
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()))
     gsub = guard.add_subparsers(dest="guard_command", metavar="GUARDCOMMAND",
                                 parser_class=Parser)
     gsub.required = True
-    for name, text in (("install", "divert the lvm binary, install the wrapper and the "
-                        "lvm.conf block (again: brings them up to date)"),
-                       ("remove", "restore the distribution's binary, the diversion list and "
-                        "lvm.conf exactly"),
-                       ("status", "what is in place, the role file, autoactivation flags")):
-        sp = cmd(gsub, name, "guard", text)
-        sp.epilog = f"example:\n  {EXAMPLES[name]}"
+    for cmd_name, text in (("install", "divert the lvm binary, install the wrapper and the "
+                            "lvm.conf block (again: brings them up to date)"),
+                           ("remove", "restore the distribution's binary, the diversion list "
+                            "and lvm.conf exactly"),
+                           ("status", "what is in place, the role file, autoactivation flags")):
+        sp = command(gsub, cmd_name, "guard", text)
+        sp.epilog = f"example:\n  {EXAMPLES[cmd_name]}"
 
 
 def run(args: argparse.Namespace) -> int:
-    from fenceless import config
-    from fenceless.cli.main import emit
+    """Run ``fenceless guard SUBCOMMAND``."""
     from fenceless.guard import install as guard
     from fenceless.runner import Runner
 
-    cfg = config.load(config.resolve_path(getattr(args, "config", None)))
+    cfg = load_config(args)
     runner = Runner()
     sub = args.guard_command
     if sub == "install":
@@ -92,33 +90,3 @@ def _status_text(s: dict[str, Any]) -> str:
         lines.append(f"  VG {a['vg']} autoactivation: {flag or 'off'}")
     lines += [f"warning: {x}" for x in s["warnings"]]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fenceless guard ...`` on its own, with cli.main's error handling."""
-    from fenceless.cli import main as climain
-    from fenceless.errors import FencelessError
-
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    p = climain.Parser(prog="fenceless")
-    climain._common(p)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=climain.Parser)
-
-    def cmd(parent: Any, name: str, key: str, helptext: str, *, json_opt: bool = True
-            ) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=helptext,
-                                                        description=helptext)
-        climain._common(sp, json_opt=json_opt)
-        return sp
-
-    register(sub, cmd, None)
-    try:
-        args = p.parse_args(args_list)
-        return run(args)
-    except FencelessError as exc:
-        print(f"fenceless: {climain._explain(exc)}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``fenceless lab ...``: the simulated SAN (loop devices, one namespace per host).
+
+Parsing and output only; the lab itself is ``fenceless.lab``, imported when a
+lab command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from fenceless.cli.common import (
+    FORMATTER,
+    Parser,
+    Subparsers,
+    agent_call,
+    command,
+    emit,
+    epilog,
+    table,
+)
+
+if TYPE_CHECKING:
+    from fenceless.runner import Runner
+
+
+def register(sub: Subparsers, name: str) -> None:
+    """Add the ``lab`` command and its subcommands to the top-level ``sub``."""
+    del name  # this module has the one command, "lab"
+    lab = sub.add_parser("lab", help="a simulated SAN of loop devices, for tests and learning",
+                         description="A simulated SAN: one sparse image per LUN, one loop "
+                         "device per host, one mount namespace per host.",
+                         formatter_class=FORMATTER,
+                         epilog=epilog("lab up", "lab status", "lab exec", "lab down"))
+    lsub = lab.add_subparsers(dest="lab_command", metavar="LABCOMMAND", parser_class=Parser)
+    lsub.required = True
+    sp = command(lsub, "up", "lab up", "make a lab: the LUN image(s), loop devices, host configs")
+    sp.add_argument("--dir", required=True, help="folder that holds the lab")
+    sp.add_argument("--hosts", type=int, default=3, help="number of hosts (h1..hN), 1-16")
+    sp.add_argument("--size", default="8G", help="size of each LUN image (sparse), e.g. 8G")
+    sp.add_argument("--io-timeout", type=float, default=1.0, metavar="S",
+                    help="io_timeout written into every host config (tests: 0.1-0.5)")
+    sp.add_argument("--vg", action="append", metavar="NAME",
+                    help="a shared VG (one LUN image each); repeat for several (default: sanvg)")
+    sp.add_argument("--agents", action="store_true", help="start one agent per host")
+    sp.add_argument("--auto-takeover", action="store_true",
+                    help="with --agents: agents take over a dead writer by themselves")
+    sp = command(lsub, "down", "lab down", "stop every lab process and detach every loop device")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("--force", action="store_true",
+                    help="clean up by scanning even if lab.json is missing or unreadable")
+    sp = command(lsub, "status", "lab status", "what the lab holds and whether it is intact")
+    sp.add_argument("--dir", required=True)
+    sp = command(lsub, "exec", "lab exec", "run a command as a lab host would (its namespace, "
+                 "its config)", json_opt=False)
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("host")
+    sp.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    sp = command(lsub, "shell", "lab shell", "an interactive shell as a lab host", json_opt=False)
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("host")
+    _register_activation(lsub)
+    sp = command(lsub, "agent", "lab agent", "start, stop or signal a lab host's agent")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("host")
+    sp.add_argument("action", choices=["start", "stop", "kill", "pause", "resume", "pid"])
+    sp.add_argument("--auto-takeover", action="store_true", help="with start")
+
+
+def _register_activation(lsub: Subparsers) -> None:
+    """lab activate|deactivate|refresh: one LV on one lab host."""
+    for name, helptext in (("activate", "map an LV onto a loop device on a lab host"),
+                           ("deactivate", "remove a lab host's mapping of an LV"),
+                           ("refresh", "re-read an LV's size from metadata and resize the "
+                            "mapping")):
+        sp = command(lsub, name, f"lab {name}", helptext)
+        sp.add_argument("--dir", required=True)
+        sp.add_argument("host")
+        sp.add_argument("lv")
+        sp.add_argument("--vg", help="the shared VG, when the host has several")
+        if name == "activate":
+            sp.add_argument("--readonly", action="store_true", help="map read-only")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fenceless lab SUBCOMMAND``."""
+    from fenceless.lab import cluster
+    from fenceless.runner import Runner
+
+    sub = args.lab_command
+    if sub == "up":
+        _up(args, cluster, Runner())
+    elif sub == "down":
+        res = cluster.down(args.dir, runner=Runner(), force=args.force)
+        emit(args, res, lambda r: f"lab down in {r['dir']}: stopped {r['processes_stopped']} "
+             f"processes, detached {len(r['loops_detached'])} loop devices")
+    elif sub == "status":
+        emit(args, cluster.status(args.dir), _status_text)
+    elif sub == "exec":
+        argv = list(args.argv)
+        if argv and argv[0] == "--":
+            argv = argv[1:]
+        cluster.exec_in(args.dir, args.host, argv)
+    elif sub == "shell":
+        cluster.shell(args.dir, args.host)
+    elif sub == "agent":
+        return _agent(args, cluster)
+    else:
+        return _activation(args, cluster)
+    return 0
+
+
+def _up(args: argparse.Namespace, cluster: Any, runner: Runner) -> None:
+    """lab up, then (--agents) one agent per host."""
+    from fenceless.validate import parse_size
+
+    size = parse_size(args.size, minimum=64 << 20)
+    state = cluster.up(args.dir, hosts=args.hosts, size=size, io_timeout=args.io_timeout,
+                       vgs=args.vg or ["sanvg"], runner=runner)
+    if args.agents:
+        for h in state["hosts"]:
+            h["agent_pid"] = cluster.start_agent(
+                args.dir, h["name"], ["--auto-takeover"] if args.auto_takeover else [])
+    emit(args, state, _up_text)
+
+
+def _up_text(s: dict[str, Any]) -> str:
+    from fenceless.validate import human
+
+    lines = [f"lab up in {s['dir']}: {len(s['hosts'])} hosts, "
+             f"LUN(s) of {human(s['size'])}, io_timeout {s['io_timeout']}s"]
+    lines += [f"  {h['name']}: {', '.join(f'{vg} on {d}' for vg, d in h['loops'].items())}"
+              for h in s["hosts"]]
+    first = s["hosts"][0]["name"]
+    lines += ["address a host with:",
+              f"  fenceless -c {s['dir']}/hosts/{first}/fenceless.toml scan",
+              f"  fenceless lab exec --dir {s['dir']} {first} -- lvs",
+              f"  fenceless lab shell --dir {s['dir']} {first}"]
+    return "\n".join(lines)
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    rows = [(h["name"], h["namespace"], "ok" if h["loops_attached"] else "MISSING",
+             " ".join(h["loops"].values()), h["config"]) for h in s["hosts"]]
+    out = [f"lab {s['dir']}: {s['status']}, io_timeout {s['io_timeout']}s, "
+           f"{s['processes']} lab processes",
+           table(rows, ("HOST", "NAMESPACE", "LOOPS", "DEVICES", "CONFIG"))]
+    if s["lv_mappings"]:
+        out.append(table([(m["device"], m["over"], m["offset"], m["size"])
+                          for m in s["lv_mappings"]],
+                         ("LV MAPPING", "OVER", "OFFSET", "SIZE")))
+    return "\n".join(out)
+
+
+def _agent(args: argparse.Namespace, cluster: Any) -> int:
+    """lab agent: start, stop or signal a host's agent; ``pid`` of none is exit 3."""
+    import signal
+
+    action = args.action
+    if action == "start":
+        pid = cluster.start_agent(args.dir, args.host,
+                                  ["--auto-takeover"] if args.auto_takeover else [])
+    elif action == "pid":
+        pid = cluster.agent_pid(args.dir, args.host)
+    else:
+        sig = {"stop": signal.SIGTERM, "kill": signal.SIGKILL, "pause": signal.SIGSTOP,
+               "resume": signal.SIGCONT}[action]
+        pid = cluster.signal_agent(args.dir, args.host, sig,
+                                   wait=10.0 if action in ("stop", "kill") else 0.0)
+    emit(args, {"host": args.host, "action": action, "pid": pid},
+         lambda r: f"{r['host']}: agent {r['action']} (pid {r['pid']})")
+    return 0 if pid is not None or action != "pid" else 3
+
+
+def _activation_text(r: dict[str, Any]) -> str:
+    return (f"{r['host']}: {r['vg']}/{r['lv']} on {r['device']} "
+            f"({r['size_bytes']} bytes, {'read-only' if r['readonly'] else 'read-write'})")
+
+
+def _activation(args: argparse.Namespace, cluster: Any) -> int:
+    """lab activate|deactivate|refresh: through the host's agent if it runs, else directly.
+
+    The agent announces an activation on disk before it maps the LV; without an
+    agent (a lab with no cluster yet) the host's activator maps it directly.
+    """
+    from fenceless import config
+    from fenceless.ops.context import Context
+
+    d = cluster.lab_dir(args.dir)
+    host = cluster.find_host(d, cluster.read_state(d), args.host)
+    cfg = config.load(host["config"])
+    sub = args.lab_command
+    if cluster.agent_pid(args.dir, args.host) is not None:
+        res = agent_call(cfg, {"op": sub, "vg": args.vg, "lv": args.lv,
+                               "readonly": getattr(args, "readonly", False)}, timeout=30.0)
+        data = {"host": args.host, **res}
+    else:
+        act = Context(cfg).activator(args.vg)
+        if sub == "deactivate":
+            act.deactivate(args.lv)
+            data = {"host": args.host, "lv": args.lv, "active": False}
+        else:
+            got = act.activate(args.lv, readonly=args.readonly) if sub == "activate" \
+                else act.refresh(args.lv)
+            data = {"host": args.host, "vg": got.vg, "lv": got.lv, "device": got.device,
+                    "size_bytes": got.size, "readonly": got.readonly}
+    if sub == "deactivate":
+        emit(args, data, lambda r: f"{r['host']}: {r['lv']} deactivated")
+    else:
+        emit(args, data, _activation_text)
+    return 0
