@@ -99,13 +99,13 @@ def finish_handover(reply: dict[str, Any], to: str, read_status: Callable[[], di
 
         clock = SystemClock()
     above = reply.get("from_epoch", 0)
-    deadline = clock.monotonic() + timeout
+    deadline = clock.now() + timeout
     while True:
         writer = read_status()["writer"]
         if writer and writer["host"] == to and not writer["released"] and \
                 writer["epoch"] > above:
             return {"outcome": "done", "host": to, "epoch": writer["epoch"]}
-        if clock.monotonic() > deadline:
+        if clock.now() > deadline:
             raise ExecError(detail=f"handover to {to} requested, but {to} did not become the "
                             f"writer within {timeout:.0f}s (writer now: {writer})")
         clock.sleep(interval)
