@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from fenceless import config
     from fenceless.cli.main import emit
     from fenceless.guard import install as guard
-    from fenceless.runner import Runner
+    from fenceless.runner import SubprocessRunner
 
     cfg = config.load(config.resolve_path(getattr(args, "config", None)))
-    runner = Runner()
+    runner = SubprocessRunner()
     sub = args.guard_command
     if sub == "install":
         res = guard.install(cfg, runner)

@@ -338,10 +338,10 @@ def _context(args: argparse.Namespace) -> Any:
 
 def _lab(args: argparse.Namespace) -> int:
     from fenceless.lab import cluster
-    from fenceless.runner import Runner
+    from fenceless.runner import SubprocessRunner
     from fenceless.validate import human, parse_size
 
-    runner = Runner()
+    runner = SubprocessRunner()
     sub = args.lab_command
     if sub == "up":
         size = parse_size(args.size, minimum=64 << 20)
