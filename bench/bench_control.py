@@ -85,6 +85,7 @@ from fenceless.lvm import parse
 from fenceless.lvm.adapter import REPORT_OPTS
 from fenceless.ops.context import Context
 from fenceless.ops.status import read_status
+from fenceless.runner import RecordingRunner
 
 DEFAULT_OUTPUT = HERE / "results-control.md"
 VG = "sanvg"
@@ -396,6 +397,7 @@ def measure_renewal_io(cli: str, c: Cluster, args: argparse.Namespace) -> dict[s
             run = Counted(h)
             run.agent = Agent(c.configs[h], opener=run.opener,
                               log=lambda m, h=h: logs.append(f"{h} {m}"))
+            run.agent.ctx.runner = RecordingRunner()  # its LVM commands are counted below
             run.agent.lvm_version = run.agent.ctx.lvm(VG).version()
             runs[h] = run
             run.vga.thread.start()

@@ -52,7 +52,7 @@ from common import HERE, LVM, lab, log, lvm_version, ms, p90, start, take_down
 from fenceless import config as cfgmod
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops.context import Context
-from fenceless.runner import Result, Runner
+from fenceless.runner import RecordingRunner, Result, SubprocessRunner
 
 DEFAULT_OUTPUT = HERE / "results.md"
 LV_SIZE = 4 << 20
@@ -99,11 +99,11 @@ def in_mount_namespace(pid: int) -> Iterator[None]:
         os.close(home)
 
 
-class TimedRunner(Runner):
-    """A Runner that also keeps each command's own run time (Result.seconds)."""
+class TimedRunner(RecordingRunner):
+    """A RecordingRunner that also keeps each command's own run time (Result.seconds)."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
-        super().__init__()
+        super().__init__(SubprocessRunner())
         self.extra_env = env or {}
         self.seconds: list[float] = []
 
@@ -389,7 +389,7 @@ def report(args: argparse.Namespace, results: dict[int, dict[tuple[str, str], Sa
         "```",
         "",
         "Environment of both: `LC_ALL=C LVM_SUPPRESS_FD_WARNINGS=1`, run through "
-        "`fenceless.runner.Runner` (no shell, own process group), inside the lab host's "
+        "`fenceless.runner.SubprocessRunner` (no shell, own process group), inside the lab host's "
         "mount namespace (its own /etc/lvm, /run/lvm, /run/lock/lvm).",
     ]
     return "\n".join(out) + "\n"

@@ -1,10 +1,13 @@
 """Running external commands: the one place (with the lab) that imports subprocess.
 
-Domain code receives a ``Runner`` and never starts processes itself, so tests
-and the lease code can bound, record or refuse every command. Commands run
-without a shell, with ``LC_ALL=C``, in their own process group, so a timeout
-kills everything the command started (a stale LVM child must never outlive
-the lease that allowed it).
+Domain code receives a ``Runner`` (an interface) and never starts processes
+itself, so tests and the lease code can bound, record or refuse every
+command. The real one, ``SubprocessRunner``, runs commands without a shell,
+with ``LC_ALL=C``, in their own process group, so a timeout kills everything
+the command started (a stale LVM child must never outlive the lease that
+allowed it). ``RecordingRunner`` wraps another runner and keeps every argv,
+for tests and benchmarks only: the agent runs for months, and a list that
+grows with each of its LVM commands would be a leak.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fenceless.errors import CommandFailed, CommandTimeout
 
@@ -29,13 +33,8 @@ class Result:
     seconds: float = 0.0
 
 
-@dataclass
-class Runner:
-    """Runs argv lists; ``calls`` counts them, for benchmarks and tests."""
-
-    default_timeout: float = 120.0
-    base_env: Mapping[str, str] | None = None
-    calls: list[tuple[str, ...]] = field(default_factory=list)
+class Runner(Protocol):
+    """Runs argv lists: what domain code is given instead of subprocess."""
 
     def run(
         self,
@@ -50,14 +49,36 @@ class Runner:
         """Run argv; ``die_with_parent`` kills it (SIGKILL) if our thread dies first.
 
         Without that, an LVM command started by a writer that is then killed
-        would go on running after others have waited out its lease.
+        would go on running after others have waited out its lease. ``env``
+        is added to the runner's environment; ``check`` raises CommandFailed
+        for a non-zero exit; a timeout raises CommandTimeout.
         """
+        ...
+
+
+@dataclass
+class SubprocessRunner:
+    """The real runner: no shell, ``LC_ALL=C``, own process group, killed as a group."""
+
+    default_timeout: float = 120.0
+    base_env: Mapping[str, str] | None = None
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        die_with_parent: bool = False,
+    ) -> Result:
+        """See ``Runner.run``."""
         full_env = dict(os.environ if self.base_env is None else self.base_env)
         full_env["LC_ALL"] = "C"
         if env:
             full_env.update(env)
         argv_t = tuple(argv)
-        self.calls.append(argv_t)
         shown = " ".join(argv_t[:2])
         if die_with_parent:
             argv_t = ("setpriv", "--pdeathsig", "KILL", "--", *argv_t)
@@ -88,6 +109,34 @@ class Runner:
         if check and result.rc != 0:
             raise CommandFailed(argv0=shown, rc=result.rc, stderr=_last_lines(err or out))
         return result
+
+
+@dataclass
+class RecordingRunner:
+    """Runs through another runner and keeps each argv in ``calls`` (tests, benchmarks).
+
+    The argv is kept as the caller gave it (without the ``setpriv`` prefix of
+    ``die_with_parent``), and before it runs, so a command that fails or times
+    out is counted too.
+    """
+
+    inner: Runner = field(default_factory=SubprocessRunner)
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        die_with_parent: bool = False,
+    ) -> Result:
+        """See ``Runner.run``."""
+        self.calls.append(tuple(argv))
+        return self.inner.run(argv, env=env, input=input, timeout=timeout, check=check,
+                              die_with_parent=die_with_parent)
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:

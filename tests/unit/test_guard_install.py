@@ -10,7 +10,7 @@ from fenceless.config import HostConfig, VgConfig
 from fenceless.guard import install
 from fenceless.guard.binary import lvm_link, resolve_lvm_binary
 from fenceless.ops.context import Context
-from fenceless.runner import Runner
+from fenceless.runner import Runner, SubprocessRunner
 
 
 @pytest.mark.parametrize("orig", [
@@ -47,7 +47,7 @@ def test_fenceless_runs_the_real_binary_through_the_link_when_guarded(tmp_path):
     # Named lvm: LVM takes its command from argv[0] unless that is "lvm".
     assert os.path.basename(resolve_lvm_binary(c)) == "lvm"
     assert resolve_lvm_binary(c) == str(link)
-    assert Context(c, runner=Runner()).lvm().argv("lvs", [])[0] == str(link)
+    assert Context(c, runner=SubprocessRunner()).lvm().argv("lvs", [])[0] == str(link)
     assert resolve_lvm_binary(cfg(tmp_path, "/sbin/lvm")) == str(link)
     # An admin's own binary is kept.
     assert resolve_lvm_binary(cfg(tmp_path, "/opt/lvm/sbin/lvm")) == "/opt/lvm/sbin/lvm"

@@ -45,10 +45,10 @@ def register(sub: Subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``fenceless guard SUBCOMMAND``."""
     from fenceless.guard import install as guard
-    from fenceless.runner import Runner
+    from fenceless.runner import SubprocessRunner
 
     cfg = load_config(args)
-    runner = Runner()
+    runner = SubprocessRunner()
     sub = args.guard_command
     if sub == "install":
         res = guard.install(cfg, runner)

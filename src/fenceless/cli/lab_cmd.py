@@ -85,13 +85,13 @@ def _register_activation(lsub: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``fenceless lab SUBCOMMAND``."""
     from fenceless.lab import cluster
-    from fenceless.runner import Runner
+    from fenceless.runner import SubprocessRunner
 
     sub = args.lab_command
     if sub == "up":
-        _up(args, cluster, Runner())
+        _up(args, cluster, SubprocessRunner())
     elif sub == "down":
-        res = cluster.down(args.dir, runner=Runner(), force=args.force)
+        res = cluster.down(args.dir, runner=SubprocessRunner(), force=args.force)
         emit(args, res, lambda r: f"lab down in {r['dir']}: stopped {r['processes_stopped']} "
              f"processes, detached {len(r['loops_detached'])} loop devices")
     elif sub == "status":

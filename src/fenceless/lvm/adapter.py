@@ -3,9 +3,10 @@
 Why it is strict:
 - LVM 2.03 ignores ``global/metadata_read_only``; only ``--readonly`` is
   honoured, and metadata-changing commands reject that flag. So a *reader*
-  host is enforced here: reporting commands get ``--readonly`` (no lock, no
-  "repair"), activation becomes ``--sysinit --readonly``, and every other
-  command is refused before any process starts.
+  host is enforced here, by the rules of :mod:`fenceless.lvm.policy` (which
+  the guard's wrapper shares): reporting commands get ``--readonly`` (no
+  lock, no "repair"), activation must be ``--sysinit --readonly``, and every
+  other command is refused before any process starts.
 - Every call carries its own ``--config`` with a devices filter that admits
   only this VG's LUN device(s) as this host sees them, so a command never
   scans (or hangs on) another LUN, and never trusts udev or hints.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from fenceless.config import HostConfig, VgConfig
 from fenceless.errors import CommandFailed, CommandTimeout, LvmError, NotFound, RoleRefused
-from fenceless.lvm import parse
+from fenceless.lvm import parse, policy
 from fenceless.runner import Result, Runner
 
 
@@ -30,13 +31,6 @@ class Role(enum.Enum):
     READER = "reader"
     WRITER = "writer"
 
-
-# Commands that accept --readonly and never write metadata.
-REPORT_COMMANDS = frozenset({"lvs", "vgs", "pvs", "lvdisplay", "vgdisplay", "pvdisplay",
-                             "vgcfgbackup", "fullreport"})
-# Commands that need no VG access at all.
-NEUTRAL_COMMANDS = frozenset({"version", "lvmconfig", "config", "dumpconfig", "formats",
-                              "segtypes", "types", "tags"})
 
 REPORT_OPTS = ("--reportformat", "json", "--units", "b", "--nosuffix")
 
@@ -86,10 +80,11 @@ class Lvm:
     def argv(self, command: str, args: Sequence[str]) -> list[str]:
         """The full argv for one LVM command, or RoleRefused for a reader."""
         argv = [self.binary or self.host.lvm_binary, command, *args]
-        if command in REPORT_COMMANDS:
+        kind = policy.kind(command)
+        if kind is policy.Kind.REPORT:
             if "--readonly" not in argv:
                 argv.append("--readonly")
-        elif command in NEUTRAL_COMMANDS:
+        elif kind is policy.Kind.NEUTRAL:
             pass
         elif self.role is Role.READER and not _reader_activation(command, args):
             raise RoleRefused(command=command, hint=(
@@ -105,7 +100,7 @@ class Lvm:
             # lease that allowed it.
             return self.runner.run(argv, env=self.env(),
                                    timeout=self.timeout if timeout is None else timeout,
-                                   die_with_parent=command not in REPORT_COMMANDS)
+                                   die_with_parent=policy.kind(command) is not policy.Kind.REPORT)
         except CommandTimeout:
             raise
         except CommandFailed as exc:
@@ -216,9 +211,9 @@ class Lvm:
 
 
 def _reader_activation(command: str, args: Sequence[str]) -> bool:
-    """``lvchange -a{y,n} --sysinit --readonly`` and nothing else: LVM allows it read-only."""
-    if command != "lvchange" or "--sysinit" not in args or "--readonly" not in args:
-        return False
-    allowed = {"--activate", "-a", "-ay", "-an", "y", "n", "--sysinit", "--readonly"}
-    flags = [a for a in args if a.startswith("-") or a in ("y", "n")]
-    return all(f in allowed for f in flags)
+    """The wrapper's activation rule, with ``--sysinit --readonly`` given, not added.
+
+    The adapter builds its own argv, so a missing ``--sysinit --readonly`` is a
+    bug in the caller: refusing it shows the bug instead of hiding it.
+    """
+    return policy.reader_activation(command, args) and policy.runs_readonly(args)

@@ -14,7 +14,7 @@ from fenceless.config import HostConfig
 from fenceless.guard.binary import resolve_lvm_binary
 from fenceless.lvm.activation import Activator, LvmActivator
 from fenceless.lvm.adapter import Lvm, Role
-from fenceless.runner import Runner
+from fenceless.runner import Runner, SubprocessRunner
 
 
 def dm_available() -> bool:
@@ -34,7 +34,7 @@ def dm_available() -> bool:
 @dataclass
 class Context:
     cfg: HostConfig
-    runner: Runner = field(default_factory=Runner)
+    runner: Runner = field(default_factory=SubprocessRunner)
     driver_loaded: Callable[[], bool] = dm_available
 
     def lvm(self, vg: str | None = None, role: Role = Role.READER) -> Lvm:

@@ -1,0 +1,169 @@
+"""The LVM command policy: what a host that is not the metadata writer may run.
+
+Two places enforce it, and both are built from this module so they cannot
+drift apart: the adapter (:mod:`fenceless.lvm.adapter`, every command
+fenceless itself runs) and the guard's wrapper (:mod:`fenceless.guard.wrapper`,
+every command anyone else runs on the host).
+
+Why the classes exist (all checked against LVM 2.03.16):
+
+- LVM 2.03 ignores ``global/metadata_read_only``: ``lvcreate --config
+  global/metadata_read_only=1`` creates the LV. The only read-only switch it
+  honours is the ``--readonly`` option, so a reader's safety rests on passing it.
+- *Report* commands accept ``--readonly`` and then neither lock nor "repair"
+  the VG, so a reader runs them with it added.
+- *Activation*: ``lvchange``/``vgchange -a y|n`` with ``--readonly`` alone is
+  refused ("Operation prohibited while --readonly is set"), but with
+  ``--sysinit --readonly`` LVM allows it ("Allowing activation with --readonly
+  --sysinit") and writes no metadata. Any other change those commands can
+  make (``--addtag``, ``--refresh``, ...) rejects ``--readonly``, so a reader's
+  activation may carry only the options in :data:`ACTIVATION_FLAGS`.
+- *Metadata* commands reject ``--readonly`` at parse time ("unrecognized
+  option" / "Command does not accept option"), so they cannot be made safe
+  for a reader: a reader refuses them before any process starts. Every
+  command not in another class is treated as one, listed or not, so a
+  command a later LVM adds is refused until someone checks it.
+- *Neutral* commands touch no VG (versions, help, configuration, types).
+
+``pvscan --cache`` is the guard's one exception (:data:`UDEV_SCAN_COMMAND`): udev runs
+it for every block device to record which PVs are online under /run/lvm, and
+the host's local VGs need it. fenceless itself never runs it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+
+class Kind(enum.Enum):
+    NEUTRAL = "neutral"
+    REPORT = "report"
+    ACTIVATION = "activation"
+    METADATA = "metadata"
+
+
+# Accept --readonly (each checked with `lvm CMD --readonly` on 2.03.16) and never write.
+REPORT_COMMANDS = ("lvs", "vgs", "pvs", "lvdisplay", "vgdisplay", "pvdisplay", "vgcfgbackup",
+                   "fullreport", "lvscan", "lvmdiskscan")
+# Need no VG access at all. (``types`` is no command on 2.03.16; LVM itself rejects it.)
+NEUTRAL_COMMANDS = ("version", "help", "lvmconfig", "config", "dumpconfig", "formats",
+                    "segtypes", "types", "tags", "devtypes")
+ACTIVATION_COMMANDS = ("lvchange", "vgchange")
+# The rest of `lvm help` on 2.03.16: they change metadata, may (pvck and vgck repair,
+# vgscan --mknodes, pvscan -a), or were never checked not to. Listed for the tests and
+# the reader; kind() gives METADATA for any name outside the other classes.
+METADATA_COMMANDS = (
+    "lastlog", "lvconvert", "lvcreate", "lvextend", "lvmdevices", "lvmsadc", "lvmsar",
+    "lvpoll", "lvreduce", "lvremove", "lvrename", "lvresize", "pvchange", "pvck", "pvcreate",
+    "pvdata", "pvmove", "pvremove", "pvresize", "pvscan", "systemid", "vgcfgrestore", "vgck",
+    "vgconvert", "vgcreate", "vgexport", "vgextend", "vgimport", "vgimportclone",
+    "vgimportdevices", "vgmerge", "vgmknodes", "vgreduce", "vgremove", "vgrename", "vgscan",
+    "vgsplit",
+)
+# udev's event scan: passes the guard with this option (see the module docstring).
+UDEV_SCAN_COMMAND = "pvscan"
+UDEV_SCAN_OPTION = "--cache"
+
+# Options that may accompany ``-a y|n`` in an activation a reader may run: none of them
+# changes metadata, and LVM accepts each together with --sysinit --readonly.
+ACTIVATION_FLAGS = ("--sysinit", "--readonly", "-a", "--activate", "-v", "--verbose", "-q",
+                    "--quiet", "-d", "--debug", "-t", "--test", "-K", "--ignoreactivationskip",
+                    "--noudevsync", "--ignorelockingfailure", "--config", "-S", "--select",
+                    "-h", "--help")
+ACTIVATE_OPTIONS = ("-a", "--activate")
+ACTIVATION_VALUES = ("y", "n", "ay", "an", "ey", "en", "ly", "ln", "sy", "sn")
+
+# LVM 2.03.16 options that take no value, from every command's --longhelp. Every other
+# option takes the next word as its value, so an unknown option swallows (rather than
+# frees) a word. Short letters that are a flag for one command and take a value for
+# another (-a, -c, -f, -l, ...) are not here: they are treated as taking a value.
+FLAG_LONG = (
+    "--abort", "--activevolumegroups", "--aligned", "--all", "--atomic", "--background",
+    "--binary", "--blockdevice", "--cache", "--checkcomplete", "--colon", "--columns",
+    "--debug", "--exported", "--force", "--foreign", "--full", "--handlemissingpvs", "--help",
+    "--history", "--ignoreactivationskip", "--ignoreadvanced", "--ignorelocal",
+    "--ignorelockingfailure", "--ignoremonitoring", "--ignoreunsupported", "--import",
+    "--importdevices", "--list", "--logonly", "--longhelp", "--lvmpartition", "--maps",
+    "--mergedconfig", "--mirrorsonly", "--mknodes", "--nameprefixes", "--nofsck",
+    "--noheadings", "--nohints", "--nohistory", "--nolocking", "--norestorefile", "--nosuffix",
+    "--nosync", "--notifydbus", "--noudevsync", "--novolumegroup", "--partial", "--quiet",
+    "--readonly", "--refresh", "--resizefs", "--restoremissing", "--rows", "--segments",
+    "--shared", "--short", "--showdeprecated", "--showunsupported", "--snapshot", "--stdin",
+    "--sysinit", "--test", "--thin", "--udevoutput", "--unbuffered", "--unconfigured",
+    "--unquoted", "--usepolicies", "--validate", "--vdo", "--verbose", "--version",
+    "--vgonline", "--withcomments", "--withgeneralpreamble", "--withlocalpreamble",
+    "--withspaces", "--withsummary", "--withversions", "--yes",
+)
+FLAG_SHORT = "HKPTbdehqtvy"
+
+
+def kind(command: str) -> Kind:
+    """The class of an LVM command; anything unknown is METADATA (refused on a reader)."""
+    if command in REPORT_COMMANDS:
+        return Kind.REPORT
+    if command in NEUTRAL_COMMANDS:
+        return Kind.NEUTRAL
+    if command in ACTIVATION_COMMANDS:
+        return Kind.ACTIVATION
+    return Kind.METADATA
+
+
+def options(args: Sequence[str]) -> list[tuple[str, str | None]]:
+    """The options in ``args`` with their values (None: a flag, or a value missing at the end).
+
+    Split the way the wrapper's sh splits them, which is the way LVM does for
+    the options that matter: ``--opt=value``, ``--opt value`` unless ``--opt``
+    is a known flag, short clusters (``-vay`` is ``-v`` and ``-a y``), and
+    nothing after ``--``.
+    """
+    found: list[tuple[str, str | None]] = []
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            break
+        if word.startswith("--"):
+            name, eq, value = word.partition("=")
+            if eq:
+                found.append((name, value))
+            else:
+                found.append((name, None if name in FLAG_LONG else next(words, None)))
+        elif word.startswith("-") and len(word) > 1:
+            rest = word[1:]
+            while rest:
+                letter, rest = rest[0], rest[1:]
+                if letter in FLAG_SHORT:
+                    found.append((f"-{letter}", None))
+                else:
+                    found.append((f"-{letter}", rest or next(words, None)))
+                    rest = ""
+    return found
+
+
+def reader_activation(command: str, args: Sequence[str]) -> bool:
+    """Whether a reader may run this as an activation (with ``--sysinit --readonly``).
+
+    An activation command, ``-a``/``--activate`` with a value in
+    :data:`ACTIVATION_VALUES`, and no option outside :data:`ACTIVATION_FLAGS`.
+    The wrapper adds ``--sysinit --readonly`` when they are missing; the adapter
+    requires its callers to pass them (:func:`runs_readonly`). A value missing
+    at the very end (``lvchange VG/LV -a``) is refused here, while the wrapper
+    lets LVM reject it: LVM's parser stops it either way.
+    """
+    if kind(command) is not Kind.ACTIVATION:
+        return False
+    activates = False
+    for name, value in options(args):
+        if name not in ACTIVATION_FLAGS:
+            return False
+        if name in ACTIVATE_OPTIONS:
+            if value not in ACTIVATION_VALUES:
+                return False
+            activates = True
+    return activates
+
+
+def runs_readonly(args: Sequence[str]) -> bool:
+    """Whether ``args`` carry both ``--sysinit`` and ``--readonly`` (LVM's read-only activation)."""
+    given = {name for name, _ in options(args)}
+    return {"--sysinit", "--readonly"} <= given

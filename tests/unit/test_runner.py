@@ -1,0 +1,87 @@
+"""The runners: the real one's process rules, and the recording wrapper tests and benches use."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fenceless.config import HostConfig
+from fenceless.errors import CommandFailed, CommandTimeout
+from fenceless.ops.context import Context
+from fenceless.runner import RecordingRunner, Result, SubprocessRunner
+
+
+class Scripted:
+    """An inner runner that answers without a process and keeps what it was asked."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.asked: list[tuple[tuple[str, ...], dict[str, object]]] = []
+
+    def run(self, argv, **kw):
+        self.asked.append((tuple(argv), kw))
+        if self.fail:
+            raise CommandFailed(argv0=argv[0], rc=3, stderr="no")
+        return Result(tuple(argv), 0, "out", "")
+
+
+def test_recording_runner_keeps_each_argv_and_passes_everything_on():
+    inner = Scripted()
+    rec = RecordingRunner(inner)
+    res = rec.run(["lvm", "lvs"], env={"A": "1"}, input="x", timeout=5.0, check=False,
+                  die_with_parent=True)
+    rec.run(iter(["lvm", "vgs"]))  # any sequence: kept as a tuple
+    assert res.stdout == "out"
+    assert rec.calls == [("lvm", "lvs"), ("lvm", "vgs")]
+    assert inner.asked[0] == (("lvm", "lvs"), {"env": {"A": "1"}, "input": "x", "timeout": 5.0,
+                                                "check": False, "die_with_parent": True})
+    assert inner.asked[1][1] == {"env": None, "input": None, "timeout": None, "check": True,
+                                 "die_with_parent": False}
+
+
+def test_recording_runner_counts_a_command_that_fails():
+    rec = RecordingRunner(Scripted(fail=True))
+    with pytest.raises(CommandFailed):
+        rec.run(["lvm", "lvcreate"])
+    assert rec.calls == [("lvm", "lvcreate")]
+
+
+def test_recording_runner_keeps_the_callers_argv_not_the_setpriv_prefix():
+    rec = RecordingRunner()  # a real SubprocessRunner inside
+    res = rec.run(["true"], die_with_parent=True)
+    assert rec.calls == [("true",)]
+    assert res.argv[:2] == ("setpriv", "--pdeathsig")
+
+
+def test_production_does_not_record():
+    """The agent's context runs for months: its runner must not keep a list of commands."""
+    ctx = Context(HostConfig(path="/c", host="h1", state_dir="/s", io_timeout=1.0, vgs=()))
+    assert type(ctx.runner) is SubprocessRunner
+    assert not hasattr(ctx.runner, "calls")
+
+
+def test_subprocess_runner_sets_lc_all_and_adds_env():
+    r = SubprocessRunner(base_env={"PATH": "/usr/bin:/bin", "LC_ALL": "de_DE.UTF-8"})
+    out = r.run(["sh", "-c", 'echo "$LC_ALL $X"'], env={"X": "y"}).stdout
+    assert out == "C y\n"
+
+
+def test_subprocess_runner_check_and_rc():
+    r = SubprocessRunner()
+    assert r.run(["sh", "-c", "exit 3"], check=False).rc == 3
+    with pytest.raises(CommandFailed, match="exit 3"):
+        r.run(["sh", "-c", "echo bad >&2; exit 3"])
+    with pytest.raises(CommandFailed, match="command not found"):
+        r.run(["/nonexistent/fenceless-test"])
+
+
+def test_subprocess_runner_kills_the_whole_group_on_timeout(tmp_path):
+    marker = tmp_path / "late"
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        # The child's child would write the marker after 1 s if the group survived.
+        SubprocessRunner().run(["sh", "-c", f"(sleep 1; touch {marker}) & wait"], timeout=0.3)
+    assert time.monotonic() - started < 1.0
+    time.sleep(1.2)
+    assert not marker.exists()
