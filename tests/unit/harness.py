@@ -21,7 +21,7 @@ from fenceless.blockio import BlockDevice
 from fenceless.clock import FakeClock
 from fenceless.config import HostConfig, VgConfig
 from fenceless.control.area import ControlArea, format_regions
-from fenceless.errors import LvmError, NotFound
+from fenceless.errors import CommandTimeout, LvmError, NotFound
 from fenceless.lease.delta import HostObserver
 from fenceless.lvm.activation import ActiveLv
 from fenceless.lvm.parse import LvInfo, VgInfo
@@ -43,6 +43,7 @@ class FakeVg:
     commands: list[tuple[str, ...]] = field(default_factory=list)
     fail_next: str | None = None  # the next command of this name fails before any effect
     crash_after: str | None = None  # the next command of this name takes effect, then fails
+    time_out_after: str | None = None  # ... takes effect, then is killed for running too long
 
     def info(self) -> VgInfo:
         used = sum(lv.size for lv in self.lvs.values())
@@ -63,6 +64,9 @@ class FakeVg:
             if self.crash_after == argv[0]:
                 self.crash_after = None
                 raise LvmError(command=" ".join(argv), rc=5, stderr="injected: died after it")
+            if self.time_out_after == argv[0]:
+                self.time_out_after = None
+                raise CommandTimeout(argv0=" ".join(argv[:2]), timeout=1.0)
         return after
 
     def _lv(self, name: str, size: int, tags: Sequence[str] = (), uid: str = "") -> LvInfo:
@@ -117,8 +121,25 @@ class FakeLvm:
 
 
 class FakeActivator:
-    def __init__(self) -> None:
+    """Mappings of LVs on this host, sized from the fake VG."""
+
+    def __init__(self, vg: FakeVg | None = None) -> None:
+        self.vg = vg
         self.mapped: dict[str, int] = {}
+
+    def _got(self, lv: str, readonly: bool = False) -> ActiveLv:
+        return ActiveLv("sanvg", lv, f"/dev/fake/{lv}", self.mapped[lv], readonly)
+
+    def activate(self, lv: str, *, readonly: bool) -> ActiveLv:
+        assert self.vg is not None
+        self.mapped[lv] = self.vg.lvs[lv].size
+        return self._got(lv, readonly)
+
+    def deactivate(self, lv: str) -> None:
+        self.mapped.pop(lv, None)
+
+    def refresh(self, lv: str) -> ActiveLv:
+        return self.activate(lv, readonly=False)
 
     def active(self) -> list[ActiveLv]:
         return [ActiveLv("sanvg", lv, f"/dev/fake/{lv}", size, False)
@@ -157,7 +178,7 @@ def host(area: ControlArea, clock: FakeClock, name: str, host_id: int, vg: FakeV
     keeper.area = area
     keeper.observer = HostObserver(area.hosts())
     keeper.lease = area.hosts().acquire(host_id, name, {})
-    activator = FakeActivator()
+    activator = FakeActivator(vg)
     local = LocalLvs(lambda: activator, lambda: FakeLvm(vg), clock,  # type: ignore[arg-type,return-value]
                      logs.append)
     port = AgentPort(cfg, cfg.vgs[0], Context(cfg), keeper, local, clock, logs.append,
@@ -166,6 +187,7 @@ def host(area: ControlArea, clock: FakeClock, name: str, host_id: int, vg: FakeV
     # its seqno, and the history ring records which changes were noted.
     port.lvm = lambda role=None: FakeLvm(vg)  # type: ignore[assignment,method-assign,misc]
     port.metadata_key = lambda: vg.seqno  # type: ignore[method-assign]
+    port.activator = lambda: activator  # type: ignore[assignment,method-assign,return-value]
     noted: list[tuple[str, int]] = []
     port.note_metadata_change = lambda rid, seqno: noted.append((rid, seqno))  # type: ignore[method-assign]
     return Host(name, keeper, port, local, activator, logs, noted)

@@ -146,3 +146,18 @@ def test_a_handover_request_is_checked_as_untrusted_data() -> None:
         assert handover_ask({2: bad}, live, names, 5, None) is None, bad
     assert handover_ask({2: good}, live, names, 5, "n1") is None  # already done
     assert handover_ask({3: good}, live, names, 5, None) is None  # asker not live
+
+
+def test_a_ballot_this_host_won_but_could_not_record_is_finished_by_it() -> None:
+    """Its leader write failed: the others learn "chosen for h1" and lose to it for as
+    long as h1 lives. Unless h1 finishes the acquire, the cluster has no writer."""
+    old = Leader(3, 1, 4, owner_name="h3")
+    base = dict(host_id=1, generation=2, epoch=None, lease_left=10 * N, n=N,
+                states={1: HostState.LIVE, 2: HostState.LIVE, 3: HostState.DEAD},
+                generations={1: 2, 2: 1, 3: 1}, handover=None)
+    d = decide(RoleView(leader=old, ballot_won=5, **base))  # type: ignore[arg-type]
+    assert d.act is Act.ACQUIRE and "ballot" in d.why
+    assert decide(RoleView(leader=Leader(1, 2, 5), ballot_won=5, **base)  # type: ignore[arg-type]
+                  ).act is Act.ACQUIRE  # the leader names it: take the role as usual
+    assert decide(RoleView(leader=Leader(2, 1, 5), ballot_won=5, **base)  # type: ignore[arg-type]
+                  ).act is Act.NOTHING  # recorded for another host at that epoch

@@ -12,14 +12,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from fenceless.blockio import BlockDevice
+from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.clock import FakeClock
+from fenceless.errors import LeaseLost, UserError
+from fenceless.lease.paxos import Leader, encode_leader
 from fenceless.ledger import audit
-from fenceless.ledger.state import Intent, LedgerState, RequestInfo
+from fenceless.ledger.state import Intent, LedgerState, RequestInfo, WriterInfo
 from fenceless.ondisk.layout import Layout
+from fenceless.ondisk.record import pad
 from fenceless.ops import journal as journal_mod
-from fenceless.ops.journal import Journal
+from fenceless.ops.activation import ActivationOp
+from fenceless.ops.journal import Journal, claims
 from fenceless.ops.volume import REQ_TAG_PREFIX
+from fenceless.ops.writer import become_writer
 from tests.unit.harness import FakeVg, Host, host, make_area
 
 LAYOUT = Layout.compute(4)
@@ -38,7 +43,7 @@ def cluster(dev: BlockDevice) -> Iterator[tuple[FakeVg, Host, Host]]:
     vg = FakeVg()
     h1 = host(area, clock, "h1", 1, vg)
     h2 = host(area, clock, "h2", 2, vg)
-    h1.port.set_epoch(1, "test")
+    assert become_writer(h1.port, "test").epoch == 1
     yield vg, h1, h2
 
 
@@ -202,3 +207,103 @@ def test_an_extend_returns_once_the_hosts_show_the_new_size(cluster):
     h2.port.renew()
     out = j.process("h3", ask("x", "extend", name="db", size_bytes=2 * GiB))
     assert out.result["refreshed"] == ["h2"] and out.result["not_refreshed"] == []
+
+
+# --- what a journaled change must never do (docs/design.md, "Crash points") -------------
+
+
+def take_over(h: Host) -> None:
+    """``h`` becomes the writer at the next epoch, as after the old writer died."""
+    h.port.set_epoch((h.port.ledger(fresh=True).writer or WriterInfo(0, "", 1)).epoch + 1,
+                     "takeover")
+
+
+def test_reconcile_checks_the_prerequisites_again_before_it_redoes(cluster, monkeypatch):
+    """A remove journaled by a writer that died; meanwhile h2 mapped the volume."""
+    vg, h1, h2 = cluster
+    Journal(h1.port).process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    die_at(monkeypatch, "volume.remove.journaled")
+    with pytest.raises(Died):
+        Journal(h1.port).process("h3", ask("rm", "remove", name="db"))
+    monkeypatch.setattr(journal_mod, "crashpoint", lambda name: None)
+    h2.port.claim("db")
+    take_over(h2)
+    Journal(h2.port).reconcile()
+    assert "db" in vg.lvs
+    out = state(h2).requests["rm"]
+    assert not out.ok and "active on h2" in out.error["message"]
+
+
+def test_a_request_found_journaled_is_finished_not_planned_again(cluster):
+    """The writer lost its lease while recording "+1G"; it takes the role back at the same
+    epoch and meets the request again in the inbox: it must not extend a second time."""
+    vg, h1, _h2 = cluster
+    j = Journal(h1.port)
+    j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    real = h1.port.write_ledger
+    calls = {"n": 0}
+
+    def fail_second(st, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise LeaseLost(detail="renewal late")
+        return real(st, **kw)
+
+    h1.port.write_ledger = fail_second  # type: ignore[method-assign]
+    grow = ask("x", "extend", name="db", size_bytes=GiB, relative=True)
+    with pytest.raises(LeaseLost):
+        j.process("h3", grow)  # journaled, applied, not recorded
+    h1.port.write_ledger = real  # type: ignore[method-assign]
+    out = j.process("h3", grow)
+    assert out.ok and vg.lvs["db"].size == 2 * GiB
+    assert [c[0] for c in vg.commands].count("lvextend") == 1
+
+
+def test_a_timed_out_lvm_command_that_committed_is_recorded_as_done(cluster):
+    vg, h1, _h2 = cluster
+    vg.time_out_after = "lvcreate"
+    out = Journal(h1.port).process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    assert out.ok and "web" in vg.lvs
+    assert state(h1).requests["r1"].ok
+
+
+def test_the_leader_is_read_again_right_before_each_lvm_change(cluster):
+    vg, h1, _h2 = cluster
+    area = h1.keeper.area
+    assert area is not None
+    dev = area.dev
+    leader_at = area.layout.region("writer").offset
+    dev.write(leader_at, pad(encode_leader(Leader(2, 1, 9, owner_name="h2")), SECTOR))
+    with pytest.raises(LeaseLost):
+        Journal(h1.port).process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    assert vg.commands == []
+
+
+def test_claims_are_read_only_once_the_remove_is_journaled(cluster):
+    """Remove against activate: the writer journals, then reads the claims; a host
+    claims, then reads the journal. Whatever the interleaving, one of them sees the
+    other and backs off."""
+    _vg, h1, _h2 = cluster
+    j = Journal(h1.port)
+    j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    real = h1.port.hosts_now
+    seen: list[list[str]] = []
+
+    def spy():  # type: ignore[no-untyped-def]
+        seen.append(sorted(state(h1).intents))
+        return real()
+
+    h1.port.hosts_now = spy  # type: ignore[method-assign]
+    assert j.process("h3", ask("rm", "remove", name="db")).ok
+    assert seen and all(s == ["rm"] for s in seen)
+
+
+def test_an_activation_backs_off_from_a_journaled_remove(cluster):
+    _vg, h1, h2 = cluster
+    Journal(h1.port).process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    intent = Intent("remove", "db", ask("rm", "remove", name="db"), host="h3", epoch=1,
+                    uuid="u", size_bytes=GiB)
+    h1.port.write_ledger(state(h1).with_intent("rm", intent))
+    with pytest.raises(UserError, match="being removed"):
+        ActivationOp(h2.port, "sanvg", "activate", "db").run()
+    assert "db" not in h2.activator.mapped and "db" not in claims(h1.port, "db")

@@ -330,3 +330,39 @@ def test_two_hosts_race_for_one_id_on_a_real_file(tmp_path: Path) -> None:
             dev.close()
         assert rec is not None
         assert rec.name == winner.name
+
+
+def test_only_a_strictly_newer_generation_means_the_owner_is_gone(
+        dev: BlockDevice, clock: FakeClock) -> None:
+    """The writer lease names (host 2, generation 5); our last read showed generation 4.
+
+    The owner restarted and took the writer role as generation 5; an observer
+    that has not yet seen that must not call generation 5 gone (sanlock: only a
+    strictly greater generation than the owner's means a new incarnation).
+    """
+    area = _area(dev, clock)
+    watcher = HostObserver(area)
+    _put(dev, 2, "h2", 4, 100)
+    watcher.observe(area.read_area(), clock.now())
+    clock.advance(2 * N)
+    _put(dev, 2, "h2", 4, 200)  # renewing: LIVE
+    watcher.observe(area.read_area(), clock.now())
+    assert not watcher.owner_gone(2, 5, clock.now())  # not yet seen: not gone
+    assert not watcher.owner_gone(2, 4, clock.now())
+    _put(dev, 2, "h2", 6, 300)
+    watcher.observe(area.read_area(), clock.now())
+    assert watcher.owner_gone(2, 5, clock.now())  # a newer incarnation: 5 is gone
+
+
+def test_acquire_waits_out_the_previous_holders_io_timeout(dev: BlockDevice,
+                                                           clock: FakeClock) -> None:
+    """After writing, wait 2N of the longer of our N and the previous holder's.
+
+    A host that ran with a longer io_timeout (say a slow path) may still be
+    writing its sector within its own 2N; waiting only ours could miss it.
+    """
+    slow = HostRecord(2, "old", 3, 0, 10 * N, {})  # released, by a host with 10N
+    dev.write(REGION.offset + SECTOR, encode_host(slow))
+    lease = _area(dev, clock).acquire(2, "new")
+    assert lease.generation == 4
+    assert max(clock.slept) >= 2 * 10 * N

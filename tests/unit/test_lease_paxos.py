@@ -167,27 +167,37 @@ def test_our_own_later_ballot_is_never_overwritten_with_an_older_lver(
     assert (blk.lver, blk.inp.host_id) == (3, 4)
 
 
-def test_corrupt_leader_or_dblock_stops_the_acquire(dev: BlockDevice) -> None:
+def test_a_corrupt_leader_or_own_dblock_stops_the_acquire(dev: BlockDevice) -> None:
     w = _lease(dev)
-    w.acquire(1, 1, alive)
-    raw = bytearray(dev.read(REGION.offset + dblock_index(1) * SECTOR, SECTOR))
+    w.acquire(2, 1, alive)
+    w.release(2, 1, 1)
+    raw = bytearray(dev.read(REGION.offset + dblock_index(2) * SECTOR, SECTOR))
     raw[45] ^= 0x80
-    _put(dev, dblock_index(1), bytes(raw))
-    w.release(1, 1, 1)
-    leader = dev.read(REGION.offset, SECTOR)
+    _put(dev, dblock_index(2), bytes(raw))
     with pytest.raises(ChecksumMismatch, match=f"region 'writer' at offset "
-                                               f"{REGION.offset + 2 * SECTOR}"):
-        w.acquire(2, 1, alive)
-    # host 2 wrote only its own dblock (phase 1) before it met the damage
-    assert dev.read(REGION.offset + dblock_index(1) * SECTOR, SECTOR) == bytes(raw)
-    assert dev.read(REGION.offset, SECTOR) == leader
+                                               f"{REGION.offset + 3 * SECTOR}"):
+        w.acquire(2, 1, alive)  # our own earlier vote may be in there: never overwrite it
+    assert dev.read(REGION.offset + dblock_index(2) * SECTOR, SECTOR) == bytes(raw)
+    leader = dev.read(REGION.offset, SECTOR)
     raw_leader = bytearray(leader)
     raw_leader[41] ^= 0x01
     _put(dev, 0, bytes(raw_leader))
     before = _region(dev)
     with pytest.raises(ChecksumMismatch, match=f"region 'writer' at offset {REGION.offset}:"):
-        w.acquire(2, 1, alive)
+        w.acquire(3, 1, alive)
     assert _region(dev) == before
+
+
+def test_another_hosts_corrupt_dblock_is_skipped(dev: BlockDevice) -> None:
+    """As sanlock does: one host's damaged dblock must not stop every acquire for good."""
+    w = _lease(dev)
+    w.acquire(1, 1, alive)
+    w.release(1, 1, 1)
+    damaged = b"\x5a" * SECTOR
+    _put(dev, dblock_index(1), damaged)
+    got = w.acquire(2, 1, alive)
+    assert got.won and got.epoch == 2
+    assert dev.read(REGION.offset + dblock_index(1) * SECTOR, SECTOR) == damaged  # untouched
 
 
 def test_before_write_guards_every_write(dev: BlockDevice) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
 from fenceless.agent.mailbox import Mailboxes, Pending
-from fenceless.blockio import MemDevice
+from fenceless.blockio import IoError, MemDevice
 from fenceless.clock import FakeClock
 from fenceless.errors import UserError
 from fenceless.ledger import mailbox as mb
@@ -194,3 +195,75 @@ def test_an_own_request_that_just_failed_waits_before_it_is_tried_again():
     svc.retry_after["flaky"] = time.monotonic() - 1
     svc.adopt_own()
     assert [r.id for _h, r, _i in svc.work] == ["flaky"]
+
+
+# --- replay and loss ---------------------------------------------------------------------
+
+
+def test_a_failed_inbox_write_is_written_again_later():
+    svc, dev = requester()
+    dev.fail_io = True
+    item = pending("lost?")
+    with pytest.raises(IoError):
+        svc.submit(item)
+    dev.fail_io = False
+    svc.publish_inbox()  # the next pass (nothing new was queued meanwhile)
+    assert inbox_ids(dev) == ["lost?"]
+
+
+def test_the_requester_ignores_an_outbox_older_than_the_writer_lease():
+    """An outbox left by an old writer (epoch 1) while the lease is at epoch 2."""
+    svc, dev = requester()
+    item = pending("a")
+    svc.submit(item)
+    svc.writer_epoch = lambda: 2  # type: ignore[method-assign]
+    writer_replies(dev, mb.Reply("a", "ok", result={"size_bytes": 1}, fp=fp()))  # epoch 1
+    svc.poll_outbox()
+    assert not item.done.is_set()
+    mb.write_outbox(dev, LAYOUT, HOST_ID, mb.Outbox(seq=2, epoch=2, replies=(
+        mb.Reply("a", "ok", result={"size_bytes": 2}, fp=fp()),)))
+    svc.poll_outbox()
+    assert item.done.is_set() and item.result == {"size_bytes": 2}
+
+
+def test_a_restarted_host_adopts_its_inbox_and_drops_what_was_answered():
+    """The old incarnation asked for "done" (answered) and "open" (not yet)."""
+    svc, dev = requester()
+    svc.submit(pending("done"))
+    svc.submit(pending("open"))
+    writer_replies(dev, mb.Reply("done", "ok", result={}, fp=fp()))
+    # The agent restarts before it read the outbox: a new incarnation, a new desk.
+    again, _ = requester()
+    again.keeper = svc.keeper
+    again.keeper.lease.record = replace(again.keeper.lease.record, generation=2)
+    again.adopt_inbox()
+    assert sorted(again.own_pending()) == ["open"]
+    box = mb.read_inbox(dev, LAYOUT, HOST_ID)
+    assert [r.id for r in box.requests] == ["open"] and box.generation == 2
+
+
+def test_the_writer_ignores_requests_of_a_dead_incarnation():
+    """h3 asked as generation 1, then restarted as generation 2 without adopting them."""
+    desk, dev = requester()
+    desk.role.epoch = 1
+    h3 = desk.keeper.area.hosts().acquire(3, "h3", {})
+    mb.write_inbox(dev, LAYOUT, 3, mb.Inbox(1, "h3", h3.generation + 5, (
+        mb.Request("ghost", "remove", {"name": "db"}),)))
+    desk.keeper.observer.observe(desk.keeper.area.hosts().read_area(), desk.clock.now())
+    desk.reconciled_epoch = 1
+    desk.writer_poll()
+    assert desk.work == []
+    mb.write_inbox(dev, LAYOUT, 3, mb.Inbox(2, "h3", h3.generation, (
+        mb.Request("real", "remove", {"name": "db"}),)))
+    desk.last_poll = 0.0
+    desk.writer_poll()
+    assert [r.id for _h, r, _i in desk.work] == ["real"]
+
+
+def test_a_lost_role_means_reconcile_again_even_at_the_same_epoch():
+    desk, _dev = requester()
+    desk.role.epoch = 1
+    desk.reconciled_epoch = 1
+    desk.role.epoch = None
+    desk.requeue()
+    assert desk.reconciled_epoch is None
