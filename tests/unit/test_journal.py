@@ -17,7 +17,7 @@ from fenceless.clock import FakeClock
 from fenceless.errors import LeaseLost, UserError
 from fenceless.lease.paxos import Leader, encode_leader
 from fenceless.ledger import audit
-from fenceless.ledger.state import Intent, LedgerState, RequestInfo, WriterInfo
+from fenceless.ledger.state import Intent, LedgerState, RequestInfo
 from fenceless.ondisk.layout import Layout
 from fenceless.ondisk.record import pad
 from fenceless.ops import journal as journal_mod
@@ -56,6 +56,14 @@ def die_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
         if name == point:
             raise Died(name)
     monkeypatch.setattr(journal_mod, "crashpoint", crashpoint)
+
+
+def take_over(dead: Host, h: Host) -> None:
+    """``dead``'s host lease is gone; ``h`` wins the writer lease at the next epoch."""
+    assert dead.keeper.lease is not None
+    dead.keeper.lease.release()
+    dead.keeper.lease = None
+    assert become_writer(h.port, "takeover").won
 
 
 def state(h: Host) -> LedgerState:
@@ -122,8 +130,7 @@ def test_a_volume_another_host_has_active_is_not_removed(cluster):
     vg, h1, h2 = cluster
     j = Journal(h1.port)
     j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
-    h2.local.claimed.add("db")
-    h2.port.renew()  # h2's claim is on the disk now
+    h2.port.claim("db")  # h2's claim is on the disk now
     out = j.process("h3", ask("r", "remove", name="db"))
     assert not out.ok and "active on h2" in out.error["message"]
     assert "db" in vg.lvs
@@ -137,7 +144,7 @@ def test_a_new_writer_finishes_what_a_dead_one_journaled(cluster, monkeypatch, p
         Journal(h1.port).process("h3", ask("r1", "create", name="web", size_bytes=GiB))
     assert list(state(h1).intents) == ["r1"]
     monkeypatch.setattr(journal_mod, "crashpoint", lambda name: None)
-    h2.port.set_epoch(2, "takeover")
+    take_over(h1, h2)
     Journal(h2.port).reconcile()
     st = state(h2)
     assert st.intents == {} and st.requests["r1"].ok and st.requests["r1"].epoch == 2
@@ -154,7 +161,7 @@ def test_a_relative_extend_is_never_applied_twice(cluster, monkeypatch):
     with pytest.raises(Died):
         j.process("h3", ask("x", "extend", name="db", size_bytes=GiB, relative=True))
     monkeypatch.setattr(journal_mod, "crashpoint", lambda name: None)
-    h2.port.set_epoch(2, "takeover")
+    take_over(h1, h2)
     Journal(h2.port).reconcile()
     assert vg.lvs["db"].size == 2 * GiB
     assert state(h2).requests["x"].result["size_bytes"] == 2 * GiB
@@ -169,7 +176,7 @@ def test_an_intent_the_vg_no_longer_allows_is_failed(cluster):
                     host="h3", epoch=1, uuid=uuid, name_after="db2")
     h1.port.write_ledger(state(h1).with_intent("gone", intent))
     del vg.lvs["db"]
-    h2.port.set_epoch(2, "takeover")
+    take_over(h1, h2)
     Journal(h2.port).reconcile()
     out = state(h2).requests["gone"]
     assert not out.ok and "interrupted when its writer died" in out.error["message"]
@@ -182,7 +189,7 @@ def test_an_intent_that_does_not_read_back_is_failed_not_ignored(cluster):
     assert area is not None
     from fenceless.ledger.slots import write_ledger
     write_ledger(area.dev, area.layout, 1, bad, writer_host_id=1)
-    h2.port.set_epoch(2, "takeover")
+    take_over(h1, h2)
     Journal(h2.port).reconcile()
     st = state(h2)
     assert st.unreadable == {} and not st.requests["weird"].ok
@@ -193,7 +200,7 @@ def test_an_extend_waits_for_the_hosts_that_have_the_volume_active(cluster):
     j = Journal(h1.port)
     j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
     h2.activator.mapped["db"] = GiB
-    h2.port.renew()
+    h2.port.publish_claims()
     out = j.process("h3", ask("x", "extend", name="db", size_bytes=2 * GiB))
     assert out.ok and out.result["not_refreshed"] == ["h2"]  # h2 never refreshed
     assert vg.lvs["db"].size == 2 * GiB
@@ -204,18 +211,12 @@ def test_an_extend_returns_once_the_hosts_show_the_new_size(cluster):
     j = Journal(h1.port)
     j.process("h1", ask("c", "create", name="db", size_bytes=GiB))
     h2.activator.mapped["db"] = 2 * GiB  # as h2 publishes it once it saw the new seqno
-    h2.port.renew()
+    h2.port.publish_claims()
     out = j.process("h3", ask("x", "extend", name="db", size_bytes=2 * GiB))
     assert out.result["refreshed"] == ["h2"] and out.result["not_refreshed"] == []
 
 
 # --- what a journaled change must never do (docs/design.md, "Crash points") -------------
-
-
-def take_over(h: Host) -> None:
-    """``h`` becomes the writer at the next epoch, as after the old writer died."""
-    h.port.set_epoch((h.port.ledger(fresh=True).writer or WriterInfo(0, "", 1)).epoch + 1,
-                     "takeover")
 
 
 def test_reconcile_checks_the_prerequisites_again_before_it_redoes(cluster, monkeypatch):
@@ -227,7 +228,7 @@ def test_reconcile_checks_the_prerequisites_again_before_it_redoes(cluster, monk
         Journal(h1.port).process("h3", ask("rm", "remove", name="db"))
     monkeypatch.setattr(journal_mod, "crashpoint", lambda name: None)
     h2.port.claim("db")
-    take_over(h2)
+    take_over(h1, h2)
     Journal(h2.port).reconcile()
     assert "db" in vg.lvs
     out = state(h2).requests["rm"]

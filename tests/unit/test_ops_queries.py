@@ -19,21 +19,22 @@ def report():
     return [dict(v) for v in VOLS]
 
 
-def host(hid, name, active):
-    facts = {"lvm_role": "reader"}
-    if active is not ...:
-        facts["active"] = active
-    return {"id": hid, "name": name, "lease": "live", "facts": facts}
+def host(hid, name, claims, lease="live"):
+    entry = {"id": hid, "name": name, "lease": lease, "facts": {"lvm_role": "reader"}}
+    if claims is not ...:
+        entry["claims"] = claims
+    return entry
 
 
-STATUS = {"hosts": [host(1, "h1", {"a": {"readonly": False}}),
+STATUS = {"hosts": [host(1, "h1", {"a": {"size_bytes": 1, "mode": "rw"}}),
                     host(2, "h2", None),
-                    host(3, "h3", ["img", "a"]),
+                    host(3, "h3", {"img": {}, "a": {}}),
                     host(4, "h4", ...),
-                    host(5, "h5", {"img": {}})]}
+                    host(5, "h5", {"img": {}}),
+                    host(6, "h6", {"img": {}}, lease="dead")]}
 
 
-def test_active_on_reads_the_hosts_published_facts():
+def test_active_on_reads_the_hosts_claims_and_not_a_dead_ones():
     assert active_on(STATUS, "a") == ["h1", "h3"]
     assert active_on(STATUS, "img") == ["h3", "h5"]
     assert active_on(STATUS, "nope") == []
@@ -73,3 +74,8 @@ def test_show_does_not_hide_a_bug_in_the_status_read():
 
     with pytest.raises(KeyError):
         volume_show(CFG, None, "a", report=report, read_status=buggy)
+
+
+def test_a_cluster_made_before_claims_had_a_region_publishes_them_as_facts():
+    old = {"hosts": [{"id": 1, "name": "h1", "lease": "live", "facts": {"active": {"a": 1}}}]}
+    assert active_on(old, "a") == ["h1"]

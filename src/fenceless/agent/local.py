@@ -4,8 +4,8 @@ Every agent notices a new VG metadata seqno from LVM's own metadata header on
 the PV (one 4 KiB O_DIRECT read, no LVM process, nothing that could "repair"
 metadata) and brings every LV it has active to its new size, so that a reader
 never runs ``lvchange --refresh`` and an extend on the writer is followed
-everywhere. What is active here is published in this host's lease sector:
-those are the claims that keep the writer from removing an LV in use.
+everywhere. What is active here is published as this host's claims
+(``ledger/claims.py``): they keep the writer from removing an LV in use.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from fenceless.blockio import BlockDevice
 from fenceless.clock import Clock
 from fenceless.errors import FencelessError
+from fenceless.ledger.claims import Claim
 from fenceless.lvm import mda
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm
@@ -31,7 +32,12 @@ class LocalLvs:
         self.reader = reader
         self.clock = clock
         self.log = log
-        self.claimed: set[str] = set()  # being mapped here: claimed before the mapping exists
+        self.mapping: dict[str, str] = {}  # lv -> mode: claimed, the mapping being made
+        self.modes: dict[str, str] = {}  # lv -> mode of the mappings this agent made
+        # Claims found on the disk at start: kept until this host's mappings could be
+        # listed, so a restart never withdraws a claim it cannot yet account for.
+        self.inherited: dict[str, Claim] = {}
+        self.listed = False
         self.cache: dict[str, int] = {}
         self.checked = -ACTIVE_EVERY
         self.seqno: int | None = None
@@ -51,13 +57,20 @@ class LocalLvs:
             self.checked = now
             try:
                 self.cache = {a.lv: a.size for a in self.activator().active()}
+                self.listed = True
             except FencelessError as exc:
                 self.log_once(f"cannot list active LVs: {exc}")
         return self.cache
 
-    def published(self) -> dict[str, int]:
-        """What goes into this host's lease sector: claims (size 0) and mappings."""
-        return {**{lv: 0 for lv in self.claimed}, **self.active()}
+    def claims(self) -> dict[str, Claim]:
+        """What this host claims: every mapping it has (with its size), and the LVs being
+        mapped (size 0). Every mapping is claimed, also one this agent did not make."""
+        active = self.active()
+        out = {} if self.listed else dict(self.inherited)
+        out.update({lv: Claim(0, mode) for lv, mode in self.mapping.items()})
+        for lv, size in active.items():
+            out[lv] = Claim(size, self.modes.get(lv, "rw"))
+        return out
 
     def metadata_key(self, dev: BlockDevice, size: int) -> object | None:
         """LVM's metadata header on the PV (offset, size, checksum of the text), or None

@@ -111,11 +111,13 @@ class Mailboxes:
 
     def __init__(self, keeper: LeaseKeeper, host: str, vg: str,
                  epoch: Callable[[], int | None], journal: Journal,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None],
+                 writer_epoch: Callable[[], int] = lambda: 0) -> None:
         self.keeper = keeper
         self.host = host
         self.vg = vg
-        self.epoch = epoch
+        self.epoch = epoch  # this host's writer epoch, None when it is not the writer
+        self.writer_epoch = writer_epoch  # the writer lease's epoch as last read
         self.journal = journal
         self.log = log
         self.clock = keeper.clock
@@ -208,6 +210,9 @@ class Mailboxes:
         self.work = []
         self.in_work.clear()  # nothing runs now (also ids an unexpected error left behind)
         self.last_inboxes = b""  # as writer again, look at every inbox afresh
+        # As writer again, even at the same epoch (a lease that was late, then renewed
+        # anew), finish what is journaled before anything else.
+        self.reconciled_epoch = None
         with contextlib.suppress(FencelessError):
             self.publish_inbox()
 
@@ -222,11 +227,40 @@ class Mailboxes:
             changed = True
         if not changed and not self.dirty:
             return
+        self.dirty = True  # until the write has succeeded: a failed one is done again
         lease.check()  # our own sector, but only while we are a live member
         self.inbox_seq += 1
         mb.write_inbox(area.dev, area.layout, lease.host_id,
                        mb.Inbox(self.inbox_seq, self.host, lease.generation, tuple(self.inbox)))
         self.dirty = False
+
+    def adopt_inbox(self) -> None:
+        """A new incarnation of this host takes over what its predecessor asked for.
+
+        Requests the outbox already answers are done (their CLI is gone): they
+        leave the inbox, so no writer that has forgotten their ids runs them
+        again. The others were promised to run: they are asked again, under
+        this incarnation's generation (a writer ignores a dead generation's).
+        """
+        lease, area = self.keeper.lease, self.keeper.area
+        if lease is None or area is None:
+            return
+        try:
+            old = mb.read_inbox(area.dev, area.layout, lease.host_id)
+            box = mb.read_outbox(area.dev, area.layout, lease.host_id)
+        except CorruptRecord as exc:
+            self.log(f"own mailbox does not read ({exc}); starting with an empty one")
+            old, box = None, None
+        if old is None:
+            return
+        answered = {r.id for r in box.replies} if box is not None else set()
+        known = self.own_pending()
+        for req in old.requests:
+            if req.id not in answered and req.id not in known:
+                self.queued.append(req)
+        self.inbox = [r for r in self.inbox if r.id not in answered]
+        self.dirty = True
+        self.publish_inbox()
 
     def poll_outbox(self) -> None:
         lease, area = self.keeper.lease, self.keeper.area
@@ -238,8 +272,8 @@ class Mailboxes:
             return
         self.last_outbox = raw
         box = mb.decode_outbox(raw, off)
-        if box is None:
-            return
+        if box is None or box.epoch < self.writer_epoch():
+            return  # nothing, or written by a writer older than the lease: not an answer
         asked = self.own_pending()
         done = [r for r in box.replies if r.id in asked and r.answers(asked[r.id])]
         for reply in done:
@@ -301,6 +335,14 @@ class Mailboxes:
                 self.log(msg)
             return
         if box is None:
+            return
+        rec = self.keeper.observer.record(hid) if self.keeper.observer else None
+        if rec is None or rec.free or box.generation != rec.generation:
+            # Asked by another incarnation than the one that holds the host id now: a
+            # dead one's requests are not run (its successor adopts what it wants); a
+            # newer one than we have seen is looked at again on the next poll.
+            if rec is not None and box.generation > rec.generation:
+                self.last_inboxes = b""
             return
         wanted = {r.id for r in box.requests}
         # Forget replies the host no longer waits for.

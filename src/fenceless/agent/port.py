@@ -10,6 +10,7 @@ agent that runs them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from fenceless import __version__
@@ -24,8 +25,9 @@ from fenceless.guard.role import entry as role_entry
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader
 from fenceless.ledger import audit, history
+from fenceless.ledger.claims import Claim, HostClaims, has_claims, read_claims, write_claims
 from fenceless.ledger.slots import write_ledger
-from fenceless.ledger.state import LedgerState, RequestInfo
+from fenceless.ledger.state import Intent, LedgerState, RequestInfo
 from fenceless.lvm import mda
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
@@ -56,6 +58,8 @@ class AgentPort:
         self.last_leader: Leader | None = None
         self.history_heads = history.Heads()  # the history ring as this writer left it
         self.handover_ask: dict[str, Any] | None = None  # this host's request, published
+        self.written_claims: HostClaims | None = None
+        self.claims_seq = 0
         keeper.on_late = lambda why: self.set_epoch(None, why) if self._epoch else None
         keeper.on_lost = lambda why: self.set_epoch(None, why)
 
@@ -100,10 +104,12 @@ class AgentPort:
         facts: dict[str, Any] = {
             "version": __version__,
             "lvm_role": "writer" if self._epoch else "reader",
-            "active": self.local.published(),
             "seqno": self.local.seqno,
             **self.extra_facts(),
         }
+        if not self.claims_region():
+            # A cluster made before claims had a region of their own: they ride here.
+            facts["active"] = {lv: c.size for lv, c in self.local.claims().items()}
         if self.handover_ask:
             facts["handover_request"] = self.handover_ask
         return facts
@@ -143,6 +149,32 @@ class AgentPort:
         assert self.keeper.area is not None
         self.last_leader = self.keeper.area.writer().read_leader()
         return self.last_leader
+
+    def check_leader(self) -> None:
+        """Right before an LVM change: the writer lease must still name this incarnation
+        at this epoch (a takeover may have happened while this host was stopped)."""
+        leader = self.read_leader()
+        lease = self.keeper.lease
+        if lease is None or leader is None or leader.released or \
+                (leader.owner_id, leader.owner_generation, leader.lver) != \
+                (lease.host_id, lease.generation, self._epoch):
+            held = "nobody" if leader is None else \
+                f"{leader.owner_name or leader.owner_id} at epoch {leader.lver}"
+            raise LeaseLost(detail=f"the writer lease now names {held}, not this host at "
+                            f"epoch {self._epoch}; no LVM change was started")
+
+    def own_ballot(self) -> int:
+        """The epoch of a ballot in which this incarnation's own dblock accepted itself."""
+        area, lease = self.keeper.area, self.keeper.lease
+        assert area is not None and lease is not None
+        try:
+            mine = area.writer().read_dblocks_of(lease.host_id)
+        except CorruptRecord:
+            return 0
+        if mine is None or mine.bal == 0 or \
+                (mine.inp.host_id, mine.inp.generation) != (lease.host_id, lease.generation):
+            return 0
+        return mine.lver
 
     def acquire_writer(self) -> AcquireResult:
         area, lease = self.keeper.area, self.keeper.lease
@@ -188,8 +220,16 @@ class AgentPort:
         rec = self.keeper.observer.record(host_id)
         return rec.generation if rec is not None else None
 
+    def observe_now(self) -> None:
+        """Read the host area now and feed the observer: "dead" is never decided from an
+        earlier read, which may be several N old (docs/design.md, "Caches")."""
+        area, observer = self.keeper.area, self.keeper.observer
+        assert area is not None and observer is not None
+        observer.observe(area.hosts().read_area(), self.clock.now())
+
     def owner_gone(self, host_id: int, generation: int) -> bool:
         assert self.keeper.observer is not None
+        self.observe_now()
         return self.keeper.observer.owner_gone(host_id, generation, self.clock.now())
 
     def hosts_now(self) -> list[HostView]:
@@ -197,6 +237,8 @@ class AgentPort:
         assert area is not None
         hosts = area.hosts()
         raw = hosts.read_area()  # fresh: a decision must not rest on an old read
+        assert self.keeper.observer is not None
+        self.keeper.observer.observe(raw, self.clock.now())
         out = []
         for hid in range(1, area.sb.max_hosts + 1):
             try:
@@ -311,10 +353,94 @@ class AgentPort:
     def refresh_active(self) -> bool:
         return self.local.refresh(force=True)
 
-    def claim(self, lv: str) -> None:
-        self.local.claimed.add(lv)
-        if self.keeper.lease is not None and not self.renew():
-            raise LeaseLost(detail="could not announce the activation on disk")
+    def claims_region(self) -> bool:
+        area = self.keeper.area
+        return area is not None and has_claims(area.layout)
+
+    def claim(self, lv: str, mode: str = "rw") -> None:
+        self.local.mapping[lv] = mode
+        try:
+            self.publish_claims(force=True)
+        except BaseException:
+            self.local.mapping.pop(lv, None)
+            raise
+
+    def settle(self, lv: str) -> None:
+        """The mapping of ``lv`` exists now: its claim stays, with its size."""
+        mode = self.local.mapping.pop(lv, None)
+        if mode is not None:
+            self.local.modes[lv] = mode
+        self.local.active(force=True)
+        self.publish_claims()
 
     def unclaim(self, lv: str) -> None:
-        self.local.claimed.discard(lv)
+        self.local.mapping.pop(lv, None)
+        self.local.modes.pop(lv, None)
+        self.local.active(force=True)
+        self.publish_claims()
+
+    def publish_claims(self, force: bool = False) -> None:
+        """Write this host's claims if they changed (``force``: write and wait for it)."""
+        area, lease = self.keeper.area, self.keeper.lease
+        if area is None or lease is None:
+            if force:
+                raise LeaseLost(detail="no host lease: a claim cannot be published")
+            return
+        if not has_claims(area.layout):  # they ride in the lease facts: renew to publish
+            if force and not self.renew():
+                raise LeaseLost(detail="could not publish the claim on disk")
+            return
+        current = HostClaims(self.host, lease.generation, self.local.claims())
+        if not force and self.written_claims is not None and \
+                (self.written_claims.lvs, self.written_claims.generation) == \
+                (current.lvs, current.generation):
+            return
+        self.claims_seq += 1
+        lease.check()  # our own slot, but only while we hold the host id
+        write_claims(area.dev, area.layout, lease.host_id,
+                     replace(current, seq=self.claims_seq), before_write=lease.check)
+        self.written_claims = current
+
+    def inherit_claims(self) -> None:
+        """On taking the host id: this host's claims as its predecessor left them stay
+        claimed until the mappings are listed (an agent restart keeps its claims)."""
+        area, lease = self.keeper.area, self.keeper.lease
+        if area is None or lease is None or not has_claims(area.layout):
+            return
+        try:
+            old = read_claims(area.dev, area.layout, lease.host_id)
+        except CorruptRecord as exc:
+            self.log(f"own claims do not read ({exc}); writing them anew")
+            old = None
+        if old is not None:
+            self.local.inherited = dict(old.lvs)
+            self.local.modes.update({lv: c.mode for lv, c in old.lvs.items()})
+        self.written_claims = None
+        self.publish_claims()
+
+    def claims_now(self) -> dict[int, HostClaims | CorruptRecord]:
+        """Every host's claims as on the disk now (a slot that does not read: the error)."""
+        area = self.keeper.area
+        assert area is not None
+        if not has_claims(area.layout):
+            return {h.host_id: HostClaims(h.name, h.generation, {
+                lv: Claim(int(size) if isinstance(size, int) else 0)
+                for lv, size in h.active().items()}) for h in self.hosts_now()}
+        out: dict[int, HostClaims | CorruptRecord] = {}
+        for hid in range(1, area.sb.max_hosts + 1):
+            try:
+                got = read_claims(area.dev, area.layout, hid)
+            except CorruptRecord as exc:
+                out[hid] = exc
+                continue
+            if got is not None:
+                out[hid] = got
+        return out
+
+    def pending_intents(self) -> list[Intent]:
+        """The journaled intents of the ledger as on the disk now (for a claiming host)."""
+        assert self.keeper.area is not None
+        view = self.keeper.area.ledger()
+        if view.current is None:
+            return []
+        return list(LedgerState.from_json(view.current.state).intents.values())

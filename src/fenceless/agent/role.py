@@ -13,6 +13,8 @@ The rules, as the writer:
 As any other host:
 - the leader still names this incarnation (the role was given up after late
   renewals) and the lease is healthy again: take it back, or nobody could;
+- a ballot chose this incarnation but the leader does not say so yet (its
+  leader write failed): finish the acquire, or the others lose to it forever;
 - the leader was released or its owner is gone, and the ledger records a
   handover to this host: take it;
 - the owner is gone and was this host's previous incarnation, and no live
@@ -82,6 +84,7 @@ class RoleView:
     auto_takeover: bool = False
     handover: Handover | _Unread | None = UNREAD  # the ledger's, from the leader's epoch
     ask: HandoverAsk | None = None  # a pending request to hand over (writer only)
+    ballot_won: int = 0  # an epoch whose ballot accepted this incarnation (own dblock)
 
     def state(self, host_id: int) -> HostState:
         return self.states.get(host_id, HostState.UNKNOWN)
@@ -128,6 +131,12 @@ def _as_reader(v: RoleView) -> Decision:
         if v.lease_left > 2 * v.n:
             return Decision(Act.ACQUIRE, "the lease is healthy again")
         return Decision(Act.NOTHING)
+    if v.ballot_won > (ld.lver if ld is not None else 0) and v.lease_left > 2 * v.n:
+        # A ballot chose this host but its leader write failed: until it is written,
+        # the others lose to this host. Only this host writes it (docs/design.md,
+        # "The writer lease"), so it must finish the acquire.
+        return Decision(Act.ACQUIRE, f"finishing the ballot this host won at epoch "
+                        f"{v.ballot_won}")
     if ld is not None and ld.owner_id != 0 and (ld.released or
                                                 v.gone(ld.owner_id, ld.owner_generation)):
         if isinstance(v.handover, _Unread):

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fenceless.agent.keeper import LeaseKeeper, Opener
@@ -88,7 +89,7 @@ class VgAgent:
                               set_role, facts)
         self.journal = Journal(self.port)
         self.mailboxes = Mailboxes(self.keeper, cfg.host, vg.name, lambda: self.port.epoch,
-                                   self.journal, self.log)
+                                   self.journal, self.log, self.writer_epoch)
         self.requests: queue.Queue[Pending] = queue.Queue()
         self.waiting: list[Pending] = []
         self.stop = threading.Event()
@@ -98,6 +99,15 @@ class VgAgent:
 
     def reader(self) -> Lvm:
         return self.port.lvm(Role.READER)
+
+    def writer_epoch(self) -> int:
+        leader = self.port.last_leader
+        return leader.lver if leader is not None else 0
+
+    def took_host_id(self) -> None:
+        """A new incarnation of this host: take over its mailbox and its claims."""
+        self.port.inherit_claims()
+        self.mailboxes.adopt_inbox()
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -132,15 +142,18 @@ class VgAgent:
     def tick(self) -> float:
         """One renewal round; returns the delay until the next one."""
         keeper = self.keeper
+        had = keeper.lease is not None
         if not keeper.attach() or not keeper.acquire_member(self.port.facts()):
             self.publish()
             return keeper.timing.renew_interval
+        if not had:
+            self.took_host_id()
         if not self.port.renew():
             return keeper.n / 2
         assert keeper.dev is not None
-        if self.local.seqno_changed(keeper.dev, keeper.size) and \
-                self.local.refresh(force=True) and keeper.lease is not None:
-            self.port.renew()  # publish the refreshed sizes now: an extend waits for them
+        if self.local.seqno_changed(keeper.dev, keeper.size):
+            self.local.refresh(force=True)
+        self.port.publish_claims()  # refreshed sizes, mappings made or gone: an extend waits
         self.role_round()
         self.port.publish_role()  # with the leader as just read
         self.publish()
@@ -189,10 +202,13 @@ class VgAgent:
         ask = port.handover_ask
         if ask and leader is not None and leader.lver > int(ask.get("from_epoch", 0)):
             port.handover_ask = None  # done (or overtaken): stop asking
-        decision = decide(self.view(leader))
+        view = self.view(leader)
+        if leader is None or leader.free or view.gone(leader.owner_id, leader.owner_generation):
+            view = replace(view, ballot_won=port.own_ballot())  # a ballot won, unrecorded?
+        decision = decide(view)
         if decision.act is Act.READ_LEDGER and leader is not None:
             handover = port.ledger(fresh=True).handover_from(leader.lver)
-            decision = decide(self.view(leader, handover=handover))
+            decision = decide(replace(view, handover=handover))
         if decision.act is Act.ACQUIRE:
             become_writer(port, decision.why)
 
@@ -298,12 +314,14 @@ class VgAgent:
             assert init.area is not None and init.host_lease is not None
             self.keeper.adopt(init.area, read_anchor(dev, self.keeper.size), init.host_lease)
             self.port.set_epoch(init.epoch, "init")
+            self.took_host_id()
             return result
         join = JoinOp(env)
         result = join.run()
         assert join.area is not None and join.host_lease is not None
         self.keeper.adopt(join.area, join.anchor, join.host_lease)
         self.port.set_epoch(None, "join")
+        self.took_host_id()
         return result
 
     # --- what the CLI reads locally -------------------------------------------------------

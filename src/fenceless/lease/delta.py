@@ -200,13 +200,16 @@ class HostArea:
             self._wait_dead(host_id, name, area, watch)
             dead_seen.update({h: self.sector_of(area, h) for h in watch})
         generation = (ours.generation if ours is not None else 0) + 1
+        # Wait 2N of the longer io_timeout: ours, or the previous holder's, who may
+        # still be writing the sector within its own (docs/design.md, "Identity").
+        wait = LeaseTiming(max(timing.io_timeout, ours.io_timeout if ours else 0.0))
         started = self.clock.now()
         rec = HostRecord(host_id=host_id, name=name, generation=generation,
                          timestamp=_ms(started), io_timeout=timing.io_timeout,
                          facts=dict(facts or {}))
         data = encode_host(rec)
         self.dev.write(offset, data)
-        self.clock.sleep(timing.acquire_wait)
+        self.clock.sleep(wait.acquire_wait)
         now = self.dev.read(offset, SECTOR)
         if now != data:
             other = None
@@ -441,11 +444,14 @@ class HostObserver:
     def owner_gone(self, host_id: int, generation: int, now: float) -> bool:
         """True if incarnation (host_id, generation) can no longer hold anything.
 
-        That is: its sector is free, holds another generation (a new
+        That is: its sector is free, holds a *newer* generation (a new
         incarnation does not inherit its predecessor's leases), or is DEAD.
+        An older generation than asked about means our read predates the
+        owner's restart: it proves nothing. Callers observe a fresh read of
+        the host area right before asking (docs/design.md, "Caches").
         """
         state = self.state(host_id, now)
         if state in (HostState.FREE, HostState.DEAD):
             return True
         rec = self.record(host_id)
-        return rec is not None and rec.generation != generation
+        return rec is not None and rec.generation > generation

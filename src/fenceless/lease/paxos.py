@@ -232,6 +232,19 @@ def _bytes(x: object) -> bytes:
     return x
 
 
+def _other_dblock(buf: bytes, region: Region, host_id: int) -> DBlock | None:
+    """Another host's dblock; a damaged one is skipped, as sanlock does.
+
+    Only its owner writes a dblock, one sector at a time (atomic), so damage is
+    external: stopping every acquire on it would leave the cluster without a
+    writer for good. Our own dblock is never skipped (it may hold our vote).
+    """
+    try:
+        return decode_dblock(buf, region, host_id)
+    except CorruptRecord:
+        return None
+
+
 def run_ballot(
     region: Region, max_hosts: int, host_id: int, lver: int, mbal: int, proposal: Inp
 ) -> Generator[Op, object, Inp | Abort]:
@@ -247,7 +260,7 @@ def run_ballot(
     for q in range(1, max_hosts + 1):
         if q == host_id:
             continue  # only we write our dblock
-        blk = decode_dblock(_bytes((yield ReadOp(dblock_index(q)))), region, q)
+        blk = _other_dblock(_bytes((yield ReadOp(dblock_index(q)))), region, q)
         if blk is None or blk.lver < lver:
             continue
         if blk.lver > lver:
@@ -261,7 +274,7 @@ def run_ballot(
     for q in range(1, max_hosts + 1):
         if q == host_id:
             continue
-        blk = decode_dblock(_bytes((yield ReadOp(dblock_index(q)))), region, q)
+        blk = _other_dblock(_bytes((yield ReadOp(dblock_index(q)))), region, q)
         if blk is None or blk.lver < lver:
             continue
         if blk.lver > lver:
@@ -373,6 +386,11 @@ class WriterLease:
 
     def read_leader(self) -> Leader | None:
         return decode_leader(self.dev.read(self._offset(LEADER_INDEX), SECTOR), self.region)
+
+    def read_dblocks_of(self, host_id: int) -> DBlock | None:
+        """One host's dblock (its last vote)."""
+        raw = self.dev.read(self._offset(dblock_index(host_id)), SECTOR)
+        return decode_dblock(raw, self.region, host_id)
 
     def read_dblocks(self) -> dict[int, DBlock | None]:
         area = self.dev.read(self._offset(dblock_index(1)), self.max_hosts * SECTOR)

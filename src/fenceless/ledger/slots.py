@@ -155,19 +155,23 @@ def read_ledger(dev: BlockDevice, layout: Layout) -> LedgerView:
     return _view(a, b)
 
 
+MAX_GENERATION = 1 << 62  # a torn header claiming more is damage, not one of our writes
+
+
 def _choose_target(view: LedgerView, epoch: int) -> SlotStatus:
     """The slot the writer at ``epoch`` may write into, or raise.
 
-    Rules (docs/format.md, "Ledger A/B rule"):
+    Rules (docs/format.md, "The A/B rule for writing"):
     1. any slot with a higher epoch (valid, or in a torn header) -> StaleEpoch;
     2. a slot that is foreign, of another version or otherwise corrupt but
        not recognisably our own torn write -> refuse (never overwrite it);
     3. an empty slot is used first (A before B);
-    4. a torn slot is used only if the other slot holds a valid record that
-       is newer than the torn slot's header claims: that is what an
-       interrupted write leaves (the header sector, written last, still
-       names the older record). A corrupt slot claiming to be the newest is
-       damage, not our torn write: refuse;
+    4. one torn slot next to a valid one: if the valid record is newer than
+       the torn header claims, the torn slot is an interrupted write of ours
+       and is reused; if the torn header claims to be newer (a late write of
+       a stale writer landed on it, or damage), it is left as it is and the
+       valid slot is written, with a generation above the torn claim, so the
+       next write reuses the torn slot: the writer never stops for good;
     5. otherwise the slot that is older by (epoch, generation).
     """
     for s in view.slots:
@@ -184,11 +188,11 @@ def _choose_target(view: LedgerView, epoch: int) -> SlotStatus:
     torn = [s for s in view.slots if s.torn]
     if torn:
         t = torn[0]
-        if valid and len(torn) == 1 and valid[0].record is not None \
-                and t.torn_order < valid[0].record.order:
-            return t
-        if t.error is not None and valid:
-            raise t.error
+        if len(torn) == 1 and valid and valid[0].record is not None:
+            if t.torn_order < valid[0].record.order:
+                return t
+            if t.torn_order[1] < MAX_GENERATION:
+                return valid[0]
         raise LedgerUnreadable(detail="; ".join(str(s.error) for s in torn))
     return min(valid, key=lambda s: s.record.order if s.record else (0, 0))
 
@@ -223,6 +227,7 @@ def write_ledger(
         view = LedgerView(current=None, slots=(a, b))
         target = _choose_target(view, epoch)
         prev = [s.record.generation for s in (a, b) if s.record is not None]
+        prev += [s.torn_order[1] for s in (a, b) if s.torn and s.torn_order[0] == epoch]
         rec = LedgerRecord(
             epoch=epoch, generation=max(prev, default=0) + 1, writer_host_id=writer_host_id,
             written_wall_ms=int(wall_clock() * 1000), state=dict(state),

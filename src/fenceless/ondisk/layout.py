@@ -32,6 +32,8 @@ MAILBOX_SLOT_SIZE = 8 * KiB  # per host: 4 KiB inbox + 4 KiB outbox
 MDHISTORY_ENTRIES = 128  # fixed: a slot is the region's length / 128 (ledger/history.py)
 MDHISTORY_SLOT_SIZE = 256 * KiB  # ~2.5 MB of LVM text (~6000 LVs) at zlib's ~10x
 AUDIT_SIZE = MiB  # 256 one-sector records
+# Per host: the LVs it has mapped, ~250 bytes of JSON each at most: 2000 LVs fit.
+CLAIMS_SLOT_SIZE = 512 * KiB
 MAX_HOSTS_LIMIT = 250  # the host area must fit its 1 MiB alignment unit
 
 REQUIRED_REGIONS = ("superblock", "hosts", "writer", "ledger_a", "ledger_b")
@@ -66,6 +68,7 @@ class Layout:
         *,
         ledger_slot_size: int = LEDGER_SLOT_SIZE,
         mailbox_slot_size: int = MAILBOX_SLOT_SIZE,
+        claims_slot_size: int = CLAIMS_SLOT_SIZE,
         mdhistory_slot_size: int = MDHISTORY_SLOT_SIZE,
         audit_size: int = AUDIT_SIZE,
     ) -> Layout:
@@ -89,6 +92,7 @@ class Layout:
             ("mailboxes", max_hosts * mailbox_slot_size),
             ("mdhistory", MDHISTORY_ENTRIES * mdhistory_slot_size),
             ("audit", audit_size),
+            ("claims", max_hosts * claims_slot_size),
         ]
         regions = []
         offset = 0

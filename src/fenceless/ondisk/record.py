@@ -40,6 +40,7 @@ KIND_MDHISTORY = 8
 KIND_AUDIT = 9
 KIND_INBOX = 10
 KIND_OUTBOX = 11
+KIND_CLAIMS = 12
 
 MAGICS: dict[int, bytes] = {
     KIND_SUPERBLOCK: b"FLSB",
@@ -53,6 +54,7 @@ MAGICS: dict[int, bytes] = {
     KIND_AUDIT: b"FLAU",
     KIND_INBOX: b"FLIB",
     KIND_OUTBOX: b"FLOB",
+    KIND_CLAIMS: b"FLCL",
 }
 KIND_NAMES = {
     KIND_SUPERBLOCK: "superblock",
@@ -66,6 +68,7 @@ KIND_NAMES = {
     KIND_AUDIT: "audit",
     KIND_INBOX: "mailbox inbox",
     KIND_OUTBOX: "mailbox outbox",
+    KIND_CLAIMS: "claims",
 }
 _KIND_BY_MAGIC = {m: k for k, m in MAGICS.items()}
 

@@ -23,6 +23,11 @@ class UnknownAction(UserError):
     """unknown activation action {action!r} (one of activate, deactivate, refresh)"""
 
 
+class BeingChanged(UserError):
+    """Refused: volume {lv!r} is being {doing} by the writer (request {rid} from {host}); \
+it was not mapped here. Nothing was changed"""
+
+
 class ActivationOp(Operation):
     """``lab activate|deactivate|refresh`` (and, later, a VM start) on this host."""
 
@@ -45,18 +50,29 @@ class ActivationOp(Operation):
         activator = self.port.activator()
         if self.action == "deactivate":
             activator.deactivate(self.lv)
-            self.port.unclaim(self.lv)
+            self.port.unclaim(self.lv)  # only once the mapping is gone
             return {"vg": self.vg, "lv": self.lv, "active": False}
-        if self.action == "activate":
-            self.port.claim(self.lv)  # raises LeaseLost if it cannot be published
-            got = activator.activate(self.lv, readonly=self.readonly)
-        else:
+        if self.action == "refresh":
             got = activator.refresh(self.lv)
+            self.port.settle(self.lv)
+            return _described(got)
+        self.port.claim(self.lv, "ro" if self.readonly else "rw")  # on the disk first
+        try:
+            self.back_off_from_the_writer()
+            got = activator.activate(self.lv, readonly=self.readonly)
+        except BaseException:
+            self.port.unclaim(self.lv)
+            raise
+        self.port.settle(self.lv)
         return _described(got)
 
-    def record(self, result: dict[str, Any]) -> None:
-        self.port.local_active(force=True)
-        self.port.announce()
+    def back_off_from_the_writer(self) -> None:
+        """With the claim on the disk, look at the journal: a remove or rename of this LV
+        journaled before our claim landed may not have seen it, so we give way."""
+        for intent in self.port.pending_intents():
+            if intent.name == self.lv and intent.op in ("remove", "rename"):
+                raise BeingChanged(lv=self.lv, doing=intent.op + "d", rid=intent.request.id,
+                                   host=intent.host or "?")
 
 
 def _described(got: ActiveLv) -> dict[str, Any]:

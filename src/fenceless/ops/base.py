@@ -103,6 +103,16 @@ class JournaledOp(abc.ABC):
     def check_prereq(self, snap: Snapshot) -> Intent:
         """Refuse, or plan: the intent to journal, with absolute values and LV uuids."""
 
+    def check_claims(self, intent: Intent) -> None:
+        """Refuse if a host claims what the change would take away (UserError).
+
+        Run only once the intent is journaled: a host claims an LV before it maps
+        it and then reads the journal, the writer journals before it reads the
+        claims, so whatever the interleaving one of them sees the other. Most
+        changes take nothing away from a host: they have no check here.
+        """
+        del intent
+
     @abc.abstractmethod
     def execute(self, intent: Intent, timeout: float) -> None:
         """The change itself (one LVM command), bounded by ``timeout``."""

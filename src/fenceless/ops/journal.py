@@ -22,11 +22,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
+from fenceless.errors import CommandTimeout, ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.lease.delta import HostState
+from fenceless.ledger.claims import HostClaims
 from fenceless.ledger.state import Intent, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm, Role
+from fenceless.ondisk.errors import CorruptRecord
 from fenceless.ops import volume
 from fenceless.ops.base import JournaledOp, Snapshot
 from fenceless.ops.port import WriterPort
@@ -63,14 +65,31 @@ class UnreadableIntent(ExecError):
 not carried out"""
 
 
+class ClaimsUnknown(UserError):
+    """Refused: host {host}'s claims cannot be read ({detail}); until it writes them again \
+(or is DEAD) no volume is removed or renamed. Nothing was changed"""
+
+
 def claims(port: WriterPort, lv: str) -> list[str]:
-    """Hosts (other than dead ones) whose published facts list ``lv`` as active, and this
-    host if it has ``lv`` mapped: from a fresh read, never from an old one."""
-    out = [h.name for h in port.hosts_now()
-           if h.state is not HostState.DEAD and lv in h.active()]
+    """Hosts that claim ``lv`` (it is mapped there, or being mapped), from fresh reads.
+
+    A host's claims count until it withdraws them, also while its agent is
+    restarting (its lease is FREE then); only a DEAD host's are void: its
+    watchdog has fired, so nothing of it maps anything any more. Claims that do
+    not read count as claiming everything (docs/design.md, "Claims").
+    """
+    states = {h.host_id: h.state for h in port.hosts_now()}  # observed now
+    out: set[str] = set()
+    for hid, got in sorted(port.claims_now().items()):
+        if states.get(hid, port.host_state(hid)) is HostState.DEAD:
+            continue
+        if isinstance(got, CorruptRecord):
+            raise ClaimsUnknown(host=port.host_name(hid), detail=str(got))
+        if lv in got.lvs:
+            out.add(got.host)
     if lv in port.local_active(force=True):
-        out = sorted(set(out) | {port.host})
-    return out
+        out.add(port.host)
+    return sorted(out)
 
 
 class Journal:
@@ -97,13 +116,19 @@ class Journal:
         except UserError as exc:
             port.audit(host, req, "refused", str(exc))
             return refused(req, exc, epoch)
-        done = port.ledger().requests.get(req.id)
+        state = port.ledger()
+        done = state.requests.get(req.id)
         if done is not None:
             if done.same_request(req.op, req.args):
                 return done
             reused = ReusedRequestId(id=req.id, op=done.op, args=dict(done.args))
             port.audit(host, req, "refused", str(reused))
             return refused(req, reused, epoch)
+        journaled = state.intents.get(req.id)
+        if journaled is not None:
+            # Journaled by this writer before it lost and took back its role at the same
+            # epoch: finish that intent; planning again would apply "+5G" twice.
+            return self.resume(req.id, journaled)
         lvm = port.lvm(Role.WRITER)
         try:
             op = self.make(req, lvm)
@@ -115,7 +140,19 @@ class Journal:
         intent = replace(intent, host=host, user=req.user, argv=req.argv, epoch=epoch)
         port.write_ledger(port.ledger().with_intent(req.id, intent))
         crashpoint(f"volume.{req.op}.journaled")
+        try:
+            op.check_claims(intent)  # only now: the intent is on the disk for claimers
+        except UserError as exc:
+            return self.refuse_journaled(op, intent, exc)
         return self.finish(op, intent, fresh=True)
+
+    def refuse_journaled(self, op: JournaledOp, intent: Intent, exc: UserError) -> Outcome:
+        """A journaled intent whose prerequisites no longer hold: recorded as refused."""
+        port = self.port
+        port.log(f"refused {op.op} {intent.name!r} for {intent.host}: {exc}")
+        self._fail(intent.request, exc)
+        port.audit(intent.host, intent.request, "refused", str(exc))
+        return refused(intent.request, exc, port.epoch or 0)
 
     def finish(self, op: JournaledOp, intent: Intent, fresh: bool = False) -> Outcome:
         """Run the journaled intent (if not already done) and record the outcome."""
@@ -152,8 +189,15 @@ class Journal:
             budget = port.lvm_budget()
             if budget <= 0:
                 raise LeaseLost(detail="no lease time left to run LVM safely")
+            port.check_leader()  # a takeover while this host was stopped ends it here
             port.check_write()
-            op.execute(intent, timeout=budget)
+            try:
+                op.execute(intent, timeout=budget)
+            except CommandTimeout:
+                # Killed for running too long: it may have committed before it died.
+                if op.effect(intent, self.snapshot(op.lvm)) is not True:
+                    raise
+                port.log(f"{op.op} {intent.name!r} timed out, but it had taken effect")
             crashpoint(f"volume.{op.op}.applied")
             after = self.snapshot_after(op, intent)
         else:
@@ -179,21 +223,39 @@ class Journal:
             port.renew_if_due()
             if port.epoch is None:
                 return
-            req = replace(intent.request, id=rid)
+            self.resume(rid, intent)
+
+    def resume(self, rid: str, intent: Intent) -> Outcome:
+        """One journaled intent, against the real VG: done, redone, or failed.
+
+        Redoing re-runs every prerequisite check first (on a fresh report, and the
+        claims): the VG and the hosts may have changed since it was journaled.
+        """
+        port = self.port
+        req = replace(intent.request, id=rid)
+        intent = replace(intent, request=req)
+        try:
+            op = self.make(req, port.lvm(Role.WRITER))
+        except UserError as exc:
+            self._fail(req, exc)
+            return refused(req, exc, port.epoch or 0)
+        snap = self.snapshot(op.lvm)
+        effect = op.effect(intent, snap)
+        port.log(f"reconciling {req.op} {intent.name!r} (request {rid}, journaled at "
+                 f"epoch {intent.epoch}): "
+                 + {True: "it was done", False: "not done: checking it again",
+                    None: "cannot be done any more"}[effect])
+        if effect is None:
+            gone = Interrupted(op=req.op, name=intent.name)
+            self._fail(req, gone)
+            return refused(req, gone, port.epoch or 0)
+        if effect is False:
             try:
-                op = self.make(req, port.lvm(Role.WRITER))
+                op.check_prereq(snap)
+                op.check_claims(intent)
             except UserError as exc:
-                self._fail(req, exc)
-                continue
-            effect = op.effect(intent, self.snapshot(op.lvm))
-            port.log(f"reconciling {req.op} {intent.name!r} (request {rid}, journaled at "
-                     f"epoch {intent.epoch}): "
-                     + {True: "it was done", False: "not done: doing it now",
-                        None: "cannot be done any more"}[effect])
-            if effect is None:
-                self._fail(req, Interrupted(op=req.op, name=intent.name))
-                continue
-            self.finish(op, intent)
+                return self.refuse_journaled(op, intent, exc)
+        return self.finish(op, intent)
 
     def _fail(self, req: RequestInfo, exc: FencelessError) -> None:
         self.record(req, Outcome("error", req.op, req.args, self.port.epoch or 0,
@@ -251,9 +313,11 @@ class Journal:
         pending = set(hosts)
         while pending and port.clock.now() < deadline:
             port.renew_if_due()
-            for h in port.hosts_now():
-                if h.name in pending and h.active().get(lv) == size:
-                    pending.discard(h.name)
+            for got in port.claims_now().values():
+                if isinstance(got, HostClaims) and got.host in pending:
+                    claim = got.lvs.get(lv)
+                    if claim is not None and claim.size == size:
+                        pending.discard(got.host)
             if pending:
                 port.clock.sleep(ACK_POLL)
         return {"refreshed": sorted(set(hosts) - pending), "not_refreshed": sorted(pending)}

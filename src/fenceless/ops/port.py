@@ -25,9 +25,11 @@ from typing import Any, Protocol
 from fenceless.clock import Clock
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader
-from fenceless.ledger.state import LedgerState, RequestInfo
+from fenceless.ledger.claims import HostClaims
+from fenceless.ledger.state import Intent, LedgerState, RequestInfo
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
+from fenceless.ondisk.errors import CorruptRecord
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,19 @@ class WriterPort(Protocol):
     def read_history(self, seqno: int) -> str:
         """The VG metadata text the history ring on the LUN keeps for ``seqno``."""
 
+    def check_leader(self) -> None:
+        """Raise LeaseLost unless the writer lease still names this host at its epoch."""
+
     def host_name(self, host_id: int) -> str: ...
 
     def hosts_now(self) -> list[HostView]:
         """Every host with a lease sector in use, from a fresh read of the host area."""
+
+    def host_state(self, host_id: int) -> HostState:
+        """As the last read judged it (``hosts_now`` reads afresh)."""
+
+    def claims_now(self) -> Mapping[int, HostClaims | CorruptRecord]:
+        """Every host's claims as on the disk now; a slot that does not read: its error."""
 
     def local_active(self, force: bool = False) -> Mapping[str, int]:
         """LVs active on this host and their mapped sizes."""
@@ -120,11 +131,17 @@ class HostPort(Protocol):
 
     def activator(self) -> Activator: ...
 
-    def claim(self, lv: str) -> None:
+    def claim(self, lv: str, mode: str = "rw") -> None:
         """Publish on the LUN that this host maps ``lv``, before the mapping exists."""
+
+    def settle(self, lv: str) -> None:
+        """The mapping exists: keep the claim, now with its size."""
 
     def unclaim(self, lv: str) -> None:
         """Withdraw the claim once the mapping is gone."""
+
+    def pending_intents(self) -> list[Intent]:
+        """The writer's journaled intents, read from the ledger now."""
 
     def local_active(self, force: bool = False) -> Mapping[str, int]: ...
 
@@ -143,8 +160,6 @@ class RolePort(WriterPort, Protocol):
 
     def read_leader(self) -> Leader | None:
         """The writer lease's leader sector, read now."""
-
-    def host_state(self, host_id: int) -> HostState: ...
 
     def generation_of(self, host_id: int) -> int | None:
         """The generation in the host's lease sector as last read (None: not seen)."""

@@ -1,9 +1,9 @@
 """Read-only questions about a cluster's volumes, answered on any host without the agent.
 
 ``volume list`` is this host's ``--readonly`` LVM report of the VG.
-``volume show`` adds where the volume is active: hosts publish the volumes
-they have active as facts in their host records on the control area, so the
-answer comes from the same read ``status`` makes, not from asking each host.
+``volume show`` adds where the volume is active: every host publishes what it
+has mapped as its claims on the control area, so the answer comes from the
+same read ``status`` makes, not from asking each host.
 That part is best effort: the volume's size does not depend on it, so an
 unreadable control area (or a VG that is not yet a cluster) leaves
 ``active_on`` out instead of failing the command.
@@ -43,7 +43,7 @@ def status_reader(cfg: HostConfig, vg_name: str | None) -> StatusReader:
         # which `volume list` never needs.
         from fenceless.ops.status import read_status
 
-        return read_status(cfg, vg_name)
+        return read_status(cfg, vg_name, with_claims=True)
 
     return read
 
@@ -55,8 +55,13 @@ def volume_list(cfg: HostConfig, vg_name: str | None, *,
 
 
 def active_on(status: Mapping[str, Any], name: str) -> list[str]:
-    """The hosts whose published facts say volume ``name`` is active there, in host id order."""
-    return [h["name"] for h in status["hosts"] if name in (h["facts"].get("active") or {})]
+    """The hosts that claim volume ``name`` (it is mapped there), in host id order.
+
+    Clusters made before claims had a region of their own publish them in the
+    host facts (``active``). A DEAD host's claims are void: its watchdog fired.
+    """
+    return [h["name"] for h in status["hosts"] if h.get("lease") != "dead" and
+            name in (h.get("claims") or h["facts"].get("active") or {})]
 
 
 def volume_show(cfg: HostConfig, vg_name: str | None, name: str, *,

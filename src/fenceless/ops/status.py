@@ -16,12 +16,15 @@ from fenceless.clock import SystemClock, boottime
 from fenceless.config import HostConfig
 from fenceless.control.anchor import NotInitialized, read_anchor
 from fenceless.control.area import ControlArea
+from fenceless.ledger.claims import HostClaims, has_claims, read_claims
 from fenceless.ledger.state import LedgerState, LedgerStateInvalid, ledger_hosts
 from fenceless.localstate import agent_view, member
 from fenceless.ondisk.errors import CorruptRecord
 
 
-def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
+def read_status(cfg: HostConfig, vg_name: str | None, *,
+                with_claims: bool = False) -> dict[str, Any]:
+    """The cluster as this host sees it; ``with_claims`` adds what each host has mapped."""
     vg = cfg.vg(vg_name)
     path = vg.devices[0]
     # With a deadline: a hung path gives an error, not a hung command.
@@ -37,6 +40,7 @@ def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
         raw = hosts_area.read_area()
         leader = area.writer().read_leader()
         view = area.ledger()
+        claims = _read_all_claims(area) if with_claims else {}
     finally:
         dev.close()
 
@@ -72,6 +76,13 @@ def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
             "age": _age(observed.get(str(hid), {}).get("changed"), now),
             "facts": dict(rec.facts) if rec else {},
         }
+        if with_claims:
+            got = claims.get(hid)
+            if isinstance(got, HostClaims):
+                entry["claims"] = {lv: {"size_bytes": c.size, "mode": c.mode}
+                                   for lv, c in got.lvs.items()}
+            elif got is not None:
+                entry["claims_error"] = str(got)
         if problem:
             entry["error"] = problem
         hosts.append(entry)
@@ -92,6 +103,21 @@ def read_status(cfg: HostConfig, vg_name: str | None) -> dict[str, Any]:
         "io_timeout": area.io_timeout,
         "lease_source": "agent" if fresh else "disk only (no running agent here)",
     }
+
+
+def _read_all_claims(area: ControlArea) -> dict[int, HostClaims | CorruptRecord]:
+    if not has_claims(area.layout):
+        return {}
+    out: dict[int, HostClaims | CorruptRecord] = {}
+    for hid in range(1, area.sb.max_hosts + 1):
+        try:
+            got = read_claims(area.dev, area.layout, hid)
+        except CorruptRecord as exc:
+            out[hid] = exc
+            continue
+        if got is not None:
+            out[hid] = got
+    return out
 
 
 def _writer_state(leader: Any, hosts: list[dict[str, Any]]) -> str:

@@ -89,6 +89,12 @@ class VolumeOp(JournaledOp):
         if hosts:
             raise VolumeBusy(name=name, hosts=", ".join(hosts))
 
+    def check_claims(self, intent: Intent) -> None:
+        if self.takes_away:
+            self._busy(intent.name)
+
+    takes_away = False  # the change removes or renames a volume a host may have mapped
+
 
 class CreateOp(VolumeOp):
     op = "create"
@@ -155,6 +161,7 @@ class ExtendOp(VolumeOp):
 
 class RenameOp(VolumeOp):
     op = "rename"
+    takes_away = True
 
     def check_args(self) -> None:
         _not_control(_name(self.args, "name"))
@@ -167,7 +174,6 @@ class RenameOp(VolumeOp):
             raise NotFound(kind="volume", name=old, where=f" in VG {self.vg}")
         if new in snap.lvs:
             raise VolumeExists(name=new, vg=self.vg, size=human(snap.lvs[new].size))
-        self._busy(old)
         return self.intent(old, name_after=new, uuid=lv.uuid)
 
     def execute(self, intent: Intent, timeout: float) -> None:
@@ -188,6 +194,7 @@ class RenameOp(VolumeOp):
 
 class RemoveOp(VolumeOp):
     op = "remove"
+    takes_away = True
 
     def check_args(self) -> None:
         _not_control(_name(self.args, "name"))
@@ -197,7 +204,6 @@ class RemoveOp(VolumeOp):
         lv = snap.lvs.get(name)
         if lv is None:
             raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
-        self._busy(name)
         return self.intent(name, uuid=lv.uuid, size_bytes=lv.size)
 
     def execute(self, intent: Intent, timeout: float) -> None:

@@ -75,9 +75,13 @@ def hand_over(port: RolePort, target: int, name: str, nonce: str) -> None:
     port.log(f"handing the writer role over to {name} (id {target}) after epoch {epoch}")
     port.write_ledger(port.ledger().with_handover(Handover(target, name, epoch, nonce)))
     crashpoint("agent.handover-recorded")
-    port.release_writer(epoch)
-    port.read_leader()
-    port.set_epoch(None, f"handed over to {name}")
+    try:
+        port.release_writer(epoch)
+        port.read_leader()
+    finally:
+        # Recorded is promised: whether the release landed, failed or hangs, this host
+        # is not the writer any more (a hung release may land at any time).
+        port.set_epoch(None, f"handed over to {name}")
 
 
 def upkeep(port: RolePort, live: Iterable[tuple[int, str]], *, scrub: bool) -> LedgerState:
