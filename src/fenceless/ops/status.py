@@ -55,6 +55,31 @@ def read_status(cfg: HostConfig, vg_name: str | None, *,
     except LedgerStateInvalid as exc:
         names = {}
         problems.append(str(exc))
+    hosts = _hosts(area, raw, names, observed, now, claims if with_claims else None)
+    writer: dict[str, Any] | None = None
+    if leader is not None:
+        writer = {"host": leader.owner_name, "id": leader.owner_id, "epoch": leader.lver,
+                  "generation": leader.owner_generation, "released": leader.released,
+                  "state": _writer_state(leader, hosts)}
+    me = member(cfg.state_dir, vg.name)
+    return {
+        "vg": anchor.vg_name, "cluster": str(anchor.cluster_uuid), "host": cfg.host,
+        "host_id": me.get("host_id") if me else None,
+        "writer": writer,
+        "hosts": hosts,
+        "ledger": {"generation": view.current.generation if view.current else None,
+                   "epoch": view.current.epoch if view.current else None,
+                   "problems": problems},
+        "io_timeout": area.io_timeout,
+        "lease_source": "agent" if fresh else "disk only (no running agent here)",
+    }
+
+
+def _hosts(area: ControlArea, raw: bytes, names: dict[int, str], observed: dict[str, Any],
+           now: float, claims: dict[int, HostClaims | CorruptRecord] | None
+           ) -> list[dict[str, Any]]:
+    """One entry per host id in use: lease state (as the agent observed it), facts, claims."""
+    hosts_area = area.hosts()
     hosts = []
     for hid in range(1, area.sb.max_hosts + 1):
         try:
@@ -76,7 +101,7 @@ def read_status(cfg: HostConfig, vg_name: str | None, *,
             "age": _age(observed.get(str(hid), {}).get("changed"), now),
             "facts": dict(rec.facts) if rec else {},
         }
-        if with_claims:
+        if claims is not None:
             got = claims.get(hid)
             if isinstance(got, HostClaims):
                 entry["claims"] = {lv: {"size_bytes": c.size, "mode": c.mode}
@@ -86,23 +111,7 @@ def read_status(cfg: HostConfig, vg_name: str | None, *,
         if problem:
             entry["error"] = problem
         hosts.append(entry)
-    writer: dict[str, Any] | None = None
-    if leader is not None:
-        writer = {"host": leader.owner_name, "id": leader.owner_id, "epoch": leader.lver,
-                  "generation": leader.owner_generation, "released": leader.released,
-                  "state": _writer_state(leader, hosts)}
-    me = member(cfg.state_dir, vg.name)
-    return {
-        "vg": anchor.vg_name, "cluster": str(anchor.cluster_uuid), "host": cfg.host,
-        "host_id": me.get("host_id") if me else None,
-        "writer": writer,
-        "hosts": hosts,
-        "ledger": {"generation": view.current.generation if view.current else None,
-                   "epoch": view.current.epoch if view.current else None,
-                   "problems": problems},
-        "io_timeout": area.io_timeout,
-        "lease_source": "agent" if fresh else "disk only (no running agent here)",
-    }
+    return hosts
 
 
 def _read_all_claims(area: ControlArea) -> dict[int, HostClaims | CorruptRecord]:
