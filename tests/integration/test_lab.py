@@ -201,6 +201,9 @@ def test_down_also_stops_processes_started_in_a_host(make_lab):
     # A long-running process started inside h2, detached from the CLI.
     cli("lab", "exec", "--dir", str(lab.dir), "h2", "--", "sh", "-c",
         "setsid sleep 600 >/dev/null 2>&1 < /dev/null &")
+    deadline = time.monotonic() + 10  # the shell returns before its child has started
+    while len(lab_processes(lab.dir)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(lab_processes(lab.dir)) >= 3
     cli("lab", "down", "--dir", str(lab.dir))
     assert lab_processes(lab.dir) == []
