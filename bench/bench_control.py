@@ -78,7 +78,7 @@ from fenceless.clock import SystemClock
 from fenceless.config import HostConfig
 from fenceless.control.anchor import read_anchor
 from fenceless.control.area import ControlArea
-from fenceless.lab import cluster
+from fenceless.lab import daemons
 from fenceless.lease.delta import decode_host
 from fenceless.localstate import agent_view
 from fenceless.lvm import parse
@@ -270,7 +270,7 @@ def measure_status(cli: str, c: Cluster, args: argparse.Namespace) -> dict[str, 
     samples = {k: ProcSample() for k in argvs}
     for argv, env, check in argvs.values():  # warm-up: page cache, .pyc files
         timed_proc(argv, env, None, check)
-    agents = [p for h in c.hosts if (p := cluster.agent_pid(str(c.dir), h)) is not None]
+    agents = [p for h in c.hosts if (p := daemons.agent_pid(str(c.dir), h)) is not None]
     cpu0, t0 = proc_cpu(agents), time.perf_counter()
     keys = list(argvs)
     for i in range(args.repeat):
@@ -483,7 +483,7 @@ def one_takeover(cli: str, c: Cluster, mode: str, rep: int) -> Takeover:
     watcher = others[-1]
     dev, area = leader_reader(c, watcher)
     try:
-        pid = cluster.agent_pid(str(c.dir), old)
+        pid = daemons.agent_pid(str(c.dir), old)
         assert pid is not None, f"{old} has no agent"
         racers = [others[rep % len(others)], others[(rep + 1) % len(others)]]
         os.kill(pid, signal.SIGKILL)

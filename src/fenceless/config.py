@@ -8,6 +8,8 @@ Example::
     lvm_system_dir = "/etc/lvm"        # optional: LVM_SYSTEM_DIR for fenceless's LVM calls
     hypervisor_uri = "qemu:///system"  # optional, used by the VM commands
     activation = "lvm"                 # "lvm" (device-mapper) or "lab" (loop mappings)
+    cgroup = "fenceless"               # the work cgroup the watchdog kills, under cgroup v2
+    watchdog_device = "/dev/watchdog"  # the hardware backstop ("none": no device)
 
     [vg.vmstore]
     devices = ["/dev/disk/by-id/wwn-0x600a0b80001234"]
@@ -36,6 +38,7 @@ VG_NAME_RE = re.compile(r"^[A-Za-z0-9+_][A-Za-z0-9+_.-]{0,126}$")
 # Device paths end up inside an LVM filter regex; keep them to a plain alphabet.
 DEVICE_RE = re.compile(r"^/dev/[A-Za-z0-9/_.:+-]+$")
 ACTIVATION_MODES = ("lvm", "lab")
+CGROUP_PART_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 # NamedTuples, not dataclasses: every CLI start loads a config, and the
@@ -55,6 +58,8 @@ class HostConfig(NamedTuple):
     lvm_binary: str = "/usr/sbin/lvm"
     hypervisor_uri: str | None = None
     activation: str = "lvm"
+    cgroup: str = "fenceless"
+    watchdog_device: str = "/dev/watchdog"
 
     def vg(self, name: str | None) -> VgConfig:
         """The VG a command works on: the named one, or the only one configured."""
@@ -102,7 +107,7 @@ def load(path: str) -> HostConfig:
 
 _TOP_KEYS = {
     "host", "state_dir", "io_timeout", "lvm_system_dir", "lvm_binary",
-    "hypervisor_uri", "activation", "vg",
+    "hypervisor_uri", "activation", "vg", "cgroup", "watchdog_device",
 }
 _VG_KEYS = {"devices"}
 
@@ -143,6 +148,14 @@ class _Fields:
         if not 0.01 <= float(value) <= 300:
             raise self.fail("io_timeout", "seconds between 0.01 and 300", value)
         return float(value)
+
+    def cgroup(self) -> str:
+        value = self.string("cgroup", "fenceless") or "fenceless"
+        parts = value.strip("/").split("/")
+        if any(not CGROUP_PART_RE.match(p) for p in parts):
+            raise self.fail("cgroup", "a cgroup path of letters, digits and - _ . (below the "
+                            "cgroup v2 root)", value)
+        return "/".join(parts)
 
     def vgs(self) -> tuple[VgConfig, ...]:
         vg_table = self.raw.get("vg")
@@ -217,6 +230,8 @@ def parse(text: str, path: str) -> HostConfig:
         lvm_binary=f.string("lvm_binary", "/usr/sbin/lvm") or "/usr/sbin/lvm",
         hypervisor_uri=f.string("hypervisor_uri", None),
         activation=activation,
+        cgroup=f.cgroup(),
+        watchdog_device=f.string("watchdog_device", "/dev/watchdog") or "/dev/watchdog",
     )
 
 
@@ -237,6 +252,8 @@ def render(cfg: HostConfig) -> str:
         lines.append(f"lvm_system_dir = {q(cfg.lvm_system_dir)}")
     if cfg.hypervisor_uri:
         lines.append(f"hypervisor_uri = {q(cfg.hypervisor_uri)}")
+    lines.append(f"cgroup = {q(cfg.cgroup)}")
+    lines.append(f"watchdog_device = {q(cfg.watchdog_device)}")
     for vg in cfg.vgs:
         devs = ", ".join(q(d) for d in vg.devices)
         lines += ["", f"[vg.{vg.name}]", f"devices = [{devs}]"]

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fenceless.cgroup import WorkGroup
 from fenceless.errors import CommandFailed, CommandTimeout
 
 
@@ -58,10 +59,16 @@ class Runner(Protocol):
 
 @dataclass
 class SubprocessRunner:
-    """The real runner: no shell, ``LC_ALL=C``, own process group, killed as a group."""
+    """The real runner: no shell, ``LC_ALL=C``, own process group, killed as a group.
+
+    With a ``workgroup`` (the agent's), every child joins that cgroup before it
+    execs, so the watchdog can kill it even if this process is frozen
+    (docs/design.md, "The watchdog").
+    """
 
     default_timeout: float = 120.0
     base_env: Mapping[str, str] | None = None
+    workgroup: WorkGroup | None = None
 
     def run(
         self,
@@ -84,6 +91,12 @@ class SubprocessRunner:
             argv_t = ("setpriv", "--pdeathsig", "KILL", "--", *argv_t)
         limit = self.default_timeout if timeout is None else timeout
         started = time.monotonic()
+        procs_fd = self.workgroup.procs_fd() if self.workgroup is not None else None
+
+        def join_workgroup() -> None:  # in the child, before exec: "0" is the writer itself
+            if procs_fd is not None:
+                os.write(procs_fd, b"0")
+
         try:
             proc = subprocess.Popen(
                 argv_t,
@@ -94,9 +107,13 @@ class SubprocessRunner:
                 text=True,
                 close_fds=True,
                 start_new_session=True,
+                preexec_fn=join_workgroup if procs_fd is not None else None,  # noqa: PLW1509
             )
         except FileNotFoundError as exc:
             raise CommandFailed(argv0=argv_t[0], rc=127, stderr="command not found") from exc
+        finally:
+            if procs_fd is not None:
+                os.close(procs_fd)
         try:
             out, err = proc.communicate(input=input, timeout=limit)
         except subprocess.TimeoutExpired as exc:
@@ -139,10 +156,20 @@ class RecordingRunner:
                               die_with_parent=die_with_parent)
 
 
+KILL_WAIT = 5.0  # seconds to wait for a killed command to be gone
+
+
 def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the command's process group; wait for it, but never forever.
+
+    A process in uninterruptible sleep (a hung path) survives SIGKILL until its
+    I/O returns: waiting for it would stop the caller, the agent's lease thread
+    among them. It is left to its cgroup and the watchdog.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=KILL_WAIT)
 
 
 def _last_lines(text: str, n: int = 5) -> str:

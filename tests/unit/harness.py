@@ -146,6 +146,23 @@ class FakeActivator:
                 for lv, size in self.mapped.items()]
 
 
+class FakeFence:
+    """A watchdog that is always there; it keeps what it was armed with."""
+
+    def __init__(self) -> None:
+        self.armed: dict[str, float] = {}
+        self.connected = True
+
+    def arm(self, vg: str, fire_at: float) -> bool:
+        if self.connected:
+            self.armed[vg] = fire_at
+        return self.connected
+
+    def disarm(self, vg: str) -> bool:
+        self.armed.pop(vg, None)
+        return self.connected
+
+
 def make_area(dev: BlockDevice, clock: FakeClock, max_hosts: int = 4) -> ControlArea:
     layout = Layout.compute(max_hosts)
     format_regions(dev, layout)
@@ -166,6 +183,7 @@ class Host:
     activator: FakeActivator
     logs: list[str]
     noted: list[tuple[str, int]]
+    fence: FakeFence
 
 
 def host(area: ControlArea, clock: FakeClock, name: str, host_id: int, vg: FakeVg,
@@ -181,8 +199,9 @@ def host(area: ControlArea, clock: FakeClock, name: str, host_id: int, vg: FakeV
     activator = FakeActivator(vg)
     local = LocalLvs(lambda: activator, lambda: FakeLvm(vg), clock,  # type: ignore[arg-type,return-value]
                      logs.append)
+    fence = FakeFence()
     port = AgentPort(cfg, cfg.vgs[0], Context(cfg), keeper, local, clock, logs.append,
-                     lambda entry: None, dict)
+                     lambda entry: None, dict, fence)
     # LVM and its metadata area on the PV are the fake VG's: the snapshot cache keys on
     # its seqno, and the history ring records which changes were noted.
     port.lvm = lambda role=None: FakeLvm(vg)  # type: ignore[assignment,method-assign,misc]
@@ -190,4 +209,4 @@ def host(area: ControlArea, clock: FakeClock, name: str, host_id: int, vg: FakeV
     port.activator = lambda: activator  # type: ignore[assignment,method-assign,return-value]
     noted: list[tuple[str, int]] = []
     port.note_metadata_change = lambda rid, seqno: noted.append((rid, seqno))  # type: ignore[method-assign]
-    return Host(name, keeper, port, local, activator, logs, noted)
+    return Host(name, keeper, port, local, activator, logs, noted, fence)

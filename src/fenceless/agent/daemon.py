@@ -24,17 +24,32 @@ from fenceless.agent.keeper import Opener
 from fenceless.agent.priority import raise_priority
 from fenceless.agent.vg import VgAgent
 from fenceless.blockio import open_device
+from fenceless.cgroup import CgroupError, WorkGroup
 from fenceless.clock import Clock, SystemClock
 from fenceless.config import HostConfig
 from fenceless.errors import FencelessError
 from fenceless.guard.role import RoleEntry, write_role_file
 from fenceless.guard.role import entry as role_entry
 from fenceless.ops.context import Context
+from fenceless.runner import SubprocessRunner
+from fenceless.watchdog.client import WatchdogClient
 
 
 def _log_to_stderr(msg: str) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"{stamp} {msg}", file=sys.stderr, flush=True)
+
+
+def work_group(cfg: HostConfig, log: Callable[[str], None]) -> WorkGroup | None:
+    """The host's work cgroup (its ``lvm`` child holds this agent's LVM commands)."""
+    try:
+        work = WorkGroup.under_root(cfg.cgroup).create()
+        work.child("lvm").create()
+    except CgroupError as exc:
+        log(f"WARNING: no work cgroup ({exc}): LVM commands are killed with the agent "
+            "(pdeathsig), but not as a whole, and a handover cannot wait for them")
+        return None
+    return work
 
 
 class Agent:
@@ -43,7 +58,9 @@ class Agent:
                  log: Callable[[str], None] = _log_to_stderr,
                  ctx: Context | None = None) -> None:
         self.cfg = cfg
-        self.ctx = ctx or Context(cfg)
+        self.work = work_group(cfg, log)
+        self.ctx = ctx or Context(cfg, runner=SubprocessRunner(
+            workgroup=self.work.child("lvm") if self.work is not None else None))
         self.clock = clock or SystemClock()
         self.log = log
         self.auto_takeover = auto_takeover
@@ -52,9 +69,12 @@ class Agent:
         self.priority = "normal"
         self.roles: dict[str, RoleEntry] = {}
         self.role_lock = threading.Lock()
+        self.watchdog = WatchdogClient(cfg.state_dir, log)
         self.vgs = {vg.name: VgAgent(cfg, vg, self.ctx, self.clock, opener, log,
-                                     self.set_role, self.facts, auto_takeover)
+                                     self.set_role, self.facts, self.watchdog, auto_takeover)
                     for vg in cfg.vgs}
+        for v in self.vgs.values():
+            v.port.work = self.work.child("lvm") if self.work is not None else None
         self.server: Server | None = None
 
     def facts(self) -> dict[str, Any]:
@@ -92,6 +112,7 @@ class Agent:
         signal.signal(signal.SIGINT, on_signal)
         for vg in self.vgs:
             self.set_role(role_entry(vg, "reader", None, 0, 0.0))
+        self.watchdog.connect()  # or later: without it this host takes no exclusive work
         self.server = Server(self.cfg.state_dir, self.handle)
         self.server.start()
         for v in self.vgs.values():
@@ -116,4 +137,6 @@ class Agent:
                 self.log(f"[{v.vg.name}] still busy: NOT releasing the leases; they "
                          "expire by themselves")
                 continue
-            v.shutdown()
+            if v.shutdown():
+                self.watchdog.disarm(v.vg.name)  # released: FREE, its claims still count
+        self.watchdog.bye()

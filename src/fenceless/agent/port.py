@@ -16,9 +16,10 @@ from typing import Any
 from fenceless import __version__
 from fenceless.agent.keeper import LeaseKeeper
 from fenceless.agent.local import LocalLvs
+from fenceless.cgroup import WorkGroup
 from fenceless.clock import Clock
 from fenceless.config import HostConfig, VgConfig
-from fenceless.errors import ExecError, FencelessError, LeaseLost
+from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.guard.role import RoleEntry
 from fenceless.guard.role import entry as role_entry
@@ -34,6 +35,13 @@ from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ondisk.errors import CorruptRecord
 from fenceless.ops.context import Context
 from fenceless.ops.port import HostView
+from fenceless.watchdog.client import Fence
+
+
+class NoWatchdog(UserError):
+    """Refused: no watchdog guards this host (none answers on its socket in {state_dir}); \
+without one a frozen agent could not be stopped, so this host takes no exclusive work. \
+Start it: `fenceless watchdog` (systemd: fenceless-watchdog.service)."""
 
 
 class AgentPort:
@@ -42,7 +50,7 @@ class AgentPort:
     def __init__(self, cfg: HostConfig, vg: VgConfig, ctx: Context, keeper: LeaseKeeper,
                  local: LocalLvs, clock: Clock, log: Callable[[str], None],
                  set_role: Callable[[RoleEntry], None],
-                 extra_facts: Callable[[], Mapping[str, Any]]) -> None:
+                 extra_facts: Callable[[], Mapping[str, Any]], fence: Fence) -> None:
         self.cfg = cfg
         self.vg_cfg = vg
         self.ctx = ctx
@@ -52,6 +60,8 @@ class AgentPort:
         self._log = log
         self.set_role = set_role
         self.extra_facts = extra_facts
+        self.fence = fence
+        self.work: WorkGroup | None = None  # where this agent's LVM commands run
         self._epoch: int | None = None
         self.cache: LedgerState | None = None  # the writer's copy of the ledger
         self.last_ledger_epoch = 0
@@ -117,8 +127,34 @@ class AgentPort:
     def renew(self) -> bool:
         ok = self.keeper.renew(self.facts())
         if ok:
+            self.rearm()
             self.publish_role()
         return ok
+
+    def exclusive(self) -> bool:
+        """Whether this host holds exclusive work in the VG: the writer role, or mappings
+        (a host that lost its lease with LVs mapped must be fenced before it is DEAD)."""
+        return self._epoch is not None or bool(self.local.claims())
+
+    def rearm(self) -> None:
+        """After a good renewal: the watchdog fires 10N after it, unless re-armed again."""
+        lease = self.keeper.lease
+        if lease is None:
+            return
+        if not self.exclusive():
+            self.fence.disarm(self.vg)
+            return
+        armed = self.fence.arm(self.vg, lease.last_renewal + self.keeper.timing.watchdog_fire)
+        if not armed and self._epoch is not None:
+            self.set_epoch(None, "no watchdog guards this host")
+
+    def arm_now(self) -> None:
+        """Before exclusive work starts (the writer role, a mapping): armed, or refused."""
+        lease = self.keeper.lease
+        if lease is None:
+            raise LeaseLost(detail="no host lease")
+        if not self.fence.arm(self.vg, lease.last_renewal + self.keeper.timing.watchdog_fire):
+            raise NoWatchdog(state_dir=self.cfg.state_dir)
 
     def renew_if_due(self) -> None:
         if self.keeper.due():
@@ -179,6 +215,7 @@ class AgentPort:
     def acquire_writer(self) -> AcquireResult:
         area, lease = self.keeper.area, self.keeper.lease
         assert area is not None and lease is not None
+        self.arm_now()  # armed before the role: a frozen writer must be fenced
         return area.writer().acquire(lease.host_id, lease.generation, self.owner_gone,
                                      name=self.host, max_ballots=6,
                                      before_write=self.check_write)
@@ -187,6 +224,10 @@ class AgentPort:
         assert self.keeper.area is not None
         self.keeper.area.writer().release(self.host_id, self.generation, epoch,
                                           before_write=self.check_write)
+
+    def work_idle(self) -> bool:
+        """No LVM command of this agent is left running (a killed one may hang in I/O)."""
+        return self.work is None or self.work.wait_empty(self.n)
 
     def request_handover(self, request: dict[str, Any] | None) -> None:
         self.handover_ask = request
@@ -358,6 +399,7 @@ class AgentPort:
         return area is not None and has_claims(area.layout)
 
     def claim(self, lv: str, mode: str = "rw") -> None:
+        self.arm_now()  # a mapping is exclusive work: fenced if this host freezes
         self.local.mapping[lv] = mode
         try:
             self.publish_claims(force=True)

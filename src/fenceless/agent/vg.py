@@ -49,6 +49,7 @@ from fenceless.ops.writer import (
     request_handover,
     upkeep,
 )
+from fenceless.watchdog.client import Fence
 
 if TYPE_CHECKING:
     from fenceless.guard.role import RoleEntry
@@ -76,7 +77,8 @@ class VgAgent:
     def __init__(self, cfg: HostConfig, vg: VgConfig, ctx: Context, clock: Clock,
                  opener: Opener, log: Callable[[str], None],
                  set_role: Callable[[RoleEntry], None],
-                 facts: Callable[[], Mapping[str, Any]], auto_takeover: bool = False) -> None:
+                 facts: Callable[[], Mapping[str, Any]], fence: Fence,
+                 auto_takeover: bool = False) -> None:
         self.cfg = cfg
         self.vg = vg
         self.ctx = ctx
@@ -86,7 +88,7 @@ class VgAgent:
         self.keeper = LeaseKeeper(cfg, vg, clock, opener, self.log)
         self.local = LocalLvs(lambda: ctx.activator(vg.name), self.reader, clock, self.log)
         self.port = AgentPort(cfg, vg, ctx, self.keeper, self.local, clock, self.log,
-                              set_role, facts)
+                              set_role, facts, fence)
         self.journal = Journal(self.port)
         self.mailboxes = Mailboxes(self.keeper, cfg.host, vg.name, lambda: self.port.epoch,
                                    self.journal, self.log, self.writer_epoch)
@@ -315,6 +317,7 @@ class VgAgent:
             self.keeper.adopt(init.area, read_anchor(dev, self.keeper.size), init.host_lease)
             self.port.set_epoch(init.epoch, "init")
             self.took_host_id()
+            self.port.rearm()  # the writer role: fenced from now on
             return result
         join = JoinOp(env)
         result = join.run()
@@ -344,14 +347,22 @@ class VgAgent:
         with contextlib.suppress(OSError):
             set_agent_view(self.cfg.state_dir, self.vg.name, view)
 
-    def shutdown(self) -> None:
-        """Planned stop: release the writer lease, then the host lease."""
+    def shutdown(self) -> bool:
+        """Planned stop: release the writer lease, then the host lease; True if released.
+
+        The claims stay on the disk: the mappings outlive the agent, and a host that
+        released its lease (FREE, not DEAD) still has them counted.
+        """
         keeper, port = self.keeper, self.port
         if keeper.area is None or keeper.lease is None:
-            return
-        with contextlib.suppress(FencelessError):
+            return True
+        try:
             if port.epoch is not None:
                 port.release_writer(port.epoch)
                 self.log(f"released the writer lease at epoch {port.epoch}")
             port.set_epoch(None, "shutdown", quiet=True)
             keeper.release()
+        except FencelessError as exc:
+            self.log(f"planned stop: the leases were not released ({exc}); they expire")
+            return False
+        return True

@@ -24,7 +24,7 @@ from fenceless.cli.common import (
 if TYPE_CHECKING:
     from fenceless.ops.context import Context
 
-NAMES = ("init", "join", "agent", "status", "scan", "config")
+NAMES = ("init", "join", "agent", "watchdog", "status", "scan", "config")
 
 
 def register(sub: Subparsers, name: str) -> None:
@@ -45,6 +45,10 @@ def register(sub: Subparsers, name: str) -> None:
                      "serves the writer role", json_opt=False)
         sp.add_argument("--auto-takeover", action="store_true", help="take over a dead writer "
                         "when this is the lowest-numbered live host")
+    elif name == "watchdog":
+        command(sub, "watchdog", "watchdog", "the per-host watchdog (foreground): fences this "
+                "host's work (kills the agent and its work cgroup) when the agent stops "
+                "re-arming it; pets /dev/watchdog while all is well", json_opt=False)
     elif name == "status":
         sp = command(sub, "status", "status", "hosts, leases, writer and ledger, read from the "
                      "control area (no LVM command runs)")
@@ -61,8 +65,8 @@ def register(sub: Subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the top-level command ``args.command`` (one of NAMES)."""
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
-        "init": _init, "join": _join, "agent": _agent, "status": _status, "scan": _scan,
-        "config": _config}
+        "init": _init, "join": _join, "agent": _agent, "watchdog": _watchdog,
+        "status": _status, "scan": _scan, "config": _config}
     return runners[args.command](args)
 
 
@@ -98,6 +102,13 @@ def _agent(args: argparse.Namespace) -> int:
     from fenceless.agent.daemon import Agent
 
     return Agent(load_config(args), auto_takeover=args.auto_takeover).run()
+
+
+def _watchdog(args: argparse.Namespace) -> int:
+    """The watchdog daemon, in the foreground (systemd: fenceless-watchdog.service)."""
+    from fenceless.agent.watchdog_main import run_watchdog
+
+    return run_watchdog(load_config(args))
 
 
 def _status_text(s: dict[str, Any]) -> str:

@@ -40,6 +40,8 @@ EXAMPLES = {
     "writer handover": "fenceless writer handover h2",
     "writer takeover": "fenceless writer takeover",
     "lab agent": "fenceless lab agent --dir /tmp/lab h2 stop",
+    "lab watchdog": "fenceless lab watchdog --dir /tmp/lab h2 fired --json",
+    "watchdog": "fenceless watchdog",
     "volume create": "fenceless volume create vm7-disk 20G",
     "volume extend": "fenceless volume extend vm7-disk +5G",
     "volume rename": "fenceless volume rename vm7-disk vm8-disk",

@@ -65,6 +65,11 @@ def register(sub: Subparsers, name: str) -> None:
     sp.add_argument("host")
     sp.add_argument("action", choices=["start", "stop", "kill", "pause", "resume", "pid"])
     sp.add_argument("--auto-takeover", action="store_true", help="with start")
+    sp = command(lsub, "watchdog", "lab watchdog", "start, stop or signal a lab host's "
+                 "watchdog stand-in, or show when it fired")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("host")
+    sp.add_argument("action", choices=["start", "stop", "kill", "pid", "fired"])
 
 
 def _register_activation(lsub: Subparsers) -> None:
@@ -80,6 +85,18 @@ def _register_activation(lsub: Subparsers) -> None:
         sp.add_argument("--vg", help="the shared VG, when the host has several")
         if name == "activate":
             sp.add_argument("--readonly", action="store_true", help="map read-only")
+
+
+def _daemons() -> Any:
+    from fenceless.lab import daemons
+
+    return daemons
+
+
+def load_config_path(path: str) -> Any:
+    from fenceless import config
+
+    return config.load(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     elif sub == "shell":
         cluster.shell(args.dir, args.host)
     elif sub == "agent":
-        return _agent(args, cluster)
+        return _agent(args)
+    elif sub == "watchdog":
+        return _watchdog(args, cluster)
     else:
         return _activation(args, cluster)
     return 0
@@ -119,7 +138,7 @@ def _up(args: argparse.Namespace, cluster: Any, runner: Runner) -> None:
                        vgs=args.vg or ["sanvg"], runner=runner)
     if args.agents:
         for h in state["hosts"]:
-            h["agent_pid"] = cluster.start_agent(
+            h["agent_pid"] = _daemons().start_agent(
                 args.dir, h["name"], ["--auto-takeover"] if args.auto_takeover else [])
     emit(args, state, _up_text)
 
@@ -152,20 +171,48 @@ def _status_text(s: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _agent(args: argparse.Namespace, cluster: Any) -> int:
+def _watchdog(args: argparse.Namespace, cluster: Any) -> int:
+    """lab watchdog: start, stop or kill a host's watchdog, or what it recorded firing."""
+    import signal
+
+    from fenceless.watchdog.daemon import read_fired
+
+    action = args.action
+    if action == "fired":
+        d = cluster.lab_dir(args.dir)
+        cfg = load_config_path(cluster.find_host(d, cluster.read_state(d), args.host)["config"])
+        fired = read_fired(cfg.state_dir)
+        emit(args, fired, lambda fs: "\n".join(
+            f"fired at {f['fired_at']:.3f} (boottime) for {', '.join(f['vgs'])}: agent "
+            f"{'killed' if f['agent_killed'] else 'gone'}, work "
+            f"{'gone' if f['work_gone'] else 'NOT gone'}" for f in fs) or "never fired")
+        return 0
+    if action == "start":
+        pid = _daemons().start_watchdog(args.dir, args.host)
+    elif action == "pid":
+        pid = _daemons().watchdog_pid(args.dir, args.host)
+    else:
+        sig = signal.SIGTERM if action == "stop" else signal.SIGKILL
+        pid = _daemons().signal_agent(args.dir, args.host, sig, wait=10.0, kind="watchdog")
+    emit(args, {"host": args.host, "action": action, "pid": pid},
+         lambda r: f"{r['host']}: watchdog {r['action']} (pid {r['pid']})")
+    return 0 if pid is not None or action != "pid" else 3
+
+
+def _agent(args: argparse.Namespace) -> int:
     """lab agent: start, stop or signal a host's agent; ``pid`` of none is exit 3."""
     import signal
 
     action = args.action
     if action == "start":
-        pid = cluster.start_agent(args.dir, args.host,
+        pid = _daemons().start_agent(args.dir, args.host,
                                   ["--auto-takeover"] if args.auto_takeover else [])
     elif action == "pid":
-        pid = cluster.agent_pid(args.dir, args.host)
+        pid = _daemons().agent_pid(args.dir, args.host)
     else:
         sig = {"stop": signal.SIGTERM, "kill": signal.SIGKILL, "pause": signal.SIGSTOP,
                "resume": signal.SIGCONT}[action]
-        pid = cluster.signal_agent(args.dir, args.host, sig,
+        pid = _daemons().signal_agent(args.dir, args.host, sig,
                                    wait=10.0 if action in ("stop", "kill") else 0.0)
     emit(args, {"host": args.host, "action": action, "pid": pid},
          lambda r: f"{r['host']}: agent {r['action']} (pid {r['pid']})")
@@ -190,7 +237,7 @@ def _activation(args: argparse.Namespace, cluster: Any) -> int:
     host = cluster.find_host(d, cluster.read_state(d), args.host)
     cfg = config.load(host["config"])
     sub = args.lab_command
-    if cluster.agent_pid(args.dir, args.host) is not None:
+    if _daemons().agent_pid(args.dir, args.host) is not None:
         res = agent_call(cfg, {"op": sub, "vg": args.vg, "lv": args.lv,
                                "readonly": getattr(args, "readonly", False)}, timeout=30.0)
         data = {"host": args.host, **res}

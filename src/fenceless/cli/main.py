@@ -26,6 +26,7 @@ from fenceless.errors import FencelessError
 COMMANDS: dict[str, str] = {
     "lab": "lab_cmd",
     "init": "cluster_cmd", "join": "cluster_cmd", "agent": "cluster_cmd",
+    "watchdog": "cluster_cmd",
     "status": "cluster_cmd",
     "writer": "writer_cmd",
     "volume": "volume_cmd",

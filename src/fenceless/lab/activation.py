@@ -106,3 +106,21 @@ class LabActivator:
                 if got is not None:
                     out.append(got)
         return out
+
+
+def reset_host(state_dir: str, runner: Runner) -> list[str]:
+    """What a reset does to a lab host's mappings: every one is gone (the watchdog's step).
+
+    Production mappings are device-mapper tables, which a reset clears; the
+    lab's are loop devices, which would outlive a killed agent.
+    """
+    gone = []
+    for rec in sorted(Path(state_dir).glob("lab-active/*/*.json")):
+        with contextlib.suppress(ValueError, OSError, KeyError):
+            device = json.loads(rec.read_text())["device"]
+            info = loopdev.info(device)
+            if info is not None:
+                loopdev.detach(runner, device)
+                gone.append(device)
+        rec.unlink(missing_ok=True)
+    return gone

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from fenceless import config as cfgmod
+from fenceless.cgroup import WorkGroup, cgroup2_root
 from fenceless.errors import LabError, UsageError
 from fenceless.faults import crashpoint
 from fenceless.lab import loopdev
-from fenceless.runner import Runner, exec_replace, spawn_detached, spawn_logged
+from fenceless.runner import Runner, exec_replace, spawn_detached
 from fenceless.validate import human
 
 STATE_FILE = "lab.json"
@@ -50,6 +51,8 @@ NS_BINDS = (("lvm", "/etc/lvm"), ("run-lvm", "/run/lvm"), ("lock", "/run/lock/lv
 # (dpkg-divert) renames files in /usr/sbin and rewrites /var/lib/dpkg, which a
 # bind mount of one file cannot isolate; an overlay copies up only what changes.
 NS_OVERLAYS = (("ov/usr-sbin", "/usr/sbin"), ("ov/var-lib-dpkg", "/var/lib/dpkg"))
+# The hosts' work cgroups (the watchdog kills them): LAB_CGROUP/<lab id>/<host>.
+LAB_CGROUP = "fenceless-lab"
 
 _HOLDER_SCRIPT = (
     'set -e; h="$1"; shift\n'
@@ -216,6 +219,7 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
             io_timeout=io_timeout,
             vgs=tuple(cfgmod.VgConfig(vg, (dev,)) for vg, dev in entry["loops"].items()),
             lvm_system_dir=str(hdir / "lvm"), activation="lab",
+            cgroup=f"{LAB_CGROUP}/{_lab_id(d)}/{name}", watchdog_device="none",
         )
         Path(entry["config"]).write_text(cfgmod.render(host_cfg))
         entry["holder_pid"] = _start_holder(d, hdir, name, runner)
@@ -224,6 +228,35 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
         crashpoint("lab.up.holder-started")
     state["status"] = "up"
     _write_state(d, state)
+
+
+def _lab_id(d: Path) -> str:
+    """A short name for this lab's cgroups (the lab path may not fit a cgroup name)."""
+    import hashlib
+
+    return hashlib.sha256(str(d).encode()).hexdigest()[:12]
+
+
+def _remove_cgroups(d: Path) -> None:
+    """Kill and remove this lab's work cgroups, deepest first."""
+    root = cgroup2_root()
+    if root is None:
+        return
+    top = Path(root) / LAB_CGROUP / _lab_id(d)
+    for sub, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            WorkGroup(sub).kill()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                os.rmdir(sub)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)
+    with contextlib.suppress(OSError):
+        os.rmdir(top.parent)  # the lab cgroups' parent, once no lab is left
 
 
 def _lab_env(d: Path, name: str) -> dict[str, str]:
@@ -385,6 +418,7 @@ def down(path: str, *, runner: Runner, force: bool = False) -> dict[str, Any]:
     images = set((state or {}).get("luns", {}).values())
     images |= {str(p) for p in (d / "luns").glob("*.img")}
     stopped = _stop_processes(d, state)
+    _remove_cgroups(d)
     detached = []
     for _ in range(3):
         loops = loopdev.tree(images)
@@ -435,70 +469,3 @@ def shell(path: str, name: str) -> None:
 
 
 # --- agents -----------------------------------------------------------------------
-
-
-def start_agent(path: str, name: str, extra: list[str] | None = None) -> int:
-    """Start ``fenceless agent`` inside the host's namespace, logging to its host folder."""
-    d = lab_dir(path)
-    state = read_state(d)
-    h = find_host(d, state, name)
-    if _agent_alive(h):
-        raise LabError(dir=str(d), detail=f"the agent of {name} is already running "
-                       f"(pid {h['agent_pid']})")
-    argv = [*_enter_argv(d, state, name), sys.executable, "-m", "fenceless.cli.main",
-            "agent", *(extra or [])]
-    pid = spawn_logged(argv, env=_lab_env(d, name), log_path=str(host_dir(d, name) / "agent.log"))
-    _wait_for_socket(host_dir(d, name) / "state" / "agent.sock", pid)
-    for entry in state["hosts"]:
-        if entry["name"] == name:
-            entry["agent_pid"] = pid
-            entry["agent_start"] = _proc_start_time(pid)
-            entry["agent_args"] = list(extra or [])
-    _write_state(d, state)
-    return pid
-
-
-def _agent_alive(entry: dict[str, Any]) -> bool:
-    pid = entry.get("agent_pid")
-    return isinstance(pid, int) and _proc_start_time(pid) == entry.get("agent_start") \
-        and _alive(pid)
-
-
-def agent_pid(path: str, name: str) -> int | None:
-    d = lab_dir(path)
-    h = find_host(d, read_state(d), name)
-    return int(h["agent_pid"]) if _agent_alive(h) else None
-
-
-def signal_agent(path: str, name: str, sig: int, *, wait: float = 0.0) -> int:
-    """Send a signal to a host's agent (stop, kill, SIGSTOP/SIGCONT in tests)."""
-    d = lab_dir(path)
-    pid = agent_pid(path, name)
-    if pid is None:
-        raise LabError(dir=str(d), detail=f"the agent of {name} is not running")
-    os.kill(pid, sig)
-    deadline = time.monotonic() + wait
-    while wait and time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.02)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-    return pid
-
-
-def _wait_for_socket(path: Path, pid: int, timeout: float = 15.0) -> None:
-    """Return once the agent answers on its socket (a stale socket file refuses)."""
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            raise LabError(dir=str(path.parents[2]), detail=f"the agent (pid {pid}) exited at "
-                           f"start; see {path.parents[1] / 'agent.log'}")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            try:
-                sock.connect(str(path))
-                return
-            except OSError:
-                time.sleep(0.02)
-    raise LabError(dir=str(path.parents[2]), detail=f"the agent (pid {pid}) did not open "
-                   f"{path} within {timeout:.0f}s")

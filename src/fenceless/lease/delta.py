@@ -14,6 +14,7 @@ renew      2N       holder renews
 acquire    2N       after writing, wait and re-read before keeping an id
 warn       6N       holder: renewals are late
 fail       8N       holder stops exclusive work; observer: LIVE -> FAIL
+fence      10N      the holder's watchdog kills its work if it is still there
 dead       14N      observer: FAIL -> DEAD; others may take the host's leases
 =========  =======  =========================================================
 
@@ -77,6 +78,12 @@ class LeaseTiming:
     @property
     def fail_after(self) -> float:
         return 8 * self.io_timeout
+
+    @property
+    def watchdog_fire(self) -> float:
+        """The watchdog fences a holder that has not renewed for this long: 4N before others
+        may take over (docs/design.md, "The watchdog")."""
+        return 10 * self.io_timeout
 
     @property
     def dead_after(self) -> float:

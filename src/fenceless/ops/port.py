@@ -176,6 +176,10 @@ class RolePort(WriterPort, Protocol):
     def release_writer(self, epoch: int) -> None:
         """Mark the writer lease released (a planned handover)."""
 
+    def work_idle(self) -> bool:
+        """Wait (a little) until no LVM command of this host is running; False if one is
+        left (killed, but stuck in I/O): then the role must not move yet."""
+
     def set_epoch(self, epoch: int | None, why: str) -> None:
         """Act as the writer at ``epoch`` from now on, or (None) stop at once."""
 

@@ -42,6 +42,11 @@ class HandoverTargetNotLive(UserError):
     """Refused: {to}'s host lease is {state}; hand over only to a live host"""
 
 
+class HandoverBusy(UserError):
+    """Not yet: an LVM command of this writer is still running (killed, but stuck in I/O?); \
+the role moves once it is gone"""
+
+
 class NoLiveWriter(UserError):
     """Refused: there is no live writer to hand over from (the writer lease names {held}). \
 Run `fenceless writer takeover` on {to}."""
@@ -72,6 +77,8 @@ def hand_over(port: RolePort, target: int, name: str, nonce: str) -> None:
     epoch = port.epoch
     if epoch is None or target == port.host_id:
         return
+    if not port.work_idle():
+        raise HandoverBusy()
     port.log(f"handing the writer role over to {name} (id {target}) after epoch {epoch}")
     port.write_ledger(port.ledger().with_handover(Handover(target, name, epoch, nonce)))
     crashpoint("agent.handover-recorded")
