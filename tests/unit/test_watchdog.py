@@ -27,7 +27,7 @@ from fenceless.ondisk.layout import Layout
 from fenceless.ops.writer import become_writer
 from fenceless.watchdog import protocol as wp
 from fenceless.watchdog.daemon import Client, Watch, Watchdog, read_fired
-from tests.unit.harness import N, FakeVg, Host, host, make_area
+from tests.unit.harness import FakeVg, Host, N, host, make_area
 
 LAYOUT = Layout.compute(4)
 
@@ -164,7 +164,9 @@ def test_the_daemon_kills_a_frozen_agent_and_its_work(tmp_path: Path) -> None:
         armed_at = boottime()
         assert agent.wait(timeout=10) == -signal.SIGKILL
         assert lvm.wait(timeout=10) == -signal.SIGKILL
-        fired = read_fired(str(tmp_path))
+        deadline = time.monotonic() + 5  # the record follows the kill
+        while not (fired := read_fired(str(tmp_path))) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert len(fired) == 1 and fired[0]["vgs"] == ["sanvg"] and fired[0]["work_gone"]
         assert fired[0]["agent_killed"] and fired[0]["fired_at"] >= armed_at + 0.4
         assert not work.populated()
