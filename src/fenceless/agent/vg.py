@@ -257,6 +257,7 @@ class VgAgent:
                 item.done.set()
                 continue
             item.started = True
+            self.port.renew_if_due()  # many requests in a row must not cost the lease
             try:
                 if item.request.get("op") == "volume":
                     self.mailboxes.submit(item)  # completed by the mailboxes

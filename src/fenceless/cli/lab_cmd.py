@@ -81,7 +81,7 @@ def _register_activation(lsub: Subparsers) -> None:
         sp = command(lsub, name, f"lab {name}", helptext)
         sp.add_argument("--dir", required=True)
         sp.add_argument("host")
-        sp.add_argument("lv")
+        sp.add_argument("lv", nargs="+", help="one LV, or several (one after the other)")
         sp.add_argument("--vg", help="the shared VG, when the host has several")
         if name == "activate":
             sp.add_argument("--readonly", action="store_true", help="map read-only")
@@ -227,32 +227,36 @@ def _activation_text(r: dict[str, Any]) -> str:
 def _activation(args: argparse.Namespace, cluster: Any) -> int:
     """lab activate|deactivate|refresh: through the host's agent if it runs, else directly.
 
-    The agent announces an activation on disk before it maps the LV; without an
-    agent (a lab with no cluster yet) the host's activator maps it directly.
+    The agent claims an LV on the LUN before it maps it; without an agent (a
+    lab with no cluster yet) the host's activator maps it directly.
     """
     from fenceless import config
-    from fenceless.ops.context import Context
 
     d = cluster.lab_dir(args.dir)
     host = cluster.find_host(d, cluster.read_state(d), args.host)
     cfg = config.load(host["config"])
-    sub = args.lab_command
-    if _daemons().agent_pid(args.dir, args.host) is not None:
-        res = agent_call(cfg, {"op": sub, "vg": args.vg, "lv": args.lv,
-                               "readonly": getattr(args, "readonly", False)}, timeout=30.0)
-        data = {"host": args.host, **res}
-    else:
-        act = Context(cfg).activator(args.vg)
-        if sub == "deactivate":
-            act.deactivate(args.lv)
-            data = {"host": args.host, "lv": args.lv, "active": False}
-        else:
-            got = act.activate(args.lv, readonly=args.readonly) if sub == "activate" \
-                else act.refresh(args.lv)
-            data = {"host": args.host, "vg": got.vg, "lv": got.lv, "device": got.device,
-                    "size_bytes": got.size, "readonly": got.readonly}
-    if sub == "deactivate":
-        emit(args, data, lambda r: f"{r['host']}: {r['lv']} deactivated")
-    else:
-        emit(args, data, _activation_text)
+    via_agent = _daemons().agent_pid(args.dir, args.host) is not None
+    done = [_activate_one(args, cfg, lv, via_agent) for lv in args.lv]
+    text = (lambda r: f"{r['host']}: {r['lv']} deactivated") \
+        if args.lab_command == "deactivate" else _activation_text
+    emit(args, done[0] if len(done) == 1 else done,
+         text if len(done) == 1 else (lambda rs: "\n".join(text(r) for r in rs)))
     return 0
+
+
+def _activate_one(args: argparse.Namespace, cfg: Any, lv: str, via_agent: bool
+                  ) -> dict[str, Any]:
+    from fenceless.ops.context import Context
+
+    sub = args.lab_command
+    if via_agent:
+        res = agent_call(cfg, {"op": sub, "vg": args.vg, "lv": lv,
+                               "readonly": getattr(args, "readonly", False)}, timeout=30.0)
+        return {"host": args.host, **res}
+    act = Context(cfg).activator(args.vg)
+    if sub == "deactivate":
+        act.deactivate(lv)
+        return {"host": args.host, "lv": lv, "active": False}
+    got = act.activate(lv, readonly=args.readonly) if sub == "activate" else act.refresh(lv)
+    return {"host": args.host, "vg": got.vg, "lv": got.lv, "device": got.device,
+            "size_bytes": got.size, "readonly": got.readonly}

@@ -40,14 +40,15 @@ class LabActivator:
     def _extent(self, lv: str) -> ByteExtent:
         vg = self.lvm.vg_info()
         pvs = {p.name: p for p in self.lvm.pvs()}
-        return single_extent(self.lvm.segments(), pvs, vg.extent_size, vg.name, lv)
+        return single_extent(self.lvm.segments(lv), pvs, vg.extent_size, vg.name, lv)
 
-    def _load(self, lv: str) -> ActiveLv | None:
+    def _load(self, lv: str, loops: dict[str, loopdev.LoopInfo] | None = None
+              ) -> ActiveLv | None:
         try:
             rec = json.loads(self._record_path(lv).read_text())
         except FileNotFoundError:
             return None
-        info = loopdev.info(rec["device"])
+        info = loopdev.info(rec["device"]) if loops is None else loops.get(rec["device"])
         if info is None or info.offset != rec["offset"] or info.backing != rec["over"]:
             # The loop device is gone or reused by someone else: the record is stale.
             self._record_path(lv).unlink(missing_ok=True)
@@ -100,9 +101,10 @@ class LabActivator:
     def active(self) -> list[ActiveLv]:
         folder = Path(self.state_dir) / "lab-active" / self.lvm.vg.name
         out = []
+        loops = {x.device: x for x in loopdev.list_loops()}  # one look at /sys for all
         with contextlib.suppress(FileNotFoundError):
             for rec in sorted(folder.glob("*.json")):
-                got = self._load(rec.stem)
+                got = self._load(rec.stem, loops)
                 if got is not None:
                     out.append(got)
         return out

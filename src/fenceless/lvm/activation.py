@@ -75,7 +75,7 @@ class LvmActivator:
         pvs = {p.name: p for p in self.lvm.pvs()}
         vg = self.lvm.vg_info()
         devnums = {name: self.devnum(name) for name in pvs}
-        return dm_table(self.lvm.segments(), pvs, vg.extent_size, vg.name, lv, devnums)
+        return dm_table(self.lvm.segments(lv), pvs, vg.extent_size, vg.name, lv, devnums)
 
     def active(self) -> list[ActiveLv]:
         out = self.runner.run(["dmsetup", "ls"], timeout=self.lvm.timeout, check=False).stdout

@@ -150,9 +150,10 @@ class Lvm:
             raise NotFound(kind="volume", name=name, where=f" in VG {self.vg.name}")
         return vgs[0], lvs[0]
 
-    def segments(self) -> list[parse.Segment]:
-        return parse.parse_segments(
-            self._report("lvs", parse.SEG_FIELDS, "--segments", self.vg.name))
+    def segments(self, lv: str | None = None) -> list[parse.Segment]:
+        """Segments of every LV, or of one (a far smaller report at scale)."""
+        target = self.vg.name if lv is None else f"{self.vg.name}/{lv}"
+        return parse.parse_segments(self._report("lvs", parse.SEG_FIELDS, "--segments", target))
 
     def version(self) -> str:
         out = self.run("version").stdout
