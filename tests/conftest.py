@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 CLI = [sys.executable, "-m", "fenceless.cli.main"]
+# LUN images on a tmpfs: a synchronous write then waits for no disk, so io_timeout 0.2 s
+# holds on a busy 2-core machine (on /tmp, an image's first writes allocate blocks).
+LUN_DIR = ["--lun-dir", "/dev/shm"] if os.path.isdir("/dev/shm") else []
 
 
 def lab_prerequisites() -> str | None:
@@ -101,7 +104,7 @@ def make_lab(tmp_path_factory):
     def make(hosts: int = 3, *extra: str) -> Lab:
         path = tmp_path_factory.mktemp("lab")
         cli("lab", "up", "--dir", str(path), "--hosts", str(hosts), "--size", "1G",
-            "--io-timeout", "0.2", *extra)
+            "--io-timeout", "0.2", *LUN_DIR, *extra)
         lab = Lab(path, hosts)
         made.append(lab)
         return lab

@@ -42,6 +42,8 @@ def register(sub: Subparsers, name: str) -> None:
                     help="io_timeout written into every host config (tests: 0.1-0.5)")
     sp.add_argument("--vg", action="append", metavar="NAME",
                     help="a shared VG (one LUN image each); repeat for several (default: sanvg)")
+    sp.add_argument("--lun-dir", metavar="PATH", help="where the LUN images live (default "
+                    "DIR/luns); a tmpfs such as /dev/shm makes synchronous writes cheap")
     sp.add_argument("--agents", action="store_true", help="start one agent per host")
     sp.add_argument("--auto-takeover", action="store_true",
                     help="with --agents: agents take over a dead writer by themselves")
@@ -135,7 +137,7 @@ def _up(args: argparse.Namespace, cluster: Any, runner: Runner) -> None:
 
     size = parse_size(args.size, minimum=64 << 20)
     state = cluster.up(args.dir, hosts=args.hosts, size=size, io_timeout=args.io_timeout,
-                       vgs=args.vg or ["sanvg"], runner=runner)
+                       vgs=args.vg or ["sanvg"], runner=runner, lun_dir=args.lun_dir)
     if args.agents:
         for h in state["hosts"]:
             h["agent_pid"] = _daemons().start_agent(

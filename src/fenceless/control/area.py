@@ -110,7 +110,12 @@ class ControlArea:
 
 def format_regions(dev: BlockDevice, layout: Layout,
                    before_write: Callable[[], None] | None = None) -> None:
-    """Zero every region fenceless reads, so old bytes in reused extents are never trusted."""
+    """Zero every region fenceless reads, so old bytes in reused extents are never trusted.
+
+    A chunk that already reads as zeroes is not written: on a thin LUN (or a
+    lab's sparse image) the writes would only allocate space, and each is a
+    synchronous write that a slow path makes slow.
+    """
     zero = bytes(1 << 20)
     for r in layout.regions:
         if r.name == "superblock":
@@ -118,7 +123,8 @@ def format_regions(dev: BlockDevice, layout: Layout,
         pos = r.offset
         while pos < r.end:
             n = min(len(zero), r.end - pos)
-            if before_write is not None:
-                before_write()
-            dev.write(pos, zero[:n])
+            if dev.read(pos, n) != zero[:n]:
+                if before_write is not None:
+                    before_write()
+                dev.write(pos, zero[:n])
             pos += n
