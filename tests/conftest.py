@@ -51,10 +51,20 @@ def cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
     return proc
 
 
-def lab_loops(lab_dir: Path) -> list[str]:
-    """Loop devices still backed by this lab's images (directly or through another loop)."""
+def lab_images(lab_dir: Path) -> list[str]:
+    """Where a lab's LUN images are (DIR/luns, or what the links there point to)."""
+    return [os.path.realpath(p) for p in sorted((lab_dir / "luns").glob("*.img"))]
+
+
+def lab_loops(lab_dir: Path, images: list[str] | None = None) -> list[str]:
+    """Loop devices still backed by this lab's images (directly or through another loop).
+
+    ``images``: the image paths as the lab had them (a lab on a tmpfs keeps them there,
+    and its links in DIR/luns are gone once it is down).
+    """
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
-    mine = [ln.split(":")[0] for ln in out.splitlines() if str(lab_dir) in ln]
+    marks = [str(lab_dir), *(images if images is not None else lab_images(lab_dir))]
+    mine = [ln.split(":")[0] for ln in out.splitlines() if any(m in ln for m in marks)]
     nested = [ln.split(":")[0] for ln in out.splitlines()
               if any(f"({dev})" in ln for dev in mine)]
     return mine + nested
@@ -77,6 +87,7 @@ class Lab:
     def __init__(self, path: Path, hosts: int):
         self.dir = path
         self.hosts = [f"h{i}" for i in range(1, hosts + 1)]
+        self.images: list[str] = []
 
     def config(self, host: str) -> str:
         return str(self.dir / "hosts" / host / "fenceless.toml")
@@ -106,11 +117,14 @@ def make_lab(tmp_path_factory):
         cli("lab", "up", "--dir", str(path), "--hosts", str(hosts), "--size", "1G",
             "--io-timeout", "0.2", *LUN_DIR, *extra)
         lab = Lab(path, hosts)
+        lab.images = lab_images(path)
+        assert lab.images, "the lab has no LUN image"
         made.append(lab)
         return lab
 
     yield make
     for lab in made:
         cli("lab", "down", "--dir", str(lab.dir), "--force", check=False)
-        assert lab_loops(lab.dir) == []
+        assert lab_loops(lab.dir, lab.images) == []
+        assert not any(os.path.exists(p) for p in lab.images), "an image was left behind"
         assert lab_processes(lab.dir) == []

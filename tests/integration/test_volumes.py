@@ -180,19 +180,25 @@ def test_every_host_sends_100_requests_at_once(vlab):
 
 
 def test_a_writer_that_lost_its_lease_takes_the_role_back(vlab):
-    """A writer frozen past its lease (an overloaded host) must not leave the cluster
-    without a writer: once its host lease is acquired anew, it takes the role back at a
-    new epoch; requests asked in between, here and elsewhere, are carried out."""
+    """A writer frozen past its lease (an overloaded host) is fenced by its watchdog, and
+    must not leave the cluster without a writer: once its agent runs again and its host
+    lease is acquired anew, it takes the role back at a new epoch; requests asked in
+    between, here and elsewhere, are carried out."""
     lab = vlab(3)
     before = status(lab, "h2")
     assert before["writer"]["host"] == "h1"
     cli("lab", "agent", "--dir", str(lab.dir), "h1", "pause")
     wait_until(lambda: next(h for h in status(lab, "h2")["hosts"] if h["name"] == "h1")[
         "lease"] in ("fail", "dead"), 30, "h1's lease to fail as seen from h2")
+    wait_until(lambda: json.loads(cli("lab", "watchdog", "--dir", str(lab.dir), "h1", "fired",
+                                      "--json").stdout), 30, "h1's watchdog to fire")
     reqs = [subprocess.Popen([*CLI, "-c", lab.config(h), "volume", "create", f"gap-{h}",
                               "4M", "--timeout", "60"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for h in ("h2", "h1")]
-    cli("lab", "agent", "--dir", str(lab.dir), "h1", "resume")
+                             stderr=subprocess.PIPE, text=True) for h in ("h2", "h3")]
+    cli("lab", "agent", "--dir", str(lab.dir), "h1", "start")  # as after a reset
+    reqs.append(subprocess.Popen([*CLI, "-c", lab.config("h1"), "volume", "create", "gap-h1",
+                                  "4M", "--timeout", "60"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True))
     for req in reqs:
         _, err = req.communicate(timeout=90)
         assert req.returncode == 0, err
@@ -201,7 +207,7 @@ def test_a_writer_that_lost_its_lease_takes_the_role_back(vlab):
     assert st["writer"]["host"] == "h1" and st["writer"]["epoch"] == 2
     h1 = next(h for h in st["hosts"] if h["name"] == "h1")
     assert h1["generation"] == 2  # a new incarnation took it, not the frozen one
-    assert {"gap-h1", "gap-h2"} <= set(volumes(lab, "h3"))
+    assert {"gap-h1", "gap-h2", "gap-h3"} <= set(volumes(lab, "h3"))
     vgck(lab, "h1")
 
 

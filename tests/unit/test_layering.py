@@ -1,4 +1,4 @@
-"""The package's floors (listed below): imports only point down, and never in circles.
+"""The package's floors (docs/architecture.md): imports only point down, and never in circles.
 
 From the bottom: the base modules (errors, blockio, runner, clock, config, ...)
 -> ``ondisk`` -> ``lease``, ``ledger``, ``lvm`` -> ``control``, ``guard``,
