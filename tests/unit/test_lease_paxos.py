@@ -308,3 +308,18 @@ def test_three_hosts_race_on_a_real_file(tmp_path: Path) -> None:
     assert leader is not None
     assert (leader.lver, leader.released) == (rounds, True)
 
+
+
+def test_a_new_acquire_never_lowers_its_own_ballot_number(dev: BlockDevice) -> None:
+    """Found by the model check once a host could acquire again (after a failed leader
+    write): each acquire started its ballots at the lowest number of the host again,
+    lowering the mbal in its own dblock. A host in phase 2 with a ballot between the two
+    then missed it and won too: two writers for one epoch. Ballot numbers of a host only
+    ever rise."""
+    w = _lease(dev)
+    # An earlier acquire of host 1 reached ballot 13 at lver 1 (it was contended).
+    _put(dev, dblock_index(1), encode_dblock(DBlock(13, 13, Inp(1, 1, 0), 1)))
+    got = w.acquire(1, 1, alive)
+    assert got.won and got.epoch == 1
+    mine = decode_dblock(dev.read(REGION.offset + dblock_index(1) * SECTOR, SECTOR), REGION, 1)
+    assert mine is not None and mine.mbal > 13

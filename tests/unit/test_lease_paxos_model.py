@@ -9,6 +9,17 @@ deterministic). Optionally one host may crash at any point; the liveness
 oracle then reports it gone, as a sound host observer would after the dead
 time.
 
+Two extensions model what the safety review asked about:
+
+- a *paused* acquirer: a host may stop taking steps at any point and resume
+  later. While it is paused, the oracle may (or may not) call it gone; once it
+  did, the host never takes another step: its watchdog killed it before
+  anyone could act on "gone" (docs/design.md, "The watchdog"). A paused host
+  nobody called gone resumes and carries on, with its stale view of the disk.
+- a *failed leader write*: the winner's leader write may fail (no effect on
+  the disk); its acquire ends, and it runs a new acquire with the same
+  generation, as the agent does when a ballot it won is not recorded.
+
 Invariants, checked in every reachable state or transition:
 - no two hosts return WON for the same epoch;
 - no two hosts learn different owners for the same epoch (WON/LOST agree);
@@ -45,6 +56,9 @@ REGION = Region("writer", 0, (2 + HOSTS) * SECTOR)
 NSECT = 2 + HOSTS
 
 
+State = tuple[tuple[bytes, ...], tuple[int, ...], tuple[int, ...], tuple[int, int, int]]
+
+
 @dataclass(frozen=True)
 class Done:
     result: AcquireResult
@@ -63,11 +77,14 @@ class Model:
     """Explicit-state explorer over the real step generators."""
 
     def __init__(self, generations: tuple[int, ...], initial: tuple[bytes, ...],
-                 ballots: tuple[int, ...], crashes: int) -> None:
+                 ballots: tuple[int, ...], crashes: int, pauses: int = 0,
+                 leader_failures: int = 0) -> None:
         self.generations = generations
         self.initial = initial
         self.ballots = ballots
         self.crashes = crashes
+        self.pauses = pauses  # hosts that may pause (and resume, unless called gone)
+        self.leader_failures = leader_failures  # leader writes that may fail
         # history ids: 0 is the empty history of every host
         self._parent: list[tuple[int, object]] = [(-1, None)]
         self._child: dict[tuple[int, int, object], int] = {}
@@ -111,47 +128,87 @@ class Model:
             self._child[key] = nid
         return nid
 
-    def gone(self, crashed: tuple[bool, ...], host: int, generation: int) -> bool:
-        if host == 0 or not 1 <= host <= HOSTS:
-            return True
-        return crashed[host - 1] or self.generations[host - 1] != generation
+    # A host's status: running, paused (may resume), or dead (crashed, or killed by its
+    # watchdog once someone called it gone while it was paused).
+    RUNNING, PAUSED, DEAD = 0, 1, 2
 
-    def step(self, disk: tuple[bytes, ...], hids: tuple[int, ...], crashed: tuple[bool, ...],
-             h: int) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
-        """Run host h's next op (plus any purely local ops after it)."""
+    def answers(self, status: tuple[int, ...], host: int, generation: int) -> list[bool]:
+        """What the liveness oracle may answer about (host, generation) now."""
+        if host == 0 or not 1 <= host <= HOSTS or self.generations[host - 1] != generation:
+            return [True]
+        s = status[host - 1]
+        if s == self.DEAD:
+            return [True]
+        if s == self.PAUSED:
+            return [True, False]  # it may have been seen dead... or not yet
+        return [False]
+
+    def quiet(self, status: tuple[int, ...], budget: tuple[int, int, int]) -> bool:
+        """No host can pause, crash or fail any more: liveness answers are fixed."""
+        return budget[0] == 0 and budget[1] == 0 and self.PAUSED not in status
+
+    def step(self, disk: tuple[bytes, ...], hids: tuple[int, ...], status: tuple[int, ...],
+             budget: tuple[int, int, int], h: int) -> list[State]:
+        """Host h's next op (each way it can go), plus any purely local ops after it."""
         op = self.pending(h, hids[h - 1])
         if isinstance(op, Done):
-            return None
-        hid = hids[h - 1]
-        first = True
+            return []
+        outcomes: list[tuple[tuple[bytes, ...], tuple[int, ...], tuple[int, int, int],
+                             object, bool]] = []
+        if isinstance(op, OwnerGoneOp):
+            for reply in self.answers(status, op.host_id, op.generation):
+                st = status
+                if reply and 1 <= op.host_id <= HOSTS and status[op.host_id - 1] == self.PAUSED:
+                    st = (*status[:op.host_id - 1], self.DEAD, *status[op.host_id:])
+                outcomes.append((disk, st, budget, reply, False))
+        elif isinstance(op, WriteOp) and op.index == paxos.LEADER_INDEX and budget[2] > 0:
+            outcomes.append((self.write(disk, op, h), status, budget, None, False))
+            # The leader write fails: no effect; the host's acquire ends, and it acquires again.
+            outcomes.append((disk, status, (budget[0], budget[1], budget[2] - 1), None, True))
+        else:
+            reply, after = self.apply(disk, op, h, status)
+            outcomes.append((after, status, budget, reply, False))
+        out: list[State] = []
+        for after, st, bud, reply, restart in outcomes:
+            hid = 0 if restart else self.extend(hids[h - 1], h, reply)
+            final, hid = self.local_steps(after, hid, st, bud, h)
+            out.append((final, (*hids[:h - 1], hid, *hids[h:]), st, bud))
+        return out
+
+    def local_steps(self, disk: tuple[bytes, ...], hid: int, status: tuple[int, ...],
+                    budget: tuple[int, int, int], h: int) -> tuple[tuple[bytes, ...], int]:
+        """Steps no other host can observe or influence need no interleaving point:
+        backoff, reading our own dblock (only we write it), and the liveness oracle once
+        nothing can pause, crash or fail any more."""
         while True:
+            op = self.pending(h, hid)
             if isinstance(op, Done):
-                break
-            # Steps no other host can observe or influence need no
-            # interleaving point: backoff, reading our own dblock (only we
-            # write it), and the liveness oracle once no crash can happen.
+                return disk, hid
             local = isinstance(op, BackoffOp) or (
                 isinstance(op, ReadOp) and op.index == paxos.dblock_index(h)) or (
-                isinstance(op, OwnerGoneOp) and sum(crashed) >= self.crashes)
-            if not first and not local:
-                break
-            first = False
-            if isinstance(op, ReadOp):
-                reply: object = disk[op.index]
-            elif isinstance(op, WriteOp):
-                if op.index == paxos.LEADER_INDEX:
-                    self.check_leader_write(disk[op.index], op.data, h)
-                elif op.index != paxos.dblock_index(h):
-                    raise AssertionError(f"host {h} wrote sector {op.index} of another host")
-                disk = (*disk[:op.index], op.data, *disk[op.index + 1:])
-                reply = None
-            elif isinstance(op, OwnerGoneOp):
-                reply = self.gone(crashed, op.host_id, op.generation)
-            else:
-                reply = None
+                isinstance(op, OwnerGoneOp) and self.quiet(status, budget))
+            if not local:
+                return disk, hid
+            reply, disk = self.apply(disk, op, h, status)
             hid = self.extend(hid, h, reply)
-            op = self.pending(h, hid)
-        return disk, (*hids[:h - 1], hid, *hids[h:])
+
+    def apply(self, disk: tuple[bytes, ...], op: Op, h: int,
+              status: tuple[int, ...]) -> tuple[object, tuple[bytes, ...]]:
+        """One deterministic step: (the reply, the disk after)."""
+        if isinstance(op, ReadOp):
+            return disk[op.index], disk
+        if isinstance(op, WriteOp):
+            return None, self.write(disk, op, h)
+        if isinstance(op, OwnerGoneOp):
+            return self.answers(status, op.host_id, op.generation)[0], disk
+        return None, disk
+
+    def write(self, disk: tuple[bytes, ...], op: WriteOp, h: int) -> tuple[bytes, ...]:
+        if op.index == paxos.LEADER_INDEX:
+            self.check_leader_write(disk[op.index], op.data, h)
+        elif op.index != paxos.dblock_index(h):
+            raise AssertionError(f"host {h} wrote sector {op.index} of another host")
+        return (*disk[:op.index], op.data, *disk[op.index + 1:])
 
     def check_leader_write(self, old: bytes, new: bytes, h: int) -> None:
         self.stats.leader_writes += 1
@@ -198,31 +255,40 @@ class Model:
         return len(lvers) != len(set(lvers))
 
     def explore(self, budget_s: float = 900.0) -> Stats:
-        start = (self.initial, (0,) * HOSTS, (False,) * HOSTS)
+        start: State = (self.initial, (0,) * HOSTS, (self.RUNNING,) * HOSTS,
+                        (self.crashes, self.pauses, self.leader_failures))
         seen = {start}
         stack = [start]
         t0 = time.monotonic()
         while stack:
-            disk, hids, crashed = stack.pop()
+            disk, hids, status, budget = stack.pop()
             self.stats.states += 1
             self.check_state(disk, hids)
             if time.monotonic() - t0 > budget_s:
                 raise AssertionError("model exploration exceeded its time budget")
-            succ = []
+            succ: list[State] = []
             for h in range(1, HOSTS + 1):
-                if crashed[h - 1]:
-                    continue
-                got = self.step(disk, hids, crashed, h)
-                if got is not None:
-                    succ.append((got[0], got[1], crashed))
-                if self.crashes > sum(crashed):
-                    succ.append((disk, hids, (*crashed[:h - 1], True, *crashed[h:])))
-            for s in succ:
+                s = status[h - 1]
+                if s == self.RUNNING:
+                    succ += self.step(disk, hids, status, budget, h)
+                    if budget[0] > 0:  # crash: dead at once
+                        succ.append((disk, hids, self.set(status, h, self.DEAD),
+                                     (budget[0] - 1, budget[1], budget[2])))
+                    if budget[1] > 0:  # pause
+                        succ.append((disk, hids, self.set(status, h, self.PAUSED),
+                                     (budget[0], budget[1] - 1, budget[2])))
+                elif s == self.PAUSED:  # nobody called it gone: it may resume
+                    succ.append((disk, hids, self.set(status, h, self.RUNNING), budget))
+            for s2 in succ:
                 self.stats.transitions += 1
-                if s not in seen:
-                    seen.add(s)
-                    stack.append(s)
+                if s2 not in seen:
+                    seen.add(s2)
+                    stack.append(s2)
         return self.stats
+
+    @staticmethod
+    def set(status: tuple[int, ...], h: int, value: int) -> tuple[int, ...]:
+        return (*status[:h - 1], value, *status[h:])
 
 
 def _empty_disk() -> tuple[bytes, ...]:
@@ -276,6 +342,45 @@ def test_one_host_may_crash_anywhere() -> None:
     assert stats.leader_writes > 0
     finals = [o for o in stats.outcomes if "running" not in o]
     assert any(o.count("won") == 2 for o in finals)  # a winner died, another took over
+
+
+def test_a_paused_acquirer_resumes_or_is_killed_but_never_acts_on_a_stale_view() -> None:
+    """One host may pause anywhere (between its check and its write included). Called
+    gone while paused, it never resumes (its watchdog fired first); otherwise it resumes
+    with what it had read: no two winners, one owner per epoch, no leader going back."""
+    stats = _run(Model((1, 1, 1), _empty_disk(), ballots=(2, 1, 1), crashes=0, pauses=1))
+    assert stats.states > 100_000
+    finals = [o for o in stats.outcomes if "running" not in o]
+    assert any(o.count("won") == 2 for o in finals)  # a paused winner was taken over from
+
+
+def test_a_failed_leader_write_is_finished_by_its_winner() -> None:
+    """The winner's leader write fails and it acquires again: it wins that same epoch, and
+    nobody else can win it meanwhile (they lose to it)."""
+    stats = _run(Model((1, 1, 1), _empty_disk(), ballots=(2, 1, 1), crashes=0,
+                       leader_failures=1))
+    assert stats.states > 50_000
+    finals = [o for o in stats.outcomes if "running" not in o]
+    assert any(o.count("won") == 1 and "lost" in o for o in finals)
+
+
+def test_one_writer_of_a_leader_write_fails_and_retries_alone() -> None:
+    """Alone: the retry after a failed leader write wins the epoch the ballot chose."""
+    model = Model((1, 1, 1), _empty_disk(), ballots=(1, 1, 1), crashes=0, leader_failures=1)
+    disk = _empty_disk()
+    hids = (0, 0, 0)
+    status = (0, 0, 0)
+    budget = (0, 0, 1)
+    failed = False
+    while not isinstance(model.pending(1, hids[0]), Done):
+        succ = model.step(disk, hids, status, budget, 1)
+        if len(succ) == 2 and not failed:
+            disk, hids, status, budget = succ[1]  # the leader write fails
+            failed = True
+        else:
+            disk, hids, status, budget = succ[0]
+    done = model.pending(1, hids[0])
+    assert failed and isinstance(done, Done) and done.result.won and done.result.epoch == 1
 
 
 @pytest.mark.skipif(not FULL, reason="about 7M states, ~70s: set FENCELESS_MODEL_FULL=1")

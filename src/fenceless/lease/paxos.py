@@ -22,6 +22,10 @@ Choices beyond the paper (see docs/format.md):
 - A dblock with a higher lver than ours (our own included) makes us abort
   and next run the ballot at that lver: it proves the instance before it is
   finished, and our own accepted value in it must never be overwritten.
+- A host's ballot numbers only ever rise, also from one acquire to the next
+  (each starts above the mbal in its own dblock): a lowered mbal would let a
+  competitor in phase 2 miss it (found by the model check, once a host could
+  acquire again after a failed leader write).
 """
 
 from __future__ import annotations
@@ -296,7 +300,11 @@ def acquire_steps(
 ) -> Steps:
     """The whole writer-lease acquire, as steps. See the module docstring."""
     me = Inp(host_id, generation, timestamp)
-    mbal_floor = 0
+    # Ballot numbers of a host only ever rise, across acquires too: an acquire that
+    # started again from the bottom would lower the mbal in its own dblock, and a host in
+    # phase 2 with a ballot in between would miss it (and win as well).
+    own = decode_dblock(_bytes((yield ReadOp(dblock_index(host_id)))), region, host_id)
+    mbal_floor = own.mbal if own is not None else 0
     lver_floor = 0
     for _ in range(max_ballots):
         leader = decode_leader(_bytes((yield ReadOp(LEADER_INDEX))), region)
