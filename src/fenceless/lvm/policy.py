@@ -65,6 +65,9 @@ METADATA_COMMANDS = (
 UDEV_SCAN_COMMAND = "pvscan"
 UDEV_SCAN_OPTION = "--cache"
 
+# The LV that holds a cluster's control area (leases, ledger, mailboxes) in each shared VG.
+CONTROL_LV = "fenceless-ctl"
+
 # Options that may accompany ``-a y|n`` in an activation a reader may run: none of them
 # changes metadata, and LVM accepts each together with --sysinit --readonly.
 ACTIVATION_FLAGS = ("--sysinit", "--readonly", "-a", "--activate", "-v", "--verbose", "-q",
