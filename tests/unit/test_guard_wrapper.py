@@ -17,6 +17,7 @@ import pytest
 
 from fenceless.guard import role
 from fenceless.guard.wrapper import RO_OFF, WrapperSettings, generate
+from fenceless.lvm import policy
 
 SH = shutil.which("dash") or "/bin/sh"
 FAKE = '#!/bin/sh\nprintf "%s\\n" "$0" "$@" > "$FAKE_OUT"\nexit 0\n'
@@ -27,26 +28,22 @@ class Host:
 
     def __init__(self, tmp: Path, shared=("sanvg", "vg2")):
         self.tmp = tmp
-        (tmp / "real").mkdir()
-        fake = tmp / "real" / "lvm.distrib"
+        fake = tmp / "libexec" / "fenceless" / "lvm"
+        fake.parent.mkdir(parents=True)
         fake.write_text(FAKE)
         fake.chmod(0o755)
-        self.link = tmp / "state" / "guard" / "lvm"
-        self.link.parent.mkdir(parents=True)
-        os.symlink(fake, self.link)
+        self.real = fake
         self.state_dir = str(tmp / "state")
         self.settings = WrapperSettings(
             host="h2", shared_vgs=tuple(shared), real_binary=str(fake),
-            lvm_link=str(self.link), role_file=str(role.role_path(self.state_dir)),
-            version="test")
+            role_file=str(role.role_path(self.state_dir)), version="test")
         self.bin = tmp / "sbin"
         self.bin.mkdir()
         wrapper = self.bin / "lvm"
         wrapper.write_text(generate(self.settings))
         wrapper.chmod(0o755)
-        for name in ("lvcreate", "lvextend", "lvresize", "lvrename", "lvremove", "lvs", "vgs",
-                     "pvs", "lvchange", "vgchange", "vgrename", "pvscan", "pvremove",
-                     "vgremove", "lvmconfig"):
+        for name in (*policy.REPORT_COMMANDS, *policy.NEUTRAL_COMMANDS,
+                     *policy.ACTIVATION_COMMANDS, *policy.METADATA_COMMANDS):
             os.symlink("lvm", self.bin / name)
         self.out = tmp / "argv"
 
@@ -59,7 +56,7 @@ class Host:
                               env=full_env, timeout=10, check=False)
         seen = self.out.read_text().splitlines() if self.out.exists() else None
         if seen is not None:
-            assert seen[0] == str(self.link), "the real binary must run by the name lvm"
+            assert seen[0] == str(self.real), "the real binary must run by the name lvm"
             seen = seen[1:]
         return proc.returncode, seen, proc.stderr
 
@@ -268,10 +265,10 @@ def test_unreadable_role_file_is_not_the_writer(host):
 
 
 def test_missing_real_binary_is_an_error_not_a_bypass(host):
-    host.link.unlink()
+    host.real.unlink()
     rc, seen, err = host.run("lvs")
     assert (rc, seen) == (5, None)
-    assert "the real LVM binary is not reachable" in err
+    assert "the real LVM binary" in err and "is missing" in err
 
 
 def test_generate_is_pure_and_embeds_its_settings(host):

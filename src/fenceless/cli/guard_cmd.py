@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         emit(args, res, lambda r: (
             f"guard {'updated' if r['already'] else 'installed'} on {r['host']}: {r['binary']} "
             f"is the wrapper (shared VGs: {', '.join(r['shared_vgs'])}); the real binary is "
-            f"{r['diverted_to']}; role file {r['role_file']}"))
+            f"{r['diverted_to']}"
+            + (f" (moved from {r['moved_from']})" if r["moved_from"] else "")
+            + f"; role file {r['role_file']}"))
         return 0
     if sub == "remove":
         res = guard.remove(cfg, runner)
@@ -72,7 +74,7 @@ def _status_text(s: dict[str, Any]) -> str:
     w = s["wrapper"]
     lines = [
         f"guard on {s['host']}: {'installed' if s['installed'] else 'NOT installed'}",
-        f"  {s['binary']}: " + (f"diverted to {s['diverted_to']}" if s["diverted"] else
+        f"  {s['binary']}: " + (f"diverted to {s['diverted_to']}" if s["diverted_to"] else
                                 "not diverted")
         + (", wrapper " + ("matches" if w["matches"] else "DIFFERS") if w["present"] else ""),
         f"  lvm.conf {s['lvm_conf']['path']}: guard block "

@@ -68,8 +68,7 @@ _PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
 class WrapperSettings:
     host: str  # this host's name, for the refusal message
     shared_vgs: tuple[str, ...]  # the config's [vg.NAME] tables
-    real_binary: str  # the diverted binary, e.g. /sbin/lvm.distrib
-    lvm_link: str  # a symlink named "lvm" to real_binary (LVM reads argv[0])
+    real_binary: str  # the diverted binary, named lvm (LVM reads argv[0])
     role_file: str
     version: str  # fenceless's version, so `guard status` sees an outdated wrapper
 
@@ -94,8 +93,7 @@ def generate(s: WrapperSettings) -> str:
         "VERSION": s.version,
         "FL_HOST": q(s.host),
         "FL_SHARED": q(" " + " ".join(s.shared_vgs) + " "),
-        "FL_REAL": q(s.real_binary),
-        "FL_LVM": q(s.lvm_link),
+        "FL_LVM": q(s.real_binary),
         "FL_ROLE": q(s.role_file),
         "FL_RO_OFF": q(RO_OFF),
         "NEUTRAL_COMMANDS": _alts(policy.NEUTRAL_COMMANDS),

@@ -4,9 +4,9 @@ One image file per shared VG is the LUN. Each lab host gets its own loop
 device over each image (its own block cache, as a host on a real SAN has),
 its own LVM system dir whose filter admits only its own loop devices, and
 its own mount namespace in which /etc/lvm, /run/lvm and /run/lock/lvm are
-that host's, and /usr/sbin and /var/lib/dpkg are overlays whose changes stay
-in DIR/hosts/NAME/ov/ (so ``fenceless guard install`` can divert the lvm
-binary for that host only). ``lab exec`` runs a command inside it, so what a
+that host's, and /usr/sbin, /usr/libexec and /var/lib/dpkg are overlays
+whose changes stay in DIR/hosts/NAME/ov/ (so ``fenceless guard install`` can
+divert the lvm binary for that host only). ``lab exec`` runs a command inside it, so what a
 host runs in the lab is what it would run on a real machine. The mounts live
 and die with the namespace's holder process: ``lab down`` needs no unmount.
 
@@ -47,9 +47,11 @@ FORMAT = 1
 NS_BINDS = (("lvm", "/etc/lvm"), ("run-lvm", "/run/lvm"), ("lock", "/run/lock/lvm"))
 # Machine paths that a lab host may change in its own view only: an overlay
 # whose upper and work dirs are DIR/hosts/NAME/SUB/{upper,work}. The guard
-# (dpkg-divert) renames files in /usr/sbin and rewrites /var/lib/dpkg, which a
-# bind mount of one file cannot isolate; an overlay copies up only what changes.
-NS_OVERLAYS = (("ov/usr-sbin", "/usr/sbin"), ("ov/var-lib-dpkg", "/var/lib/dpkg"))
+# (dpkg-divert) moves the lvm binary from /usr/sbin to /usr/libexec/fenceless and
+# rewrites /var/lib/dpkg, which a bind mount of one file cannot isolate; an overlay
+# copies up only what changes.
+NS_OVERLAYS = (("ov/usr-sbin", "/usr/sbin"), ("ov/usr-libexec", "/usr/libexec"),
+               ("ov/var-lib-dpkg", "/var/lib/dpkg"))
 
 _HOLDER_SCRIPT = (
     'set -e; h="$1"; shift\n'
