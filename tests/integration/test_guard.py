@@ -109,7 +109,7 @@ def test_reader_is_refused_every_way_and_the_vg_is_unchanged(guarded):
 
 def test_role_file_decides_and_expires(guarded):
     lab, _ = guarded
-    sd = host_dir(lab, "h2", "state_dir")
+    sd = host_dir(lab, "h2", "run_dir")
     role.write_role_file(sd, [role.entry("sanvg", "reader", "h1", 7, 60.0)])
     res = lab.exec("h2", "lvcreate", "-an", "-Zn", "-L", "8m", "-n", "b", "sanvg", check=False)
     assert res.returncode == 5

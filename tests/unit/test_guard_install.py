@@ -17,7 +17,7 @@ import pytest
 
 from fenceless.config import HostConfig, VgConfig
 from fenceless.errors import UsageError
-from fenceless.guard import install
+from fenceless.guard import install, role
 from fenceless.guard.binary import GUARDED_BINARY, resolve_lvm_binary
 from fenceless.ops.context import Context
 from fenceless.runner import Result, Runner, SubprocessRunner
@@ -44,7 +44,8 @@ def test_strip_keeps_edits_made_after_install():
 
 def cfg(tmp_path, binary="/usr/sbin/lvm"):
     return HostConfig(path="/c", host="h2", state_dir=str(tmp_path / "state"), io_timeout=1.0,
-                      vgs=(VgConfig("sanvg", ("/dev/loop3",)),), lvm_binary=binary)
+                      vgs=(VgConfig("sanvg", ("/dev/loop3",)),), lvm_binary=binary,
+                      run_dir=str(tmp_path / "run"))
 
 
 def test_fenceless_runs_the_diverted_binary_when_guarded(tmp_path):
@@ -79,8 +80,9 @@ def test_settings_embed_the_config(tmp_path):
     s = install.settings_for(cfg(tmp_path))
     assert s.shared_vgs == ("sanvg",)
     assert s.host == "h2"
-    assert s.role_file == str(tmp_path / "state" / "guard" / "role")
+    assert s.role_file == str(tmp_path / "run" / "guard" / "role")
     assert s.real_binary == GUARDED_BINARY
+    assert s.boot_id_file == role.BOOT_ID_PATH
 
 
 class NoProcess(Runner):
@@ -149,7 +151,7 @@ def machine(tmp_path):
     (tmp_path / "etc" / "lvm.conf").write_text("global {\n    umask = 077\n}\n")
     paths = install.GuardPaths(candidates=(str(sbin / "lvm"),),
                                lvm_conf=str(tmp_path / "etc" / "lvm.conf"),
-                               state_dir=str(tmp_path / "state"),
+                               state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"),
                                real_binary=str(tmp_path / "libexec" / "fenceless" / "lvm"))
     return paths, FakeDpkg(str(sbin / "lvm"))
 
@@ -255,3 +257,17 @@ def test_someone_elses_diversion_is_left_alone(tmp_path, machine):
     with pytest.raises(install.ForeignDiversion):
         install.remove(cfg(tmp_path), dpkg, paths)
     assert not os.path.exists(paths.real_dir)
+
+
+def test_role_status_sees_another_boots_file(tmp_path, machine):
+    paths, dpkg = machine
+    role.write_role_file(paths.run_dir, [role.entry("sanvg", "writer", "h2", 3, 60.0)],
+                         boot_id="00000000-0000-4000-8000-000000000000")
+    install.install(cfg(tmp_path), dpkg, paths)
+    st = install.status(cfg(tmp_path), dpkg, paths, lvm_report=False)
+    assert st["role_file"]["path"] == str(tmp_path / "run" / "guard" / "role")
+    assert st["role_file"]["vgs"][0]["state"] == "of an earlier boot"
+    assert any("of an earlier boot" in w for w in st["warnings"])
+    role.write_role_file(paths.run_dir, [role.entry("sanvg", "writer", "h2", 3, 60.0)])
+    st = install.status(cfg(tmp_path), dpkg, paths, lvm_report=False)
+    assert st["role_file"]["vgs"][0]["state"] == "valid"

@@ -24,7 +24,10 @@ FAKE = '#!/bin/sh\nprintf "%s\\n" "$0" "$@" > "$FAKE_OUT"\nexit 0\n'
 
 
 class Host:
-    """A temp dir with a wrapper named lvm (and its command links), a fake real binary."""
+    """A temp dir with a wrapper named lvm (and its command links), a fake real binary,
+    a run dir for the role file and a boot id file of its own."""
+
+    BOOT_ID = "1b2c3d4e-0000-4f2e-9a0a-5d6f2c2e3a5b"
 
     def __init__(self, tmp: Path, shared=("sanvg", "vg2")):
         self.tmp = tmp
@@ -33,10 +36,13 @@ class Host:
         fake.write_text(FAKE)
         fake.chmod(0o755)
         self.real = fake
-        self.state_dir = str(tmp / "state")
+        self.run_dir = str(tmp / "run")
+        self.boot_id_file = tmp / "boot_id"
+        self.boot_id_file.write_text(self.BOOT_ID + "\n")
         self.settings = WrapperSettings(
             host="h2", shared_vgs=tuple(shared), real_binary=str(fake),
-            role_file=str(role.role_path(self.state_dir)), version="test")
+            role_file=str(role.role_path(self.run_dir)), version="test",
+            boot_id_file=str(self.boot_id_file))
         self.bin = tmp / "sbin"
         self.bin.mkdir()
         wrapper = self.bin / "lvm"
@@ -60,8 +66,13 @@ class Host:
             seen = seen[1:]
         return proc.returncode, seen, proc.stderr
 
-    def role(self, *lines: tuple[str, str, str | None, int, float]) -> None:
-        role.write_role_file(self.state_dir, [role.entry(*x) for x in lines])
+    def role(self, *lines: tuple[str, str, str | None, int, float],
+             boot_id: str | None = None) -> None:
+        role.write_role_file(self.run_dir, [role.entry(*x) for x in lines],
+                             boot_id=boot_id or self.BOOT_ID)
+
+    def role_file(self) -> Path:
+        return Path(self.settings.role_file)
 
 
 @pytest.fixture
@@ -224,44 +235,57 @@ def test_other_refusals_give_the_generic_hint(host):
 
 def test_expired_writer_line_is_a_reader(host):
     now = role.boottime_cs()
-    role.write_role_file(host.state_dir, [role.RoleEntry("sanvg", "writer", "h2", 7, now - 1)])
-    rc, seen, err = host.run("lvcreate", "-L1G", "-n", "x", "sanvg")
+    role.write_role_file(host.run_dir, [role.RoleEntry("sanvg", "writer", "h2", 7, now - 1)],
+                         boot_id=host.BOOT_ID)
+    rc, seen, err = host.run("lvcreate", "-an", "-L1G", "-n", "x", "sanvg")
     assert (rc, seen) == (5, None)
     assert "the local agent's role file is stale: is `fenceless agent` running?" in err
 
 
 def test_writer_line_expires_while_the_file_stays(host):
     host.role(("sanvg", "writer", "h2", 7, 0.3))
-    assert host.run("lvcreate", "-L1G", "-n", "x", "sanvg")[0] == 0
+    assert host.run("lvcreate", "-an", "-L1G", "-n", "x", "sanvg")[0] == 0
     time.sleep(0.4)
-    assert host.run("lvcreate", "-L1G", "-n", "x", "sanvg")[0] == 5
+    assert host.run("lvcreate", "-an", "-L1G", "-n", "x", "sanvg")[0] == 5
+
+
+GOOD_HEAD = f"{role.HEADER}\nboot {Host.BOOT_ID}\n"
 
 
 @pytest.mark.parametrize("text", [
-    "sanvg writer h2 7\n",                 # a field missing
-    "sanvg writer h2 7 99999999999 extra\n",
-    "sanvg owner h2 7 99999999999\n",
-    "sanvg writer h2 x 99999999999\n",
-    "sanvg writer h2 7 -5\n",
-    "sanvg writer h2 7 1e99\n",
+    GOOD_HEAD + "sanvg writer h2 7\n",                 # a field missing
+    GOOD_HEAD + "sanvg writer h2 7 99999999999 extra\n",
+    GOOD_HEAD + "sanvg owner h2 7 99999999999\n",
+    GOOD_HEAD + "sanvg writer h2 x 99999999999\n",
+    GOOD_HEAD + "sanvg writer h2 7 -5\n",
+    GOOD_HEAD + "sanvg writer h2 7 1e99\n",
+    GOOD_HEAD,
     "",
+    "sanvg writer h2 7 99999999999\n",                 # no header, no boot line
+    f"{role.HEADER}\nsanvg writer h2 7 99999999999\n",  # no boot line
+    f"{role.HEADER} \nboot {Host.BOOT_ID}\nsanvg writer h2 7 99999999999\n",
+    f"{role.HEADER}\nboot {Host.BOOT_ID} x\nsanvg writer h2 7 99999999999\n",
+    f"{role.HEADER}\nBOOT {Host.BOOT_ID}\nsanvg writer h2 7 99999999999\n",
+    f"{role.HEADER.replace('v2', 'v3')}\nboot {Host.BOOT_ID}\nsanvg writer h2 7 99999999999\n",
 ])
 def test_malformed_role_lines_are_not_the_writer(host, text):
-    path = role.role_path(host.state_dir)
+    path = host.role_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    rc, seen, err = host.run("lvcreate", "-L1G", "-n", "x", "sanvg")
+    rc, seen, err = host.run("lvcreate", "-an", "-L1G", "-n", "x", "sanvg")
     assert (rc, seen) == (5, None)
     assert "has no valid line for it" in err
+    assert role.read_role_file(host.run_dir).entries.get("sanvg") is None
 
 
 def test_unreadable_role_file_is_not_the_writer(host):
     host.role(("sanvg", "writer", "h2", 7, 60.0))
-    path = role.role_path(host.state_dir)
+    path = host.role_file()
     path.unlink()
     path.mkdir()  # a directory is present but cannot be read as lines
-    rc, seen, _ = host.run("lvcreate", "-L1G", "-n", "x", "sanvg")
+    rc, seen, err = host.run("lvcreate", "-an", "-L1G", "-n", "x", "sanvg")
     assert (rc, seen) == (5, None)
+    assert err.startswith("Refused: ")
 
 
 def test_missing_real_binary_is_an_error_not_a_bypass(host):

@@ -66,7 +66,7 @@ class Agent:
         with self.role_lock:
             self.roles[entry.vg] = entry
             try:
-                write_role_file(self.cfg.state_dir, list(self.roles.values()))
+                write_role_file(self.cfg.run_dir, list(self.roles.values()))
             except OSError as exc:
                 self.log(f"cannot write the guard's role file: {exc}")
 

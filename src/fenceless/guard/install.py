@@ -89,12 +89,14 @@ class GuardPaths:
     candidates: tuple[str, ...] = ("/sbin/lvm", "/usr/sbin/lvm")  # the binary, as dpkg may know it
     lvm_conf: str = "/etc/lvm/lvm.conf"
     state_dir: str = "/var/lib/fenceless"
+    run_dir: str = "/run/fenceless"
     real_binary: str = GUARDED_BINARY  # where the binary is diverted to
 
     @classmethod
     def for_host(cls, cfg: HostConfig) -> GuardPaths:
         conf_dir = cfg.lvm_system_dir or "/etc/lvm"
-        return cls(lvm_conf=os.path.join(conf_dir, "lvm.conf"), state_dir=cfg.state_dir)
+        return cls(lvm_conf=os.path.join(conf_dir, "lvm.conf"), state_dir=cfg.state_dir,
+                   run_dir=cfg.run_dir)
 
     @property
     def record(self) -> Path:
@@ -142,7 +144,7 @@ def settings_for(cfg: HostConfig, paths: GuardPaths | None = None) -> WrapperSet
     paths = paths or GuardPaths.for_host(cfg)
     return WrapperSettings(
         host=cfg.host, shared_vgs=tuple(v.name for v in cfg.vgs), real_binary=paths.real_binary,
-        role_file=str(rolemod.role_path(paths.state_dir)), version=__version__)
+        role_file=str(rolemod.role_path(paths.run_dir)), version=__version__)
 
 
 def _sha256(data: bytes) -> str:
@@ -303,7 +305,7 @@ def install(cfg: HostConfig, runner: Runner, paths: GuardPaths | None = None) ->
     return {"host": cfg.host, "installed": True, "already": f.true == real,
             "moved_from": f.old if f.true == f.old else None, "binary": f.binary,
             "diverted_to": real, "wrapper_sha256": _sha256(wrapper),
-            "lvm_conf": paths.lvm_conf, "role_file": str(rolemod.role_path(paths.state_dir)),
+            "lvm_conf": paths.lvm_conf, "role_file": str(rolemod.role_path(paths.run_dir)),
             "shared_vgs": [v.name for v in cfg.vgs]}
 
 
@@ -463,7 +465,7 @@ def status(cfg: HostConfig, runner: Runner, paths: GuardPaths | None = None,
         "real_binary": {"path": f.true if installed else paths.real_binary,
                         "ok": installed and real_ok},
         "lvm_conf": {"path": paths.lvm_conf, "block": block},
-        "role_file": {"path": str(rolemod.role_path(paths.state_dir)), "vgs": roles},
+        "role_file": {"path": str(rolemod.role_path(paths.run_dir)), "vgs": roles},
         "autoactivation": auto, "warnings": warnings,
     }
 
@@ -490,17 +492,23 @@ def _install_warnings(paths: GuardPaths, f: _Found, matches: bool, block: bool,
 
 
 def _role_status(cfg: HostConfig, paths: GuardPaths) -> list[dict[str, Any]]:
-    entries = rolemod.read_role_file(paths.state_dir)
+    rf = rolemod.read_role_file(paths.run_dir)
+    try:
+        boot: str | None = rolemod.current_boot_id()
+    except OSError:
+        boot = None
     now = rolemod.boottime_cs()
     out: list[dict[str, Any]] = []
     for vg in cfg.vgs:
-        e = (entries or {}).get(vg.name)
+        e = rf.entries.get(vg.name) if rf is not None else None
         if e is None:
             out.append({"vg": vg.name, "state": "missing", "role": None, "writer": None,
                         "epoch": None, "seconds_left": None})
             continue
         left = (e.valid_until_cs - now) / 100
         state = "valid" if left > 0 else "expired"
+        if rf is None or boot is None or rf.boot_id != boot:
+            state = "of an earlier boot"
         out.append({"vg": vg.name, "state": state, "role": e.role, "writer": e.writer,
                     "epoch": e.epoch, "seconds_left": round(left, 2)})
     return out

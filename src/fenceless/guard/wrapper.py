@@ -2,7 +2,7 @@
 
 It sits in front of every ``lvs`` on the host, so it is POSIX sh (dash) with
 its settings embedded, no Python, and no fork before the final ``exec``: it
-reads the role file and /proc/uptime with the ``read`` builtin.
+reads the role file, the boot id and /proc/uptime with the ``read`` builtin.
 
 The script is the package data file ``wrapper.sh.in``, kept as plain sh so it
 reads (and diffs) as what runs. ``generate()`` fills its ``@NAME@``
@@ -48,6 +48,7 @@ import shlex
 from dataclasses import dataclass
 from importlib import resources
 
+from fenceless.guard import role
 from fenceless.lvm import policy
 
 # fenceless commands that do what an admin tried with LVM on a non-writer.
@@ -71,6 +72,7 @@ class WrapperSettings:
     real_binary: str  # the diverted binary, named lvm (LVM reads argv[0])
     role_file: str
     version: str  # fenceless's version, so `guard status` sees an outdated wrapper
+    boot_id_file: str = role.BOOT_ID_PATH
 
 
 def _alts(words: tuple[str, ...] | list[str]) -> str:
@@ -88,6 +90,7 @@ def generate(s: WrapperSettings) -> str:
     """The wrapper script for these settings (pure: ``guard status`` regenerates and compares)."""
     q = shlex.quote
     forwarded = "\n".join(f"    {cmd}) fl_hint={q(hint)} ;;" for cmd, hint in FORWARDED.items())
+    hexd = "[0-9a-f]"
     values = {
         "HOST": s.host,
         "VERSION": s.version,
@@ -95,6 +98,9 @@ def generate(s: WrapperSettings) -> str:
         "FL_SHARED": q(" " + " ".join(s.shared_vgs) + " "),
         "FL_LVM": q(s.real_binary),
         "FL_ROLE": q(s.role_file),
+        "FL_ROLE_HEADER": q(role.HEADER),
+        "FL_BOOT_ID": q(s.boot_id_file),
+        "BOOT_ID_PATTERN": "-".join(hexd * n for n in (8, 4, 4, 4, 12)),
         "FL_RO_OFF": q(RO_OFF),
         "NEUTRAL_COMMANDS": _alts(policy.NEUTRAL_COMMANDS),
         "REPORT_COMMANDS": _alts(policy.REPORT_COMMANDS),
