@@ -63,3 +63,72 @@ def test_no_boot_id_to_compare_with_is_not_the_writer(host):
 
 def test_the_role_file_lives_in_the_run_dir(host):
     assert str(host.role_file()).startswith(host.run_dir + "/")
+
+
+# --- 2. relative device paths ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("pvcreate", ["-ff", "sdc"]),                   # cd /dev first
+    ("pvcreate", ["-ff", "disk/by-id/wwn-0x6001"]),
+    ("pvremove", ["-ff", "sdc"]),
+    ("pvchange", ["-x", "n", "sdc"]),
+    ("pvresize", ["sdc"]),
+    ("vgextend", ["localvg", "mapper/mpatha"]),
+    ("vgextend", ["localvg", "sdc"]),
+    ("vgcreate", ["newvg", "sdc"]),
+    ("vgreduce", ["localvg", "sdc"]),
+    ("vgsplit", ["localvg", "newvg", "sdc"]),
+    ("vgimportclone", ["sdc"]),
+    ("lvcreate", ["-an", "-L1G", "-n", "x", "localvg", "sdc"]),
+    ("lvextend", ["-L+1G", "localvg/x", "sdc"]),
+    ("lvresize", ["-L+1G", "localvg/x", "mapper/mpatha"]),
+    ("lvreduce", ["-L-1G", "localvg/x", "sdc"]),
+    ("lvchange", ["--addtag", "t", "./x"]),          # not a plain VG or VG/LV name
+    ("lvremove", ["localvg/x/y"]),
+    ("vgchange", ["--addtag", "t", "../dev/sdc"]),
+])
+def test_device_paths_concern_every_shared_vg(host, name, args):
+    rc, seen, err = host.run(name, *args)
+    assert (rc, seen) == REFUSED, seen
+    assert err.startswith("Refused: ") and "VG sanvg" in err
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("lvcreate", ["-an", "-L1G", "-n", "x", "localvg"]),
+    ("lvextend", ["-L+1G", "localvg/x"]),
+    ("lvremove", ["-y", "localvg/x"]),
+    ("lvrename", ["localvg", "a", "b"]),
+])
+def test_plain_names_of_local_vgs_still_pass(host, name, args):
+    rc, seen, _ = host.run(name, *args)
+    assert rc == 0 and seen is not None and seen[0] == name
+
+
+# --- 3. pvscan only in udev's exact form ----------------------------------------------------
+
+UDEV = ["--cache", "--listvg", "--checkcomplete", "--vgonline", "--autoactivation", "event",
+        "--udevoutput", "--journal=output"]
+
+
+def test_udevs_exact_pvscan_passes_unchanged(host):
+    assert host.run("pvscan", *UDEV, "/dev/sdb")[:2] == (0, ["pvscan", *UDEV, "/dev/sdb"])
+    assert host.run("lvm", "pvscan", *UDEV, "/dev/sdb")[:2] == (0, ["pvscan", *UDEV,
+                                                                     "/dev/sdb"])
+
+
+@pytest.mark.parametrize("args", [
+    ["--cache", "-aay"],
+    ["--cache", "-aay", "/dev/sdb"],
+    ["--cache", "--activate", "ay", "/dev/sdb"],
+    ["--cache", "/dev/sdb"],
+    ["--cache", "--listvg", "--checkcomplete", "/dev/sdb"],
+    [*UDEV, "/dev/sdb", "/dev/sdc"],
+    [*UDEV, "-aay", "/dev/sdb"],
+    [*UDEV[1:], "--cache", "/dev/sdb"],
+    [*UDEV],
+    [*UDEV, "sanvg"],
+    [*UDEV[:-1], "--journal", "output", "/dev/sdb"],
+])
+def test_every_other_pvscan_is_an_ordinary_command(host, args):
+    assert host.run("pvscan", *args)[:2] == REFUSED

@@ -158,7 +158,7 @@ def test_activation_runs_sysinit_readonly_on_a_reader(host, name, args, expected
 @pytest.mark.parametrize(("name", "args"), [
     ("lvm", ["version"]), ("lvm", ["help", "lvcreate"]), ("lvmconfig", ["--type", "diff"]),
     ("lvm", ["segtypes"]), ("lvm", ["devtypes"]), ("lvm", ["--version"]),
-    ("pvscan", ["--cache", "--listvg", "--checkcomplete", "/dev/sdb"]),
+    ("pvscan", [*policy.UDEV_SCAN_ARGS, "/dev/sdb"]),
 ])
 def test_neutral_commands_pass_unchanged(host, name, args):
     rc, seen, _ = host.run(name, *args)

@@ -20,7 +20,7 @@ reporting (lvs, vgs, pvs, *display, vgcfgbackup,    ``--readonly`` added
 fullreport, lvscan, lvmdiskscan)
 ``lvchange``/``vgchange`` with ``-a y|n`` and       ``--sysinit --readonly`` added
 nothing else that changes metadata
-``pvscan --cache`` (udev's event activation)        passes unchanged
+``pvscan`` exactly as udev's rule runs it           passes unchanged
 names only non-shared VGs                           passes (``metadata_read_only=0``)
 anything else, and the ``lvm`` shell                refused, exit 5, nothing runs
 =================================================  ===============================
@@ -33,11 +33,14 @@ block on LVM 2.02.
 Which VGs a command concerns is over-approximated, so that a parsing gap can
 only refuse, never let a change through: any value or positional that names a
 shared VG (``VG``, ``VG/LV``, ``/dev/VG/LV``, ``$LVM_VG_NAME``) concerns it;
-and a command concerns *every* shared VG when it names no VG at all, or uses
-a tag, ``--select``, a device or file path, or a UUID. Options whose value
-LVM takes from the next argument are all options except a known list of
-flags (``policy.FLAG_LONG``, ``policy.FLAG_SHORT``), so an unknown option
-swallows (rather than frees) the next word.
+and a command concerns *every* shared VG when it names no VG at all, or has a
+positional that is not a plain VG or VG/LV name (a device path, relative or
+not, a tag, a UUID), a positional where LVM expects a device
+(``policy.DEVICE_COMMANDS``, ``policy.PV_AFTER_FIRST_COMMANDS``), or
+``--select``. Options whose value LVM takes from the next argument are all
+options except a known list of flags (``policy.FLAG_LONG``,
+``policy.FLAG_SHORT``), so an unknown option swallows (rather than frees)
+the next word.
 """
 
 from __future__ import annotations
@@ -86,6 +89,13 @@ def template() -> str:
     return resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
 
 
+def _udev_scan_test() -> str:
+    """sh that is true when "$@" is udev's pvscan arguments followed by one /dev/ path."""
+    words = [f'[ "${{{i}}}" = {shlex.quote(w)} ]' for i, w in enumerate(policy.UDEV_SCAN_ARGS, 1)]
+    n = len(policy.UDEV_SCAN_ARGS) + 1
+    return " && ".join([f'[ "$#" -eq {n} ]', *words, f'fl_devname "${{{n}}}"'])
+
+
 def generate(s: WrapperSettings) -> str:
     """The wrapper script for these settings (pure: ``guard status`` regenerates and compares)."""
     q = shlex.quote
@@ -106,7 +116,9 @@ def generate(s: WrapperSettings) -> str:
         "REPORT_COMMANDS": _alts(policy.REPORT_COMMANDS),
         "ACTIVATION_COMMANDS": _alts(policy.ACTIVATION_COMMANDS),
         "UDEV_SCAN_COMMAND": policy.UDEV_SCAN_COMMAND,
-        "UDEV_SCAN_OPTION": policy.UDEV_SCAN_OPTION,
+        "UDEV_SCAN_TEST": _udev_scan_test(),
+        "DEVICE_COMMANDS": _alts(policy.DEVICE_COMMANDS),
+        "PV_AFTER_FIRST_COMMANDS": _alts(policy.PV_AFTER_FIRST_COMMANDS),
         "ACTIVATE_OPTIONS": _alts(policy.ACTIVATE_OPTIONS),
         "ACTIVATION_FLAGS": _alts(policy.ACTIVATION_FLAGS),
         "ACTIVATION_VALUES": _alts(policy.ACTIVATION_VALUES),

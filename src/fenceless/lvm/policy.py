@@ -25,9 +25,14 @@ Why the classes exist (all checked against LVM 2.03.16):
   command a later LVM adds is refused until someone checks it.
 - *Neutral* commands touch no VG (versions, help, configuration, types).
 
-``pvscan --cache`` is the guard's one exception (:data:`UDEV_SCAN_COMMAND`): udev runs
-it for every block device to record which PVs are online under /run/lvm, and
-the host's local VGs need it. fenceless itself never runs it.
+udev's ``pvscan --cache ... DEVNAME`` is the guard's one exception
+(:data:`UDEV_SCAN_ARGS`, only in that exact form): udev runs it for every
+block device to record which PVs are online under /run/lvm, and the host's
+local VGs need it. fenceless itself never runs it.
+
+Which VGs a command concerns, for the guard's wrapper, follows from its
+positionals: :data:`DEVICE_COMMANDS` and :data:`PV_AFTER_FIRST_COMMANDS` say
+where LVM expects devices, and a device may be the shared LUN.
 """
 
 from __future__ import annotations
@@ -61,12 +66,22 @@ METADATA_COMMANDS = (
     "vgimportdevices", "vgmerge", "vgmknodes", "vgreduce", "vgremove", "vgrename", "vgscan",
     "vgsplit",
 )
-# udev's event scan: passes the guard with this option (see the module docstring).
+# udev's event scan, exactly as Debian 12's /lib/udev/rules.d/69-lvm.rules runs it, followed by
+# one device (DEVNAME): the only pvscan that passes the guard unchanged.
 UDEV_SCAN_COMMAND = "pvscan"
-UDEV_SCAN_OPTION = "--cache"
+UDEV_SCAN_ARGS = ("--cache", "--listvg", "--checkcomplete", "--vgonline", "--autoactivation",
+                  "event", "--udevoutput", "--journal=output")
 
 # The LV that holds a cluster's control area (leases, ledger, mailboxes) in each shared VG.
 CONTROL_LV = "fenceless-ctl"
+
+# Every positional of these is a device (a PV), so each concerns every shared VG: any
+# device may be the shared LUN, whatever path (relative, a link, a partition) names it.
+DEVICE_COMMANDS = ("pvchange", "pvck", "pvcreate", "pvdata", "pvdisplay", "pvmove", "pvremove",
+                   "pvresize", "pvs", "pvscan", "vgimportclone")
+# These take PVs after a VG or LV: every positional after the first is a device.
+PV_AFTER_FIRST_COMMANDS = ("vgcreate", "vgextend", "vgreduce", "vgsplit", "vgmerge", "lvcreate",
+                           "lvextend", "lvresize", "lvreduce", "lvconvert")
 
 # Options that may accompany ``-a y|n`` in an activation a reader may run: none of them
 # changes metadata, and LVM accepts each together with --sysinit --readonly.
