@@ -99,10 +99,11 @@ def test_reader_is_refused_every_way_and_the_vg_is_unchanged(guarded):
         assert "`fenceless volume create NAME SIZE`" in res.stderr
     assert seqno(lab) == before
     assert lv_names(lab, "h1") == {"a"}
-    # Reports and read-only activation still work.
+    # Reports and deactivation still work; activation is fenceless's alone.
     assert lab.exec("h2", "vgs").returncode == 0
     assert lv_names(lab, "h2") == {"a"}
-    lab.exec("h2", "lvchange", "-ay", "--sysinit", "--readonly", "sanvg/a")
+    res = lab.exec("h2", "lvchange", "-ay", "--sysinit", "--readonly", "sanvg/a", check=False)
+    assert res.returncode == 5 and "only fenceless activates them" in res.stderr
     lab.exec("h2", "lvchange", "-an", "sanvg/a")  # rewritten to --sysinit --readonly
     assert seqno(lab) == before
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from fenceless.guard import role
+from fenceless.guard.wrapper import RO_OFF
 from tests.unit.test_guard_wrapper import Host
 
 REFUSED = (5, None)
@@ -132,3 +133,124 @@ def test_udevs_exact_pvscan_passes_unchanged(host):
 ])
 def test_every_other_pvscan_is_an_ordinary_command(host, args):
     assert host.run("pvscan", *args)[:2] == REFUSED
+
+
+# --- 4. long-running commands and the shell ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("lvm", []),
+    ("lvm", ["/root/commands.lvm"]),
+    ("lvm", ["nosuchcommand", "localvg"]),
+    ("lvm", ["pvmove", "/dev/sdc"]),
+    ("lvm", ["pvmove", "-b", "/dev/sdc", "/dev/sdd"]),
+    ("lvm", ["lvconvert", "--type", "raid1", "-m1", "sanvg/x"]),
+    ("lvm", ["lvconvert", "--merge", "sanvg/snap"]),
+    ("lvm", ["lvpoll", "--polloperation", "pvmove", "sanvg/pvmove0"]),
+])
+def test_long_running_commands_and_the_shell_are_refused_on_the_writer_too(writer, name, args):
+    rc, seen, err = writer.run(name, *args)
+    assert (rc, seen) == REFUSED
+    assert err.startswith("Refused: ")
+    assert "every host, the writer too" in err
+
+
+def test_the_shell_says_why_and_what_to_do(writer):
+    _, _, err = writer.run("lvm")
+    assert "the lvm shell" in err
+    assert "one command at a time" in err
+
+
+def test_a_long_running_command_on_a_local_vg_passes(host):
+    rc, seen, _ = host.run("lvm", "lvconvert", "--type", "raid1", "-m1", "localvg/x")
+    assert (rc, seen) == (0, ["lvconvert", "--config", RO_OFF, "--type", "raid1", "-m1",
+                              "localvg/x"])
+
+
+# --- 6. the control LV, vgremove, and lvremove of many -----------------------------------------
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("lvremove", ["-y", "sanvg/fenceless-ctl"]),
+    ("lvremove", ["/dev/sanvg/fenceless-ctl"]),
+    ("lvremove", ["/dev/mapper/sanvg-fenceless--ctl"]),
+    ("lvresize", ["-L+1G", "sanvg/fenceless-ctl"]),
+    ("lvextend", ["-l+1", "vg2/fenceless-ctl"]),
+    ("lvreduce", ["-L-4m", "-f", "sanvg/fenceless-ctl"]),
+    ("lvrename", ["sanvg", "fenceless-ctl", "old-ctl"]),
+    ("lvrename", ["sanvg/fenceless-ctl", "sanvg/old-ctl"]),
+    ("lvchange", ["--deltag", "fenceless-control", "sanvg/fenceless-ctl"]),
+    ("lvchange", ["-an", "sanvg/fenceless-ctl"]),
+    ("vgremove", ["sanvg"]),
+    ("vgremove", ["-ff", "vg2"]),
+    ("vgremove", ["-S", "vg_name=sanvg"]),
+    ("vgremove", ["@fenceless"]),
+    ("lvremove", ["-y", "sanvg"]),
+    ("lvremove", ["-y", "sanvg", "localvg"]),
+    ("lvremove", ["@vmdisks"]),
+    ("lvremove", ["-S", "lv_name=x"]),
+    ("lvremove", ["--select=vg_name=sanvg"]),
+])
+def test_the_control_lv_and_whole_vgs_are_refused_on_the_writer_too(writer, name, args):
+    rc, seen, err = writer.run(name, *args)
+    assert (rc, seen) == REFUSED
+    assert err.startswith("Refused: ")
+    assert "every host, the writer too" in err
+
+
+def test_the_writer_still_removes_one_named_lv_and_reports_the_control_lv(writer):
+    assert writer.run("lvremove", "-y", "sanvg/x")[:2] == (0, ["lvremove", "--config", RO_OFF,
+                                                               "-y", "sanvg/x"])
+    assert writer.run("lvs", "sanvg/fenceless-ctl")[:2] == (0, ["lvs", "--config", RO_OFF,
+                                                                "sanvg/fenceless-ctl"])
+    assert writer.run("lvremove", "localvg")[0] == 0
+
+
+# --- 7. only fenceless activates shared LVs ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("lvchange", ["-ay", "sanvg/x"]),
+    ("lvchange", ["-a", "y", "sanvg/x"]),
+    ("lvchange", ["--activate=ey", "sanvg/x"]),
+    ("lvchange", ["-a", "e", "sanvg/x"]),
+    ("lvchange", ["-ay", "--sysinit", "--readonly", "sanvg/x"]),
+    ("vgchange", ["-ay", "sanvg"]),
+    ("vgchange", ["-aay", "sanvg"]),
+    ("vgchange", ["-aey", "vg2"]),
+    ("vgchange", ["-asy", "sanvg"]),
+    ("vgchange", ["-aly", "sanvg"]),
+    ("vgchange", ["-aay", "--autoactivation", "event", "sanvg"]),
+    ("vgchange", ["-ay"]),                           # every VG
+    ("lvchange", ["-ay", "@vmdisks"]),
+    ("lvm", ["pvscan", "-aay", "/dev/sdb"]),
+    ("lvcreate", ["-L1G", "-n", "x", "sanvg"]),      # lvcreate activates unless told -an
+    ("lvcreate", ["-ay", "-L1G", "-n", "x", "sanvg"]),
+])
+@pytest.mark.parametrize("as_writer", [False, True])
+def test_activation_of_shared_lvs_is_refused_on_every_host(tmp_path, name, args, as_writer):
+    h = Host(tmp_path)
+    if as_writer:
+        h.role(*WRITER_OF_BOTH)
+    rc, seen, err = h.run(name, *args)
+    assert (rc, seen) == REFUSED
+    assert "activat" in err.split("\n")[0]
+    assert "fenceless" in err
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("lvchange", ["-an", "sanvg/x"]),
+    ("vgchange", ["-a", "n", "sanvg"]),
+    ("vgchange", ["-aln"]),
+])
+def test_deactivation_stays_allowed(tmp_path, name, args):
+    h = Host(tmp_path)
+    assert h.run(name, *args)[:2] == (0, [name, "--sysinit", "--readonly", *args])
+    h.role(*WRITER_OF_BOTH)
+    assert h.run(name, *args)[:2] == (0, [name, "--config", RO_OFF, *args])
+
+
+def test_local_vgs_activate_as_before(host):
+    assert host.run("vgchange", "-ay", "localvg")[:2] == (0, ["vgchange", "--config", RO_OFF,
+                                                              "-ay", "localvg"])
+    assert host.run("lvcreate", "-L1G", "-n", "x", "localvg")[0] == 0

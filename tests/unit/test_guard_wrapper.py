@@ -85,29 +85,20 @@ def host(tmp_path):
 
 @pytest.mark.parametrize(("name", "args"), [
     ("lvcreate", ["-an", "-Zn", "-L", "8m", "-n", "x", "sanvg"]),
-    ("lvm", ["lvcreate", "-L8m", "-nx", "sanvg"]),
+    ("lvm", ["lvcreate", "-an", "-L8m", "-nx", "sanvg"]),
     ("lvremove", ["-y", "sanvg/x"]),
     ("lvremove", ["/dev/vg2/x"]),
     ("lvextend", ["-r", "-L", "+1G", "sanvg/x"]),
-    ("vgremove", ["sanvg"]),
     ("lvchange", ["--addtag", "t", "sanvg/x"]),
-    ("lvchange", ["-ay", "--addtag", "t", "sanvg/x"]),
     ("lvchange", ["--refresh", "sanvg/x"]),
     ("vgchange", ["--addtag", "foo"]),          # no VG named: every VG
     ("vgchange", ["--setautoactivation", "y"]),
-    ("lvremove", ["@vmdisks"]),                 # a tag
-    ("lvremove", ["-S", "vg_name=sanvg"]),     # a selection
-    ("lvremove", ["--select=lv_name=x"]),
-    ("lvremove", ["-S", "vg_name=sanvg", "localvg"]),
     ("pvremove", ["/dev/sdb"]),                 # a device could be the LUN
-    ("lvcreate", ["-L1G", "-n", "x", "localvg", "/dev/sdc"]),
-    ("lvremove", ["/dev/mapper/sanvg-x"]),
+    ("lvcreate", ["-an", "-L1G", "-n", "x", "localvg", "/dev/sdc"]),
     ("vgrename", ["Xy12ab-cdef-ghij-klmn-opqr-stuv-wxyzAB", "newname"]),  # by UUID
-    ("lvm", []),                                 # the shell
-    ("lvm", ["/root/script.lvm"]),
     ("lvm", ["pvscan"]),
-    ("lvcreate", ["--name", "sanvg/x", "-L1G"]),  # VG in an option value
-    ("lvcreate", ["-L1G", "-n", "x", "--", "sanvg"]),
+    ("lvcreate", ["-an", "--name", "sanvg/x", "-L1G"]),  # VG in an option value
+    ("lvcreate", ["-an", "-L1G", "-n", "x", "--", "sanvg"]),
 ])
 def test_metadata_changes_are_refused_on_a_reader(host, name, args):
     rc, seen, err = host.run(name, *args)
@@ -115,6 +106,26 @@ def test_metadata_changes_are_refused_on_a_reader(host, name, args):
     assert seen is None, "the real binary must not run"
     assert err.startswith("Refused: this host (h2) is not the metadata writer of VG ")
     assert "is `fenceless agent` running?" in err
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("vgremove", ["sanvg"]),
+    ("lvchange", ["-ay", "--addtag", "t", "sanvg/x"]),
+    ("lvremove", ["@vmdisks"]),                 # a tag
+    ("lvremove", ["-S", "vg_name=sanvg"]),     # a selection
+    ("lvremove", ["--select=lv_name=x"]),
+    ("lvremove", ["-S", "vg_name=sanvg", "localvg"]),
+    ("lvremove", ["/dev/mapper/sanvg-x"]),
+    ("lvm", []),                                 # the shell
+    ("lvm", ["/root/script.lvm"]),
+    ("lvcreate", ["-L1G", "-n", "x", "sanvg"]),  # activates the new LV
+])
+def test_some_are_refused_on_every_host(host, name, args):
+    rc, seen, err = host.run(name, *args)
+    assert (rc, seen) == (5, None)
+    assert err.startswith("Refused: ")
+    assert "the guard refuses it on every host, the writer too" in err
+    assert err.endswith("was not run; nothing was changed.)\n")
 
 
 def test_lv_name_from_environment_counts(host):
@@ -140,16 +151,16 @@ def test_reports_run_readonly_on_a_reader(host, name, args, expected):
 
 
 @pytest.mark.parametrize(("name", "args", "expected"), [
-    ("lvchange", ["-ay", "sanvg/x"], ["lvchange", "--sysinit", "--readonly", "-ay", "sanvg/x"]),
+    ("lvchange", ["-an", "sanvg/x"], ["lvchange", "--sysinit", "--readonly", "-an", "sanvg/x"]),
     ("lvchange", ["-a", "n", "sanvg/x"],
      ["lvchange", "--sysinit", "--readonly", "-a", "n", "sanvg/x"]),
-    ("lvchange", ["--activate=y", "--sysinit", "--readonly", "sanvg/x"],
-     ["lvchange", "--activate=y", "--sysinit", "--readonly", "sanvg/x"]),
+    ("lvchange", ["--activate=n", "--sysinit", "--readonly", "sanvg/x"],
+     ["lvchange", "--activate=n", "--sysinit", "--readonly", "sanvg/x"]),
     ("vgchange", ["-an"], ["vgchange", "--sysinit", "--readonly", "-an"]),
-    ("lvm", ["vgchange", "-ay", "-v", "sanvg"],
-     ["vgchange", "--sysinit", "--readonly", "-ay", "-v", "sanvg"]),
+    ("lvm", ["vgchange", "-aln", "-v", "sanvg"],
+     ["vgchange", "--sysinit", "--readonly", "-aln", "-v", "sanvg"]),
 ])
-def test_activation_runs_sysinit_readonly_on_a_reader(host, name, args, expected):
+def test_deactivation_runs_sysinit_readonly_on_a_reader(host, name, args, expected):
     rc, seen, _ = host.run(name, *args)
     assert rc == 0
     assert seen == expected
@@ -191,10 +202,11 @@ def test_a_local_vg_with_a_config_option_gets_one_merged_config(host):
 
 def test_writer_of_the_vg_runs_metadata_changes(host):
     host.role(("sanvg", "writer", "h2", 7, 60.0), ("vg2", "reader", "h1", 3, 60.0))
-    rc, seen, _ = host.run("lvcreate", "-L", "1G", "-n", "x", "sanvg")
-    assert (rc, seen) == (0, ["lvcreate", "--config", RO_OFF, "-L", "1G", "-n", "x", "sanvg"])
+    rc, seen, _ = host.run("lvcreate", "-an", "-L", "1G", "-n", "x", "sanvg")
+    assert (rc, seen) == (0, ["lvcreate", "--config", RO_OFF, "-an", "-L", "1G", "-n", "x",
+                              "sanvg"])
     # Not the writer of vg2: refused, naming the writer and the forwarding command.
-    rc, seen, err = host.run("lvcreate", "-L", "1G", "-n", "x", "vg2")
+    rc, seen, err = host.run("lvcreate", "-an", "-L", "1G", "-n", "x", "vg2")
     assert (rc, seen) == (5, None)
     assert err.splitlines()[0] == (
         "Refused: this host (h2) is not the metadata writer of VG vg2 (h1 is, epoch 3). "
@@ -208,10 +220,10 @@ def test_writer_of_the_vg_runs_metadata_changes(host):
     assert seen == ["lvs", "--config", RO_OFF, "sanvg"]
 
 
-def test_writer_of_every_vg_may_use_the_shell(host):
+def test_writer_of_every_vg_changes_every_vg_but_not_with_the_shell(host):
     host.role(("sanvg", "writer", "h2", 7, 60.0), ("vg2", "writer", "h2", 3, 60.0))
     rc, seen, _ = host.run("lvm")
-    assert (rc, seen) == (0, [])
+    assert (rc, seen) == (5, None)
     rc, seen, _ = host.run("vgchange", "--addtag", "x")
     assert (rc, seen) == (0, ["vgchange", "--config", RO_OFF, "--addtag", "x"])
 
@@ -229,7 +241,7 @@ def test_refusal_names_the_matching_fenceless_command(host, cmd, hint):
 
 def test_other_refusals_give_the_generic_hint(host):
     host.role(("sanvg", "reader", "h1", 9, 60.0))
-    _, _, err = host.run("vgremove", "sanvg")
+    _, _, err = host.run("lvchange", "--addtag", "t", "sanvg/x")
     assert "run it on h1, or move the role here first with `fenceless writer handover h2`" in err
 
 

@@ -26,8 +26,10 @@ def register(sub: Subparsers, name: str) -> None:
     guard = sub.add_parser(
         "guard", help="the LVM guard: LVM itself refuses metadata changes on non-writers",
         description="Replace this host's lvm binary by a wrapper (dpkg-divert): on a host "
-        "that is not the metadata writer, reports run --readonly, activation runs "
-        "--sysinit --readonly, and every other LVM command on a shared VG is refused.",
+        "that is not the metadata writer, reports run --readonly, deactivation runs "
+        "--sysinit --readonly, and every other LVM command on a shared VG is refused. On "
+        "every host, the writer too, it refuses the lvm shell, pvmove, lvconvert and lvpoll, "
+        "changes to the control LV, and activation of a shared VG's LVs (fenceless's job).",
         formatter_class=FORMATTER,
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()))
     gsub = guard.add_subparsers(dest="guard_command", metavar="GUARDCOMMAND",

@@ -9,26 +9,33 @@ reads (and diffs) as what runs. ``generate()`` fills its ``@NAME@``
 placeholders: this host's settings, and every command list and option list
 from :mod:`fenceless.lvm.policy`, the policy the adapter follows too.
 
-How it decides (on a host that is not the writer of the VG(s) concerned; the
-command classes are the policy's):
+How it decides, in this order (the command classes are the policy's):
 
 =================================================  ===============================
 command                                            what runs
 =================================================  ===============================
+``pvscan`` exactly as udev's rule runs it           passes unchanged, always
 neutral (version, help, lvmconfig, ...)            passes unchanged, always
-reporting (lvs, vgs, pvs, *display, vgcfgbackup,    ``--readonly`` added
-fullreport, lvscan, lvmdiskscan)
-``lvchange``/``vgchange`` with ``-a y|n`` and       ``--sysinit --readonly`` added
-nothing else that changes metadata
-``pvscan`` exactly as udev's rule runs it           passes unchanged
+on a shared VG, on every host (the writer too):    refused, exit 5, nothing runs
+the lvm shell or a script (or a command this
+guard does not know), pvmove, lvconvert, lvpoll,
+anything but a report that names the control LV,
+vgremove, lvremove/lvresize/... of a bare VG, a
+tag or a selection, and any activation
 names only non-shared VGs                           passes (``metadata_read_only=0``)
-anything else, and the ``lvm`` shell                refused, exit 5, nothing runs
+this host is the writer of every VG concerned      passes (``metadata_read_only=0``)
+otherwise: reporting (lvs, vgs, pvs, *display,      ``--readonly`` added
+vgcfgbackup, fullreport, lvscan, lvmdiskscan)
+``lvchange``/``vgchange -a n`` and nothing else     ``--sysinit --readonly`` added
+that changes metadata
+anything else                                       refused, exit 5, nothing runs
 =================================================  ===============================
 
-On the writer of every VG concerned, everything passes, with
-``--config global/metadata_read_only=0`` (merged into the caller's own
-``--config``: LVM refuses the option twice) to undo the guard's lvm.conf
-block on LVM 2.02.
+"The writer" is read from the agent's role file (:mod:`fenceless.guard.role`):
+it counts only with this boot's id, the current header and a line that has
+not expired. Passing commands get ``--config global/metadata_read_only=0``
+(merged into the caller's own ``--config``: LVM refuses the option twice) to
+undo the guard's lvm.conf block on LVM 2.02.
 
 Which VGs a command concerns is over-approximated, so that a parsing gap can
 only refuse, never let a change through: any value or positional that names a
@@ -110,15 +117,25 @@ def generate(s: WrapperSettings) -> str:
         "FL_ROLE": q(s.role_file),
         "FL_ROLE_HEADER": q(role.HEADER),
         "FL_BOOT_ID": q(s.boot_id_file),
-        "BOOT_ID_PATTERN": "-".join(hexd * n for n in (8, 4, 4, 4, 12)),
         "FL_RO_OFF": q(RO_OFF),
+        "FL_CTL": q(policy.CONTROL_LV),
+        "FL_CTL_DM": q(policy.CONTROL_LV.replace("-", "--")),
+        "BOOT_ID_PATTERN": "-".join(hexd * n for n in (8, 4, 4, 4, 12)),
         "NEUTRAL_COMMANDS": _alts(policy.NEUTRAL_COMMANDS),
         "REPORT_COMMANDS": _alts(policy.REPORT_COMMANDS),
         "ACTIVATION_COMMANDS": _alts(policy.ACTIVATION_COMMANDS),
+        "METADATA_COMMANDS": _alts(policy.METADATA_COMMANDS),
         "UDEV_SCAN_COMMAND": policy.UDEV_SCAN_COMMAND,
         "UDEV_SCAN_TEST": _udev_scan_test(),
         "DEVICE_COMMANDS": _alts(policy.DEVICE_COMMANDS),
         "PV_AFTER_FIRST_COMMANDS": _alts(policy.PV_AFTER_FIRST_COMMANDS),
+        "LONG_RUNNING_COMMANDS": _alts(policy.LONG_RUNNING_COMMANDS),
+        "LV_WIDE_COMMANDS": _alts(policy.LV_WIDE_COMMANDS),
+        "VG_REMOVE_COMMAND": policy.VG_REMOVE_COMMAND,
+        "LV_REMOVE_COMMAND": policy.LV_REMOVE_COMMAND,
+        "ACTIVATING_COMMANDS": _alts(policy.ACTIVATING_COMMANDS),
+        "ACTIVATES_BY_DEFAULT": _alts(policy.ACTIVATES_BY_DEFAULT),
+        "DEACTIVATION_VALUES": _alts(policy.DEACTIVATION_VALUES),
         "ACTIVATE_OPTIONS": _alts(policy.ACTIVATE_OPTIONS),
         "ACTIVATION_FLAGS": _alts(policy.ACTIVATION_FLAGS),
         "ACTIVATION_VALUES": _alts(policy.ACTIVATION_VALUES),

@@ -30,9 +30,13 @@ udev's ``pvscan --cache ... DEVNAME`` is the guard's one exception
 block device to record which PVs are online under /run/lvm, and the host's
 local VGs need it. fenceless itself never runs it.
 
-Which VGs a command concerns, for the guard's wrapper, follows from its
-positionals: :data:`DEVICE_COMMANDS` and :data:`PV_AFTER_FIRST_COMMANDS` say
-where LVM expects devices, and a device may be the shared LUN.
+The guard's wrapper refuses more than a reader's adapter does, on every host,
+the writer too (``docs/design.md``, "The guard"): what keeps going after the
+writer role is gone (:data:`LONG_RUNNING_COMMANDS`, the lvm shell), what may
+remove the control LV (:data:`CONTROL_LV`), and activation of a shared VG's
+LVs, which only fenceless does, with a claim on the LUN first. Which VGs a
+command concerns follows from its positionals: :data:`DEVICE_COMMANDS` and
+:data:`PV_AFTER_FIRST_COMMANDS` say where LVM expects devices.
 """
 
 from __future__ import annotations
@@ -82,6 +86,22 @@ DEVICE_COMMANDS = ("pvchange", "pvck", "pvcreate", "pvdata", "pvdisplay", "pvmov
 # These take PVs after a VG or LV: every positional after the first is a device.
 PV_AFTER_FIRST_COMMANDS = ("vgcreate", "vgextend", "vgreduce", "vgsplit", "vgmerge", "lvcreate",
                            "lvextend", "lvresize", "lvreduce", "lvconvert")
+# Go on in the background (lvmpolld) after they return, also after the writer role is gone:
+# the guard refuses them on a shared VG on every host, the writer too.
+LONG_RUNNING_COMMANDS = ("pvmove", "lvconvert", "lvpoll")
+# Remove, resize or rename LVs: with a tag, --select or a name that is not VG/LV they may
+# reach the control LV, so the guard refuses them for a shared VG on every host; lvremove
+# also with a VG name alone (it removes every LV of the VG).
+LV_WIDE_COMMANDS = ("lvremove", "lvresize", "lvextend", "lvreduce", "lvrename")
+LV_REMOVE_COMMAND = "lvremove"
+# Removes a whole VG, control LV included: refused for a shared VG on every host.
+VG_REMOVE_COMMAND = "vgremove"
+# Their -a/--activate activates; lvcreate activates the new LV unless given -a n.
+ACTIVATING_COMMANDS = ("lvchange", "vgchange", "pvscan", "lvcreate")
+ACTIVATES_BY_DEFAULT = ("lvcreate",)
+# -a values that only deactivate. Any other value (y, ay, ey, e, sy, ly, ...) is taken to
+# activate, also one LVM would reject: the guard refuses it for a shared VG on every host.
+DEACTIVATION_VALUES = ("n", "an", "en", "ln", "sn")
 
 # Options that may accompany ``-a y|n`` in an activation a reader may run: none of them
 # changes metadata, and LVM accepts each together with --sysinit --readonly.
@@ -114,6 +134,13 @@ FLAG_LONG = (
     "--withspaces", "--withsummary", "--withversions", "--yes",
 )
 FLAG_SHORT = "HKPTbdehqtvy"
+
+
+def known(command: str) -> bool:
+    """Whether ``command`` is in one of the classes. The wrapper treats any other word
+    as the lvm shell would (LVM runs it as a script), and refuses it for a shared VG."""
+    return command in (*REPORT_COMMANDS, *NEUTRAL_COMMANDS, *ACTIVATION_COMMANDS,
+                       *METADATA_COMMANDS)
 
 
 def kind(command: str) -> Kind:
