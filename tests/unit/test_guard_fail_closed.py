@@ -254,3 +254,23 @@ def test_local_vgs_activate_as_before(host):
     assert host.run("vgchange", "-ay", "localvg")[:2] == (0, ["vgchange", "--config", RO_OFF,
                                                               "-ay", "localvg"])
     assert host.run("lvcreate", "-L1G", "-n", "x", "localvg")[0] == 0
+
+
+# --- abbreviated long options (getopt_long takes any unambiguous prefix) ---------------------
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("pvscan", ["--cache", "--activ", "ay", "/dev/sdb"]),   # LVM reads it as --activate
+    ("pvscan", ["--cache", "--act=ay"]),
+    ("lvcreate", ["--activat", "y", "-L1G", "-n", "x", "sanvg"]),
+    ("lvremove", ["--sel", "lv_name=x"]),
+])
+def test_an_abbreviated_option_counts_as_the_option(writer, name, args):
+    rc, seen, err = writer.run(name, *args)
+    assert (rc, seen) == REFUSED
+    assert "every host, the writer too" in err
+
+
+def test_an_abbreviated_deactivation_passes(writer):
+    args = ["--activ", "n", "-L1G", "-n", "x", "sanvg"]
+    assert writer.run("lvcreate", *args)[:2] == (0, ["lvcreate", "--config", RO_OFF, *args])

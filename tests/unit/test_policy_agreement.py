@@ -174,7 +174,8 @@ def test_every_placeholder_is_filled(host):
             "UDEV_SCAN_TEST", "DEVICE_COMMANDS", "PV_AFTER_FIRST_COMMANDS",
             "LONG_RUNNING_COMMANDS", "LV_WIDE_COMMANDS", "LV_REMOVE_COMMAND",
             "VG_REMOVE_COMMAND", "ACTIVATING_COMMANDS", "ACTIVATES_BY_DEFAULT",
-            "DEACTIVATION_VALUES", "FL_CTL", "FL_ROLE_HEADER", "FL_BOOT_ID"} <= found
+            "DEACTIVATION_VALUES", "ABBREVIABLE_OPTIONS", "FL_CTL", "FL_ROLE_HEADER",
+            "FL_BOOT_ID"} <= found
     assert not re.search(r"@[A-Z][A-Z0-9_]*@", wrapper.generate(host.settings))
 
 

@@ -47,7 +47,8 @@ not, a tag, a UUID), a positional where LVM expects a device
 ``--select``. Options whose value LVM takes from the next argument are all
 options except a known list of flags (``policy.FLAG_LONG``,
 ``policy.FLAG_SHORT``), so an unknown option swallows (rather than frees)
-the next word.
+the next word; and any prefix of ``--activate`` or ``--select`` counts as
+that option, as LVM's getopt_long reads an unambiguous one.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def generate(s: WrapperSettings) -> str:
         "ACTIVATING_COMMANDS": _alts(policy.ACTIVATING_COMMANDS),
         "ACTIVATES_BY_DEFAULT": _alts(policy.ACTIVATES_BY_DEFAULT),
         "DEACTIVATION_VALUES": _alts(policy.DEACTIVATION_VALUES),
+        "ABBREVIABLE_OPTIONS": " ".join(policy.ABBREVIABLE_OPTIONS),
         "ACTIVATE_OPTIONS": _alts(policy.ACTIVATE_OPTIONS),
         "ACTIVATION_FLAGS": _alts(policy.ACTIVATION_FLAGS),
         "ACTIVATION_VALUES": _alts(policy.ACTIVATION_VALUES),

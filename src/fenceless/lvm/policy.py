@@ -99,6 +99,10 @@ VG_REMOVE_COMMAND = "vgremove"
 # Their -a/--activate activates; lvcreate activates the new LV unless given -a n.
 ACTIVATING_COMMANDS = ("lvchange", "vgchange", "pvscan", "lvcreate")
 ACTIVATES_BY_DEFAULT = ("lvcreate",)
+# LVM parses options with getopt_long, which takes any unambiguous prefix of a long option
+# (`pvscan --activ ay` activates). The wrapper reads any prefix of these as the option
+# itself, also one LVM would find ambiguous: it can only refuse more.
+ABBREVIABLE_OPTIONS = ("--activate", "--select")
 # -a values that only deactivate. Any other value (y, ay, ey, e, sy, ly, ...) is taken to
 # activate, also one LVM would reject: the guard refuses it for a shared VG on every host.
 DEACTIVATION_VALUES = ("n", "an", "en", "ln", "sn")
