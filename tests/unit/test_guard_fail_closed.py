@@ -274,3 +274,40 @@ def test_an_abbreviated_option_counts_as_the_option(writer, name, args):
 def test_an_abbreviated_deactivation_passes(writer):
     args = ["--activ", "n", "-L1G", "-n", "x", "sanvg"]
     assert writer.run("lvcreate", *args)[:2] == (0, ["lvcreate", "--config", RO_OFF, *args])
+
+
+# --- options of each command's own arity ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("vgextend", ["-y", "localvg", "-f", "sdc", "-f"]),   # -f is a flag of vgextend
+    ("lvremove", ["localvg/x", "-f", "@vmdisks"]),        # and of lvremove: @vmdisks is an LV
+    ("lvextend", ["-L+1G", "-r", "localvg/x", "sdc"]),    # -r is --resizefs here
+    ("lvremove", ["localvg/x", "--forc", "@vmdisks"]),    # --force, abbreviated
+    ("vgextend", ["--forc", "localvg", "sdc"]),
+    ("vgextend", ["-X", "localvg", "sdc"]),               # no option of vgextend
+])
+def test_a_word_an_option_did_not_take_is_a_positional(host, name, args):
+    assert host.run(name, *args)[:2] == REFUSED
+
+
+@pytest.mark.parametrize("args", [
+    ["--forc", "-ay", "sanvg"],
+    ["--forc", "--", "-ay", "sanvg"],
+    ["-X", "-ay", "sanvg"],
+    ["-Xay", "sanvg"],
+])
+def test_a_word_an_unknown_option_may_take_is_read_as_options_too(writer, args):
+    rc, seen, err = writer.run("vgchange", *args)
+    assert (rc, seen) == REFUSED
+    assert "would activate" in err
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("lvextend", ["-r", "-L+1G", "localvg/x"]),
+    ("lvcreate", ["-an", "-s", "-L", "1G", "-n", "snap", "localvg/x"]),
+    ("vgchange", ["-u", "localvg"]),
+    ("lvs", ["-a", "localvg"]),
+])
+def test_each_commands_own_flags_and_values(host, name, args):
+    assert host.run(name, *args)[:2] == (0, [name, "--config", RO_OFF, *args])

@@ -170,7 +170,7 @@ def test_forwarding_hints_are_for_metadata_commands():
 def test_every_placeholder_is_filled(host):
     found = set(re.findall(r"@([A-Z][A-Z0-9_]*)@", wrapper.template()))
     assert {"REPORT_COMMANDS", "NEUTRAL_COMMANDS", "ACTIVATION_COMMANDS", "METADATA_COMMANDS",
-            "ACTIVATION_FLAGS", "ACTIVATION_VALUES", "FLAG_LONG", "FLAG_SHORT",
+            "ACTIVATION_FLAGS", "ACTIVATION_VALUES", "FLAG_LONG", "VALUE_LONG", "SHORT_OPTIONS",
             "UDEV_SCAN_TEST", "DEVICE_COMMANDS", "PV_AFTER_FIRST_COMMANDS",
             "LONG_RUNNING_COMMANDS", "LV_WIDE_COMMANDS", "LV_REMOVE_COMMAND",
             "VG_REMOVE_COMMAND", "ACTIVATING_COMMANDS", "ACTIVATES_BY_DEFAULT",
@@ -191,3 +191,18 @@ def test_a_value_is_never_filled_in_again(tmp_path):
     text = wrapper.generate(settings)
     assert "FL_HOST=@FL_REAL@\n" in text
     assert "guard for host @FL_REAL@," in text
+
+
+def test_the_option_tables_cover_every_command():
+    assert not set(policy.FLAG_LONG) & set(policy.VALUE_LONG)
+    assert {"--activate", "--select", "--config", "--size", "--name"} <= set(policy.VALUE_LONG)
+    commands = (*policy.REPORT_COMMANDS, *policy.NEUTRAL_COMMANDS, *policy.ACTIVATION_COMMANDS,
+                *policy.METADATA_COMMANDS)
+    for command in commands:
+        if command in ("version", "types"):  # no options of their own
+            continue
+        flags, values = policy.SHORT_OPTIONS[command]
+        assert not set(flags) & set(values), command
+        assert set(flags) >= set("dhqtvy") - set(values), command  # LVM's common options
+    assert "a" in policy.SHORT_OPTIONS["lvchange"][1] and "a" in policy.SHORT_OPTIONS["lvs"][0]
+    assert "f" in policy.SHORT_OPTIONS["vgextend"][0]

@@ -44,11 +44,13 @@ and a command concerns *every* shared VG when it names no VG at all, or has a
 positional that is not a plain VG or VG/LV name (a device path, relative or
 not, a tag, a UUID), a positional where LVM expects a device
 (``policy.DEVICE_COMMANDS``, ``policy.PV_AFTER_FIRST_COMMANDS``), or
-``--select``. Options whose value LVM takes from the next argument are all
-options except a known list of flags (``policy.FLAG_LONG``,
-``policy.FLAG_SHORT``), so an unknown option swallows (rather than frees)
-the next word; and any prefix of ``--activate`` or ``--select`` counts as
-that option, as LVM's getopt_long reads an unambiguous one.
+``--select``. Options are split as LVM splits them: which take a value is
+known from ``policy.FLAG_LONG``, ``policy.VALUE_LONG`` and each command's
+``policy.SHORT_OPTIONS``. An option of unknown arity (an abbreviation, a
+letter the command lacks, ``--uuid``) is read as taking the next word, makes
+the command concern every shared VG, and that word, if it starts with ``-``,
+is read as options too. Any prefix of ``--activate`` or ``--select`` counts
+as that option, as LVM's getopt_long reads an unambiguous one.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def generate(s: WrapperSettings) -> str:
         "ACTIVATION_FLAGS": _alts(policy.ACTIVATION_FLAGS),
         "ACTIVATION_VALUES": _alts(policy.ACTIVATION_VALUES),
         "FLAG_LONG": _alts(policy.FLAG_LONG),
-        "FLAG_SHORT": policy.FLAG_SHORT,
+        "VALUE_LONG": _alts(policy.VALUE_LONG),
+        "SHORT_OPTIONS": "\n".join(f"    {cmd}) fl_sflag={q(flags)}; fl_sval={q(values)} ;;"
+                                   for cmd, (flags, values) in policy.SHORT_OPTIONS.items()),
         "UUID32": "[A-Za-z0-9]" * 32,
         "FORWARDED": forwarded,
     }

@@ -116,27 +116,84 @@ ACTIVATION_FLAGS = ("--sysinit", "--readonly", "-a", "--activate", "-v", "--verb
 ACTIVATE_OPTIONS = ("-a", "--activate")
 ACTIVATION_VALUES = ("y", "n", "ay", "an", "ey", "en", "ly", "ln", "sy", "sn")
 
-# LVM 2.03.16 options that take no value, from every command's --longhelp. Every other
-# option takes the next word as its value, so an unknown option swallows (rather than
-# frees) a word. Short letters that are a flag for one command and take a value for
-# another (-a, -c, -f, -l, ...) are not here: they are treated as taking a value.
+# LVM 2.03.16 options that take no value, from every command's --longhelp (its usage lines
+# too). Every other option takes the next word as its value, so an unknown option swallows
+# (rather than frees) a word. Short letters that are a flag for one command and take a value
+# for another (-a, -c, -f, -l, ...) are not in FLAG_SHORT: the adapter treats them as taking a
+# value; the wrapper knows each command's own (SHORT_OPTIONS).
 FLAG_LONG = (
-    "--abort", "--activevolumegroups", "--aligned", "--all", "--atomic", "--background",
-    "--binary", "--blockdevice", "--cache", "--checkcomplete", "--colon", "--columns",
-    "--debug", "--exported", "--force", "--foreign", "--full", "--handlemissingpvs", "--help",
-    "--history", "--ignoreactivationskip", "--ignoreadvanced", "--ignorelocal",
+    "--abort", "--activevolumegroups", "--aligned", "--all", "--atomic", "--background", "--binary",
+    "--blockdevice", "--cache", "--check", "--checkcomplete", "--colon", "--columns", "--debug",
+    "--detachprofile", "--exported", "--force", "--foreign", "--full", "--handlemissingpvs",
+    "--help", "--history", "--ignoreactivationskip", "--ignoreadvanced", "--ignorelocal",
     "--ignorelockingfailure", "--ignoremonitoring", "--ignoreunsupported", "--import",
-    "--importdevices", "--list", "--logonly", "--longhelp", "--lvmpartition", "--maps",
-    "--mergedconfig", "--mirrorsonly", "--mknodes", "--nameprefixes", "--nofsck",
+    "--importdevices", "--list", "--listlvs", "--listvg", "--lockstart", "--lockstop", "--logonly",
+    "--longhelp", "--lvmpartition", "--maps", "--merge", "--mergedconfig", "--mergemirrors",
+    "--mergesnapshot", "--mergethin", "--mirrorsonly", "--mknodes", "--nameprefixes", "--nofsck",
     "--noheadings", "--nohints", "--nohistory", "--nolocking", "--norestorefile", "--nosuffix",
     "--nosync", "--notifydbus", "--noudevsync", "--novolumegroup", "--partial", "--quiet",
-    "--readonly", "--refresh", "--resizefs", "--restoremissing", "--rows", "--segments",
-    "--shared", "--short", "--showdeprecated", "--showunsupported", "--snapshot", "--stdin",
-    "--sysinit", "--test", "--thin", "--udevoutput", "--unbuffered", "--unconfigured",
-    "--unquoted", "--usepolicies", "--validate", "--vdo", "--verbose", "--version",
-    "--vgonline", "--withcomments", "--withgeneralpreamble", "--withlocalpreamble",
-    "--withspaces", "--withsummary", "--withversions", "--yes",
+    "--readonly", "--refresh", "--removemissing", "--repair", "--resizefs", "--restoremissing",
+    "--resync", "--rows", "--segments", "--shared", "--short", "--showdeprecated",
+    "--showunsupported", "--snapshot", "--splitcache", "--splitsnapshot", "--startpoll", "--stdin",
+    "--swapmetadata", "--sysinit", "--test", "--thin", "--trackchanges", "--udevoutput",
+    "--unbuffered", "--uncache", "--unconfigured", "--unquoted", "--update", "--updatemetadata",
+    "--usepolicies", "--validate", "--vdo", "--verbose", "--version", "--vgonline",
+    "--withcomments", "--withgeneralpreamble", "--withlocalpreamble", "--withspaces",
+    "--withsummary", "--withversions", "--yes",
 )
+# And those that take a value. A long option in neither list (an abbreviation, or --uuid,
+# a flag for some commands that takes a value for pvcreate) is read as taking the next word,
+# which the wrapper also counts as a positional it cannot place: it may be one.
+VALUE_LONG = (
+    "--activate", "--activationmode", "--adddev", "--addpvid", "--addtag", "--alloc",
+    "--allocatable", "--atversion", "--autoactivation", "--autobackup", "--basevgname",
+    "--bootloaderareasize", "--cachedevice", "--cachemetadataformat", "--cachemode",
+    "--cachepolicy", "--cachepool", "--cachesettings", "--cachesize", "--cachevol", "--chunksize",
+    "--clustered", "--commandprofile", "--compression", "--config", "--configreport",
+    "--contiguous", "--dataalignment", "--dataalignmentoffset", "--deduplication", "--deldev",
+    "--delpvid", "--deltag", "--deviceidtype", "--devices", "--devicesfile", "--discards",
+    "--driverloaded", "--dump", "--errorwhenfull", "--extents", "--file", "--interval", "--journal",
+    "--labelsector", "--lockopt", "--locktype", "--logicalvolume", "--major", "--maxlogicalvolumes",
+    "--maxphysicalvolumes", "--maxrecoveryrate", "--metadataignore", "--metadataprofile",
+    "--metadatasize", "--metadatatype", "--minor", "--minrecoveryrate", "--mirrorlog", "--mirrors",
+    "--monitor", "--name", "--options", "--originname", "--permission", "--persistent",
+    "--physicalextentsize", "--poll", "--polloperation", "--poolmetadata", "--poolmetadatasize",
+    "--poolmetadataspare", "--profile", "--pvmetadatacopies", "--raidintegrity",
+    "--raidintegrityblocksize", "--raidintegritymode", "--readahead", "--rebuild", "--regionsize",
+    "--repairtype", "--replace", "--reportformat", "--resizeable", "--restorefile", "--select",
+    "--separator", "--setactivationskip", "--setautoactivation", "--setphysicalvolumesize",
+    "--settings", "--sinceversion", "--size", "--sort", "--splitmirrors", "--stripes",
+    "--stripesize", "--syncaction", "--systemid", "--thinpool", "--type", "--typeconfig", "--units",
+    "--vdopool", "--vdosettings", "--vgmetadatacopies", "--virtualsize", "--wipesignatures",
+    "--writebehind", "--writemostly", "--zero",
+)
+# Each command's short options: (letters that are flags, letters that take a value), from
+# its --longhelp on 2.03.16. A letter in neither is no option of that command (LVM refuses
+# it); the wrapper reads it as taking a value, and the word after it as a positional too.
+SHORT_OPTIONS: dict[str, tuple[str, str]] = {
+    "config": ("dhlqtvy", "f"), "devtypes": ("dhqtvy", "OSo"), "dumpconfig": ("dhlqtvy", "f"),
+    "formats": ("dhqtvy", ""), "fullreport": ("adhqtvy", "OSo"), "help": ("dhqtvy", ""),
+    "lastlog": ("dhqtvy", "S"), "lvchange": ("KPdfhqtvy", "ACMSZajkpr"),
+    "lvconvert": ("HTbdfhqstvy", "IRVZcimnr"), "lvcreate": ("HKTdhqstvy", "ACILMRVWZacijklmnpr"),
+    "lvdisplay": ("CHacdhmqtvy", "OSo"), "lvextend": ("dfhnqrtvy", "AILilm"),
+    "lvmconfig": ("dhlqtvy", "f"), "lvmdevices": ("dhqtvy", ""), "lvmdiskscan": ("dhlqtvy", ""),
+    "lvmsadc": ("dhqtvy", ""), "lvmsar": ("dfhqstvy", ""), "lvpoll": ("dhqtvy", "Ai"),
+    "lvreduce": ("dfhnqrtvy", "ALl"), "lvremove": ("dfhqtvy", "AS"), "lvrename": ("dhqtvy", "A"),
+    "lvresize": ("dfhnqrtvy", "AILil"), "lvs": ("Hadhqtvy", "OSo"), "lvscan": ("abdhqtvy", ""),
+    "pvchange": ("adfhqtuvy", "ASx"), "pvck": ("dhqtvy", "f"), "pvcreate": ("dfhqtvy", "MZu"),
+    "pvdata": ("dhqtvy", ""), "pvdisplay": ("Cacdhmqstvy", "OSo"), "pvmove": ("bdhqtvy", "Ain"),
+    "pvremove": ("dfhqtvy", ""), "pvresize": ("dhqtvy", ""), "pvs": ("adhqtvy", "OSo"),
+    "pvscan": ("dehnqstuvy", "aj"), "segtypes": ("dhqtvy", ""), "systemid": ("dhqtvy", ""),
+    "tags": ("dhqtvy", ""), "vgcfgbackup": ("dhqtvy", "f"), "vgcfgrestore": ("dhlqtvy", "Mf"),
+    "vgchange": ("KPdfhqtuvy", "ASalpsx"), "vgck": ("dhqtvy", ""), "vgconvert": ("dfhqtvy", "M"),
+    "vgcreate": ("dfhqtvy", "AMZclps"), "vgdisplay": ("ACcdhqstvy", "OSo"),
+    "vgexport": ("adhqtvy", "S"), "vgextend": ("dfhqtvy", "AMZ"), "vgimport": ("adfhqtvy", "S"),
+    "vgimportclone": ("dhiqtvy", "n"), "vgimportdevices": ("adhqtvy", "S"),
+    "vgmerge": ("dhlqtvy", "A"), "vgmknodes": ("dhqtvy", ""), "vgreduce": ("adfhqtvy", "A"),
+    "vgremove": ("dfhqtvy", "S"), "vgrename": ("dfhqtvy", "A"), "vgs": ("adhqtvy", "OSo"),
+    "vgscan": ("dhqtvy", ""), "vgsplit": ("dhqtvy", "AMlnp"),
+}
+
 FLAG_SHORT = "HKPTbdehqtvy"
 
 
