@@ -185,7 +185,12 @@ def test_a_long_running_command_on_a_local_vg_passes(host):
     ("vgremove", ["-ff", "vg2"]),
     ("vgremove", ["-S", "vg_name=sanvg"]),
     ("vgremove", ["@fenceless"]),
+    ("vgremove", ["/dev/sanvg"]),
+    ("vgsplit", ["sanvg", "newvg", "/dev/sdc"]),
+    ("vgmerge", ["localvg", "sanvg"]),
+    ("vgmerge", ["sanvg", "localvg"]),
     ("lvremove", ["-y", "sanvg"]),
+    ("lvremove", ["-y", "/dev/sanvg"]),
     ("lvremove", ["-y", "sanvg", "localvg"]),
     ("lvremove", ["@vmdisks"]),
     ("lvremove", ["-S", "lv_name=x"]),
@@ -204,6 +209,8 @@ def test_the_writer_still_removes_one_named_lv_and_reports_the_control_lv(writer
     assert writer.run("lvs", "sanvg/fenceless-ctl")[:2] == (0, ["lvs", "--config", RO_OFF,
                                                                 "sanvg/fenceless-ctl"])
     assert writer.run("lvremove", "localvg")[0] == 0
+    assert writer.run("vgremove", "localvg")[0] == 0
+    assert writer.run("vgsplit", "localvg", "newvg", "/dev/sdb")[0] == 0
 
 
 # --- 7. only fenceless activates shared LVs ---------------------------------------------------

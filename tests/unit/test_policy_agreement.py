@@ -77,7 +77,8 @@ def test_the_policy_lists_name_known_commands():
     for names in (policy.DEVICE_COMMANDS, policy.PV_AFTER_FIRST_COMMANDS,
                   policy.LONG_RUNNING_COMMANDS, policy.LV_WIDE_COMMANDS,
                   policy.ACTIVATING_COMMANDS, policy.ACTIVATES_BY_DEFAULT,
-                  (policy.VG_REMOVE_COMMAND, policy.LV_REMOVE_COMMAND, policy.UDEV_SCAN_COMMAND)):
+                  policy.VG_REMOVING_COMMANDS,
+                  (policy.LV_REMOVE_COMMAND, policy.UDEV_SCAN_COMMAND)):
         for name in names:
             assert policy.known(name), name
     assert not policy.known("lvnew") and not policy.known("")
@@ -173,7 +174,7 @@ def test_every_placeholder_is_filled(host):
             "ACTIVATION_FLAGS", "ACTIVATION_VALUES", "FLAG_LONG", "VALUE_LONG", "SHORT_OPTIONS",
             "UDEV_SCAN_TEST", "DEVICE_COMMANDS", "PV_AFTER_FIRST_COMMANDS",
             "LONG_RUNNING_COMMANDS", "LV_WIDE_COMMANDS", "LV_REMOVE_COMMAND",
-            "VG_REMOVE_COMMAND", "ACTIVATING_COMMANDS", "ACTIVATES_BY_DEFAULT",
+            "VG_REMOVING_COMMANDS", "ACTIVATING_COMMANDS", "ACTIVATES_BY_DEFAULT",
             "DEACTIVATION_VALUES", "ABBREVIABLE_OPTIONS", "FL_CTL", "FL_ROLE_HEADER",
             "FL_BOOT_ID"} <= found
     assert not re.search(r"@[A-Z][A-Z0-9_]*@", wrapper.generate(host.settings))

@@ -20,8 +20,9 @@ on a shared VG, on every host (the writer too):    refused, exit 5, nothing runs
 the lvm shell or a script (or a command this
 guard does not know), pvmove, lvconvert, lvpoll,
 anything but a report that names the control LV,
-vgremove, lvremove/lvresize/... of a bare VG, a
-tag or a selection, and any activation
+vgremove/vgsplit/vgmerge, lvremove/lvresize/...
+of a bare VG, a tag or a selection, and any
+activation
 names only non-shared VGs                           passes (``metadata_read_only=0``)
 this host is the writer of every VG concerned      passes (``metadata_read_only=0``)
 otherwise: reporting (lvs, vgs, pvs, *display,      ``--readonly`` added
@@ -134,7 +135,7 @@ def generate(s: WrapperSettings) -> str:
         "PV_AFTER_FIRST_COMMANDS": _alts(policy.PV_AFTER_FIRST_COMMANDS),
         "LONG_RUNNING_COMMANDS": _alts(policy.LONG_RUNNING_COMMANDS),
         "LV_WIDE_COMMANDS": _alts(policy.LV_WIDE_COMMANDS),
-        "VG_REMOVE_COMMAND": policy.VG_REMOVE_COMMAND,
+        "VG_REMOVING_COMMANDS": _alts(policy.VG_REMOVING_COMMANDS),
         "LV_REMOVE_COMMAND": policy.LV_REMOVE_COMMAND,
         "ACTIVATING_COMMANDS": _alts(policy.ACTIVATING_COMMANDS),
         "ACTIVATES_BY_DEFAULT": _alts(policy.ACTIVATES_BY_DEFAULT),

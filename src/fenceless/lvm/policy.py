@@ -94,8 +94,9 @@ LONG_RUNNING_COMMANDS = ("pvmove", "lvconvert", "lvpoll")
 # also with a VG name alone (it removes every LV of the VG).
 LV_WIDE_COMMANDS = ("lvremove", "lvresize", "lvextend", "lvreduce", "lvrename")
 LV_REMOVE_COMMAND = "lvremove"
-# Removes a whole VG, control LV included: refused for a shared VG on every host.
-VG_REMOVE_COMMAND = "vgremove"
+# Remove a whole VG, or move its LVs (the control LV too) to another VG: refused for a
+# shared VG on every host.
+VG_REMOVING_COMMANDS = ("vgremove", "vgsplit", "vgmerge")
 # Their -a/--activate activates; lvcreate activates the new LV unless given -a n.
 ACTIVATING_COMMANDS = ("lvchange", "vgchange", "pvscan", "lvcreate")
 ACTIVATES_BY_DEFAULT = ("lvcreate",)
