@@ -255,9 +255,9 @@ def test_expired_writer_line_is_a_reader(host):
 
 
 def test_writer_line_expires_while_the_file_stays(host):
-    host.role(("sanvg", "writer", "h2", 7, 0.3))
+    host.role(("sanvg", "writer", "h2", 7, 1.0))  # a loaded machine starts dash slowly
     assert host.run("lvcreate", "-an", "-L1G", "-n", "x", "sanvg")[0] == 0
-    time.sleep(0.4)
+    time.sleep(1.1)
     assert host.run("lvcreate", "-an", "-L1G", "-n", "x", "sanvg")[0] == 5
 
 
