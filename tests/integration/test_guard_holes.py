@@ -54,8 +54,7 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
         for h in lab.hosts:
             lab.exec(h, *guard_argv("install"))
         make_writer(lab, "h1")  # the writer's own changes pass
-        lab.exec("h1", "lvchange", "-q", "--addtag", "t", "sanvg/a")
-        lab.exec("h1", "lvchange", "-q", "--deltag", "t", "sanvg/a")
+        lab.exec("h1", "lvchange", "-q", "--addtag", "vmdisks", "sanvg/a")
         yield lab
     finally:
         cli("lab", "down", "--dir", str(path), "--force", check=False)
@@ -158,6 +157,14 @@ def test_activation_of_shared_lvs_is_refused_everywhere(lab):
     refused(lab, "h1", "lvcreate", "-L", "4m", "-n", "b", "sanvg")  # activates by default
     lab.exec("h2", "lvchange", "-an", "sanvg/a")  # deactivation: --sysinit --readonly
     lab.exec("h1", "lvchange", "-an", "sanvg/a")
+
+
+def test_options_are_split_as_lvm_splits_them(lab):
+    """A flag of this command does not hide the next word; an abbreviation counts."""
+    refused(lab, "h2", "lvremove", "-y", "localvg/x", "-f", "@vmdisks")  # tags sanvg/a
+    refused(lab, "h2", "vgextend", "-y", "localvg", "-f", lab.device("h2"), "-f")
+    refused(lab, "h1", "pvscan", "--cache", "--activ", "ay", lab.device("h1"))
+    refused(lab, "h1", "vgsplit", "sanvg", "newvg", lab.device("h1"))
 
 
 def test_the_machines_own_libexec_is_untouched(lab):
