@@ -4,6 +4,7 @@ Example::
 
     host = "h1"
     state_dir = "/var/lib/fenceless"
+    run_dir = "/run/fenceless"         # a tmpfs: the guard's role file, gone after a reboot
     io_timeout = 10.0
     lvm_system_dir = "/etc/lvm"        # optional: LVM_SYSTEM_DIR for fenceless's LVM calls
     hypervisor_uri = "qemu:///system"  # optional, used by the VM commands
@@ -60,6 +61,7 @@ class HostConfig(NamedTuple):
     activation: str = "lvm"
     cgroup: str = "fenceless"
     watchdog_device: str = "/dev/watchdog"
+    run_dir: str = "/run/fenceless"
 
     def vg(self, name: str | None) -> VgConfig:
         """The VG a command works on: the named one, or the only one configured."""
@@ -106,7 +108,7 @@ def load(path: str) -> HostConfig:
 
 
 _TOP_KEYS = {
-    "host", "state_dir", "io_timeout", "lvm_system_dir", "lvm_binary",
+    "host", "state_dir", "run_dir", "io_timeout", "lvm_system_dir", "lvm_binary",
     "hypervisor_uri", "activation", "vg", "cgroup", "watchdog_device",
 }
 _VG_KEYS = {"devices"}
@@ -215,7 +217,9 @@ def parse(text: str, path: str) -> HostConfig:
                      "(at most 43, starting with a letter or digit)", host)
     state_dir = f.string("state_dir", "/var/lib/fenceless")
     assert state_dir is not None
-    for key in ("state_dir", "lvm_system_dir", "lvm_binary"):
+    run_dir = f.string("run_dir", "/run/fenceless")
+    assert run_dir is not None
+    for key in ("state_dir", "run_dir", "lvm_system_dir", "lvm_binary"):
         value = raw.get(key)
         if isinstance(value, str) and not value.startswith("/"):
             raise f.fail(key, "an absolute path", value)
@@ -229,7 +233,7 @@ def parse(text: str, path: str) -> HostConfig:
         lvm_system_dir=f.string("lvm_system_dir", None),
         lvm_binary=f.string("lvm_binary", "/usr/sbin/lvm") or "/usr/sbin/lvm",
         hypervisor_uri=f.string("hypervisor_uri", None),
-        activation=activation,
+        activation=activation, run_dir=run_dir,
         cgroup=f.cgroup(),
         watchdog_device=f.string("watchdog_device", "/dev/watchdog") or "/dev/watchdog",
     )
@@ -244,6 +248,7 @@ def render(cfg: HostConfig) -> str:
     lines = [
         f"host = {q(cfg.host)}",
         f"state_dir = {q(cfg.state_dir)}",
+        f"run_dir = {q(cfg.run_dir)}",
         f"io_timeout = {cfg.io_timeout!r}",
         f"activation = {q(cfg.activation)}",
         f"lvm_binary = {q(cfg.lvm_binary)}",

@@ -1,25 +1,28 @@
 """The guard installed for real (dpkg-divert, wrapper, lvm.conf) inside a lab host's namespace.
 
-The lab overlays /usr/sbin and /var/lib/dpkg per host, so the diversion and
-the wrapper exist only in that host's view; the machine's own binary and
-diversion list are checked to be byte-identical before and after.
+The lab overlays /usr/sbin, /usr/libexec and /var/lib/dpkg per host, so the
+diversion and the wrapper exist only in that host's view; the machine's own
+binary and diversion list are checked to be byte-identical before and after,
+and its /usr/libexec to have no fenceless directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from fenceless.guard import role
+from fenceless.guard import install, role
 from tests.conftest import cli
 
 pytestmark = pytest.mark.lab
 
 MACHINE_FILES = ("/usr/sbin/lvm", "/var/lib/dpkg/diversions")
+REAL = "/usr/libexec/fenceless/lvm"
 
 
 def sha(path: str) -> str:
@@ -44,10 +47,10 @@ def lv_names(lab, host) -> set[str]:
     return {x.strip() for x in out.split()}
 
 
-def state_dir(lab, host) -> str:
+def host_dir(lab, host, key: str) -> str:
     import tomllib
 
-    return str(tomllib.loads(Path(lab.config(host)).read_text())["state_dir"])
+    return str(tomllib.loads(Path(lab.config(host)).read_text())[key])
 
 
 def in_ns(lab, host, script: str) -> str:
@@ -70,14 +73,21 @@ def guarded(make_lab):
     lab.exec("h2", *guard_argv("install"))
     yield lab, before
     assert {p: sha(p) for p in MACHINE_FILES} == machine, "the machine's files changed"
+    assert not Path("/usr/libexec/fenceless").exists()
 
 
 def test_reader_is_refused_every_way_and_the_vg_is_unchanged(guarded):
     lab, _ = guarded
-    assert "local diversion of /sbin/lvm to /sbin/lvm.distrib" in in_ns(
-        lab, "h2", "dpkg-divert --list")
+    assert f"local diversion of /sbin/lvm to {REAL}" in in_ns(lab, "h2", "dpkg-divert --list")
+    # The real binary is on no PATH, root's only, and reachable by no other name.
+    assert in_ns(lab, "h2", f"stat -c %a {os.path.dirname(REAL)}") == "700\n"
+    assert sha("/usr/sbin/lvm") in in_ns(lab, "h2", f"sha256sum {REAL}")
+    assert in_ns(lab, "h2", "ls /usr/sbin/lvm.distrib /sbin/lvm.distrib 2>/dev/null; "
+                 "command -v lvm.distrib; echo done") == "done\n"
+    assert not (Path(host_dir(lab, "h2", "state_dir")) / "guard" / "lvm").exists()
     # Only h2 sees it: h1's view of the system is the machine's.
     assert sha("/usr/sbin/lvm") in in_ns(lab, "h1", "sha256sum /usr/sbin/lvm")
+    assert in_ns(lab, "h1", f"ls {REAL} 2>/dev/null; echo done") == "done\n"
     before = seqno(lab)
     for argv in (["lvcreate"], ["lvm", "lvcreate"], ["/sbin/lvm", "lvcreate"],
                  ["/usr/sbin/lvcreate"]):
@@ -89,17 +99,18 @@ def test_reader_is_refused_every_way_and_the_vg_is_unchanged(guarded):
         assert "`fenceless volume create NAME SIZE`" in res.stderr
     assert seqno(lab) == before
     assert lv_names(lab, "h1") == {"a"}
-    # Reports and read-only activation still work.
+    # Reports and deactivation still work; activation is fenceless's alone.
     assert lab.exec("h2", "vgs").returncode == 0
     assert lv_names(lab, "h2") == {"a"}
-    lab.exec("h2", "lvchange", "-ay", "--sysinit", "--readonly", "sanvg/a")
+    res = lab.exec("h2", "lvchange", "-ay", "--sysinit", "--readonly", "sanvg/a", check=False)
+    assert res.returncode == 5 and "only fenceless activates them" in res.stderr
     lab.exec("h2", "lvchange", "-an", "sanvg/a")  # rewritten to --sysinit --readonly
     assert seqno(lab) == before
 
 
 def test_role_file_decides_and_expires(guarded):
     lab, _ = guarded
-    sd = state_dir(lab, "h2")
+    sd = host_dir(lab, "h2", "run_dir")
     role.write_role_file(sd, [role.entry("sanvg", "reader", "h1", 7, 60.0)])
     res = lab.exec("h2", "lvcreate", "-an", "-Zn", "-L", "8m", "-n", "b", "sanvg", check=False)
     assert res.returncode == 5
@@ -142,14 +153,50 @@ def test_status_and_remove_restore_exactly(guarded):
     assert in_ns(lab, "h2", "dpkg-divert --list | sort") == before["diversions"]
     assert conf.read_bytes() == before["lvm_conf"]
     assert in_ns(lab, "h2", "ls /usr/sbin/lvm.distrib 2>/dev/null || echo gone") == "gone\n"
+    assert in_ns(lab, "h2", "ls -d /usr/libexec/fenceless 2>/dev/null || echo gone") == "gone\n"
     st = json.loads(lab.exec("h2", *guard_argv("status", "--json")).stdout)
     assert not st["installed"] and not st["diverted"] and not st["lvm_conf"]["block"]
+
+
+def test_install_over_an_old_install_moves_the_diversion(guarded):
+    """An earlier fenceless diverted to lvm.distrib next to the wrapper (on PATH)."""
+    lab, before = guarded
+    lab.exec("h2", *guard_argv("remove"))
+    conf = lab.dir / "hosts" / "h2" / "lvm" / "lvm.conf"
+    gdir = Path(host_dir(lab, "h2", "state_dir")) / "guard"
+    gdir.mkdir(parents=True, exist_ok=True)
+    (gdir / "lvm.conf.orig").write_bytes(conf.read_bytes())
+    (gdir / "install.json").write_text(json.dumps({
+        "binary": "/sbin/lvm", "diverted_to": "/sbin/lvm.distrib", "format": 1,
+        "lvm_conf": str(conf), "lvm_conf_existed": True, "lvm_conf_sha256": "x"}))
+    conf.write_text(install.add_block(conf.read_text()))
+    (gdir / "lvm").symlink_to("/sbin/lvm.distrib")
+    in_ns(lab, "h2", "dpkg-divert --local --add --rename --divert /sbin/lvm.distrib /sbin/lvm "
+          ">/dev/null && printf '#!/bin/sh\\n# fenceless LVM guard (older)\\nexit 5\\n' "
+          ">/usr/sbin/lvm && chmod 755 /usr/sbin/lvm")
+    assert "/usr/sbin/lvm.distrib" in in_ns(lab, "h2", "command -v lvm.distrib")
+
+    lab.exec("h2", *guard_argv("install"))
+    assert f"local diversion of /sbin/lvm to {REAL}" in in_ns(lab, "h2", "dpkg-divert --list")
+    assert in_ns(lab, "h2", "command -v lvm.distrib; ls /usr/sbin/lvm.distrib 2>/dev/null; "
+                 "echo done") == "done\n"
+    assert sha("/usr/sbin/lvm") in in_ns(lab, "h2", f"sha256sum {REAL}")
+    assert not (gdir / "lvm").exists()
+    st = json.loads(lab.exec("h2", *guard_argv("status", "--json")).stdout)
+    assert st["installed"] and st["wrapper"]["matches"] and st["real_binary"]["ok"]
+    assert lv_names(lab, "h2") == {"a"}  # the new wrapper runs the moved binary
+    lab.exec("h2", *guard_argv("remove"))
+    assert in_ns(lab, "h2", "sha256sum /usr/sbin/lvm") == before["binary"]
+    assert in_ns(lab, "h2", "dpkg-divert --list | sort") == before["diversions"]
+    assert conf.read_bytes() == before["lvm_conf"]
+    assert in_ns(lab, "h2", "ls -d /usr/libexec/fenceless 2>/dev/null || echo gone") == "gone\n"
 
 
 def test_lab_down_leaves_no_overlay_mount(make_lab):
     lab = make_lab(1)
     mounts = in_ns(lab, "h1", "findmnt -rn -o TARGET,FSTYPE")
     assert "/usr/sbin overlay" in mounts and "/var/lib/dpkg overlay" in mounts
+    assert "/usr/libexec overlay" in mounts
     cli("lab", "down", "--dir", str(lab.dir))
     machine_mounts = Path("/proc/self/mountinfo").read_text()
     assert str(lab.dir) not in machine_mounts

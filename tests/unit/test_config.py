@@ -28,6 +28,15 @@ def test_good_config_parses():
     assert cfg.activation == "lvm"
 
 
+def test_run_dir_is_a_tmpfs_by_default_and_round_trips():
+    cfg = config.parse(GOOD, "/x.toml")
+    assert cfg.run_dir == "/run/fenceless"
+    other = config.parse('host = "h1"\nrun_dir = "/lab/h1/run"\n[vg.a]\ndevices=["/dev/sda"]',
+                         "/x.toml")
+    assert other.run_dir == "/lab/h1/run"
+    assert config.parse(config.render(other), "/x.toml") == other
+
+
 def test_render_round_trips():
     cfg = config.parse(GOOD, "/x.toml")
     again = config.parse(config.render(cfg), "/x.toml")
@@ -67,6 +76,8 @@ def test_single_vg_is_the_default():
         ('host = "h1"\n[vg.a]\ndevices = ["/dev/sda"]\n[vg.b]\ndevices = ["/dev/sda"]',
          "also in a"),
         ('host = "h1"\nstate_dir = "rel/path"\n[vg.a]\ndevices=["/dev/sda"]', "absolute path"),
+        ('host = "h1"\nrun_dir = "run"\n[vg.a]\ndevices=["/dev/sda"]', "key 'run_dir'"),
+        ('host = "h1"\nrun_dir = ""\n[vg.a]\ndevices=["/dev/sda"]', "key 'run_dir'"),
         ('host = "h1"\nactivation = "dm"\n[vg.a]\ndevices=["/dev/sda"]', "'lvm' or 'lab'"),
     ],
 )

@@ -69,7 +69,7 @@ class Agent:
         self.priority = "normal"
         self.roles: dict[str, RoleEntry] = {}
         self.role_lock = threading.Lock()
-        self.watchdog = WatchdogClient(cfg.state_dir, log)
+        self.watchdog = WatchdogClient(cfg.run_dir, log)
         self.vgs = {vg.name: VgAgent(cfg, vg, self.ctx, self.clock, opener, log,
                                      self.set_role, self.facts, self.watchdog, auto_takeover)
                     for vg in cfg.vgs}
@@ -86,7 +86,7 @@ class Agent:
         with self.role_lock:
             self.roles[entry.vg] = entry
             try:
-                write_role_file(self.cfg.state_dir, list(self.roles.values()))
+                write_role_file(self.cfg.run_dir, list(self.roles.values()))
             except OSError as exc:
                 self.log(f"cannot write the guard's role file: {exc}")
 

@@ -39,7 +39,7 @@ from fenceless.watchdog.client import Fence
 
 
 class NoWatchdog(UserError):
-    """Refused: no watchdog guards this host (none answers on its socket in {state_dir}); \
+    """Refused: no watchdog guards this host (none answers on its socket in {run_dir}); \
 without one a frozen agent could not be stopped, so this host takes no exclusive work. \
 Start it: `fenceless watchdog` (systemd: fenceless-watchdog.service)."""
 
@@ -154,7 +154,7 @@ class AgentPort:
         if lease is None:
             raise LeaseLost(detail="no host lease")
         if not self.fence.arm(self.vg, lease.last_renewal + self.keeper.timing.watchdog_fire):
-            raise NoWatchdog(state_dir=self.cfg.state_dir)
+            raise NoWatchdog(run_dir=self.cfg.run_dir)
 
     def renew_if_due(self) -> None:
         if self.keeper.due():

@@ -46,7 +46,8 @@ def run_watchdog(cfg: HostConfig) -> int:
     if cfg.activation == "lab":
         def reset_extra() -> None:
             reset_host(cfg.state_dir, SubprocessRunner())
-    wd = Watchdog(cfg.state_dir, work, SystemClock(), _log, device, reset_extra)
+    wd = Watchdog(cfg.state_dir, work, SystemClock(), _log, device, reset_extra,
+                  run_dir=cfg.run_dir)
 
     def on_signal(signum: int, _frame: Any) -> None:
         _log(f"signal {signal.Signals(signum).name}: stopping")

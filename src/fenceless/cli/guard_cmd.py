@@ -26,8 +26,10 @@ def register(sub: Subparsers, name: str) -> None:
     guard = sub.add_parser(
         "guard", help="the LVM guard: LVM itself refuses metadata changes on non-writers",
         description="Replace this host's lvm binary by a wrapper (dpkg-divert): on a host "
-        "that is not the metadata writer, reports run --readonly, activation runs "
-        "--sysinit --readonly, and every other LVM command on a shared VG is refused.",
+        "that is not the metadata writer, reports run --readonly, deactivation runs "
+        "--sysinit --readonly, and every other LVM command on a shared VG is refused. On "
+        "every host, the writer too, it refuses the lvm shell, pvmove, lvconvert and lvpoll, "
+        "changes to the control LV, and activation of a shared VG's LVs (fenceless's job).",
         formatter_class=FORMATTER,
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()))
     gsub = guard.add_subparsers(dest="guard_command", metavar="GUARDCOMMAND",
@@ -55,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
         emit(args, res, lambda r: (
             f"guard {'updated' if r['already'] else 'installed'} on {r['host']}: {r['binary']} "
             f"is the wrapper (shared VGs: {', '.join(r['shared_vgs'])}); the real binary is "
-            f"{r['diverted_to']}; role file {r['role_file']}"))
+            f"{r['diverted_to']}"
+            + (f" (moved from {r['moved_from']})" if r["moved_from"] else "")
+            + f"; role file {r['role_file']}"))
         return 0
     if sub == "remove":
         res = guard.remove(cfg, runner)
@@ -72,7 +76,7 @@ def _status_text(s: dict[str, Any]) -> str:
     w = s["wrapper"]
     lines = [
         f"guard on {s['host']}: {'installed' if s['installed'] else 'NOT installed'}",
-        f"  {s['binary']}: " + (f"diverted to {s['diverted_to']}" if s["diverted"] else
+        f"  {s['binary']}: " + (f"diverted to {s['diverted_to']}" if s["diverted_to"] else
                                 "not diverted")
         + (", wrapper " + ("matches" if w["matches"] else "DIFFERS") if w["present"] else ""),
         f"  lvm.conf {s['lvm_conf']['path']}: guard block "

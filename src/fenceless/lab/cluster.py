@@ -4,11 +4,13 @@ One image file per shared VG is the LUN. Each lab host gets its own loop
 device over each image (its own block cache, as a host on a real SAN has),
 its own LVM system dir whose filter admits only its own loop devices, and
 its own mount namespace in which /etc/lvm, /run/lvm and /run/lock/lvm are
-that host's, and /usr/sbin and /var/lib/dpkg are overlays whose changes stay
-in DIR/hosts/NAME/ov/ (so ``fenceless guard install`` can divert the lvm
-binary for that host only). ``lab exec`` runs a command inside it, so what a
-host runs in the lab is what it would run on a real machine. The mounts live
-and die with the namespace's holder process: ``lab down`` needs no unmount.
+that host's, and /usr/sbin, /usr/libexec and /var/lib/dpkg are overlays
+whose changes stay in DIR/hosts/NAME/ov/ (so ``fenceless guard install`` can
+divert the lvm binary for that host only). Each host's config has its own
+``run_dir`` (DIR/hosts/NAME/run) for what the host keeps on a tmpfs. ``lab
+exec`` runs a command inside it, so what a host runs in the lab is what it
+would run on a real machine. The mounts live and die with the namespace's
+holder process: ``lab down`` needs no unmount.
 
 Everything the lab makes is recorded in DIR/lab.json *before* it is made,
 and every process it starts carries ``FENCELESS_LAB=DIR`` in its
@@ -48,9 +50,11 @@ FORMAT = 1
 NS_BINDS = (("lvm", "/etc/lvm"), ("run-lvm", "/run/lvm"), ("lock", "/run/lock/lvm"))
 # Machine paths that a lab host may change in its own view only: an overlay
 # whose upper and work dirs are DIR/hosts/NAME/SUB/{upper,work}. The guard
-# (dpkg-divert) renames files in /usr/sbin and rewrites /var/lib/dpkg, which a
-# bind mount of one file cannot isolate; an overlay copies up only what changes.
-NS_OVERLAYS = (("ov/usr-sbin", "/usr/sbin"), ("ov/var-lib-dpkg", "/var/lib/dpkg"))
+# (dpkg-divert) moves the lvm binary from /usr/sbin to /usr/libexec/fenceless and
+# rewrites /var/lib/dpkg, which a bind mount of one file cannot isolate; an overlay
+# copies up only what changes.
+NS_OVERLAYS = (("ov/usr-sbin", "/usr/sbin"), ("ov/usr-libexec", "/usr/libexec"),
+               ("ov/var-lib-dpkg", "/var/lib/dpkg"))
 # The hosts' work cgroups (the watchdog kills them): LAB_CGROUP/<lab id>/<host>.
 LAB_CGROUP = "fenceless-lab"
 
@@ -219,7 +223,7 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
     for i in range(1, hosts + 1):
         name = f"h{i}"
         hdir = host_dir(d, name)
-        for sub in ("lvm/backup", "lvm/archive", "lock", "run-lvm", "state"):
+        for sub in ("lvm/backup", "lvm/archive", "lock", "run-lvm", "state", "run"):
             (hdir / sub).mkdir(parents=True, exist_ok=True)
         entry: dict[str, Any] = {"name": name, "loops": {}, "holder_pid": None,
                                  "config": str(hdir / "fenceless.toml")}
@@ -232,7 +236,7 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
         (hdir / "lvm" / "lvm.conf").write_text(_lvm_conf(hdir, devices))
         host_cfg = cfgmod.HostConfig(
             path=entry["config"], host=name, state_dir=str(hdir / "state"),
-            io_timeout=io_timeout,
+            run_dir=str(hdir / "run"), io_timeout=io_timeout,
             vgs=tuple(cfgmod.VgConfig(vg, (dev,)) for vg, dev in entry["loops"].items()),
             lvm_system_dir=str(hdir / "lvm"), activation="lab",
             cgroup=f"{LAB_CGROUP}/{_lab_id(d)}/{name}", watchdog_device="none",

@@ -46,7 +46,7 @@ def _start(path: str, name: str, kind: str, argv_tail: list[str], sock: str,
             *argv_tail]
     pid = spawn_logged(argv, env=_lab_env(d, name),
                        log_path=str(host_dir(d, name) / f"{kind}.log"))
-    _wait_for_socket(host_dir(d, name) / "state" / sock, pid, kind)
+    _wait_for_socket(host_dir(d, name) / sock, pid, kind)
     for entry in state["hosts"]:
         if entry["name"] == name:
             entry[kind + "_pid"] = pid
@@ -58,14 +58,14 @@ def _start(path: str, name: str, kind: str, argv_tail: list[str], sock: str,
 
 def start_watchdog(path: str, name: str) -> int:
     """The host's watchdog stand-in (no hardware device in a lab)."""
-    return _start(path, name, "watchdog", ["watchdog"], "watchdog.sock", {})
+    return _start(path, name, "watchdog", ["watchdog"], "run/watchdog.sock", {})
 
 
 def start_agent(path: str, name: str, extra: list[str] | None = None) -> int:
     """Start ``fenceless agent`` inside the host's namespace (its watchdog first)."""
     if watchdog_pid(path, name) is None:
         start_watchdog(path, name)
-    return _start(path, name, "agent", ["agent", *(extra or [])], "agent.sock",
+    return _start(path, name, "agent", ["agent", *(extra or [])], "state/agent.sock",
                   {"agent_args": list(extra or [])})
 
 

@@ -35,12 +35,12 @@ from fenceless.ledger.state import HostEntry, LedgerState, WriterInfo, ledger_ho
 from fenceless.localstate import member, set_member
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.lvm.mapping import single_extent
+from fenceless.lvm.policy import CONTROL_LV
 from fenceless.ondisk.errors import CorruptRecord
 from fenceless.ondisk.layout import Layout, Superblock, read_superblock, write_superblock
 from fenceless.ops.base import Operation
 from fenceless.validate import human
 
-CONTROL_LV = "fenceless-ctl"
 CONTROL_TAG = "fenceless_control"
 METADATA_SIZE = "16m"  # room for ~30k LVs; the default area fills at 1843 here
 EXTENT_SIZE = "4m"

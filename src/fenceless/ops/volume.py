@@ -15,8 +15,8 @@ from typing import Any
 from fenceless.errors import NotFound, UserError
 from fenceless.ledger.state import Intent, RequestInfo
 from fenceless.lvm.adapter import Lvm
+from fenceless.lvm.policy import CONTROL_LV
 from fenceless.ops.base import Claims, JournaledOp, Snapshot
-from fenceless.ops.cluster import CONTROL_LV
 from fenceless.validate import human, lv_name
 
 SHARED_RO_TAG = "fenceless_shared_ro"

@@ -32,9 +32,9 @@ class Fence(Protocol):
 class WatchdogClient:
     """A connection to this host's ``fenceless watchdog``, made again when it broke."""
 
-    def __init__(self, state_dir: str, log: Callable[[str], None],
+    def __init__(self, run_dir: str, log: Callable[[str], None],
                  timeout: float = 0.5) -> None:
-        self.path = wp.socket_path(state_dir)
+        self.path = wp.socket_path(run_dir)
         self.log = log
         self.timeout = timeout
         self.sock: socket.socket | None = None

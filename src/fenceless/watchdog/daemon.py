@@ -100,8 +100,10 @@ class Watchdog:
 
     def __init__(self, state_dir: str, workgroup: WorkGroup | None, clock: Clock,
                  log: Callable[[str], None], device: Any = None,
-                 reset_extra: Callable[[], None] | None = None) -> None:
-        self.state_dir = state_dir
+                 reset_extra: Callable[[], None] | None = None,
+                 run_dir: str | None = None) -> None:
+        self.state_dir = state_dir  # the record of firings (it must outlive a reset)
+        self.run_dir = run_dir or state_dir  # the socket
         self.workgroup = workgroup
         self.watch = Watch(clock)
         self.log = log
@@ -156,9 +158,10 @@ class Watchdog:
     # --- the socket ---------------------------------------------------------------
 
     def serve(self, ready: Callable[[], None] | None = None) -> None:
-        path = wp.socket_path(self.state_dir)
+        path = wp.socket_path(self.run_dir)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        os.makedirs(self.run_dir, exist_ok=True)
         os.makedirs(self.state_dir, exist_ok=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)

@@ -11,7 +11,7 @@
 The watchdog answers ``hello`` with ``ok`` and nothing else. A connection
 that closes without ``bye`` leaves its deadlines standing: an agent that
 died may have left work behind. Only the local agent talks here (the socket
-is root's, in the host's state dir); lines are still parsed strictly.
+is root's, in the host's run dir); lines are still parsed strictly.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ class Bye:
 Message = Hello | Arm | Disarm | Bye
 
 
-def socket_path(state_dir: str) -> str:
-    return os.path.join(state_dir, "watchdog.sock")
+def socket_path(run_dir: str) -> str:
+    """On the host's tmpfs (``run_dir``): nothing of it outlives a boot."""
+    return os.path.join(run_dir, "watchdog.sock")
 
 
 def encode(msg: Message) -> bytes:
