@@ -26,6 +26,9 @@ def lab_prerequisites() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow tests first: with the suite spread over workers, a long test started last
+    # would be what everyone waits for.
+    items.sort(key=lambda item: ("slow" not in item.keywords, "test_full_" not in item.name))
     missing = lab_prerequisites()
     if missing is None:
         return

@@ -131,7 +131,7 @@ def test_status_json_shape_and_no_lvm(cluster):
     res = cli("-c", lab.config("h2"), "status", "--json", env=env)
     assert json.loads(res.stdout)["writer"]["host"] == "h1"
 
-
+@pytest.mark.slow
 def test_takeover_race_exactly_one_winner_in_50_rounds(cluster):
     lab = cluster(hosts=4, join=("h2", "h3", "h4"), io_timeout=0.1)
     epoch = 1

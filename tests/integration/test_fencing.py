@@ -127,7 +127,7 @@ def test_a_frozen_writer_is_fenced_before_the_takeover(three, freeze):
     assert {(e["command"][3], e["epoch"]) for e in log} == {
         ("before", 1), ("after", 2), ("stall-me", 2)}
 
-
+@pytest.mark.slow
 def test_150_mapped_volumes_keep_the_lease_and_are_never_removed(make_lab):
     lab = make_lab(3, "--agents")
     lab.on("h1", "init")

@@ -158,7 +158,7 @@ def test_a_retried_request_id_is_applied_once(vlab):
     assert other.returncode == 2 and "already used for `extend`" in other.stderr, other.stderr
     assert volumes(lab, "h1")["r"]["size_bytes"] == 16 * MiB
 
-
+@pytest.mark.slow
 def test_every_host_sends_100_requests_at_once(vlab):
     lab = vlab(3, size="4G")
     procs = []
@@ -214,6 +214,7 @@ def test_a_writer_that_lost_its_lease_takes_the_role_back(vlab):
 CRASH_STEPS = ("journaled", "applied", "recorded")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["create", "extend", "rename", "remove"])
 def test_crash_matrix(vlab, op):
     """kill -9 the writer's agent at every journaled step; the next writer finishes it."""

@@ -333,7 +333,7 @@ def test_takeover_from_a_previous_incarnation() -> None:
     assert stats.states > 10_000
     assert stats.two_in_phase2 > 0
 
-
+@pytest.mark.slow
 def test_one_host_may_crash_anywhere() -> None:
     # With a crash, a value chosen for the dead host is skipped (lver+1), so
     # the leader's lver can jump and must still never go back.
@@ -343,7 +343,7 @@ def test_one_host_may_crash_anywhere() -> None:
     finals = [o for o in stats.outcomes if "running" not in o]
     assert any(o.count("won") == 2 for o in finals)  # a winner died, another took over
 
-
+@pytest.mark.slow
 def test_a_paused_acquirer_resumes_or_is_killed_but_never_acts_on_a_stale_view() -> None:
     """One host may pause anywhere (between its check and its write included). Called
     gone while paused, it never resumes (its watchdog fired first); otherwise it resumes
@@ -383,12 +383,14 @@ def test_one_writer_of_a_leader_write_fails_and_retries_alone() -> None:
     assert failed and isinstance(done, Done) and done.result.won and done.result.epoch == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FULL, reason="about 7M states, ~70s: set FENCELESS_MODEL_FULL=1")
 def test_full_two_ballots_each() -> None:
     stats = _run(Model((1, 1, 1), _empty_disk(), ballots=(2, 2, 2), crashes=0))
     assert stats.states > 1_000_000
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FULL, reason="long: set FENCELESS_MODEL_FULL=1")
 def test_full_crash_with_two_ballots_for_two_hosts() -> None:
     stats = _run(Model((1, 1, 1), _empty_disk(), ballots=(2, 2, 1), crashes=1))
