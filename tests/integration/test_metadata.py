@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -81,3 +82,51 @@ def test_restore_from_history_yields_the_stored_metadata(mlab):
     assert changed_lvs(stored, now) == []
     assert vg_section(now).name == vg_section(stored).name
     vgck(lab, "h1")
+
+
+@pytest.mark.slow
+def test_a_restore_is_journaled_and_the_next_writer_finishes_it(mlab):
+    """kill -9 the writer around its vgcfgrestore: the next writer finishes the restore
+    exactly once (never twice, never lost) and records it; a retry by id tells the outcome."""
+    from tests.conftest import CLI
+    from tests.integration.test_cluster import all_live, status, wait_until
+    from tests.integration.test_volumes import ledger_state
+
+    lab = mlab
+    for step in ("journaled", "applied"):
+        lab.on("h3", "volume", "create", f"keep-{step}", "8M")
+        lab.on("h3", "volume", "create", f"back-{step}", "8M")
+        target = json.loads(lab.on("h3", "scan", "--json").stdout)["vg"]["seqno"]
+        lab.on("h3", "volume", "remove", f"back-{step}")
+        before = json.loads(lab.on("h3", "scan", "--json").stdout)["vg"]["seqno"]
+        writer = status(lab, "h3")["writer"]["host"]
+        survivor = next(h for h in ("h1", "h2") if h != writer)
+        cli("lab", "agent", "--dir", str(lab.dir), writer, "stop")
+        cli("lab", "agent", "--dir", str(lab.dir), writer, "start",
+            env={"FENCELESS_CRASHPOINT": f"volume.restore.{step}"})
+        lab.on(writer, "writer", "takeover", "--wait")
+        rid = f"restore-{step}"
+        died = subprocess.run([*CLI, "-c", lab.config(writer), "metadata", "restore",
+                               str(target), "--yes", "--request-id", rid],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert died.returncode != 0, "the agent died at the crash point"
+        lab.on(survivor, "writer", "takeover", "--wait")
+        # The new writer reconciles right after it takes the role.
+        state = wait_until(lambda: (s := ledger_state(lab, "h3"))["intents"] == {} and s, 30,
+                           "the journaled restore reconciled")
+        outcome = state["requests"][rid]
+        assert outcome["status"] == "ok", outcome
+        assert outcome["result"]["new_seqno"] == before + 1, "restored exactly once"
+        assert {f"keep-{step}", f"back-{step}"} <= set(volumes(lab, "h2"))
+        # Asked again by id, the new writer answers from the record.
+        again = json.loads(lab.on(survivor, "metadata", "restore", str(target), "--yes",
+                                  "--request-id", rid, "--json").stdout)
+        assert again["applied"] and again["new_seqno"] == before + 1
+        assert json.loads(lab.on("h3", "scan", "--json").stdout)["vg"]["seqno"] == before + 1
+        log = json.loads(lab.on("h3", "log", "--json").stdout)
+        assert [e["result"] for e in log if e["request_id"] == rid] == ["ok"]
+        hist = json.loads(lab.on("h3", "metadata", "history", "--json").stdout)
+        assert [h["seqno"] for h in hist if h["request_id"] == rid] == [before + 1]
+        vgck(lab, survivor)
+        cli("lab", "agent", "--dir", str(lab.dir), writer, "start")
+        wait_until(lambda: all_live(lab, "h3", lab.hosts), 30, "all live again")

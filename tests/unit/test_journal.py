@@ -308,3 +308,12 @@ def test_an_activation_backs_off_from_a_journaled_remove(cluster):
     with pytest.raises(UserError, match="being removed"):
         ActivationOp(h2.port, "sanvg", "activate", "db").run()
     assert "db" not in h2.activator.mapped and "db" not in claims(h1.port, "db")
+
+
+def test_a_restore_asked_through_a_mailbox_is_refused(cluster):
+    """Only the writer's own admin restores metadata; another host's mailbox cannot."""
+    vg, h1, _h2 = cluster
+    out = Journal(h1.port).process("h3", ask("r1", "restore", seqno=3))
+    assert not out.ok and out.error["kind"] == "LocalOnly"
+    assert "run on the writer itself" in out.error["message"]
+    assert state(h1).intents == {} and vg.commands == []

@@ -39,6 +39,7 @@ from fenceless.ops.activation import ActivationOp
 from fenceless.ops.cluster import InitOp, JoinOp, VgEnv
 from fenceless.ops.context import Context
 from fenceless.ops.journal import Journal
+from fenceless.ops.requests import new_request_id
 from fenceless.ops.restore import RestoreOp
 from fenceless.ops.writer import (
     SCRUB_EVERY,
@@ -298,8 +299,13 @@ class VgAgent:
         if op == "restore":
             leader = self.port.read_leader()
             who = f"{leader.owner_name} is, epoch {leader.lver}" if leader else "none is"
-            return RestoreOp(self.port, int(req.get("seqno", 0)), apply=bool(req.get("apply")),
-                             writer=who).run()
+            argv = req.get("argv")
+            return RestoreOp(self.port, self.journal, req.get("seqno"),
+                             apply=bool(req.get("apply")), writer=who,
+                             rid=str(req.get("id") or new_request_id()),
+                             user=str(req.get("user", "")),
+                             argv=tuple(str(a) for a in argv) if isinstance(argv, list) else ()
+                             ).run()
         if op in ("activate", "deactivate", "refresh"):
             return ActivationOp(self.port, self.vg.name, str(op), str(req.get("lv")),
                                 readonly=bool(req.get("readonly"))).run()

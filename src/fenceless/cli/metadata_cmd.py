@@ -62,6 +62,9 @@ def _register_metadata(sub: Subparsers) -> None:
                  "a dry run that shows the diff unless --yes)")
     sp.add_argument("seqno", type=int)
     sp.add_argument("--yes", action="store_true", help="really restore")
+    sp.add_argument("--request-id", metavar="ID",
+                    help="an id of your own: after an interrupted restore, running it again "
+                    "with the same id tells its outcome (it is never applied twice)")
     vg_option(sp)
 
 
@@ -115,7 +118,14 @@ def _metadata(args: argparse.Namespace) -> int:
         a, b = md.read_version(cfg, args.vg, args.a), md.read_version(cfg, args.vg, args.b)
         sys.stdout.write(diff(a, b, label_a=f"seqno {args.a}", label_b=f"seqno {args.b}"))
     else:
+        from fenceless.ops.requests import current_user, new_request_id
+        from fenceless.validate import request_id
+
+        rid = request_id(args.request_id) if args.request_id else new_request_id()
+        argv = ["fenceless", "metadata", "restore", str(args.seqno)] + (
+            ["--yes"] if args.yes else [])
         res = agent_call(cfg, {"op": "restore", "vg": args.vg, "seqno": args.seqno,
-                               "apply": args.yes}, timeout=120.0)
+                               "apply": args.yes, "id": rid, "user": current_user(),
+                               "argv": argv}, timeout=120.0)
         emit(args, res, _restore_text)
     return 0

@@ -159,8 +159,8 @@ class RequestInfo:
 
 # Fields of an intent that name absolute values the operation planned (the plan must
 # never be re-derived from a changed VG: "+5G" is journaled as the size it led to).
-_PLAN_INT = ("size_bytes", "from_bytes")
-_PLAN_STR = ("uuid", "name_after")
+_PLAN_INT = ("size_bytes", "from_bytes", "from_seqno")
+_PLAN_STR = ("uuid", "name_after", "digest")
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,8 @@ class Intent:
     from_bytes: int | None = None
     name_after: str | None = None
     shared_ro: bool | None = None
+    from_seqno: int | None = None  # a restore: the VG's seqno it was planned on
+    digest: str | None = None  # a restore: sha256 of the metadata text it puts back
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": self.op, "name": self.name, "host": self.host,

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fenceless.ledger.state import Intent, RequestInfo
+from fenceless.errors import FencelessError
+from fenceless.ledger.state import Intent, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm
 from fenceless.lvm.parse import LvInfo, VgInfo
 
@@ -86,6 +87,9 @@ class JournaledOp(abc.ABC):
     """One operation run by the writer, journaled before its first effect."""
 
     op: ClassVar[str] = "journaled"
+    # The change reaches beyond what ``touches`` names (a metadata restore): the VG is
+    # reported in full afterwards.
+    broad: ClassVar[bool] = False
 
     def __init__(self, request: RequestInfo, lvm: Lvm, claims: Claims) -> None:
         self.request = request
@@ -127,3 +131,24 @@ class JournaledOp(abc.ABC):
 
     def result(self, intent: Intent, snap: Snapshot) -> dict[str, Any]:
         raise NotImplementedError
+
+
+class Recorded(FencelessError):
+    """{message}"""
+
+    def __init__(self, *, message: str, code: int, kind: str) -> None:
+        super().__init__(message=message, kind=kind)
+        self.recorded_code = code
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return self.recorded_code
+
+
+def outcome_error(outcome: Outcome) -> FencelessError:
+    """The error an outcome records, for a caller on this host (its message and code)."""
+    err = outcome.error
+    code = err.get("code")
+    return Recorded(message=str(err.get("message", "failed")),
+                    code=code if isinstance(code, int) and not isinstance(code, bool) else 3,
+                    kind=str(err.get("kind", "?")))

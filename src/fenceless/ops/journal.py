@@ -24,13 +24,12 @@ from typing import Any
 
 from fenceless.errors import CommandTimeout, ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
-from fenceless.lease.delta import HostState
 from fenceless.ledger.claims import HostClaims
 from fenceless.ledger.state import Intent, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm, Role
-from fenceless.ondisk.errors import CorruptRecord
-from fenceless.ops import volume
+from fenceless.ops import restore, volume
 from fenceless.ops.base import JournaledOp, Snapshot
+from fenceless.ops.claims import claims
 from fenceless.ops.port import WriterPort
 from fenceless.validate import request_id
 
@@ -65,31 +64,9 @@ class UnreadableIntent(ExecError):
 not carried out"""
 
 
-class ClaimsUnknown(UserError):
-    """Refused: host {host}'s claims cannot be read ({detail}); until it writes them again \
-(or is DEAD) no volume is removed or renamed. Nothing was changed"""
-
-
-def claims(port: WriterPort, lv: str) -> list[str]:
-    """Hosts that claim ``lv`` (it is mapped there, or being mapped), from fresh reads.
-
-    A host's claims count until it withdraws them, also while its agent is
-    restarting (its lease is FREE then); only a DEAD host's are void: its
-    watchdog has fired, so nothing of it maps anything any more. Claims that do
-    not read count as claiming everything (docs/design.md, "Claims").
-    """
-    states = {h.host_id: h.state for h in port.hosts_now()}  # observed now
-    out: set[str] = set()
-    for hid, got in sorted(port.claims_now().items()):
-        if states.get(hid, port.host_state(hid)) is HostState.DEAD:
-            continue
-        if isinstance(got, CorruptRecord):
-            raise ClaimsUnknown(host=port.host_name(hid), detail=str(got))
-        if lv in got.lvs:
-            out.add(got.host)
-    if lv in port.local_active(force=True):
-        out.add(port.host)
-    return sorted(out)
+class LocalOnly(UserError):
+    """Refused: `{op}` is run on the writer itself, not asked for through a mailbox (from \
+{host}); nothing was changed"""
 
 
 class Journal:
@@ -103,6 +80,8 @@ class Journal:
         return claims(self.port, lv)
 
     def make(self, req: RequestInfo, lvm: Lvm) -> JournaledOp:
+        if req.op == restore.RestoreApply.op:
+            return restore.RestoreApply.make(req, lvm, self.claims, self.port)
         return volume.make(req, lvm, self.claims)
 
     # --- one request ------------------------------------------------------------------
@@ -113,6 +92,8 @@ class Journal:
         epoch = port.epoch or 0
         try:
             request_id(req.id)  # from the disk: untrusted, and it becomes an LVM tag
+            if req.op == restore.RestoreApply.op and host != port.host:
+                raise LocalOnly(op=req.op, host=host)
         except UserError as exc:
             port.audit(host, req, "refused", str(exc))
             return refused(req, exc, epoch)
@@ -169,7 +150,7 @@ class Journal:
             port.audit(intent.host, req, "failed", str(exc))
             return refused(req, exc, port.epoch or 0)
         result = op.result(intent, after)
-        result["seqno"] = after.vg.seqno
+        result.setdefault("seqno", after.vg.seqno)
         result["epoch"] = port.epoch
         if op.op == "extend" and intent.size_bytes is not None:
             result.update(self.wait_for_refresh(intent.name, intent.size_bytes))
@@ -287,7 +268,7 @@ class Journal:
         """
         before = self.snap_cache
         gone, name = op.touches(intent)
-        if before is not None:
+        if before is not None and not op.broad:
             key = self.port.metadata_key()
             try:
                 if name is None:
