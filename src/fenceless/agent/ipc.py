@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fenceless.errors import FencelessError, UserError
+from fenceless.errors import FencelessError, RemoteError, UserError
 
 MAX_MESSAGE = 1 << 20
 
@@ -25,18 +25,6 @@ MAX_MESSAGE = 1 << 20
 class AgentUnavailable(UserError):
     """No fenceless agent answers on {path} ({reason}). Start it with `fenceless agent` \
 (or `systemctl start fenceless-agent`; in the lab, `fenceless lab agent --dir DIR HOST start`)"""
-
-
-class RemoteError(FencelessError):
-    """{message}"""
-
-    def __init__(self, *, message: str, code: int, kind: str) -> None:
-        super().__init__(message=message, kind=kind)
-        self.remote_code = code
-
-    @property
-    def exit_code(self) -> int:  # type: ignore[override]
-        return self.remote_code
 
 
 def socket_path(state_dir: str) -> str:

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fenceless.agent.ipc import RemoteError
 from fenceless.agent.keeper import LeaseKeeper
 from fenceless.blockio import SECTOR
-from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
+from fenceless.errors import ExecError, FencelessError, LeaseLost, RemoteError, UserError
 from fenceless.ledger import mailbox as mb
 from fenceless.ledger.state import Outcome, RequestInfo
 from fenceless.localstate import member
