@@ -98,6 +98,10 @@ class UnreadableIntent(ExecError):
 not carried out"""
 
 
+class NoLeaseTime(LeaseLost):
+    """no lease time left to run LVM safely"""
+
+
 class ClaimsUnknown(UserError):
     """Refused: host {host}'s claims cannot be read ({detail}); until it writes them again \
 (or is DEAD) no volume is removed or renamed. Nothing was changed"""
@@ -221,7 +225,7 @@ class Journal:
         if effect is False:
             budget = port.lvm_budget()
             if budget <= 0:
-                raise LeaseLost(detail="no lease time left to run LVM safely")
+                raise NoLeaseTime()
             port.check_leader()  # a takeover while this host was stopped ends it here
             port.check_write()
             try:

@@ -13,12 +13,12 @@ import os
 import tempfile
 from typing import Any
 
-from fenceless.errors import LeaseLost, UserError
+from fenceless.errors import UserError
 from fenceless.ledger import history
 from fenceless.ledger.state import RequestInfo
 from fenceless.lvm.adapter import Role
 from fenceless.ops.base import Operation
-from fenceless.ops.journal import claims
+from fenceless.ops.journal import NoLeaseTime, claims
 from fenceless.ops.metadata import changed_lvs, with_seqno
 from fenceless.ops.port import WriterPort
 
@@ -71,7 +71,7 @@ class RestoreOp(Operation):
                 f.write(with_seqno(self.target, self.plan["current_seqno"]))
             budget = port.lvm_budget()
             if budget <= 0:
-                raise LeaseLost(detail="no lease time left to run LVM safely")
+                raise NoLeaseTime()
             port.check_write()
             port.lvm(Role.WRITER).run("vgcfgrestore", "--force", "--file", path, port.vg,
                                       timeout=budget)
