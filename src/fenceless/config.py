@@ -42,6 +42,14 @@ ACTIVATION_MODES = ("lvm", "lab")
 CGROUP_PART_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
+class VgNotChosen(UsageError):
+    """this host has {count} shared VGs configured ({names}): choose one with --vg NAME"""
+
+
+class VgNotConfigured(UsageError):
+    """VG {vg!r} is not configured on host {host} (configured: {names}; see {path})"""
+
+
 # NamedTuples, not dataclasses: every CLI start loads a config, and the
 # dataclasses module alone costs several ms of imports.
 class VgConfig(NamedTuple):
@@ -69,18 +77,12 @@ class HostConfig(NamedTuple):
             if len(self.vgs) == 1:
                 return self.vgs[0]
             names = ", ".join(v.name for v in self.vgs)
-            raise UsageError(
-                detail=f"this host has {len(self.vgs)} shared VGs configured ({names}): "
-                "choose one with --vg NAME"
-            )
+            raise VgNotChosen(count=len(self.vgs), names=names)
         for vg in self.vgs:
             if vg.name == name:
                 return vg
         names = ", ".join(v.name for v in self.vgs)
-        raise UsageError(
-            detail=f"VG {name!r} is not configured on host {self.host} "
-            f"(configured: {names}; see {self.path})"
-        )
+        raise VgNotConfigured(vg=name, host=self.host, names=names, path=self.path)
 
 
 def resolve_path(cli_path: str | None, environ: dict[str, str] | None = None) -> str:

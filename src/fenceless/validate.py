@@ -47,6 +47,7 @@ def request_id(rid: str) -> str:
 _UNITS = {"": None, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "p": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_DIGITS = 40  # a size's number, fraction included: 8 EiB (LVM's largest LV) has 19
 
 
 def parse_size(text: str, *, minimum: int = 1) -> int:
@@ -55,6 +56,9 @@ def parse_size(text: str, *, minimum: int = 1) -> int:
     if not m:
         raise InvalidSize(text=text, reason="expected a number and a unit, like 512M or 10G")
     number, unit = m.group(1), m.group(2).lower()
+    if len(number) > _SIZE_DIGITS:
+        # int() refuses more than 4300 digits with a ValueError, and no LV needs 20.
+        raise InvalidSize(text=text, reason=f"more than {_SIZE_DIGITS} digits")
     if unit.endswith("ib"):
         unit = unit[:-2]
     elif unit.endswith("b") and len(unit) == 2:

@@ -14,7 +14,7 @@ import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.clock import FakeClock
-from fenceless.errors import LeaseLost, UserError
+from fenceless.errors import LeaseLost, UserError, from_wire
 from fenceless.lease.paxos import Leader, encode_leader
 from fenceless.ledger import audit
 from fenceless.ledger.state import Intent, LedgerState, RequestInfo
@@ -22,7 +22,7 @@ from fenceless.ondisk.layout import Layout
 from fenceless.ondisk.record import pad
 from fenceless.ops import journal as journal_mod
 from fenceless.ops.activation import ActivationOp
-from fenceless.ops.journal import Journal, claims
+from fenceless.ops.journal import Journal, ReusedRequestId, claims
 from fenceless.ops.volume import REQ_TAG_PREFIX
 from fenceless.ops.writer import become_writer
 from tests.unit.harness import FakeVg, Host, host, make_area
@@ -104,6 +104,10 @@ def test_an_id_reused_for_another_operation_is_refused(cluster):
     out = j.process("h3", ask("r1", "remove", name="web"))
     assert not out.ok and "already used for `create`" in out.error["message"]
     assert "web" in vg.lvs
+    # The outcome names the class and its fields: the requester raises the same refusal.
+    assert out.error["kind"] == "ReusedRequestId" and out.error["fields"]["op"] == "create"
+    again = from_wire(out.error)
+    assert isinstance(again, ReusedRequestId) and str(again) == out.error["message"]
 
 
 @pytest.mark.parametrize(("request_", "message"), [
@@ -193,6 +197,9 @@ def test_an_intent_that_does_not_read_back_is_failed_not_ignored(cluster):
     Journal(h2.port).reconcile()
     st = state(h2)
     assert st.unreadable == {} and not st.requests["weird"].ok
+    # Recorded in the ledger with its kind and fields, read back from the disk.
+    assert st.requests["weird"].error["kind"] == "UnreadableIntent"
+    assert st.requests["weird"].error["fields"] == {"id": "weird"}
 
 
 def test_an_extend_waits_for_the_hosts_that_have_the_volume_active(cluster):

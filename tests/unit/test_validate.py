@@ -15,7 +15,8 @@ def test_sizes(text, value):
 @pytest.mark.parametrize(("text", "why"), [
     ("", "expected a number"), ("-1G", "expected a number"), ("0G", "greater than zero"),
     ("10", "a unit is required"), ("10X", "unknown unit"), ("ten G", "expected a number"),
-    ("1e3M", "expected a number"),
+    ("1e3M", "expected a number"), ("9" * 5000 + "G", "more than 40 digits"),
+    ("1." + "5" * 4400 + "G", "more than 40 digits"),
 ])
 def test_bad_sizes(text, why):
     with pytest.raises(InvalidSize, match=why):

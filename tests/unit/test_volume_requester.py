@@ -8,14 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from fenceless.agent.mailbox import Mailboxes, Pending
+from fenceless import errors
+from fenceless.agent.mailbox import Mailboxes, Pending, complete, reply_of
 from fenceless.blockio import IoError, MemDevice
 from fenceless.clock import FakeClock
-from fenceless.errors import UserError
+from fenceless.errors import CommandFailed, FencelessError, NotFound, RemoteError, UserError
 from fenceless.ledger import mailbox as mb
+from fenceless.ledger.state import Outcome
 from fenceless.localstate import set_member
+from fenceless.ondisk.errors import ChecksumMismatch, StaleEpoch
 from fenceless.ondisk.layout import Layout
-from fenceless.ops.journal import Journal
+from fenceless.ops.journal import Interrupted, Journal, ReusedRequestId, error_fields
+from fenceless.ops.volume import NoSpace, VolumeExists
 from tests.unit.harness import FakeVg, host, make_area
 
 LAYOUT = Layout.compute(4)
@@ -267,3 +271,66 @@ def test_a_lost_role_means_reconcile_again_even_at_the_same_epoch():
     desk.role.epoch = None
     desk.requeue()
     assert desk.reconciled_epoch is None
+
+
+# --- errors in replies ------------------------------------------------------------------
+
+REPLY_ERRORS = [
+    VolumeExists(name="web", vg="sanvg", size="1.00 GiB"),
+    NoSpace(vg="sanvg", free="1.00 GiB", name="web", need="2.00 GiB"),
+    ReusedRequestId(id="r1", op="create", args={"name": "web", "size_bytes": 1 << 30}),
+    Interrupted(op="extend", name="db"),
+    StaleEpoch(epoch=3, where="ledger slot ledger_a", seen=4),
+    ChecksumMismatch(region="ledger_a", offset=4096, stored=1, computed=2),
+    CommandFailed(argv0="lvm lvcreate", rc=5, stderr="x" * 900),
+]
+
+
+@pytest.mark.parametrize("exc", REPLY_ERRORS, ids=lambda e: type(e).__name__)
+def test_an_error_in_a_reply_is_raised_as_its_class_from_the_outbox(exc: FencelessError):
+    """Writer: the outcome's error in an outbox sector; requester: decoded, and raised."""
+    req = mb.Request("r1", "create", {"name": "web"})
+    outcome = Outcome("error", req.op, req.args, 1, error=error_fields(exc))
+    raw = mb.encode_outbox(mb.Outbox(seq=1, epoch=1, replies=(reply_of(req, outcome),)))
+    box = mb.decode_outbox(raw, mb.offsets(LAYOUT, HOST_ID)[1])
+    assert box is not None
+    item = Pending(request={})
+    complete(item, box.replies[0])
+    got = item.error
+    assert type(got) is type(exc) and isinstance(got, FencelessError)
+    assert (str(got), got.exit_code) == (str(exc), exc.exit_code)
+    assert {k: v for k, v in got.fields.items() if k != "stderr"} == \
+        {k: v for k, v in exc.fields.items() if k != "stderr"}
+
+
+def test_a_long_field_stays_out_of_the_record_but_not_out_of_the_message():
+    error = error_fields(REPLY_ERRORS[-1])
+    assert "stderr" not in error["fields"] and error["fields"]["rc"] == 5
+    assert "x" * 900 in error["message"] and "module" not in error
+
+
+def test_replies_of_older_writers_still_raise_with_their_message():
+    """Before errors carried fields: message, code and kind only (or less)."""
+    for error, cls, code in [
+        ({"message": "not found", "code": 2, "kind": "NotFound"}, NotFound, 2),
+        ({"message": "from elsewhere", "code": 4, "kind": "SomethingNewer"}, RemoteError, 4),
+        ({"message": "already used"}, RemoteError, 3),
+        ({"message": 5, "code": "x", "kind": ["no"], "fields": "no"}, RemoteError, 3),
+    ]:
+        item = Pending(request={})
+        complete(item, mb.Reply("r", "error", error=error))
+        assert type(item.error) is cls and isinstance(item.error, FencelessError)
+        assert item.error.exit_code == code
+        if isinstance(error["message"], str):
+            assert str(item.error) == error["message"]
+
+
+def test_a_kind_read_from_the_disk_imports_nothing(monkeypatch: pytest.MonkeyPatch):
+    def no_import(name: str) -> None:
+        raise AssertionError(f"imported {name} by a name read from the disk")
+
+    monkeypatch.setattr(errors.importlib, "import_module", no_import)
+    item = Pending(request={})
+    complete(item, mb.Reply("r", "error", error={
+        "kind": "Unheard", "module": "fenceless.not_loaded", "message": "m", "code": 2}))
+    assert isinstance(item.error, RemoteError) and item.error.exit_code == 2

@@ -3,8 +3,11 @@
 The agent holds this host's leases, so work that needs them (taking over the
 writer role, a handover) is asked of the agent rather than done by a second
 process that might race it. The socket is a file in the host's state dir,
-root-only. Errors travel as (class name, message, exit code) so the CLI can
-explain them exactly as if they had happened locally.
+root-only. Errors travel as a kind (the class name) plus their fields, message
+and exit code (``errors.to_wire``), and the client raises them again as the
+same class (``errors.from_wire``): a caller tells a refusal from a lost lease
+by ``isinstance``, and the CLI explains it exactly as if it had happened
+locally.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fenceless.errors import FencelessError, UserError
+from fenceless.errors import FencelessError, UserError, from_wire, to_wire
 
 MAX_MESSAGE = 1 << 20
 
@@ -25,18 +28,6 @@ MAX_MESSAGE = 1 << 20
 class AgentUnavailable(UserError):
     """No fenceless agent answers on {path} ({reason}). Start it with `fenceless agent` \
 (or `systemctl start fenceless-agent`; in the lab, `fenceless lab agent --dir DIR HOST start`)"""
-
-
-class RemoteError(FencelessError):
-    """{message}"""
-
-    def __init__(self, *, message: str, code: int, kind: str) -> None:
-        super().__init__(message=message, kind=kind)
-        self.remote_code = code
-
-    @property
-    def exit_code(self) -> int:  # type: ignore[override]
-        return self.remote_code
 
 
 def socket_path(state_dir: str) -> str:
@@ -82,9 +73,9 @@ def call(state_dir: str, request: dict[str, Any], timeout: float) -> dict[str, A
     if not isinstance(reply, dict):
         raise AgentUnavailable(path=path, reason="unreadable reply")
     if "error" in reply:
-        err = reply["error"]
-        raise RemoteError(message=str(err.get("message")), code=int(err.get("code", 1)),
-                          kind=str(err.get("kind")))
+        # The agent is this host's own, as trusted as this process: its error may name
+        # a module of ours to import for the class.
+        raise from_wire(reply["error"], load=True)
     result = reply.get("result")
     return result if isinstance(result, dict) else {}
 
@@ -140,8 +131,7 @@ class Server:
                 conn.settimeout(None)
                 reply: dict[str, Any] = {"result": self.handler(request)}
             except FencelessError as exc:
-                reply = {"error": {"message": exc.message, "code": exc.exit_code,
-                                   "kind": type(exc).__name__}}
+                reply = {"error": to_wire(exc)}
             except Exception as exc:
                 reply = {"error": {"message": f"agent internal error: {type(exc).__name__}: "
                                    f"{exc}", "code": 1, "kind": "InternalError"}}

@@ -30,6 +30,14 @@ from fenceless.localstate import member
 Opener = Callable[[str, bool], BlockDevice]
 
 
+class NoHostLease(LeaseLost):
+    """no host lease"""
+
+
+class IoStillHung(LeaseLost):
+    """{count} I/O request(s) to the LUN are still hung; no shared write until they complete"""
+
+
 class LeaseKeeper:
     """One VG's control area as this host reaches it, and this host's lease in it."""
 
@@ -159,12 +167,11 @@ class LeaseKeeper:
     def check_write(self) -> None:
         """Right before every shared write: the lease must have at least N to spare."""
         if self.lease is None:
-            raise LeaseLost(detail="no host lease")
+            raise NoHostLease()
         self.lease.check(margin=self.n)
         if self.dev is not None and self.dev.abandoned:
             # A timed-out write may still land: writing again could be overtaken by it.
-            raise LeaseLost(detail=f"{self.dev.abandoned} I/O request(s) to the LUN are still "
-                            "hung; no shared write until they complete")
+            raise IoStillHung(count=self.dev.abandoned)
 
     def release(self) -> None:
         """A planned stop: free the host id (after the writer lease was released)."""

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fenceless.agent.ipc import RemoteError
 from fenceless.agent.keeper import LeaseKeeper
 from fenceless.blockio import SECTOR
-from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
+from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError, from_wire
 from fenceless.ledger import mailbox as mb
 from fenceless.ledger.state import Outcome, RequestInfo
 from fenceless.localstate import member
@@ -82,13 +81,18 @@ def reply_of(req: mb.Request, outcome: Outcome) -> mb.Reply:
 
 
 def complete(item: Pending, reply: mb.Reply) -> None:
-    """Hand a writer's reply to the CLI waiting for it, as its result or its error."""
+    """Hand a writer's reply to the CLI waiting for it, as its result or its error.
+
+    The error is raised here as the class the writer raised, from its kind, if
+    this process knows that class already; the reply came from the disk, so no
+    module is imported by a name in it, and the message is the writer's own.
+    An unknown kind is a ``RemoteError`` (exit code 3 if none came: the
+    request may have done something).
+    """
     if reply.status == "ok":
         item.result = reply.result
     else:
-        item.error = RemoteError(message=str(reply.error.get("message")),
-                                 code=int(reply.error.get("code", 3)),
-                                 kind=str(reply.error.get("kind")))
+        item.error = from_wire(reply.error, default_code=3)
     item.done.set()
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from fenceless import __version__
-from fenceless.agent.keeper import LeaseKeeper
+from fenceless.agent.keeper import LeaseKeeper, NoHostLease
 from fenceless.agent.local import LocalLvs
 from fenceless.cgroup import WorkGroup
 from fenceless.clock import Clock
@@ -42,6 +42,27 @@ class NoWatchdog(UserError):
     """Refused: no watchdog guards this host (none answers on its socket in {run_dir}); \
 without one a frozen agent could not be stopped, so this host takes no exclusive work. \
 Start it: `fenceless watchdog` (systemd: fenceless-watchdog.service)."""
+
+
+class StateNotPublished(LeaseLost):
+    """could not publish this host's state on the LUN"""
+
+
+class WriterLeaseMoved(LeaseLost):
+    """the writer lease now names {held}, not this host at epoch {epoch}; no LVM change was \
+started"""
+
+
+class SeqnoBehind(ExecError):
+    """the PV shows seqno {got}, expected {seqno}"""
+
+
+class NoLeaseForClaim(LeaseLost):
+    """no host lease: a claim cannot be published"""
+
+
+class ClaimNotPublished(LeaseLost):
+    """could not publish the claim on disk"""
 
 
 class AgentPort:
@@ -152,7 +173,7 @@ class AgentPort:
         """Before exclusive work starts (the writer role, a mapping): armed, or refused."""
         lease = self.keeper.lease
         if lease is None:
-            raise LeaseLost(detail="no host lease")
+            raise NoHostLease()
         if not self.fence.arm(self.vg, lease.last_renewal + self.keeper.timing.watchdog_fire):
             raise NoWatchdog(run_dir=self.cfg.run_dir)
 
@@ -162,7 +183,7 @@ class AgentPort:
 
     def announce(self) -> None:
         if self.keeper.lease is not None and not self.renew():
-            raise LeaseLost(detail="could not publish this host's state on the LUN")
+            raise StateNotPublished()
 
     def check_write(self) -> None:
         self.keeper.check_write()
@@ -196,8 +217,7 @@ class AgentPort:
                 (lease.host_id, lease.generation, self._epoch):
             held = "nobody" if leader is None else \
                 f"{leader.owner_name or leader.owner_id} at epoch {leader.lver}"
-            raise LeaseLost(detail=f"the writer lease now names {held}, not this host at "
-                            f"epoch {self._epoch}; no LVM change was started")
+            raise WriterLeaseMoved(held=held, epoch=self._epoch)
 
     def own_ballot(self) -> int:
         """The epoch of a ballot in which this incarnation's own dblock accepted itself."""
@@ -357,7 +377,7 @@ class AgentPort:
         try:
             text, got = self.read_metadata()
             if got < seqno:
-                raise ExecError(detail=f"the PV shows seqno {got}, expected {seqno}")
+                raise SeqnoBehind(got=got, seqno=seqno)
             history.append(area.dev, area.layout,
                            history.HistoryEntry(text, got, request_id, lease.host_id),
                            epoch=self._epoch or 0, parse=mda.vg_identity,
@@ -426,11 +446,11 @@ class AgentPort:
         area, lease = self.keeper.area, self.keeper.lease
         if area is None or lease is None:
             if force:
-                raise LeaseLost(detail="no host lease: a claim cannot be published")
+                raise NoLeaseForClaim()
             return
         if not has_claims(area.layout):  # they ride in the lease facts: renew to publish
             if force and not self.renew():
-                raise LeaseLost(detail="could not publish the claim on disk")
+                raise ClaimNotPublished()
             return
         current = HostClaims(self.host, lease.generation, self.local.claims())
         if not force and self.written_claims is not None and \

@@ -60,6 +60,10 @@ EXAMPLES = {
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
+class BadArguments(UsageError):
+    """{message} (see `{prog} --help`)"""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing and exiting.
 
@@ -68,7 +72,7 @@ class Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(detail=f"{message} (see `{self.prog} --help`)")
+        raise BadArguments(message=message, prog=self.prog)
 
 
 # What ``add_subparsers(parser_class=Parser)`` returns; argparse has no public name for it.

@@ -94,11 +94,46 @@ def _explain(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has exited (``fenceless lab up | head -1``).
+
+    A BrokenPipeError from anywhere else (the agent's socket) is a fault, reported
+    as one. The kernel tells: a pipe without readers polls as POLLERR.
+    """
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor (a test's capture): not a pipe
+        return False
+
+
+def _reader_gone() -> int:
+    """Nobody reads the output any more: stop quietly, as Unix tools do.
+
+    They die of SIGPIPE, which a shell reports as 141 (128 + 13), and so does this
+    exit code rather than 0: the command stopped at the write that failed, perhaps
+    part-way, so it cannot claim success, and a script under ``set -o pipefail``
+    sees what it sees from any other tool. Python ignores SIGPIPE, so the write
+    raised instead; stdout now goes to /dev/null, because Python flushes what is
+    left in its buffer once more at exit and would complain of the pipe there.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run, and turn what was raised into a message and an exit code.
 
     A FencelessError exits with its class's code (errors.py); anything else is
-    a bug (exit 1). Tracebacks only with --debug (or FENCELESS_DEBUG=1).
+    a bug (exit 1), except stdout's reader going away (exit 141, quietly).
+    Tracebacks only with --debug (or FENCELESS_DEBUG=1).
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list or os.environ.get("FENCELESS_DEBUG") == "1"
@@ -107,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             build_parser().print_help()
             return 2
-        return command_module(args.command).run(args)
+        rc = command_module(args.command).run(args)
+        sys.stdout.flush()  # here, not at exit: a reader that has gone is handled below
+        return rc
     except FencelessError as exc:
         if debug:
             import traceback
@@ -119,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fenceless: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            return _reader_gone()
         if debug:
             raise
         print(f"fenceless: internal error: {type(exc).__name__}: {exc} "

@@ -51,6 +51,10 @@ class DeviceTooSmall(IntegrityError):
     """Device {path} is {size} bytes; fenceless needs at least {need}"""
 
 
+class AnchorTaken(IntegrityError):
+    """{path} already anchors cluster {cluster} (VG {vg}); refusing to replace it"""
+
+
 @dataclass(frozen=True)
 class Anchor:
     cluster_uuid: uuid.UUID
@@ -112,6 +116,6 @@ def write_anchor(dev: BlockDevice, device_size: int, anchor: Anchor) -> None:
     """Write the anchor; refuses to replace one that is there (or foreign data)."""
     current = read_anchor(dev, device_size)  # raises on foreign data: never overwrite it
     if current is not None and current != anchor:
-        raise IntegrityError(detail=f"{dev.path} already anchors cluster {current.cluster_uuid}"
-                             f" (VG {current.vg_name}); refusing to replace it")
+        raise AnchorTaken(path=dev.path, cluster=str(current.cluster_uuid),
+                          vg=current.vg_name)
     dev.write(anchor_region(device_size).offset, encode_anchor(anchor))

@@ -23,6 +23,19 @@ class OutOfBounds(IntegrityError):
     """I/O at {offset}+{length} falls outside the control area ({size} bytes) on {path}"""
 
 
+class NoSuperblockAtAnchor(IntegrityError):
+    """the anchor on {path} points at offset {offset}, but no superblock is there"""
+
+
+class SuperblockMismatch(IntegrityError):
+    """superblock at {offset} on {path} belongs to {what} {found}, the anchor names \
+{expected}"""
+
+
+class LayoutTooLarge(IntegrityError):
+    """the superblock's layout is larger than the control LV"""
+
+
 class OffsetDevice:
     """A window of a device: offsets are relative to ``base`` and bounded by ``size``."""
 
@@ -63,17 +76,16 @@ class ControlArea:
         view = OffsetDevice(dev, anchor.offset, anchor.length)
         sb = read_superblock(view)
         if sb is None:
-            raise IntegrityError(detail=f"the anchor on {dev.path} points at offset "
-                                 f"{anchor.offset}, but no superblock is there")
+            raise NoSuperblockAtAnchor(path=dev.path, offset=anchor.offset)
         if sb.cluster_uuid != anchor.cluster_uuid:
-            raise IntegrityError(detail=f"superblock at {anchor.offset} on {dev.path} belongs "
-                                 f"to cluster {sb.cluster_uuid}, the anchor names "
-                                 f"{anchor.cluster_uuid}")
+            raise SuperblockMismatch(offset=anchor.offset, path=dev.path, what="cluster",
+                                     found=str(sb.cluster_uuid),
+                                     expected=str(anchor.cluster_uuid))
         if sb.vg_uuid != anchor.vg_uuid:
-            raise IntegrityError(detail=f"superblock at {anchor.offset} on {dev.path} belongs "
-                                 f"to VG {sb.vg_uuid}, the anchor names {anchor.vg_uuid}")
+            raise SuperblockMismatch(offset=anchor.offset, path=dev.path, what="VG",
+                                     found=sb.vg_uuid, expected=anchor.vg_uuid)
         if sb.layout.total_size() > anchor.length:
-            raise IntegrityError(detail="the superblock's layout is larger than the control LV")
+            raise LayoutTooLarge()
         return cls(view, sb, clock)
 
     @property

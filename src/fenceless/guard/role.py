@@ -77,6 +77,26 @@ class InvalidBootId(UsageError):
     """role file: invalid boot id {boot_id!r} (the form of {path}: 8-4-4-4-12 hex digits)"""
 
 
+class RoleVgInvalid(UsageError):
+    """role file: invalid VG name {vg!r}"""
+
+
+class UnknownRole(UsageError):
+    """role file: role must be writer or reader, got {role!r}"""
+
+
+class RoleWriterInvalid(UsageError):
+    """role file: invalid writer host name {writer!r}"""
+
+
+class RoleNegative(UsageError):
+    """role file: epoch and valid_until must not be negative"""
+
+
+class RoleVgTwice(UsageError):
+    """role file: one line per VG"""
+
+
 def current_boot_id(path: str = BOOT_ID_PATH) -> str:
     """This boot's id, as the wrapper reads it.
 
@@ -104,13 +124,13 @@ def entry(vg: str, role: str, writer: str | None, epoch: int, lease_left: float)
 
 def _check(e: RoleEntry) -> None:
     if not VG_NAME_RE.match(e.vg):
-        raise UsageError(detail=f"role file: invalid VG name {e.vg!r}")
+        raise RoleVgInvalid(vg=e.vg)
     if e.role not in ROLES:
-        raise UsageError(detail=f"role file: role must be writer or reader, got {e.role!r}")
+        raise UnknownRole(role=e.role)
     if e.writer is not None and not HOST_NAME_RE.match(e.writer):
-        raise UsageError(detail=f"role file: invalid writer host name {e.writer!r}")
+        raise RoleWriterInvalid(writer=e.writer)
     if e.epoch < 0 or e.valid_until_cs < 0:
-        raise UsageError(detail="role file: epoch and valid_until must not be negative")
+        raise RoleNegative(epoch=e.epoch, valid_until_cs=e.valid_until_cs)
 
 
 def render(entries: list[RoleEntry], boot_id: str) -> str:
@@ -119,7 +139,7 @@ def render(entries: list[RoleEntry], boot_id: str) -> str:
     for e in entries:
         _check(e)
     if len({e.vg for e in entries}) != len(entries):
-        raise UsageError(detail="role file: one line per VG")
+        raise RoleVgTwice()
     return "\n".join([HEADER, f"boot {boot_id}", *(e.line() for e in entries)]) + "\n"
 
 

@@ -28,6 +28,14 @@ class MappingChanged(IntegrityError):
 deactivate and activate it again"""
 
 
+class AlreadyActive(UserError):
+    """LV {vg}/{lv} is already active {mode} here as {device}; deactivate it first"""
+
+
+class NotActive(UserError):
+    """LV {vg}/{lv} is not active on this host"""
+
+
 @dataclass
 class LabActivator:
     lvm: Lvm
@@ -68,8 +76,8 @@ class LabActivator:
         if current is not None:
             if current.readonly != readonly:
                 mode = "read-only" if current.readonly else "read-write"
-                raise UserError(detail=f"LV {self.lvm.vg.name}/{lv} is already active "
-                                f"{mode} here as {current.device}; deactivate it first")
+                raise AlreadyActive(vg=self.lvm.vg.name, lv=lv, mode=mode,
+                                    device=current.device)
             return current
         extent = self._extent(lv)
         # Direct I/O to the host's LUN device: a dm-linear mapping has no page cache
@@ -89,7 +97,7 @@ class LabActivator:
     def refresh(self, lv: str) -> ActiveLv:
         current = self._load(lv)
         if current is None:
-            raise UserError(detail=f"LV {self.lvm.vg.name}/{lv} is not active on this host")
+            raise NotActive(vg=self.lvm.vg.name, lv=lv)
         rec = json.loads(self._record_path(lv).read_text())
         extent = self._extent(lv)
         if extent.offset != rec["offset"] or extent.device != rec["over"]:

@@ -74,6 +74,22 @@ _HOLDER_SCRIPT = (
 )
 
 
+class LabOptionOutOfRange(UsageError):
+    """{option} must be {bounds}, got {got}"""
+
+
+class RepeatedVg(UsageError):
+    """give each --vg once"""
+
+
+class InvalidLabVg(UsageError):
+    """invalid VG name {vg!r}"""
+
+
+class NoCommand(UsageError):
+    """lab exec needs a command after --"""
+
+
 @dataclass(frozen=True)
 class LabHost:
     name: str
@@ -165,16 +181,18 @@ def up(
     (the tests do this; the loop devices and their caches are the same).
     """
     if not 1 <= hosts <= MAX_HOSTS:
-        raise UsageError(detail=f"--hosts must be between 1 and {MAX_HOSTS}, got {hosts}")
+        raise LabOptionOutOfRange(option="--hosts", bounds=f"between 1 and {MAX_HOSTS}",
+                                  got=hosts)
     if size < 64 << 20:
-        raise UsageError(detail=f"--size must be at least 64M, got {human(size)}")
+        raise LabOptionOutOfRange(option="--size", bounds="at least 64M", got=human(size))
     if not 0.01 <= io_timeout <= 300:
-        raise UsageError(detail=f"--io-timeout must be between 0.01 and 300 s, got {io_timeout}")
+        raise LabOptionOutOfRange(option="--io-timeout", bounds="between 0.01 and 300 s",
+                                  got=io_timeout)
     if not vgs or len(set(vgs)) != len(vgs):
-        raise UsageError(detail="give each --vg once")
+        raise RepeatedVg()
     for vg in vgs:
         if not cfgmod.VG_NAME_RE.match(vg):
-            raise UsageError(detail=f"invalid VG name {vg!r}")
+            raise InvalidLabVg(vg=vg)
     d = lab_dir(path)
     d.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {
@@ -474,7 +492,7 @@ def _enter_argv(d: Path, state: dict[str, Any], name: str) -> list[str]:
 def exec_in(path: str, name: str, command: list[str]) -> None:
     """Run a command as lab host ``name`` would: its namespace, its config."""
     if not command:
-        raise UsageError(detail="lab exec needs a command after --")
+        raise NoCommand()
     d = lab_dir(path)
     state = read_state(d)
     exec_replace([*_enter_argv(d, state, name), *command], _lab_env(d, name))

@@ -2,7 +2,8 @@
 
 A refusal before anything was written is a ``UserError``; losing a lease that
 we held (or finding that we never were the writer any more) is ``LeaseLost``:
-the caller must stop exclusive work at once.
+the caller must stop exclusive work at once. (A stale writer epoch, found in
+any record, is ``ondisk.errors.StaleEpoch``.)
 """
 
 from __future__ import annotations
@@ -30,11 +31,6 @@ class HostLeaseLost(LeaseLost):
 class LeaseExpired(LeaseLost):
     """Host id {host_id} lease expired: last renewal {age:.3f}s ago, the limit is {limit:.3f}s; \
 exclusive work must stop now"""
-
-
-class StaleEpoch(LeaseLost):
-    """Writer epoch {epoch} is stale: {where} carries epoch {seen}; this host is no longer \
-the writer and wrote nothing"""
 
 
 class NotWriter(LeaseLost):

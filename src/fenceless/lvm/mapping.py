@@ -26,6 +26,22 @@ class NotLinear(UserError):
     """LV {vg}/{lv} has a {segtype} segment; only linear LVs can be mapped"""
 
 
+class PvNotSeen(UserError):
+    """segment on PV {pv} which this host does not see"""
+
+
+class NoSegments(UserError):
+    """LV {vg}/{lv} has no segments in this metadata"""
+
+
+class SegmentGap(UserError):
+    """LV {vg}/{lv}: segments are not contiguous at LE {le}"""
+
+
+class NoDeviceNumber(UserError):
+    """no device number known for PV {pv}"""
+
+
 @dataclass(frozen=True)
 class ByteExtent:
     device: str
@@ -41,7 +57,7 @@ def _pe_start(pvs: Mapping[str, PvInfo], pv: str) -> int:
     try:
         return pvs[pv].pe_start
     except KeyError as exc:
-        raise UserError(detail=f"segment on PV {pv} which this host does not see") from exc
+        raise PvNotSeen(pv=pv) from exc
 
 
 def single_extent(
@@ -78,20 +94,19 @@ def dm_table(
     """
     segs = lv_segments(segments, lv)
     if not segs:
-        raise UserError(detail=f"LV {vg}/{lv} has no segments in this metadata")
+        raise NoSegments(vg=vg, lv=lv)
     lines = []
     logical = 0
     for seg in segs:
         if seg.segtype != "linear":
             raise NotLinear(vg=vg, lv=lv, segtype=seg.segtype)
         if seg.start_le * extent_size != logical:
-            raise UserError(
-                detail=f"LV {vg}/{lv}: segments are not contiguous at LE {seg.start_le}")
+            raise SegmentGap(vg=vg, lv=lv, le=seg.start_le)
         for r in seg.pe_ranges:
             length = r.count * extent_size
             physical = _pe_start(pvs, r.pv) + r.first * extent_size
             if r.pv not in devnums:
-                raise UserError(detail=f"no device number known for PV {r.pv}")
+                raise NoDeviceNumber(pv=r.pv)
             lines.append(f"{logical // SECTOR} {length // SECTOR} linear "
                          f"{devnums[r.pv]} {physical // SECTOR}")
             logical += length

@@ -39,6 +39,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fenceless.blockio import SECTOR, BlockDevice
@@ -60,6 +61,15 @@ _DISK_LOCN = struct.Struct("<QQ")
 _MDA_HEADER = struct.Struct("<I16sIQQ")  # checksum, magic, version, start, size
 _RAW_LOCN = struct.Struct("<QQII")  # offset, size, checksum, flags
 _MAX_LOCNS = 16  # LVM writes 2 data + 2 metadata areas at most; more is garbage
+# No device is larger: a read at or past 2**63 bytes is not an I/O error but an
+# OverflowError (the offset does not fit off_t), so nothing from the label may point there.
+_DEVICE_LIMIT = 1 << 63
+# The largest metadata text read. LVM's default area is 1 MiB and fenceless makes 16 MiB
+# (room for ~30k LVs); a header pointing at more is damaged, and reading it would
+# allocate as much memory.
+MAX_TEXT = 256 << 20
+_MAX_SEQNO_DIGITS = 20  # a u64; Python refuses int() of more than 4300 digits anyway
+_VG_NAME = re.compile(r"[A-Za-z0-9+_.-]{1,127}")  # LVM's rule (a name is NAME_LEN 128 with NUL)
 
 
 class MdaError(IntegrityError):
@@ -188,8 +198,7 @@ def read_label(dev: BlockDevice, *, size: int | None = None) -> list[MdaLocation
         raise MdaError(path=path, offset=base + offset_xl + ID_LEN,
                        detail=f"PV header says the PV is {pv_size} bytes, the device is {size}")
     # LVM may leave device_size 0 for a PV in a VG; then only the device bounds the areas
-    bounds = [b for b in (pv_size, size) if b]
-    limit = min(bounds) if bounds else 1 << 63
+    limit = min([b for b in (pv_size, size) if b] + [_DEVICE_LIMIT])
     lists: list[list[tuple[int, int]]] = []
     for _ in range(2):  # data areas, then metadata areas
         entries: list[tuple[int, int]] = []
@@ -243,6 +252,10 @@ def _read_header_at(dev: BlockDevice, loc: MdaLocation) -> MdaInfo:
         raise MdaError(path=path, offset=loc.start + _MDA_HEADER.size,
                        detail=f"metadata text location {off}+{length} does not fit the "
                        f"circular buffer of {capacity} bytes")
+    if length > MAX_TEXT:
+        raise MdaError(path=path, offset=loc.start + _MDA_HEADER.size,
+                       detail=f"metadata text of {length} bytes is larger than any VG's "
+                       f"(at most {MAX_TEXT} are read)")
     return info
 
 
@@ -354,6 +367,29 @@ _SCAN = re.compile(r"""
 """, re.VERBOSE | re.DOTALL)
 
 
+def _number(kind: str, tok: str) -> int | None:
+    """A seqno's value, written as LVM writes it: ASCII digits, at most a u64's 20.
+
+    ``str.isdigit`` is also true of superscripts (which ``int`` refuses) and of
+    other scripts' digits (which it reads), and ``int`` refuses more than 4300
+    digits: from a damaged text, each would be a ValueError instead of ours.
+    """
+    if kind == "word" and tok.isascii() and tok.isdigit() and len(tok) <= _MAX_SEQNO_DIGITS:
+        return int(tok)
+    return None
+
+
+def _section(name: str, seqno: int | None, start: int, end: int,
+             bad: Callable[[str], MdaError]) -> VgSection:
+    """The VG block just closed, if it is one LVM writes: a seqno, and a name by LVM's
+    rule (what reads the text next stores the name in a field of 128 bytes)."""
+    if seqno is None:
+        raise bad(f"VG {name[:127]!r} has no seqno")
+    if not _VG_NAME.fullmatch(name):
+        raise bad(f"VG name {name[:40]!r} is not one LVM writes (1 to 127 of A-Z a-z 0-9 + _ . -)")
+    return VgSection(name=name, seqno=seqno, start=start, end=end)
+
+
 def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection:
     """Find the VG block and its top-level ``seqno`` with a small tokenizer.
 
@@ -389,18 +425,16 @@ def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection
         if kind == "punct" and tok in "}]":
             depth -= 1
             if depth == 0:
-                if seqno is None:
-                    raise bad(f"VG {name!r} has no seqno")
-                return VgSection(name=name, seqno=seqno, start=start, end=at + 1)
+                return _section(name, seqno, start, at + 1, bad)
             return None
         if depth == 1:
             run = [*run[-2:], (kind, tok)]
             if len(run) == 3 and run[0] == ("word", "seqno") and run[1] == ("punct", "="):
                 if seqno is not None:
                     raise bad("seqno appears twice")
-                if kind != "word" or not tok.isdigit():
-                    raise bad(f"seqno {tok!r} is not a number")
-                seqno = int(tok)
+                seqno = _number(kind, tok)
+                if seqno is None:
+                    raise bad(f"seqno {tok[:40]!r} is not a number")
         return None
 
     def gap(lo: int, hi: int) -> VgSection | None:

@@ -39,6 +39,10 @@ MAX_HOSTS_LIMIT = 250  # the host area must fit its 1 MiB alignment unit
 REQUIRED_REGIONS = ("superblock", "hosts", "writer", "ledger_a", "ledger_b")
 
 
+class SuperblockExists(UserError):
+    """{path} already holds a fenceless superblock (cluster {cluster})"""
+
+
 @dataclass(frozen=True)
 class Region:
     name: str
@@ -204,7 +208,6 @@ def write_superblock(dev: BlockDevice, sb: Superblock, *, overwrite: bool = Fals
     data = encode_superblock(sb)
     current = read_superblock(dev)  # raises on foreign or unreadable data
     if current is not None and not overwrite:
-        raise UserError(detail=f"{dev.path} already holds a fenceless superblock "
-                               f"(cluster {current.cluster_uuid})")
+        raise SuperblockExists(path=dev.path, cluster=str(current.cluster_uuid))
     dev.write(0, data)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fenceless.errors import FencelessError
+from fenceless.errors import FencelessError, from_wire
 from fenceless.ledger.state import Intent, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm
 from fenceless.lvm.parse import LvInfo, VgInfo
@@ -133,22 +133,6 @@ class JournaledOp(abc.ABC):
         raise NotImplementedError
 
 
-class Recorded(FencelessError):
-    """{message}"""
-
-    def __init__(self, *, message: str, code: int, kind: str) -> None:
-        super().__init__(message=message, kind=kind)
-        self.recorded_code = code
-
-    @property
-    def exit_code(self) -> int:  # type: ignore[override]
-        return self.recorded_code
-
-
 def outcome_error(outcome: Outcome) -> FencelessError:
-    """The error an outcome records, for a caller on this host (its message and code)."""
-    err = outcome.error
-    code = err.get("code")
-    return Recorded(message=str(err.get("message", "failed")),
-                    code=code if isinstance(code, int) and not isinstance(code, bool) else 3,
-                    kind=str(err.get("kind", "?")))
+    """The error an outcome records, raised again on this host as its own class."""
+    return from_wire(outcome.error)

@@ -61,6 +61,63 @@ class InitBusy(UserError):
 and run `fenceless join` here."""
 
 
+class BadMaxHosts(UserError):
+    """--max-hosts must be 1..250, got {max_hosts}"""
+
+
+class ForeignPv(UserError):
+    """Refused: {device} is a PV of VG {other}, not of {vg} (check [vg.{vg}] in {config})"""
+
+
+class ForeignControlLv(UserError):
+    """Refused: VG {vg} has an LV named {lv} that fenceless did not create"""
+
+
+class DeviceNotInVg(UserError):
+    """Refused: {device} is not a PV of VG {vg}"""
+
+
+class PvInAnchorArea(UserError):
+    """Refused: PV {pv} reaches into the last MiB of the device, which fenceless needs for \
+its anchor. Shrink the PV first: `pvresize --setphysicalvolumesize {size}b {pv}` (needs that \
+much free space at its end)."""
+
+
+class NoRoomForControlLv(UserError):
+    """Refused: VG {vg} has {free} free; the control LV needs {need}"""
+
+
+class LunTooSmall(UserError):
+    """Refused: {device} is {size}, too small for a fenceless VG"""
+
+
+class UnreadableControlLv(UserError):
+    """Refused: the control LV {lv} holds data fenceless cannot read ({detail}); not \
+formatting over it"""
+
+
+class AnchorMissing(UserError):
+    """Refused: the control LV {lv} of VG {vg} already holds cluster {cluster}, but the \
+anchor at the end of {device} is missing (was the LUN resized, or its last MiB \
+overwritten?). fenceless does not reformat a cluster that may be live."""
+
+
+class ControlLvMisplaced(IntegrityError):
+    """control LV landed on {got}, not {device}"""
+
+
+class FreshLeaseNotWon(IntegrityError):
+    """a fresh writer lease was not won ({outcome})"""
+
+
+class AlreadyJoined(UserError):
+    """Refused: this host already joined cluster {cluster} as host id {host_id}"""
+
+
+class NoFreeHostId(UserError):
+    """Refused: no free host id (max_hosts {max_hosts}); {tried}"""
+
+
 @dataclass
 class VgEnv:
     """What an operation on one shared VG works with, as this host sees it."""
@@ -108,7 +165,7 @@ class InitOp(Operation):
 
     def check_args(self) -> None:
         if self.layout is None:
-            raise UserError(detail=f"--max-hosts must be 1..250, got {self.max_hosts}")
+            raise BadMaxHosts(max_hosts=self.max_hosts)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -141,8 +198,8 @@ class InitOp(Operation):
         pvs = {p.name: p for p in lvm.pvs()}
         mine = [p for p in pvs.values() if _same_device(p.name, env.device)]
         if mine and mine[0].vg_name and mine[0].vg_name != env.vg.name:
-            raise UserError(detail=f"Refused: {env.device} is a PV of VG {mine[0].vg_name}, "
-                            f"not of {env.vg.name} (check [vg.{env.vg.name}] in {env.cfg.path})")
+            raise ForeignPv(device=env.device, other=mine[0].vg_name, vg=env.vg.name,
+                            config=env.cfg.path)
         self._vg_exists = env.vg.name in vgs
         assert self.layout is not None
         need = self.layout.total_size()
@@ -153,26 +210,19 @@ class InitOp(Operation):
             if not self.adopt and not ours:
                 raise VgExists(vg=vg.name, device=env.device, lvs=vg.lv_count)
             if CONTROL_LV in lvs and not ours:
-                raise UserError(detail=f"Refused: VG {vg.name} has an LV named {CONTROL_LV} "
-                                "that fenceless did not create")
+                raise ForeignControlLv(vg=vg.name, lv=CONTROL_LV)
             if ours:
                 self._refuse_live_control_area(lvm, vg)
             pv = mine[0] if mine else None
             if pv is None:
-                raise UserError(detail=f"Refused: {env.device} is not a PV of VG {vg.name}")
+                raise DeviceNotInVg(device=env.device, vg=vg.name)
             end = pv.pe_start + pv.pe_count * vg.extent_size
             if end > tail_offset(env.device_size):
-                raise UserError(detail=(
-                    f"Refused: PV {pv.name} reaches into the last MiB of the device, which "
-                    "fenceless needs for its anchor. Shrink the PV first: `pvresize "
-                    f"--setphysicalvolumesize {tail_offset(env.device_size)}b {pv.name}` "
-                    "(needs that much free space at its end)."))
+                raise PvInAnchorArea(pv=pv.name, size=tail_offset(env.device_size))
             if not ours and vg.free < need:
-                raise UserError(detail=f"Refused: VG {vg.name} has {human(vg.free)} free; the "
-                                f"control LV needs {human(need)}")
+                raise NoRoomForControlLv(vg=vg.name, free=human(vg.free), need=human(need))
         elif env.device_size < TAIL_SIZE + need + (64 << 20):
-            raise UserError(detail=f"Refused: {env.device} is {human(env.device_size)}, too "
-                            "small for a fenceless VG")
+            raise LunTooSmall(device=env.device, size=human(env.device_size))
 
     def _refuse_live_control_area(self, lvm: Lvm, vg: Any) -> None:
         """A control LV that holds a superblock is a cluster: never format over it."""
@@ -184,14 +234,10 @@ class InitOp(Operation):
         try:
             sb = read_superblock(OffsetDevice(env.dev, ext.offset, ext.size))
         except CorruptRecord as exc:
-            raise UserError(detail=f"Refused: the control LV {CONTROL_LV} holds data fenceless "
-                            f"cannot read ({exc}); not formatting over it") from exc
+            raise UnreadableControlLv(lv=CONTROL_LV, detail=str(exc)) from exc
         if sb is not None:
-            raise UserError(detail=(
-                f"Refused: the control LV {CONTROL_LV} of VG {vg.name} already holds cluster "
-                f"{sb.cluster_uuid}, but the anchor at the end of {env.device} is missing "
-                "(was the LUN resized, or its last MiB overwritten?). fenceless does not "
-                "reformat a cluster that may be live."))
+            raise AnchorMissing(lv=CONTROL_LV, vg=vg.name, cluster=str(sb.cluster_uuid),
+                                device=env.device)
 
     def lock_check(self) -> None:
         """Before every write of init: the init lock must have N to spare."""
@@ -223,7 +269,7 @@ class InitOp(Operation):
         pvs = {p.name: p for p in reader.pvs()}
         ext = single_extent(reader.segments(), pvs, vg.extent_size, vg.name, CONTROL_LV)
         if not _same_device(ext.device, env.device):
-            raise IntegrityError(detail=f"control LV landed on {ext.device}, not {env.device}")
+            raise ControlLvMisplaced(got=ext.device, device=env.device)
         lv_uuid = next(lv.uuid for lv in reader.lvs() if lv.name == CONTROL_LV)
         ctl = OffsetDevice(env.dev, ext.offset, ext.size)
         self._keep_lock()
@@ -240,7 +286,7 @@ class InitOp(Operation):
         got = area.writer().acquire(1, lease.generation, lambda h, g: True,
                                     name=env.cfg.host, before_write=lease.check)
         if not got.won:
-            raise IntegrityError(detail=f"a fresh writer lease was not won ({got.outcome.value})")
+            raise FreshLeaseNotWon(outcome=got.outcome.value)
         state = LedgerState(cluster=str(sb.cluster_uuid), vg=vg.name,
                             writer=WriterInfo(1, env.cfg.host, got.epoch),
                             hosts={1: HostEntry(env.cfg.host, got.epoch)})
@@ -284,8 +330,8 @@ class JoinOp(Operation):
         self.area = ControlArea.open(env.dev, self.anchor, env.clock)
         known = member(env.cfg.state_dir, env.vg.name)
         if known and known.get("cluster") == str(self.anchor.cluster_uuid):
-            raise UserError(detail=f"Refused: this host already joined cluster "
-                            f"{self.anchor.cluster_uuid} as host id {known.get('host_id')}")
+            raise AlreadyJoined(cluster=str(self.anchor.cluster_uuid),
+                                host_id=known.get("host_id"))
 
     def candidates(self) -> list[int]:
         """Our own earlier id first, then ids no host has ever used."""
@@ -321,8 +367,7 @@ class JoinOp(Operation):
                          f"(generation {lease.generation})")
             return {"cluster": str(self.anchor.cluster_uuid), "vg": self.anchor.vg_name,
                     "host_id": hid, "generation": lease.generation}
-        raise UserError(detail="Refused: no free host id (max_hosts "
-                        f"{self.area.sb.max_hosts}); " + "; ".join(tried[-3:]))
+        raise NoFreeHostId(max_hosts=self.area.sb.max_hosts, tried="; ".join(tried[-3:]))
 
     def record(self, result: dict[str, Any]) -> None:
         set_member(self.env.cfg.state_dir, self.env.vg.name, {

@@ -19,10 +19,18 @@ journaled but never recorded, against the real VG (done, redo, or failed).
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
-from fenceless.errors import CommandTimeout, ExecError, FencelessError, LeaseLost, UserError
+from fenceless.errors import (
+    CommandTimeout,
+    ExecError,
+    FencelessError,
+    LeaseLost,
+    UserError,
+    to_wire,
+)
 from fenceless.faults import crashpoint
 from fenceless.ledger.claims import HostClaims
 from fenceless.ledger.state import Intent, Outcome, RequestInfo
@@ -37,9 +45,34 @@ ACK_WAIT_N = 15  # an extend waits up to this many N for hosts to refresh
 ACK_POLL = 0.05  # seconds between looks at the hosts' published sizes
 
 
+FIELDS_ROOM = 512  # bytes of JSON for an error's fields in an outcome (ledger, outbox)
+
+
 def error_fields(exc: FencelessError) -> dict[str, Any]:
-    """How an error is recorded in an outcome and sent in a reply."""
-    return {"message": exc.message, "code": exc.exit_code, "kind": type(exc).__name__}
+    """How an error is recorded in an outcome and sent in a reply: ``to_wire``'s kind,
+    fields, message and exit code, so the requester raises the same class.
+
+    Without the module: a reader of the disk never imports by a name it read.
+    The fields are kept, smallest first, while they fit ``FIELDS_ROOM`` bytes:
+    the ledger holds hundreds of outcomes and an outbox reply must fit a
+    sector, and a long field (LVM's stderr) is in the message already, which
+    is always kept (the requester shows it as the writer wrote it).
+    """
+    wire = to_wire(exc)
+    fields: dict[str, Any] = {}
+    room = FIELDS_ROOM
+    for key, value in sorted(wire["fields"].items(), key=lambda kv: len(_dump(kv))):
+        size = len(_dump([key, value]))
+        if size > room:
+            break
+        fields[key] = value
+        room -= size
+    return {"message": wire["message"], "code": wire["code"], "kind": wire["kind"],
+            "fields": fields}
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def refused(req: RequestInfo, exc: FencelessError, epoch: int) -> Outcome:
@@ -67,6 +100,10 @@ not carried out"""
 class LocalOnly(UserError):
     """Refused: `{op}` is run on the writer itself, not asked for through a mailbox (from \
 {host}); nothing was changed"""
+
+
+class NoLeaseTime(LeaseLost):
+    """no lease time left to run LVM safely"""
 
 
 class Journal:
@@ -169,7 +206,7 @@ class Journal:
         if effect is False:
             budget = port.lvm_budget()
             if budget <= 0:
-                raise LeaseLost(detail="no lease time left to run LVM safely")
+                raise NoLeaseTime()
             port.check_leader()  # a takeover while this host was stopped ends it here
             port.check_write()
             try:

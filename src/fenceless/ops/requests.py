@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 VOLUME_OPS = ("create", "extend", "rename", "remove")
 
 
+class UnknownVolumeOp(UserError):
+    """unknown volume operation {op!r}"""
+
+
+class MissingArgument(UserError):
+    """a volume operation of this kind needs a {what}"""
+
+
+class HandoverNotFinished(ExecError):
+    """handover to {to} requested, but {to} did not become the writer within \
+{timeout:.0f}s (writer now: {writer})"""
+
+
 def new_request_id() -> str:
     """A fresh request id: 64 random bits as 16 hex digits.
 
@@ -58,7 +71,7 @@ def volume_request(op: str, name: str, *, size: str | None = None, new_name: str
     what is reported. ``argv`` is the command line as typed, for the audit log.
     """
     if op not in VOLUME_OPS:
-        raise UserError(detail=f"unknown volume operation {op!r}")
+        raise UnknownVolumeOp(op=op)
     body: dict[str, Any] = {"name": lv_name(name)}
     if op == "create":
         body.update(size_bytes=parse_size(_required(size, "size")), shared_ro=shared_ro)
@@ -77,7 +90,7 @@ def volume_request(op: str, name: str, *, size: str | None = None, new_name: str
 def _required(value: str | None, what: str) -> str:
     """A value an operation cannot do without (the CLI's parser already insists on it)."""
     if value is None:
-        raise UserError(detail=f"a volume operation of this kind needs a {what}")
+        raise MissingArgument(what=what)
     return value
 
 
@@ -106,6 +119,5 @@ def finish_handover(reply: dict[str, Any], to: str, read_status: Callable[[], di
                 writer["epoch"] > above:
             return {"outcome": "done", "host": to, "epoch": writer["epoch"]}
         if clock.now() > deadline:
-            raise ExecError(detail=f"handover to {to} requested, but {to} did not become the "
-                            f"writer within {timeout:.0f}s (writer now: {writer})")
+            raise HandoverNotFinished(to=to, timeout=timeout, writer=writer)
         clock.sleep(interval)

@@ -17,6 +17,7 @@ from fenceless.ledger.state import Intent, RequestInfo
 from fenceless.lvm.adapter import Lvm
 from fenceless.lvm.policy import CONTROL_LV
 from fenceless.ops.base import Claims, JournaledOp, Snapshot
+from fenceless.ops.requests import UnknownVolumeOp
 from fenceless.validate import human, lv_name
 
 SHARED_RO_TAG = "fenceless_shared_ro"
@@ -41,6 +42,14 @@ class NotShrink(UserError):
 {asked}). Nothing was changed"""
 
 
+class BadRequestField(UserError):
+    """request field {key!r} must be {expected}"""
+
+
+class ControlLvRefused(UserError):
+    """Refused: {lv} is fenceless's control area; no volume operation may touch it"""
+
+
 def _round_up(n: int, extent: int) -> int:
     return -(-n // extent) * extent
 
@@ -48,26 +57,25 @@ def _round_up(n: int, extent: int) -> int:
 def _name(args: Mapping[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str):
-        raise UserError(detail=f"request field {key!r} must be a string")
+        raise BadRequestField(key=key, expected="a string")
     return lv_name(value)
 
 
 def _size(args: Mapping[str, Any], key: str) -> int:
     value = args.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserError(detail=f"request field {key!r} must be a positive number of bytes")
+        raise BadRequestField(key=key, expected="a positive number of bytes")
     return value
 
 
 def _not_control(name: str) -> None:
     if name == CONTROL_LV:
-        raise UserError(detail=f"Refused: {CONTROL_LV} is fenceless's control area; "
-                        "no volume operation may touch it")
+        raise ControlLvRefused(lv=CONTROL_LV)
 
 
 def _flag(args: Mapping[str, Any], key: str) -> None:
     if not isinstance(args.get(key, False), bool):
-        raise UserError(detail=f"request field {key!r} must be true or false")
+        raise BadRequestField(key=key, expected="true or false")
 
 
 class VolumeOp(JournaledOp):
@@ -227,7 +235,7 @@ def make(request: RequestInfo, lvm: Lvm, claims: Claims) -> VolumeOp:
     """The operation a request asks for, its arguments checked (UserError if they are bad)."""
     cls = OPS.get(request.op)
     if cls is None:
-        raise UserError(detail=f"unknown volume operation {request.op!r}")
+        raise UnknownVolumeOp(op=request.op)
     vop = cls(request, lvm, claims)
     vop.check_args()
     return vop
