@@ -26,7 +26,14 @@ from fenceless.guard.role import entry as role_entry
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader
 from fenceless.ledger import audit, history
-from fenceless.ledger.claims import Claim, HostClaims, has_claims, read_claims, write_claims
+from fenceless.ledger.claims import (
+    Claim,
+    HostClaims,
+    has_claims,
+    read_all_claims,
+    read_claims,
+    write_claims,
+)
 from fenceless.ledger.slots import write_ledger
 from fenceless.ledger.state import Intent, LedgerState, RequestInfo
 from fenceless.lvm import mda
@@ -488,16 +495,7 @@ class AgentPort:
             return {h.host_id: HostClaims(h.name, h.generation, {
                 lv: Claim(int(size) if isinstance(size, int) else 0)
                 for lv, size in h.active().items()}) for h in self.hosts_now()}
-        out: dict[int, HostClaims | CorruptRecord] = {}
-        for hid in range(1, area.sb.max_hosts + 1):
-            try:
-                got = read_claims(area.dev, area.layout, hid)
-            except CorruptRecord as exc:
-                out[hid] = exc
-                continue
-            if got is not None:
-                out[hid] = got
-        return out
+        return read_all_claims(area.dev, area.layout, area.sb.max_hosts)
 
     def pending_intents(self) -> list[Intent]:
         """The journaled intents of the ledger as on the disk now (for a claiming host)."""

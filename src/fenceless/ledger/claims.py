@@ -132,6 +132,25 @@ def read_claims(dev: BlockDevice, layout: Layout, host_id: int) -> HostClaims | 
     return _parse(rec.payload, rec.seq, offset)
 
 
+def read_all_claims(dev: BlockDevice, layout: Layout,
+                    max_hosts: int) -> dict[int, HostClaims | CorruptRecord]:
+    """Every host's claims by host id; a host that never wrote any is left out, and one
+    whose claims do not read is there as its ``CorruptRecord`` (it counts as claiming
+    everything: docs/design.md, "Claims")."""
+    out: dict[int, HostClaims | CorruptRecord] = {}
+    if not has_claims(layout):
+        return out
+    for hid in range(1, max_hosts + 1):
+        try:
+            got = read_claims(dev, layout, hid)
+        except CorruptRecord as exc:
+            out[hid] = exc
+            continue
+        if got is not None:
+            out[hid] = got
+    return out
+
+
 def write_claims(dev: BlockDevice, layout: Layout, host_id: int, claims: HostClaims,
                  *, before_write: Any = None) -> None:
     """Only host ``host_id`` calls this: tail sectors first, the header sector last."""

@@ -16,7 +16,7 @@ from fenceless.clock import SystemClock, boottime
 from fenceless.config import HostConfig
 from fenceless.control.anchor import NotInitialized, read_anchor
 from fenceless.control.area import ControlArea
-from fenceless.ledger.claims import HostClaims, has_claims, read_claims
+from fenceless.ledger.claims import HostClaims, read_all_claims
 from fenceless.ledger.state import LedgerState, LedgerStateInvalid, ledger_hosts
 from fenceless.localstate import agent_view, member
 from fenceless.ondisk.errors import CorruptRecord
@@ -40,7 +40,7 @@ def read_status(cfg: HostConfig, vg_name: str | None, *,
         raw = hosts_area.read_area()
         leader = area.writer().read_leader()
         view = area.ledger()
-        claims = _read_all_claims(area) if with_claims else {}
+        claims = read_all_claims(area.dev, area.layout, area.sb.max_hosts) if with_claims else {}
     finally:
         dev.close()
 
@@ -112,21 +112,6 @@ def _hosts(area: ControlArea, raw: bytes, names: dict[int, str], observed: dict[
             entry["error"] = problem
         hosts.append(entry)
     return hosts
-
-
-def _read_all_claims(area: ControlArea) -> dict[int, HostClaims | CorruptRecord]:
-    if not has_claims(area.layout):
-        return {}
-    out: dict[int, HostClaims | CorruptRecord] = {}
-    for hid in range(1, area.sb.max_hosts + 1):
-        try:
-            got = read_claims(area.dev, area.layout, hid)
-        except CorruptRecord as exc:
-            out[hid] = exc
-            continue
-        if got is not None:
-            out[hid] = got
-    return out
 
 
 def _writer_state(leader: Any, hosts: list[dict[str, Any]]) -> str:
