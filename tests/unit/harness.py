@@ -210,3 +210,16 @@ def host(area: ControlArea, clock: FakeClock, name: str, host_id: int, vg: FakeV
     noted: list[tuple[str, int]] = []
     port.note_metadata_change = lambda rid, seqno: noted.append((rid, seqno))  # type: ignore[method-assign]
     return Host(name, keeper, port, local, activator, logs, noted, fence)
+
+
+def writer_and_reader(dev: BlockDevice) -> tuple[FakeClock, FakeVg, Host, Host]:
+    """h1, the writer at epoch 1, and h2, a reader that may take over; one VG."""
+    from fenceless.ops.writer import become_writer
+
+    clock = FakeClock()
+    area = make_area(dev, clock)
+    vg = FakeVg()
+    h1 = host(area, clock, "h1", 1, vg)
+    h2 = host(area, clock, "h2", 2, vg)
+    assert become_writer(h1.port, "test").epoch == 1
+    return clock, vg, h1, h2

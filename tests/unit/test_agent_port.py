@@ -15,20 +15,15 @@ from fenceless.clock import FakeClock
 from fenceless.lease.delta import HostState
 from fenceless.ondisk.layout import Layout
 from fenceless.ops.journal import claims
-from fenceless.ops.writer import become_writer, hand_over
-from tests.unit.harness import FakeVg, Host, N, host, make_area
+from fenceless.ops.writer import hand_over
+from tests.unit.harness import Host, N, writer_and_reader
 
 LAYOUT = Layout.compute(4)
 
 
 @pytest.fixture
 def cluster(dev: BlockDevice) -> Iterator[tuple[FakeClock, Host, Host]]:
-    clock = FakeClock()
-    area = make_area(dev, clock)
-    vg = FakeVg()
-    h1 = host(area, clock, "h1", 1, vg)
-    h2 = host(area, clock, "h2", 2, vg)
-    assert become_writer(h1.port, "test").epoch == 1
+    clock, _vg, h1, h2 = writer_and_reader(dev)
     yield clock, h1, h2
 
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import pytest
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.clock import FakeClock
 from fenceless.errors import LeaseLost, UserError, from_wire
 from fenceless.lease.paxos import Leader, encode_leader
 from fenceless.ledger import audit
@@ -25,7 +24,7 @@ from fenceless.ops.activation import ActivationOp
 from fenceless.ops.journal import Journal, ReusedRequestId, claims
 from fenceless.ops.volume import REQ_TAG_PREFIX
 from fenceless.ops.writer import become_writer
-from tests.unit.harness import FakeVg, Host, host, make_area
+from tests.unit.harness import FakeVg, Host, writer_and_reader
 
 LAYOUT = Layout.compute(4)
 GiB = 1 << 30
@@ -38,12 +37,7 @@ class Died(BaseException):
 @pytest.fixture
 def cluster(dev: BlockDevice) -> Iterator[tuple[FakeVg, Host, Host]]:
     """h1, the writer at epoch 1, and h2, a reader that may take over; one VG."""
-    clock = FakeClock()
-    area = make_area(dev, clock)
-    vg = FakeVg()
-    h1 = host(area, clock, "h1", 1, vg)
-    h2 = host(area, clock, "h2", 2, vg)
-    assert become_writer(h1.port, "test").epoch == 1
+    _clock, vg, h1, h2 = writer_and_reader(dev)
     yield vg, h1, h2
 
 
