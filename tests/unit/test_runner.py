@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -77,11 +78,14 @@ def test_subprocess_runner_check_and_rc():
 
 
 def test_subprocess_runner_kills_the_whole_group_on_timeout(tmp_path):
-    marker = tmp_path / "late"
-    started = time.monotonic()
+    """The child's child holds stdout open: the runner must kill it, not wait for it."""
+    marker, pidfile = tmp_path / "late", tmp_path / "pid"
+    script = f"sh -c 'echo $$ > {pidfile}; sleep 30; touch {marker}' & wait"
     with pytest.raises(CommandTimeout):
-        # The child's child would write the marker after 1 s if the group survived.
-        SubprocessRunner().run(["sh", "-c", f"(sleep 1; touch {marker}) & wait"], timeout=0.3)
-    assert time.monotonic() - started < 1.0
-    time.sleep(1.2)
+        SubprocessRunner().run(["sh", "-c", script], timeout=0.3)
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10  # only a bound on the wait for the kernel to reap it
+    while os.path.exists(f"/proc/{grandchild}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{grandchild}"), "the grandchild outlived the timeout"
     assert not marker.exists()
