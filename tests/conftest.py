@@ -110,9 +110,37 @@ class Lab:
         return str(cfg["vg"][vg]["devices"][0])
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.stash[FAILED] = True
+
+
+FAILED = pytest.StashKey[bool]()
+LOG_TAIL = 60
+
+
+def print_lab_logs(lab: Lab) -> None:
+    """What each host's agent and watchdog said, for a failed test's report (the lab's
+    directory is gone once it is down, and CI keeps only the output)."""
+    for host in lab.hosts:
+        host_dir = lab.dir / "hosts" / host
+        for name in ("agent.log", "watchdog.log", "state/watchdog-fired.jsonl"):
+            path = host_dir / name
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()
+                print(f"----- {host}/{name} (last {min(len(lines), LOG_TAIL)} of "
+                      f"{len(lines)} lines)")
+                print("\n".join(lines[-LOG_TAIL:]))
+
+
 @pytest.fixture
-def make_lab(tmp_path_factory):
-    """Factory for labs; every lab made is taken down and checked to leave nothing behind."""
+def make_lab(tmp_path_factory, request):
+    """Factory for labs; every lab made is taken down and checked to leave nothing behind.
+
+    When the test failed, each host's agent and watchdog logs are printed first."""
     made: list[Lab] = []
 
     def make(hosts: int = 3, *extra: str) -> Lab:
@@ -127,6 +155,8 @@ def make_lab(tmp_path_factory):
 
     yield make
     for lab in made:
+        if request.node.stash.get(FAILED, False):
+            print_lab_logs(lab)
         cli("lab", "down", "--dir", str(lab.dir), "--force", check=False)
         assert lab_loops(lab.dir, lab.images) == []
         assert not any(os.path.exists(p) for p in lab.images), "an image was left behind"

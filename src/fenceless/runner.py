@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,6 +46,7 @@ class Runner(Protocol):
         timeout: float | None = None,
         check: bool = True,
         die_with_parent: bool = False,
+        between: Callable[[], None] | None = None,
     ) -> Result:
         """Run argv; ``die_with_parent`` kills it (SIGKILL) if our thread dies first.
 
@@ -53,6 +54,12 @@ class Runner(Protocol):
         would go on running after others have waited out its lease. ``env``
         is added to the runner's environment; ``check`` raises CommandFailed
         for a non-zero exit; a timeout raises CommandTimeout.
+
+        ``between`` is called every few tens of milliseconds while the command
+        runs, on the caller's thread: the agent renews its lease there, so a
+        command slower than a lease does not cost the lease. Whatever it
+        raises kills the command's process group and propagates (the lease
+        ran short: the work stops first).
         """
         ...
 
@@ -69,6 +76,7 @@ class SubprocessRunner:
     default_timeout: float = 120.0
     base_env: Mapping[str, str] | None = None
     workgroup: WorkGroup | None = None
+    between_every: float = 0.05  # seconds between two calls of ``between``
 
     def run(
         self,
@@ -79,6 +87,7 @@ class SubprocessRunner:
         timeout: float | None = None,
         check: bool = True,
         die_with_parent: bool = False,
+        between: Callable[[], None] | None = None,
     ) -> Result:
         """See ``Runner.run``."""
         full_env = dict(os.environ if self.base_env is None else self.base_env)
@@ -115,7 +124,7 @@ class SubprocessRunner:
             if procs_fd is not None:
                 os.close(procs_fd)
         try:
-            out, err = proc.communicate(input=input, timeout=limit)
+            out, err = self._wait(proc, input, started + limit, between)
         except subprocess.TimeoutExpired as exc:
             _kill_group(proc)
             raise CommandTimeout(argv0=shown, timeout=limit) from exc
@@ -126,6 +135,24 @@ class SubprocessRunner:
         if check and result.rc != 0:
             raise CommandFailed(argv0=shown, rc=result.rc, stderr=_last_lines(err or out))
         return result
+
+    def _wait(self, proc: subprocess.Popen[str], input: str | None, deadline: float,
+              between: Callable[[], None] | None) -> tuple[str, str]:
+        """Its output once it exits; TimeoutExpired at the deadline. ``communicate``
+        may be called again after a timeout without losing output (its input is
+        sent by the first call only)."""
+        if between is None:
+            return proc.communicate(input=input, timeout=max(0.0, deadline - time.monotonic()))
+        while True:
+            left = deadline - time.monotonic()
+            step = max(0.0, min(left, self.between_every))
+            try:
+                return proc.communicate(input=input, timeout=step)
+            except subprocess.TimeoutExpired:
+                if left <= self.between_every:
+                    raise
+            input = None
+            between()
 
 
 @dataclass
@@ -149,11 +176,12 @@ class RecordingRunner:
         timeout: float | None = None,
         check: bool = True,
         die_with_parent: bool = False,
+        between: Callable[[], None] | None = None,
     ) -> Result:
         """See ``Runner.run``."""
         self.calls.append(tuple(argv))
         return self.inner.run(argv, env=env, input=input, timeout=timeout, check=check,
-                              die_with_parent=die_with_parent)
+                              die_with_parent=die_with_parent, between=between)
 
 
 KILL_WAIT = 5.0  # seconds to wait for a killed command to be gone

@@ -31,15 +31,15 @@ N = 0.2
 STALL = 6.0  # seconds strace holds the stalled write: longer than a takeover takes
 
 
-def slow_lvm(lab, host: str) -> None:
+def slow_lvm(lab, host: str, stall: float = STALL) -> None:
     """LVM on ``host`` with the commit of a create of ``stall-*`` held back by strace.
 
     ``-P`` limits strace to the host's PV: its first write there (LVM writes the
     new metadata with write(2), the lab sets use_aio=0) waits STALL seconds, as
-    on a path that queues I/O; everything else runs as usual.
+    on a path that queues I/O (``stall`` seconds); everything else runs as usual.
     """
     script = Path(lab.dir) / f"slow-lvm-{host}"
-    delay = int(STALL * 1_000_000)
+    delay = int(stall * 1_000_000)
     script.write_text(
         "#!/bin/sh\n"
         'case "$*" in *stall-*)\n'
@@ -126,6 +126,30 @@ def test_a_frozen_writer_is_fenced_before_the_takeover(three, freeze):
            if e.get("result") == "ok"]
     assert {(e["command"][3], e["epoch"]) for e in log} == {
         ("before", 1), ("after", 2), ("stall-me", 2)}
+
+def test_a_writer_whose_lvm_is_slower_than_its_lease_keeps_the_role(make_lab):
+    """A live agent keeps its lease while its LVM command runs: a commit held back for
+    15N (a path that queues I/O, or a host under load) finishes, with no fencing and no
+    takeover. Renewing only between commands killed the command at 7N, every time."""
+    lab = make_lab(3)
+    slow_lvm(lab, "h1", stall=15 * N)
+    for h in lab.hosts:
+        agent(lab, h, "start")
+    lab.on("h1", "init")
+    for h in ("h2", "h3"):
+        lab.on(h, "join")
+    for h in lab.hosts:
+        wait_until(lambda h=h: all_live(lab, h, lab.hosts), 20, f"all live from {h}")
+    started = boottime()
+    lab.on("h3", "volume", "create", "stall-slow", "8M", "--timeout", "20")
+    assert boottime() - started >= 15 * N  # it really was held back
+    assert fired(lab, "h1") == []
+    log = [e for e in json.loads(lab.on("h2", "log", "--json").stdout)
+           if e.get("result") == "ok"]
+    assert [(e["command"][3], e["epoch"]) for e in log] == [("stall-slow", 1)]
+    seen = {h["name"]: h for h in status(lab, "h2")["hosts"]}
+    assert seen["h1"]["lease"] == "live"
+
 
 @pytest.mark.slow
 def test_150_mapped_volumes_keep_the_lease_and_are_never_removed(make_lab):

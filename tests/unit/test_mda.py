@@ -336,6 +336,32 @@ def test_seqno_parser_refuses_malformed_text(text: str, match: str) -> None:
         parse_seqno(text)
 
 
+def test_a_text_is_scanned_once_and_a_changed_byte_scans_again(monkeypatch) -> None:
+    from fenceless.lvm import mda
+
+    scans = []
+    real = mda._scan_vg_section
+
+    def counting(text: str, *, path: str, offset: int):
+        scans.append(text)
+        return real(text, path=path, offset=offset)
+
+    monkeypatch.setattr(mda, "_scan_vg_section", counting)
+    text = "vg {\nseqno = 41\n}\n"
+    copy = "".join(list(text))  # equal, but another string object (as a second read gives)
+    assert parse_seqno(text) == 41 and mda.vg_identity(copy) == ("vg", 41)
+    assert len(scans) == 1
+    assert parse_seqno(text.replace("41", "42")) == 42
+    assert len(scans) == 2
+
+
+def test_a_bad_text_names_the_device_of_each_caller() -> None:
+    text = "vg {\nid = 1\n}\n"
+    for path in ("/dev/first", "/dev/second"):
+        with pytest.raises(MdaError, match=path):
+            parse_seqno(text, path=path)
+
+
 def test_pv_header_without_a_size_is_bounded_by_the_device() -> None:
     pv = Pv()
     text = text_for(8)

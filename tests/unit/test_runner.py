@@ -36,9 +36,10 @@ def test_recording_runner_keeps_each_argv_and_passes_everything_on():
     assert res.stdout == "out"
     assert rec.calls == [("lvm", "lvs"), ("lvm", "vgs")]
     assert inner.asked[0] == (("lvm", "lvs"), {"env": {"A": "1"}, "input": "x", "timeout": 5.0,
-                                                "check": False, "die_with_parent": True})
+                                                "check": False, "die_with_parent": True,
+                                                "between": None})
     assert inner.asked[1][1] == {"env": None, "input": None, "timeout": None, "check": True,
-                                 "die_with_parent": False}
+                                 "die_with_parent": False, "between": None}
 
 
 def test_recording_runner_counts_a_command_that_fails():
@@ -89,3 +90,44 @@ def test_subprocess_runner_kills_the_whole_group_on_timeout(tmp_path):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{grandchild}"), "the grandchild outlived the timeout"
     assert not marker.exists()
+
+
+def test_between_runs_while_the_command_runs_and_its_output_is_whole():
+    """The agent renews its lease in ``between``: it must be called all along a slow
+    command, and the output read across the calls must arrive whole."""
+    calls = []
+    script = "head -c 200000 /dev/zero | tr '\\0' x; sleep 0.5; cat"
+    res = SubprocessRunner(between_every=0.02).run(
+        ["sh", "-c", script], input="tail", between=lambda: calls.append(time.monotonic()))
+    assert res.stdout == "x" * 200000 + "tail"
+    assert len(calls) >= 10
+
+
+def test_what_between_raises_kills_the_command_group(tmp_path):
+    """A lease that ran short stops the work: the command and its children die."""
+    marker, pidfile = tmp_path / "late", tmp_path / "pid"
+    script = f"sh -c 'echo $$ > {pidfile}; sleep 30; touch {marker}' & wait"
+
+    class Short(Exception):
+        pass
+
+    def between() -> None:
+        if pidfile.exists() and pidfile.read_text().strip():  # the grandchild runs
+            raise Short()
+
+    with pytest.raises(Short):
+        SubprocessRunner(between_every=0.02).run(["sh", "-c", script], between=between)
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10  # only a bound on the wait for the kernel to reap it
+    while os.path.exists(f"/proc/{grandchild}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{grandchild}"), "the grandchild outlived the stop"
+    assert not marker.exists()
+
+
+def test_between_does_not_stretch_the_timeout():
+    calls = []
+    with pytest.raises(CommandTimeout):
+        SubprocessRunner(between_every=0.02).run(["sleep", "5"], timeout=0.3,
+                                                 between=lambda: calls.append(1))
+    assert 5 <= len(calls) <= 16

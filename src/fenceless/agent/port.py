@@ -41,6 +41,7 @@ from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ondisk.errors import CorruptRecord
 from fenceless.ops.context import Context
+from fenceless.ops.journal import NoLeaseTime
 from fenceless.ops.port import HostView
 from fenceless.watchdog.client import Fence
 
@@ -358,8 +359,20 @@ class AgentPort:
     def lvm(self, role: Role = Role.READER) -> Lvm:
         lvm = self.ctx.lvm(self.vg, role)
         if self.keeper.lease is not None:
-            lvm.timeout = max(0.5, min(lvm.timeout, self.keeper.remaining() - self.n))
+            lvm.between = self.keep_lease
         return lvm
+
+    def keep_lease(self) -> None:
+        """While an LVM command runs: renew the lease as it falls due, and stop the
+        command (what this raises kills it) once the lease has N or less left.
+
+        An LVM command on a loaded host or a slow path can take longer than a
+        lease; renewing only between commands would lose the lease (and have the
+        watchdog fence this host) for no fault. A frozen agent renews nothing,
+        and its watchdog fires as before."""
+        self.renew_if_due()
+        if self.lvm_budget() <= 0:
+            raise NoLeaseTime()
 
     def lvm_budget(self) -> float:
         return self.keeper.remaining() - self.n

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fenceless.config import HostConfig, VgConfig
@@ -51,6 +51,8 @@ class Lvm:
     role: Role = Role.READER
     driver_loaded: bool = True
     timeout: float = 60.0
+    # Called while a command runs (see ``Runner.run``): the agent keeps its lease there.
+    between: Callable[[], None] | None = None
     # The binary to run: the real one past this host's guard, as the caller resolved
     # it (ops.context); empty means the config's ``lvm_binary``.
     binary: str = ""
@@ -100,7 +102,8 @@ class Lvm:
             # lease that allowed it.
             return self.runner.run(argv, env=self.env(),
                                    timeout=self.timeout if timeout is None else timeout,
-                                   die_with_parent=policy.kind(command) is not policy.Kind.REPORT)
+                                   die_with_parent=policy.kind(command) is not policy.Kind.REPORT,
+                                   between=self.between)
         except CommandTimeout:
             raise
         except CommandFailed as exc:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -390,7 +391,34 @@ def _section(name: str, seqno: int | None, start: int, end: int,
     return VgSection(name=name, seqno=seqno, start=start, end=end)
 
 
+_SEEN_MAX = 2
+_seen: dict[str, VgSection] = {}
+_seen_lock = threading.Lock()
+
+
 def vg_section(text: str, *, path: str = "<text>", offset: int = 0) -> VgSection:
+    """The VG block of a metadata text and its top-level ``seqno``, scanned once per text.
+
+    After each change the writer reads the new text from the PV, files it in the
+    history (which needs the VG name), and on its next round sees the seqno move
+    and reads it again: at a thousand LVs that is 300 KB scanned three times for
+    one answer. The last texts scanned are remembered with their section (keyed
+    by the whole text, so a changed byte scans again). Errors are not
+    remembered: each caller gets one naming its own device and offset.
+    """
+    with _seen_lock:
+        known = _seen.get(text)
+    if known is not None:
+        return known
+    section = _scan_vg_section(text, path=path, offset=offset)
+    with _seen_lock:
+        _seen[text] = section
+        while len(_seen) > _SEEN_MAX:
+            del _seen[next(iter(_seen))]
+    return section
+
+
+def _scan_vg_section(text: str, *, path: str, offset: int) -> VgSection:
     """Find the VG block and its top-level ``seqno`` with a small tokenizer.
 
     Comments and quoted strings are skipped properly, so a description or

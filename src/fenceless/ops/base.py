@@ -118,8 +118,9 @@ class JournaledOp(abc.ABC):
         del intent
 
     @abc.abstractmethod
-    def execute(self, intent: Intent, timeout: float) -> None:
-        """The change itself (one LVM command), bounded by ``timeout``."""
+    def execute(self, intent: Intent) -> None:
+        """The change itself (one LVM command; the port's LVM keeps the lease while it
+        runs, and stops it if the lease runs short)."""
 
     @abc.abstractmethod
     def effect(self, intent: Intent, snap: Snapshot) -> bool | None:

@@ -204,13 +204,12 @@ class Journal:
         port = self.port
         effect = False if fresh else op.effect(intent, self.snapshot(op.lvm))
         if effect is False:
-            budget = port.lvm_budget()
-            if budget <= 0:
+            if port.lvm_budget() <= 0:
                 raise NoLeaseTime()
             port.check_leader()  # a takeover while this host was stopped ends it here
             port.check_write()
             try:
-                op.execute(intent, timeout=budget)
+                op.execute(intent)  # the port's LVM keeps the lease, or stops the command
             except CommandTimeout:
                 # Killed for running too long: it may have committed before it died.
                 if op.effect(intent, self.snapshot(op.lvm)) is not True:

@@ -76,7 +76,8 @@ class WriterPort(Protocol):
         """Raise LeaseLost unless a shared write may go out now (call right before it)."""
 
     def lvm(self, role: Role = Role.READER) -> Lvm:
-        """LVM for the VG, each command bounded by the time the lease has left."""
+        """LVM for the VG. The lease is kept while each command runs, and a command is
+        stopped (killed) once the lease has N or less left."""
 
     def lvm_budget(self) -> float:
         """Seconds an LVM change may run from now; <= 0: none may start."""

@@ -127,7 +127,7 @@ class RestoreApply(JournaledOp):
             raise HistoryChanged(seqno=self.seqno, detail="its digest differs")
         return text
 
-    def execute(self, intent: Intent, timeout: float) -> None:
+    def execute(self, intent: Intent) -> None:
         assert intent.from_seqno is not None
         text = self._target(intent)
         fd, path = tempfile.mkstemp(prefix="fenceless-restore-", suffix=".vg")
@@ -135,7 +135,7 @@ class RestoreApply(JournaledOp):
             with os.fdopen(fd, "w") as f:
                 # Keep the seqno rising: the restore becomes the planned-on seqno + 1.
                 f.write(with_seqno(text, intent.from_seqno))
-            self.lvm.run("vgcfgrestore", "--force", "--file", path, self.vg, timeout=timeout)
+            self.lvm.run("vgcfgrestore", "--force", "--file", path, self.vg)
         finally:
             os.unlink(path)
 

@@ -122,10 +122,10 @@ class CreateOp(VolumeOp):
         return self.intent(name, size_bytes=size,
                            shared_ro=bool(self.args.get("shared_ro", False)))
 
-    def execute(self, intent: Intent, timeout: float) -> None:
+    def execute(self, intent: Intent) -> None:
         assert intent.size_bytes is not None
         tags = [REQ_TAG_PREFIX + self.id] + ([SHARED_RO_TAG] if intent.shared_ro else [])
-        self.lvm.lvcreate(intent.name, intent.size_bytes, tags, timeout=timeout)
+        self.lvm.lvcreate(intent.name, intent.size_bytes, tags)
 
     def effect(self, intent: Intent, snap: Snapshot) -> bool | None:
         lv = snap.lvs.get(intent.name)
@@ -156,9 +156,9 @@ class ExtendOp(VolumeOp):
                           need=human(target - lv.size))
         return self.intent(name, uuid=lv.uuid, from_bytes=lv.size, size_bytes=target)
 
-    def execute(self, intent: Intent, timeout: float) -> None:
+    def execute(self, intent: Intent) -> None:
         assert intent.size_bytes is not None
-        self.lvm.lvextend(intent.name, intent.size_bytes, timeout=timeout)
+        self.lvm.lvextend(intent.name, intent.size_bytes)
 
     def effect(self, intent: Intent, snap: Snapshot) -> bool | None:
         lv = next((x for x in snap.lvs.values() if x.uuid == intent.uuid), None)
@@ -184,9 +184,9 @@ class RenameOp(VolumeOp):
             raise VolumeExists(name=new, vg=self.vg, size=human(snap.lvs[new].size))
         return self.intent(old, name_after=new, uuid=lv.uuid)
 
-    def execute(self, intent: Intent, timeout: float) -> None:
+    def execute(self, intent: Intent) -> None:
         assert intent.name_after is not None
-        self.lvm.lvrename(intent.name, intent.name_after, timeout=timeout)
+        self.lvm.lvrename(intent.name, intent.name_after)
 
     def touches(self, intent: Intent) -> tuple[list[str], str | None]:
         return [intent.name], intent.name_after
@@ -214,8 +214,8 @@ class RemoveOp(VolumeOp):
             raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
         return self.intent(name, uuid=lv.uuid, size_bytes=lv.size)
 
-    def execute(self, intent: Intent, timeout: float) -> None:
-        self.lvm.lvremove(intent.name, timeout=timeout)
+    def execute(self, intent: Intent) -> None:
+        self.lvm.lvremove(intent.name)
 
     def touches(self, intent: Intent) -> tuple[list[str], str | None]:
         return [intent.name], None
