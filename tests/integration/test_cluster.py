@@ -133,15 +133,23 @@ def test_status_json_shape_and_no_lvm(cluster):
 
 @pytest.mark.slow
 def test_takeover_race_exactly_one_winner_in_50_rounds(cluster):
-    lab = cluster(hosts=4, join=("h2", "h3", "h4"), io_timeout=0.1)
+    """Each round kills the writer and has the three other live hosts race for the role.
+
+    Five hosts, so that a round need not wait for the last round's killed writer: its
+    restarted agent must watch its old host lease for 14N before it may take it again
+    (no clocks are shared), and it sits out one round while it does."""
+    lab = cluster(hosts=5, join=("h2", "h3", "h4", "h5"), io_timeout=0.1)
     epoch = 1
+    restarting = "h5"  # the last round's writer, taking its host id back (h5 sits out first)
     for round_no in range(50):
-        st = wait_until(lambda: all_live(lab, "h1", lab.hosts) if round_no else
-                        all_live(lab, "h2", lab.hosts), 30, "all hosts live")
+        pool = [h for h in lab.hosts if h != restarting]
+        st = wait_until(lambda pool=pool: all_live(lab, pool[-1], pool), 30,
+                        f"{pool} live")
         writer = st["writer"]["host"]
         assert st["writer"]["epoch"] == epoch
         agent(lab, writer, "kill")
-        racers = [h for h in lab.hosts if h != writer]
+        racers = [h for h in pool if h != writer]
+        assert len(racers) == 3
         results = start_many(lab, [(h, ["writer", "takeover", "--wait", "--json"])
                                    for h in racers])
         winners = [h for h, r in zip(racers, results, strict=True) if r[0] == 0]
@@ -153,6 +161,7 @@ def test_takeover_race_exactly_one_winner_in_50_rounds(cluster):
         got = json.loads(results[racers.index(winners[0])][1])
         assert got["epoch"] == epoch and got["host"] == winners[0]
         agent(lab, writer, "start")
+        restarting = writer
         st = status(lab, winners[0])
         assert st["writer"]["host"] == winners[0] and st["ledger"]["epoch"] == epoch
 
