@@ -307,7 +307,9 @@ class MemDevice:
     def __init__(self, size: int, path: str = "<mem>") -> None:
         check_aligned(0, size)
         self._path = path
-        self.data = bytearray(size)
+        # Anonymous memory is zero until written, so a device of the full control
+        # area's size (more than 100 MiB) costs only the pages a test touches.
+        self.data = mmap.mmap(-1, size)
         self._lock = threading.Lock()
         self._released = threading.Event()
         self._released.set()

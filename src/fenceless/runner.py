@@ -235,6 +235,14 @@ def spawn_detached(
     return proc.pid
 
 
+def run_interactive(argv: Sequence[str]) -> int:
+    """A command on this terminal, such as an admin's editor; its exit code."""
+    try:
+        return subprocess.call(list(argv))
+    except FileNotFoundError:
+        return 127
+
+
 def exec_replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
     """Replace this process (``lab exec``/``lab shell``: the command owns the terminal)."""
     os.execvpe(argv[0], list(argv), dict(env))

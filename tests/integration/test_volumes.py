@@ -16,17 +16,20 @@ pytestmark = pytest.mark.lab
 MiB = 1 << 20
 
 
+def volume_lab(make_lab, hosts=3, size="1G"):
+    """A lab with agents, h1 the writer, every host joined and seen live by every host."""
+    lab = make_lab(hosts, "--agents", "--size", size)
+    lab.on("h1", "init")
+    for h in lab.hosts[1:]:
+        lab.on(h, "join")
+    for h in lab.hosts:
+        wait_until(lambda h=h: all_live(lab, h, lab.hosts), 20, f"all live from {h}")
+    return lab
+
+
 @pytest.fixture
 def vlab(make_lab):
-    def make(hosts=3, size="1G"):
-        lab = make_lab(hosts, "--agents", "--size", size)
-        lab.on("h1", "init")
-        for h in lab.hosts[1:]:
-            lab.on(h, "join")
-        for h in lab.hosts:
-            wait_until(lambda h=h: all_live(lab, h, lab.hosts), 20, f"all live from {h}")
-        return lab
-    return make
+    return lambda hosts=3, size="1G": volume_lab(make_lab, hosts, size)
 
 
 def volumes(lab, host):

@@ -129,8 +129,10 @@ def test_layout_for_sixteen_hosts() -> None:
         "mdhistory": (6 * MiB, 128 * 256 * 1024),
         "audit": (38 * MiB, MiB),
         "claims": (39 * MiB, 16 * 512 * 1024),
+        "vms": (47 * MiB, 1024 * 68 * 1024),  # 68 MiB
+        "vmstage": (115 * MiB, 16 * 68 * 1024),
     }
-    assert layout.total_size() == 47 * MiB
+    assert layout.total_size() == 117 * MiB
 
 
 @pytest.mark.parametrize("hosts", [1, 2, 16, 100, 250])

@@ -55,8 +55,38 @@ def test_version_1_json_round_trips_unchanged() -> None:
 
 
 def test_keys_of_a_newer_version_are_kept() -> None:
-    data = {**V1, "vms": {"web01": {"host": "h1"}}}
-    assert LedgerState.from_json(data).to_json()["vms"] == {"web01": {"host": "h1"}}
+    data = {**V1, "networks": {"lan": {"vlan": 7}}}
+    assert LedgerState.from_json(data).to_json()["networks"] == {"lan": {"vlan": 7}}
+
+
+VMS = {"vms": {"web01": {"slot": 3, "seq": 7, "sha": "ab" * 32,
+                         "disks": [["vda", "vm-web01", "rw"], ["vdb", "iso", "ro"]],
+                         "mem": 256, "vcpus": 2, "src": "xml", "epoch": 4, "ms": 1,
+                         "state": "running", "host": "h2"}},
+       "vm_history": [["web01", 5, 1, "cd" * 32, "edit", 3, 0]], "vm_seq": 7}
+
+
+def test_the_vm_index_reads_back_as_written() -> None:
+    state = LedgerState.from_json({**V1, **VMS})
+    web = state.vms["web01"]
+    assert (web.slot, web.seq, web.host, web.state) == (3, 7, "h2", "running")
+    assert [d.to_json() for d in web.disks] == VMS["vms"]["web01"]["disks"]
+    assert state.vm_history[0].seq == 5 and state.vm_seq == 7
+    assert {k: state.to_json()[k] for k in VMS} == VMS
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d["vms"]["web01"].update(slot="3"),
+    lambda d: d["vms"]["web01"]["disks"].append(["vdc", "x", "rwx"]),
+    lambda d: d["vms"]["web01"].update(disks="vda"),
+    lambda d: d["vm_history"].append(["web01", 1]),
+    lambda d: d.update(vm_history={}),
+])
+def test_a_damaged_vm_index_is_refused(damage) -> None:
+    data = copy.deepcopy({**V1, **VMS})
+    damage(data)
+    with pytest.raises(LedgerStateInvalid):
+        LedgerState.from_json(data)
 
 
 def test_an_empty_ledger_and_a_fresh_init() -> None:

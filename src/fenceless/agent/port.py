@@ -25,7 +25,7 @@ from fenceless.guard.role import RoleEntry
 from fenceless.guard.role import entry as role_entry
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader
-from fenceless.ledger import audit, history
+from fenceless.ledger import audit, history, vmstore
 from fenceless.ledger.claims import (
     Claim,
     HostClaims,
@@ -406,6 +406,31 @@ class AgentPort:
             raise
         except FencelessError as exc:
             self.log(f"metadata history: seqno {seqno} not recorded: {exc}")
+
+    def read_stage(self, host_id: int, name: str, sha: str) -> str:
+        area = self.keeper.area
+        assert area is not None
+        return vmstore.read_stage(area.dev, area.layout, host_id, name=name, sha=sha)
+
+    def write_definition(self, slot: int, name: str, xml: str, seq: int) -> None:
+        area = self.keeper.area
+        assert area is not None and self._epoch is not None
+        vmstore.write_definition(area.dev, area.layout, slot, name, xml, seq=seq,
+                                 epoch=self._epoch, before_write=self.check_write)
+
+    def vm_slots(self) -> int:
+        area = self.keeper.area
+        return vmstore.slot_count(area.layout) if area is not None else 0
+
+    def stage_definition(self, name: str, xml: str) -> str:
+        """Upload a definition to this host's own slot for the writer; its digest."""
+        area, lease = self.keeper.area, self.keeper.lease
+        if area is None or lease is None:
+            raise NoHostLease()
+        seq = vmstore.stage_seq(area.dev, area.layout, lease.host_id) + 1
+        vmstore.write_stage(area.dev, area.layout, lease.host_id, name, xml, seq=seq,
+                            generation=lease.generation, before_write=self.check_write)
+        return vmstore.digest(xml)
 
     def audit(self, host: str, request: RequestInfo, result: str, message: str) -> None:
         area = self.keeper.area

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "status": "cluster_cmd",
     "writer": "writer_cmd",
     "volume": "volume_cmd",
+    "vm": "vm_cmd",
     "log": "metadata_cmd", "metadata": "metadata_cmd",
     "guard": "guard_cmd",
     "scan": "cluster_cmd", "config": "cluster_cmd",

@@ -17,7 +17,11 @@ What the ledger holds, and why each part is there:
   "Crash points"): the next writer finishes or fails each one;
 - ``requests``: recorded outcomes by request id, so a retry is answered
   from the record and never applied twice;
-- ``vg_seqno``: LVM's metadata seqno after the last recorded change.
+- ``vg_seqno``: LVM's metadata seqno after the last recorded change;
+- ``vms``: the index of VM definitions: where each one's XML is in the VM
+  store (``ledger/vmstore.py``), its version, digest and disks, and where it
+  runs; ``vm_history`` says where earlier versions are (while their slots
+  last), and ``vm_seq`` numbers the versions.
 
 The JSON is exactly what format version 1 wrote. Keys this version does not
 know are kept (``extra``) and written back, so a newer writer's additions
@@ -36,8 +40,9 @@ from typing import Any
 from fenceless.errors import IntegrityError
 
 KEEP_OUTCOMES = 400  # recorded outcomes kept for de-duplication of retried ids
+KEEP_VM_VERSIONS = 256  # earlier VM definitions the index keeps track of
 _KNOWN = ("cluster", "vg", "writer", "hosts", "handover", "intents", "requests",
-          "request_counter", "vg_seqno")
+          "request_counter", "vg_seqno", "vms", "vm_history", "vm_seq")
 
 
 class LedgerStateInvalid(IntegrityError):
@@ -254,6 +259,94 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class VmDisk:
+    target: str
+    volume: str
+    mode: str  # "rw" | "ro"
+
+    def to_json(self) -> list[str]:
+        return [self.target, self.volume, self.mode]
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> VmDisk:
+        if not isinstance(data, list) or len(data) != 3 or \
+                not all(isinstance(x, str) for x in data) or data[2] not in ("rw", "ro"):
+            raise LedgerStateInvalid(where=where, detail="not [target, volume, mode]")
+        return cls(data[0], data[1], data[2])
+
+
+@dataclass(frozen=True)
+class VmEntry:
+    """One VM in the index: where its definition is, and what the writer checked of it."""
+
+    name: str
+    slot: int  # in the VM store
+    seq: int  # the definition's version (cluster-wide numbering)
+    sha: str  # SHA-256 of the XML, hex
+    disks: tuple[VmDisk, ...]
+    memory_mib: int
+    vcpus: int
+    source: str  # "xml" | "xl"
+    epoch: int  # the writer epoch that recorded this version
+    changed_ms: int  # wall clock, for humans
+    host: str | None = None  # where it runs (None: nowhere)
+    state: str = "stopped"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "slot": self.slot, "seq": self.seq, "sha": self.sha,
+            "disks": [d.to_json() for d in self.disks], "mem": self.memory_mib,
+            "vcpus": self.vcpus, "src": self.source, "epoch": self.epoch,
+            "ms": self.changed_ms, "state": self.state}
+        if self.host is not None:
+            out["host"] = self.host
+        return out
+
+    @classmethod
+    def from_json(cls, name: str, data: Any, where: str) -> VmEntry:
+        d = _obj(data, where)
+        disks = d.get("disks", [])
+        if not isinstance(disks, list):
+            raise LedgerStateInvalid(where=f"{where}.disks", detail="not a list")
+        return cls(
+            name=name, slot=_int(d.get("slot"), f"{where}.slot"),
+            seq=_int(d.get("seq"), f"{where}.seq"), sha=_str(d.get("sha"), f"{where}.sha"),
+            disks=tuple(VmDisk.from_json(x, f"{where}.disks") for x in disks),
+            memory_mib=_int(d.get("mem"), f"{where}.mem"),
+            vcpus=_int(d.get("vcpus"), f"{where}.vcpus"),
+            source=_str(d.get("src", "xml"), f"{where}.src"),
+            epoch=_int(d.get("epoch"), f"{where}.epoch"),
+            changed_ms=_int(d.get("ms", 0), f"{where}.ms"),
+            host=_opt_str(d.get("host"), f"{where}.host"),
+            state=_str(d.get("state", "stopped"), f"{where}.state"))
+
+
+@dataclass(frozen=True)
+class VmVersion:
+    """An earlier version of a definition, readable while its slot is not reused."""
+
+    name: str
+    seq: int
+    slot: int
+    sha: str
+    action: str  # what replaced it: "edit" | "undefine"
+    epoch: int
+    changed_ms: int
+
+    def to_json(self) -> list[Any]:
+        return [self.name, self.seq, self.slot, self.sha, self.action, self.epoch,
+                self.changed_ms]
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> VmVersion:
+        if not isinstance(data, list) or len(data) != 7:
+            raise LedgerStateInvalid(where=where, detail="not a VM version")
+        name, seq, slot, sha, action, epoch, ms = data
+        return cls(_str(name, where), _int(seq, where), _int(slot, where), _str(sha, where),
+                   _str(action, where), _int(epoch, where), _int(ms, where))
+
+
+@dataclass(frozen=True)
 class LedgerState:
     cluster: str = ""
     vg: str = ""
@@ -265,6 +358,9 @@ class LedgerState:
     requests: Mapping[str, Outcome] = field(default_factory=dict)
     request_counter: int = 0
     vg_seqno: int | None = None
+    vms: Mapping[str, VmEntry] = field(default_factory=dict)
+    vm_history: tuple[VmVersion, ...] = ()
+    vm_seq: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys of a newer version
 
     # --- reading ------------------------------------------------------------------
@@ -336,6 +432,10 @@ class LedgerState:
             out["request_counter"] = self.request_counter
         if self.vg_seqno is not None:
             out["vg_seqno"] = self.vg_seqno
+        if self.vms or self.vm_history or self.vm_seq:
+            out["vms"] = {k: v.to_json() for k, v in sorted(self.vms.items())}
+            out["vm_history"] = [v.to_json() for v in self.vm_history]
+            out["vm_seq"] = self.vm_seq
         return out
 
     @classmethod
@@ -355,6 +455,11 @@ class LedgerState:
                 unreadable[rid] = value
         requests = {rid: Outcome.from_json(v, f"requests.{rid}")
                     for rid, v in _obj(d.get("requests", {}), "requests").items()}
+        vms = {name: VmEntry.from_json(name, v, f"vms.{name}")
+               for name, v in _obj(d.get("vms", {}), "vms").items()}
+        history = d.get("vm_history", [])
+        if not isinstance(history, list):
+            raise LedgerStateInvalid(where="vm_history", detail="not a list")
         return cls(
             cluster=_str(d.get("cluster", ""), "cluster"), vg=_str(d.get("vg", ""), "vg"),
             writer=WriterInfo.from_json(d["writer"]) if d.get("writer") is not None else None,
@@ -363,6 +468,9 @@ class LedgerState:
             intents=intents, unreadable=unreadable, requests=requests,
             request_counter=_int(d.get("request_counter", 0), "request_counter"),
             vg_seqno=_opt_int(d.get("vg_seqno"), "vg_seqno"),
+            vms=vms,
+            vm_history=tuple(VmVersion.from_json(v, "vm_history") for v in history),
+            vm_seq=_int(d.get("vm_seq", 0), "vm_seq"),
             extra={k: v for k, v in d.items() if k not in _KNOWN})
 
 

@@ -34,6 +34,10 @@ MDHISTORY_SLOT_SIZE = 256 * KiB  # ~2.5 MB of LVM text (~6000 LVs) at zlib's ~10
 AUDIT_SIZE = MiB  # 256 one-sector records
 # Per host: the LVs it has mapped, ~250 bytes of JSON each at most: 2000 LVs fit.
 CLAIMS_SLOT_SIZE = 512 * KiB
+# VM definitions (ledger/vmstore.py): 64 KiB of XML and a header per slot; 1024 slots
+# hold 500 VMs and at least as many earlier versions. One upload slot per host.
+VM_SLOT_SIZE = 68 * KiB
+VM_SLOTS = 1024
 MAX_HOSTS_LIMIT = 250  # the host area must fit its 1 MiB alignment unit
 
 REQUIRED_REGIONS = ("superblock", "hosts", "writer", "ledger_a", "ledger_b")
@@ -75,6 +79,7 @@ class Layout:
         claims_slot_size: int = CLAIMS_SLOT_SIZE,
         mdhistory_slot_size: int = MDHISTORY_SLOT_SIZE,
         audit_size: int = AUDIT_SIZE,
+        vm_slots: int = VM_SLOTS,
     ) -> Layout:
         """Lay regions out in order, each starting on a 1 MiB boundary."""
         if not 1 <= max_hosts <= MAX_HOSTS_LIMIT:
@@ -97,6 +102,8 @@ class Layout:
             ("mdhistory", MDHISTORY_ENTRIES * mdhistory_slot_size),
             ("audit", audit_size),
             ("claims", max_hosts * claims_slot_size),
+            ("vms", vm_slots * VM_SLOT_SIZE),
+            ("vmstage", max_hosts * VM_SLOT_SIZE),
         ]
         regions = []
         offset = 0

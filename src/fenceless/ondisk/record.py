@@ -41,6 +41,8 @@ KIND_AUDIT = 9
 KIND_INBOX = 10
 KIND_OUTBOX = 11
 KIND_CLAIMS = 12
+KIND_VMDEF = 13
+KIND_VMSTAGE = 14
 
 MAGICS: dict[int, bytes] = {
     KIND_SUPERBLOCK: b"FLSB",
@@ -55,6 +57,8 @@ MAGICS: dict[int, bytes] = {
     KIND_INBOX: b"FLIB",
     KIND_OUTBOX: b"FLOB",
     KIND_CLAIMS: b"FLCL",
+    KIND_VMDEF: b"FLVD",
+    KIND_VMSTAGE: b"FLVS",
 }
 KIND_NAMES = {
     KIND_SUPERBLOCK: "superblock",
@@ -69,6 +73,8 @@ KIND_NAMES = {
     KIND_INBOX: "mailbox inbox",
     KIND_OUTBOX: "mailbox outbox",
     KIND_CLAIMS: "claims",
+    KIND_VMDEF: "VM definition",
+    KIND_VMSTAGE: "VM definition upload",
 }
 _KIND_BY_MAGIC = {m: k for k, m in MAGICS.items()}
 

@@ -33,9 +33,9 @@ from fenceless.errors import (
 )
 from fenceless.faults import crashpoint
 from fenceless.ledger.claims import HostClaims
-from fenceless.ledger.state import Intent, Outcome, RequestInfo
+from fenceless.ledger.state import Intent, LedgerState, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm, Role
-from fenceless.ops import restore, volume
+from fenceless.ops import restore, vm, volume
 from fenceless.ops.base import JournaledOp, Snapshot
 from fenceless.ops.claims import claims
 from fenceless.ops.port import WriterPort
@@ -119,7 +119,8 @@ class Journal:
     def make(self, req: RequestInfo, lvm: Lvm) -> JournaledOp:
         if req.op == restore.RestoreApply.op:
             return restore.RestoreApply.make(req, lvm, self.claims, self.port)
-        return volume.make(req, lvm, self.claims)
+        return volume.make(req, lvm, self.claims,
+                           lambda name: vm.users_of(name, self.port.ledger().vms))
 
     # --- one request ------------------------------------------------------------------
 
@@ -142,6 +143,8 @@ class Journal:
             reused = ReusedRequestId(id=req.id, op=done.op, args=dict(done.args))
             port.audit(host, req, "refused", str(reused))
             return refused(req, reused, epoch)
+        if req.op in vm.VM_OPS:
+            return self.vm_change(host, req, state)
         journaled = state.intents.get(req.id)
         if journaled is not None:
             # Journaled by this writer before it lost and took back its role at the same
@@ -163,6 +166,26 @@ class Journal:
         except UserError as exc:
             return self.refuse_journaled(op, intent, exc)
         return self.finish(op, intent, fresh=True)
+
+    def vm_change(self, host: str, req: RequestInfo, state: LedgerState) -> Outcome:
+        """A VM definition change: the slot, then one ledger write with its outcome (no
+        intent: nothing names the slot until that write, ``ops/vm.py``)."""
+        port = self.port
+        epoch = port.epoch or 0
+        lvm = port.lvm(Role.WRITER)
+        store = vm.VmStorePort(port.read_stage, port.write_definition, port.vm_slots(),
+                               lambda: set(self.snapshot(lvm).lvs))
+        try:
+            new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store)
+        except UserError as exc:
+            port.log(f"refused {req.op} {dict(req.args)} from {host}: {exc}")
+            port.audit(host, req, "refused", str(exc))
+            return refused(req, exc, epoch)
+        outcome = vm.outcome(req, result, epoch)
+        port.write_ledger(new.with_outcome(req.id, outcome))
+        port.log(f"{req.op} {result['name']!r} for {host}: done")
+        port.audit(host, req, "ok", "")
+        return outcome
 
     def refuse_journaled(self, op: JournaledOp, intent: Intent, exc: UserError) -> Outcome:
         """A journaled intent whose prerequisites no longer hold: recorded as refused."""

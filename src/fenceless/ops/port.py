@@ -94,6 +94,15 @@ class WriterPort(Protocol):
     def audit(self, host: str, request: RequestInfo, result: str, message: str) -> None:
         """One record in the audit log on the LUN (best effort)."""
 
+    def read_stage(self, host_id: int, name: str, sha: str) -> str:
+        """The VM definition host ``host_id`` uploaded for a request (``ledger/vmstore.py``)."""
+
+    def write_definition(self, slot: int, name: str, xml: str, seq: int) -> None:
+        """Version ``seq`` of VM ``name`` into a free slot of the VM store."""
+
+    def vm_slots(self) -> int:
+        """How many slots the VM store has (0: a cluster made before VMs)."""
+
     def note_metadata_change(self, request_id: str, seqno: int) -> None:
         """Keep the VG metadata text after a change in the history ring (best effort)."""
 

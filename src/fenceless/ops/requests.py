@@ -87,6 +87,24 @@ def volume_request(op: str, name: str, *, size: str | None = None, new_name: str
             "user": user(), "argv": argv}
 
 
+def vm_request(op: str, name: str, *, xml: str | None = None, replace: bool = False,
+               source: str = "xml", rid: str | None = None,
+               user: Callable[[], str] = current_user,
+               new_id: Callable[[], str] = new_request_id) -> dict[str, Any]:
+    """The request for one VM definition change (``op``: vm-define or vm-undefine).
+
+    ``xml`` travels to the local agent only: it uploads it to this host's slot on
+    the LUN and sends the writer its digest (``agent/vg.py``, ``stage_vm``).
+    """
+    args: dict[str, Any] = {"name": name}
+    argv = ["fenceless", "vm", "undefine" if op == "vm-undefine" else
+            ("edit" if replace else "import" if source == "xl" else "define"), name]
+    if op == "vm-define":
+        args.update(xml=xml, replace=replace, source=source)
+    return {"id": request_id(rid) if rid else new_id(), "op": op, "args": args,
+            "user": user(), "argv": argv}
+
+
 def _required(value: str | None, what: str) -> str:
     """A value an operation cannot do without (the CLI's parser already insists on it)."""
     if value is None:

@@ -9,7 +9,7 @@ journaled intent whose outcome was never recorded, whether it happened.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fenceless.errors import NotFound, UserError
@@ -44,6 +44,11 @@ class NotShrink(UserError):
 
 class BadRequestField(UserError):
     """request field {key!r} must be {expected}"""
+
+
+class VolumeOfVm(UserError):
+    """Refused: volume {name!r} is a disk of VM {vms}; change or undefine the VM's \
+definition first (`fenceless vm edit`, `fenceless vm undefine`). Nothing was changed"""
 
 
 class ControlLvRefused(UserError):
@@ -102,6 +107,13 @@ class VolumeOp(JournaledOp):
             self._busy(intent.name)
 
     takes_away = False  # the change removes or renames a volume a host may have mapped
+    # The VMs whose definitions name a volume (the writer's ledger; none by default).
+    vm_users: Callable[[str], list[str]] = staticmethod(lambda _name: [])
+
+    def _not_a_vm_disk(self, name: str) -> None:
+        users = self.vm_users(name)
+        if users:
+            raise VolumeOfVm(name=name, vms=", ".join(users))
 
 
 class CreateOp(VolumeOp):
@@ -180,6 +192,7 @@ class RenameOp(VolumeOp):
         lv = snap.lvs.get(old)
         if lv is None:
             raise NotFound(kind="volume", name=old, where=f" in VG {self.vg}")
+        self._not_a_vm_disk(old)
         if new in snap.lvs:
             raise VolumeExists(name=new, vg=self.vg, size=human(snap.lvs[new].size))
         return self.intent(old, name_after=new, uuid=lv.uuid)
@@ -212,6 +225,7 @@ class RemoveOp(VolumeOp):
         lv = snap.lvs.get(name)
         if lv is None:
             raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
+        self._not_a_vm_disk(name)
         return self.intent(name, uuid=lv.uuid, size_bytes=lv.size)
 
     def execute(self, intent: Intent) -> None:
@@ -231,12 +245,15 @@ class RemoveOp(VolumeOp):
 OPS: dict[str, type[VolumeOp]] = {c.op: c for c in (CreateOp, ExtendOp, RenameOp, RemoveOp)}
 
 
-def make(request: RequestInfo, lvm: Lvm, claims: Claims) -> VolumeOp:
+def make(request: RequestInfo, lvm: Lvm, claims: Claims,
+         vm_users: Callable[[str], list[str]] | None = None) -> VolumeOp:
     """The operation a request asks for, its arguments checked (UserError if they are bad)."""
     cls = OPS.get(request.op)
     if cls is None:
         raise UnknownVolumeOp(op=request.op)
     vop = cls(request, lvm, claims)
+    if vm_users is not None:
+        vop.vm_users = vm_users
     vop.check_args()
     return vop
 

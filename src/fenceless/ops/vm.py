@@ -1,0 +1,173 @@
+"""VM definitions, on the writer: define, edit and undefine, as one ledger write each.
+
+A definition change needs no journaled intent: the new version is written to
+a slot nothing names yet (``ledger/vmstore.py``), and the one ledger write
+that names it also records the request's outcome. A writer that dies before
+that write leaves an unused slot and an unanswered request, which the next
+writer runs again from the start (the upload is still in the requester's
+slot), so a change is done once or not at all.
+
+Checks, on the writer, on what it reads itself (a requester's checks are a
+courtesy; the disk is untrusted):
+
+- the XML parses, and names the VM the request names;
+- each disk is a volume of the VG, now;
+- no volume is the read-write disk of two VMs, or read-write in one and
+  read-only in another (read-only sharing is fine);
+- ``define`` needs a free name, ``edit`` an existing VM; ``undefine`` an
+  existing, stopped VM.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from fenceless.errors import UserError
+from fenceless.hv.domain import BadDefinition, DomainSpec, parse_domain_xml, vm_name
+from fenceless.ledger import vmstore
+from fenceless.ledger.state import (
+    LedgerState,
+    Outcome,
+    RequestInfo,
+    VmDisk,
+    VmEntry,
+    VmVersion,
+)
+
+VM_OPS = ("vm-define", "vm-undefine")
+SOURCES = ("xml", "xl")
+
+
+class VmExists(UserError):
+    """Refused: a VM named {name} is defined already (use `fenceless vm edit {name}` to \
+change it); nothing was changed"""
+
+
+class NoSuchVm(UserError):
+    """Refused: no VM named {name} is defined; nothing was changed"""
+
+
+class MissingVolume(UserError):
+    """Refused: VM {name}'s disk {target} names volume {volume}, which VG {vg} does not \
+have (create it with `fenceless volume create {volume} SIZE`); nothing was changed"""
+
+
+class DiskTaken(UserError):
+    """Refused: volume {volume} is {theirs} disk of VM {other}; VM {name} cannot have it \
+{ours} (only read-only disks are shared); nothing was changed"""
+
+
+class VmNotStopped(UserError):
+    """Refused: VM {name} is {state} on {host}; stop it first (`fenceless vm stop {name}`); \
+nothing was changed"""
+
+
+class VmNameMismatch(UserError):
+    """Refused: the definition names VM {found}, not {name}; nothing was changed"""
+
+
+def check_disks(spec: DomainSpec, vg: str, volumes: set[str],
+                vms: Mapping[str, VmEntry]) -> None:
+    """Every disk a volume of the VG; no read-write disk shared with another VM."""
+    for disk in spec.disks:
+        if disk.volume not in volumes:
+            raise MissingVolume(name=spec.name, target=disk.target, volume=disk.volume, vg=vg)
+        for other in vms.values():
+            if other.name == spec.name:
+                continue
+            for theirs in other.disks:
+                if theirs.volume == disk.volume and "rw" in (theirs.mode, disk.mode):
+                    raise DiskTaken(volume=disk.volume, other=other.name, name=spec.name,
+                                    theirs="the read-write" if theirs.mode == "rw"
+                                    else "a read-only",
+                                    ours="read-write" if disk.mode == "rw" else "read-only")
+
+
+def users_of(volume: str, vms: Mapping[str, VmEntry]) -> list[str]:
+    """The VMs whose definition has ``volume`` as a disk."""
+    return sorted(v.name for v in vms.values() if any(d.volume == volume for d in v.disks))
+
+
+class VmStorePort:
+    """What a definition change needs of the writer, besides the ledger: kept apart so
+    the change runs in unit tests over a memory device."""
+
+    def __init__(self, read_stage: Callable[[int, str, str], str],
+                 write_definition: Callable[[int, str, str, int], None],
+                 slots: int, volumes: Callable[[], set[str]]) -> None:
+        self.read_stage = read_stage
+        self.write_definition = write_definition
+        self.slots = slots
+        self.volumes = volumes
+
+
+def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: str,
+          epoch: int, store: VmStorePort, *, now_ms: Callable[[], int] | None = None
+          ) -> tuple[LedgerState, dict[str, Any]]:
+    """The state after one definition change (slot written already), and its result.
+
+    Raises a UserError for a refusal; nothing was written then.
+    """
+    wall = now_ms or (lambda: int(time.time() * 1000))
+    args = req.args
+    name = vm_name(str(args.get("name", "")))
+    current = state.vms.get(name)
+    if req.op == "vm-undefine":
+        if current is None:
+            raise NoSuchVm(name=name)
+        if current.state != "stopped":
+            raise VmNotStopped(name=name, state=current.state, host=current.host or "?")
+        vms = {k: v for k, v in state.vms.items() if k != name}
+        history = _pushed(state.vm_history, current, "undefine", epoch, wall())
+        return replace(state, vms=vms, vm_history=history), {
+            "name": name, "undefined": True, "version": current.seq, "epoch": epoch}
+    replacing = bool(args.get("replace"))
+    if replacing and current is None:
+        raise NoSuchVm(name=name)
+    if not replacing and current is not None:
+        raise VmExists(name=name)
+    source = str(args.get("source", "xml"))
+    if source not in SOURCES:
+        raise BadDefinition(source=f"of VM {name}", detail=f"unknown source {source!r}")
+    if requester_id is None:
+        raise BadDefinition(source=f"of VM {name}", detail="its requester is not a member")
+    sha = str(args.get("sha", ""))
+    xml = store.read_stage(requester_id, name, sha)
+    spec = parse_domain_xml(xml, vg, source=f"of VM {name}")
+    if spec.name != name:
+        raise VmNameMismatch(found=spec.name, name=name)
+    check_disks(spec, vg, store.volumes(), state.vms)
+    used = [v.slot for v in state.vms.values()]
+    slot, dropped = vmstore.free_slot(used, [h.slot for h in state.vm_history], store.slots)
+    history = tuple(h for h in state.vm_history if h.slot != slot) if dropped \
+        else state.vm_history
+    seq = state.vm_seq + 1
+    store.write_definition(slot, name, xml, seq)
+    entry = VmEntry(
+        name=name, slot=slot, seq=seq, sha=sha,
+        disks=tuple(VmDisk(d.target, d.volume, d.mode) for d in spec.disks),
+        memory_mib=spec.memory_mib, vcpus=spec.vcpus, source=source, epoch=epoch,
+        changed_ms=wall(),
+        host=current.host if current else None,
+        state=current.state if current else "stopped")
+    if current is not None:
+        history = _pushed(history, current, "edit", epoch, wall())
+    new = replace(state, vms={**state.vms, name: entry}, vm_history=history, vm_seq=seq)
+    return new, {"name": name, "version": seq, "slot": slot, "epoch": epoch,
+                 "disks": [d.to_json() for d in entry.disks], "edited": replacing}
+
+
+def _pushed(history: tuple[VmVersion, ...], old: VmEntry, action: str, epoch: int,
+            ms: int) -> tuple[VmVersion, ...]:
+    """The history with ``old`` as the newest earlier version, at most KEEP_VERSIONS."""
+    from fenceless.ledger.state import KEEP_VM_VERSIONS
+
+    item = VmVersion(old.name, old.seq, old.slot, old.sha, action, epoch, ms)
+    return (*history, item)[-KEEP_VM_VERSIONS:]
+
+
+def outcome(req: RequestInfo, result: dict[str, Any], epoch: int) -> Outcome:
+    return Outcome("ok", req.op, req.args, epoch, result=result)

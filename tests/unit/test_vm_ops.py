@@ -1,0 +1,140 @@
+"""Definition changes on the writer (ops/vm.apply): checks, slots, versions, history."""
+
+from __future__ import annotations
+
+import pytest
+
+from fenceless.hv.domain import BadDefinition
+from fenceless.ledger import vmstore
+from fenceless.ledger.state import LedgerState, RequestInfo
+from fenceless.ops import vm
+from tests.unit.test_domain import WEB
+
+VG = "sanvg"
+
+
+class Store(vm.VmStorePort):
+    """Uploads and slots in dicts; the volumes the VG has."""
+
+    def __init__(self, slots: int = 8) -> None:
+        self.uploads: dict[int, tuple[str, str]] = {}
+        self.written: dict[int, tuple[str, str, int]] = {}
+        self.lvs = {"vm-web01", "debian-12-iso", "vm-db01"}
+        super().__init__(self.stage, self.write, slots, lambda: set(self.lvs))
+
+    def stage(self, host_id: int, name: str, sha: str) -> str:
+        got = self.uploads.get(host_id)
+        if got is None or got[0] != name or vmstore.digest(got[1]) != sha:
+            raise vmstore.StageMismatch(host_id=host_id, name=name, detail="test")
+        return got[1]
+
+    def write(self, slot: int, name: str, xml: str, seq: int) -> None:
+        self.written[slot] = (name, xml, seq)
+
+    def upload(self, host_id: int, xml: str, name: str = "web01") -> str:
+        self.uploads[host_id] = (name, xml)
+        return vmstore.digest(xml)
+
+
+def define(state, store, xml=WEB, *, name="web01", replace=False, host_id=2):
+    sha = store.upload(host_id, xml, name)
+    req = RequestInfo("r1", "vm-define", {"name": name, "sha": sha, "replace": replace,
+                                          "source": "xml"})
+    return vm.apply(state, req, host_id, VG, 7, store, now_ms=lambda: 1000)
+
+
+def test_define_writes_a_slot_and_indexes_it():
+    store = Store()
+    state, result = define(LedgerState(), store)
+    web = state.vms["web01"]
+    assert (web.slot, web.seq, web.epoch, web.state, web.host) == (0, 1, 7, "stopped", None)
+    assert [d.to_json() for d in web.disks] == [["vda", "vm-web01", "rw"],
+                                                ["vdb", "debian-12-iso", "ro"]]
+    assert store.written[0] == ("web01", WEB, 1)
+    assert result["version"] == 1 and state.vm_seq == 1
+
+
+def test_an_edit_takes_a_new_slot_and_keeps_the_earlier_version():
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    edited = WEB.replace("<vcpu>2</vcpu>", "<vcpu>4</vcpu>")
+    state, result = define(state, store, edited, replace=True)
+    web = state.vms["web01"]
+    assert (web.slot, web.seq, web.vcpus) == (1, 2, 4) and result["edited"]
+    assert [(h.seq, h.slot, h.action) for h in state.vm_history] == [(1, 0, "edit")]
+
+
+def test_slots_of_earlier_versions_are_reused_oldest_first_when_none_is_free():
+    store = Store(slots=2)
+    state, _ = define(LedgerState(), store)
+    for vcpus in (3, 4):
+        state, _ = define(state, store, WEB.replace("<vcpu>2", f"<vcpu>{vcpus}"),
+                          replace=True)
+    assert state.vms["web01"].slot == 0 and state.vms["web01"].seq == 3
+    assert [(h.seq, h.slot) for h in state.vm_history] == [(2, 1)]
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    ({"name": "web02"}, vm.VmNameMismatch, "names VM web01, not web02"),
+    ({"replace": True}, vm.NoSuchVm, "no VM named web01"),
+    ({"xml": WEB.replace("vm-web01", "gone")}, vm.MissingVolume,
+     "volume gone, which VG sanvg does not have"),
+    ({"xml": "<domain>"}, BadDefinition, "malformed"),
+])
+def test_a_refused_define_writes_nothing(kw, error, match):
+    store = Store()
+    with pytest.raises(error, match=match):
+        define(LedgerState(), store, **kw)
+    assert store.written == {}
+
+
+def test_a_taken_name_is_refused():
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    with pytest.raises(vm.VmExists, match="vm edit web01"):
+        define(state, store)
+
+
+def test_an_upload_that_is_not_the_requested_one_is_refused():
+    store = Store()
+    req = RequestInfo("r1", "vm-define", {"name": "web01", "sha": "0" * 64})
+    store.upload(2, WEB)
+    with pytest.raises(vmstore.StageMismatch):
+        vm.apply(LedgerState(), req, 2, VG, 7, store)
+
+
+DB = WEB.replace("web01</name>", "db01</name>")
+
+
+@pytest.mark.parametrize("change,ok", [
+    (("vm-web01", "vm-db01"), True),  # its own disk
+    (("/dev/sanvg/vm-db01'/>", "/dev/sanvg/vm-web01'/>"), False),  # web01's rw disk
+])
+def test_a_read_write_disk_belongs_to_one_vm_and_read_only_ones_are_shared(change, ok):
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    db = DB.replace("/dev/sanvg/vm-web01'/>", "/dev/sanvg/vm-db01'/>")
+    if not ok:
+        db = db.replace(*change)
+    if ok:
+        state, _ = define(state, store, db, name="db01")  # shares debian-12-iso read-only
+        assert vm.users_of("debian-12-iso", state.vms) == ["db01", "web01"]
+    else:
+        with pytest.raises(vm.DiskTaken, match="read-write disk of VM web01"):
+            define(state, store, db, name="db01")
+
+
+def test_undefine_keeps_the_last_version_in_the_history_and_refuses_a_running_vm():
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    running = state.vms["web01"].__class__(**{**state.vms["web01"].__dict__,
+                                              "state": "running", "host": "h2"})
+    busy = LedgerState(vms={"web01": running})
+    req = RequestInfo("r2", "vm-undefine", {"name": "web01"})
+    with pytest.raises(vm.VmNotStopped, match="running on h2"):
+        vm.apply(busy, req, 2, VG, 7, store)
+    state, result = vm.apply(state, req, 2, VG, 7, store)
+    assert state.vms == {} and result["undefined"]
+    assert [(h.name, h.action) for h in state.vm_history] == [("web01", "undefine")]
+    with pytest.raises(vm.NoSuchVm):
+        vm.apply(state, req, 2, VG, 7, store)
