@@ -107,3 +107,17 @@ def test_results_and_a_missing_agent(state_dir: str) -> None:
     with tempfile.TemporaryDirectory(prefix="fl-ipc-") as empty, \
             pytest.raises(AgentUnavailable):
         call(empty, {"op": "x"}, timeout=5)
+
+
+def test_a_message_over_the_limit_is_refused_in_either_direction(state_dir: str) -> None:
+    from fenceless.agent.ipc import MAX_MESSAGE, MessageTooLarge
+
+    import json
+
+    request = {"op": "x", "pad": ""}
+    request["pad"] = "x" * (MAX_MESSAGE - len(json.dumps(request)))  # exactly the limit
+    with pytest.raises(MessageTooLarge, match="over 1048576 bytes \\(the reply\\)"):
+        call(state_dir, request, timeout=5)  # echoed back, with the reply's wrapping
+    # the agent refuses a request that large the same way, by name
+    with pytest.raises(MessageTooLarge, match="a request"):
+        call(state_dir, {"op": "x", "pad": "x" * (MAX_MESSAGE + 1)}, timeout=5)

@@ -30,11 +30,16 @@ class AgentUnavailable(UserError):
 (or `systemctl start fenceless-agent`; in the lab, `fenceless lab agent --dir DIR HOST start`)"""
 
 
+class MessageTooLarge(UserError):
+    """A message on the agent's socket {path} is over {limit} bytes ({what}); nothing of it \
+was used"""
+
+
 def socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, "agent.sock")
 
 
-def _recv_all(conn: socket.socket) -> bytes:
+def _recv_all(conn: socket.socket, path: str, what: str) -> bytes:
     chunks = []
     total = 0
     while True:
@@ -44,7 +49,7 @@ def _recv_all(conn: socket.socket) -> bytes:
         chunks.append(chunk)
         total += len(chunk)
         if total > MAX_MESSAGE:
-            raise ValueError("message too large")
+            raise MessageTooLarge(path=path, limit=MAX_MESSAGE, what=what)
     return b"".join(chunks)
 
 
@@ -61,7 +66,7 @@ def call(state_dir: str, request: dict[str, Any], timeout: float) -> dict[str, A
         sock.sendall(json.dumps(request).encode())
         sock.shutdown(socket.SHUT_WR)
         try:
-            raw = _recv_all(sock)
+            raw = _recv_all(sock, path, "the reply")
         except TimeoutError as exc:
             raise AgentUnavailable(path=path, reason=f"no reply within {timeout:.1f}s") from exc
     finally:
@@ -125,7 +130,7 @@ class Server:
         with conn:
             try:
                 conn.settimeout(5.0)
-                request = json.loads(_recv_all(conn))
+                request = json.loads(_recv_all(conn, self.path, "a request"))
                 if not isinstance(request, dict):
                     raise ValueError("request is not an object")
                 conn.settimeout(None)

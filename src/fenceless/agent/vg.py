@@ -46,7 +46,7 @@ from fenceless.ops.restore import RestoreOp
 from fenceless.ops.writer import (
     SCRUB_EVERY,
     Takeover,
-    TakeoverRefused,
+    TakeoverGaveUp,
     become_writer,
     hand_over,
     request_handover,
@@ -279,7 +279,7 @@ class VgAgent:
                     keep.append(item)
                     continue
                 waiting = item.op.waiting_for if isinstance(item.op, Takeover) else ""
-                item.error = TakeoverRefused(detail="gave up waiting: " + waiting)
+                item.error = TakeoverGaveUp(waiting=waiting)
             item.result = result
             item.done.set()
         self.waiting = keep

@@ -31,7 +31,25 @@ SCRUB_EVERY = 10  # the writer re-reads the whole ledger every this many renewal
 
 
 class TakeoverRefused(UserError):
-    """Refused: {detail}"""
+    """Refused: the takeover did not happen"""
+
+
+class TakeoverLost(TakeoverRefused):
+    """Refused: {owner} won the writer lease at epoch {epoch} first"""
+
+
+class WriterAlive(TakeoverRefused):
+    """Refused: the writer {owner} (host id {host_id}, epoch {epoch}) is alive: its host \
+lease is renewing. Takeover is for a dead writer; for a planned move run \
+`fenceless writer handover HOST`."""
+
+
+class TakeoverGaveUp(TakeoverRefused):
+    """Refused: gave up waiting: {waiting}"""
+
+
+class WriterLeaseTaken(TakeoverRefused):
+    """Refused: the writer lease is {outcome} (held by {owner} at epoch {epoch})"""
 
 
 class NotAHost(UserError):
@@ -136,16 +154,13 @@ class Takeover:
         if self.seen_epoch is None:
             self.seen_epoch = leader.lver if leader is not None else 0
         elif leader is not None and leader.lver > self.seen_epoch and not leader.free:
-            raise TakeoverRefused(detail=f"{leader.owner_name} won the writer lease at epoch "
-                                  f"{leader.lver} first")
+            raise TakeoverLost(owner=leader.owner_name, epoch=leader.lver)
         if leader is not None and not leader.free and \
                 not port.owner_gone(leader.owner_id, leader.owner_generation):
             state = port.host_state(leader.owner_id)
             if state is HostState.LIVE and not self.wait:
-                raise TakeoverRefused(detail=(
-                    f"the writer {leader.owner_name} (host id {leader.owner_id}, epoch "
-                    f"{leader.lver}) is alive: its host lease is renewing. Takeover is for a "
-                    "dead writer; for a planned move run `fenceless writer handover HOST`."))
+                raise WriterAlive(owner=leader.owner_name, host_id=leader.owner_id,
+                                  epoch=leader.lver)
             self.waiting_for = (f"the writer {leader.owner_name}'s host lease is "
                                 f"{state.value}, not yet dead")
             return None
@@ -154,10 +169,8 @@ class Takeover:
             return {"outcome": "won", "epoch": result.epoch, "host": port.host}
         owner = port.host_name(result.owner_id)
         if result.outcome in (Outcome.LOST, Outcome.BUSY) and result.epoch > self.seen_epoch:
-            raise TakeoverRefused(detail=f"{owner} won the writer lease at epoch "
-                                  f"{result.epoch} first")
-        raise TakeoverRefused(detail=f"the writer lease is {result.outcome.value} (held by "
-                              f"{owner} at epoch {result.epoch})")
+            raise TakeoverLost(owner=owner, epoch=result.epoch)
+        raise WriterLeaseTaken(outcome=result.outcome.value, owner=owner, epoch=result.epoch)
 
 
 def request_handover(port: RolePort, to: str) -> dict[str, Any]:
