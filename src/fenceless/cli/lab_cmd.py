@@ -47,6 +47,8 @@ def register(sub: Subparsers, name: str) -> None:
     sp.add_argument("--agents", action="store_true", help="start one agent per host")
     sp.add_argument("--auto-takeover", action="store_true",
                     help="with --agents: agents take over a dead writer by themselves")
+    sp.add_argument("--libvirt", action="store_true",
+                    help="start each host's own libvirtd (and virtlogd) in its namespace")
     sp = command(lsub, "down", "lab down", "stop every lab process and detach every loop device")
     sp.add_argument("--dir", required=True)
     sp.add_argument("--force", action="store_true",
@@ -142,6 +144,9 @@ def _up(args: argparse.Namespace, cluster: Any, runner: Runner) -> None:
         for h in state["hosts"]:
             h["agent_pid"] = _daemons().start_agent(
                 args.dir, h["name"], ["--auto-takeover"] if args.auto_takeover else [])
+    if args.libvirt:
+        for h in state["hosts"]:
+            h["libvirt_uri"] = cluster.start_libvirt(args.dir, h["name"], runner)
     emit(args, state, _up_text)
 
 

@@ -35,7 +35,7 @@ from fenceless import config as cfgmod
 from fenceless.cgroup import WorkGroup, cgroup2_root
 from fenceless.errors import LabError, UsageError
 from fenceless.faults import crashpoint
-from fenceless.lab import loopdev
+from fenceless.lab import libvirt, loopdev
 from fenceless.runner import Runner, exec_replace, spawn_detached
 from fenceless.validate import human
 
@@ -47,7 +47,8 @@ FORMAT = 1
 
 # Paths that are per host inside a lab host's mount namespace, and the
 # folder under DIR/hosts/NAME that backs each.
-NS_BINDS = (("lvm", "/etc/lvm"), ("run-lvm", "/run/lvm"), ("lock", "/run/lock/lvm"))
+NS_BINDS = (("lvm", "/etc/lvm"), ("run-lvm", "/run/lvm"), ("lock", "/run/lock/lvm"),
+            *libvirt.LIBVIRT_BINDS)
 # Machine paths that a lab host may change in its own view only: an overlay
 # whose upper and work dirs are DIR/hosts/NAME/SUB/{upper,work}. The guard
 # (dpkg-divert) moves the lvm binary from /usr/sbin to /usr/libexec/fenceless and
@@ -241,7 +242,8 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
     for i in range(1, hosts + 1):
         name = f"h{i}"
         hdir = host_dir(d, name)
-        for sub in ("lvm/backup", "lvm/archive", "lock", "run-lvm", "state", "run"):
+        for sub in ("lvm/backup", "lvm/archive", "lock", "run-lvm", "state", "run",
+                    *(b[0] for b in libvirt.LIBVIRT_BINDS)):
             (hdir / sub).mkdir(parents=True, exist_ok=True)
         entry: dict[str, Any] = {"name": name, "loops": {}, "holder_pid": None,
                                  "config": str(hdir / "fenceless.toml")}
@@ -258,6 +260,7 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
             vgs=tuple(cfgmod.VgConfig(vg, (dev,)) for vg, dev in entry["loops"].items()),
             lvm_system_dir=str(hdir / "lvm"), activation="lab",
             cgroup=f"{LAB_CGROUP}/{_lab_id(d)}/{name}", watchdog_device="none",
+            hypervisor_uri=libvirt.uri(hdir),
         )
         Path(entry["config"]).write_text(cfgmod.render(host_cfg))
         entry["holder_pid"] = _start_holder(d, hdir, name, runner)
@@ -455,7 +458,8 @@ def down(path: str, *, runner: Runner, force: bool = False) -> dict[str, Any]:
         state = None
     images = set((state or {}).get("luns", {}).values())
     images |= {os.path.realpath(p) for p in (d / "luns").glob("*.img")}
-    stopped = _stop_processes(d, state)
+    guests = _stop_guests(d)
+    stopped = _stop_processes(d, state) + guests
     _remove_cgroups(d)
     detached = []
     for _ in range(3):
@@ -479,6 +483,26 @@ def down(path: str, *, runner: Runner, force: bool = False) -> dict[str, Any]:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_state_path(d))
     return {"dir": str(d), "processes_stopped": stopped, "loops_detached": sorted(set(detached))}
+
+
+def _stop_guests(d: Path) -> int:
+    """Kill the QEMU processes of every host's libvirtd (they carry no lab marker)."""
+    killed = 0
+    for hdir in (d / "hosts").glob("*"):
+        for pid in libvirt.qemu_pids(hdir):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+def start_libvirt(path: str, name: str, runner: Runner) -> str:
+    """The host's own libvirtd (and virtlogd), in its namespace; its URI."""
+    d = lab_dir(path)
+    state = read_state(d)
+    hdir = host_dir(d, name)
+    libvirt.start(_enter_argv(d, state, name), hdir, runner, _lab_env(d, name))
+    return libvirt.uri(hdir)
 
 
 def _enter_argv(d: Path, state: dict[str, Any], name: str) -> list[str]:
