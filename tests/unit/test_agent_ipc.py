@@ -110,9 +110,9 @@ def test_results_and_a_missing_agent(state_dir: str) -> None:
 
 
 def test_a_message_over_the_limit_is_refused_in_either_direction(state_dir: str) -> None:
-    from fenceless.agent.ipc import MAX_MESSAGE, MessageTooLarge
-
     import json
+
+    from fenceless.agent.ipc import MAX_MESSAGE, MessageTooLarge
 
     request = {"op": "x", "pad": ""}
     request["pad"] = "x" * (MAX_MESSAGE - len(json.dumps(request)))  # exactly the limit
