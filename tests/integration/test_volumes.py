@@ -109,6 +109,32 @@ def test_remove_or_rename_refused_while_active_elsewhere(vlab):
     assert "busy" not in volumes(lab, "h1")
 
 
+def test_a_volume_active_read_write_on_one_host_is_mapped_on_no_other(vlab):
+    """Read-write on one host excludes every other mapping; read-only is shared."""
+    lab = vlab()
+    lab.on("h1", "volume", "create", "disk", "16M")
+    lab.on("h1", "volume", "create", "image", "16M", "--shared-ro")
+    lab_cmd = ["lab", "activate", "--dir", str(lab.dir)]
+    cli(*lab_cmd, "h2", "disk")
+    for host, extra in (("h3", []), ("h3", ["--readonly"]), ("h1", [])):
+        res = cli(*lab_cmd, host, "disk", *extra, check=False)
+        assert res.returncode == 2 and "active read-write on h2" in res.stderr, res.stderr
+        assert lab_mapped(lab, host) == set()
+    cli(*lab_cmd, "h2", "image", "--readonly")
+    cli(*lab_cmd, "h3", "image", "--readonly")
+    res = cli(*lab_cmd, "h1", "image", check=False)
+    assert res.returncode == 2 and "active read-only on h" in res.stderr, res.stderr
+    assert lab_mapped(lab, "h3") == {"image"}
+    cli("lab", "deactivate", "--dir", str(lab.dir), "h2", "disk")
+    cli(*lab_cmd, "h3", "disk")  # free again
+
+
+def lab_mapped(lab, host):
+    """The LVs a lab host has mapped, as its activator records them."""
+    folder = lab.dir / "hosts" / host / "state" / "lab-active" / "sanvg"
+    return {p.stem for p in folder.glob("*.json")} if folder.exists() else set()
+
+
 def test_extend_refreshes_the_host_that_has_it_active_before_returning(vlab):
     lab = vlab()
     lab.on("h1", "volume", "create", "grow", "32M")

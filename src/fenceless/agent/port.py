@@ -40,6 +40,7 @@ from fenceless.lvm import mda
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ops.claims import claims_of_others
 from fenceless.ops.context import Context
 from fenceless.ops.journal import NoLeaseTime
 from fenceless.ops.port import HostView
@@ -524,6 +525,10 @@ class AgentPort:
             self.local.modes.update({lv: c.mode for lv, c in old.lvs.items()})
         self.written_claims = None
         self.publish_claims()
+
+    def others_claim(self, lv: str) -> list[tuple[str, str]]:
+        lease = self.keeper.lease
+        return claims_of_others(self, lv, lease.host_id if lease is not None else 0)
 
     def claims_now(self) -> dict[int, HostClaims | CorruptRecord]:
         """Every host's claims as on the disk now (a slot that does not read: the error)."""

@@ -28,6 +28,12 @@ class BeingChanged(UserError):
 it was not mapped here. Nothing was changed"""
 
 
+class HeldElsewhere(UserError):
+    """Refused: volume {lv!r} is active {their_mode} on {host}; it was not mapped here \
+({ours} was asked). Deactivate it there first (a read-only volume may be active read-only \
+on many hosts). Nothing was changed"""
+
+
 class ActivationOp(Operation):
     """``lab activate|deactivate|refresh`` (and, later, a VM start) on this host."""
 
@@ -59,12 +65,26 @@ class ActivationOp(Operation):
         self.port.claim(self.lv, "ro" if self.readonly else "rw")  # on the disk first
         try:
             self.back_off_from_the_writer()
+            self.not_held_elsewhere()
             got = activator.activate(self.lv, readonly=self.readonly)
         except BaseException:
             self.port.unclaim(self.lv)
             raise
         self.port.settle(self.lv)
         return _described(got)
+
+    def not_held_elsewhere(self) -> None:
+        """With our claim on the disk, look at everyone else's: a read-write claim
+        anywhere else (or ours read-write against any other) and we give way.
+
+        Two hosts that claim at once both see the other and both give way; neither
+        maps. A claim made after ours was published sees ours. So a read-write
+        mapping never exists on two hosts, with no writer involved."""
+        for host, mode in self.port.others_claim(self.lv):
+            if mode == "rw" or not self.readonly:
+                raise HeldElsewhere(lv=self.lv, host=host,
+                                    their_mode="read-write" if mode == "rw" else "read-only",
+                                    ours="read-only" if self.readonly else "read-write")
 
     def back_off_from_the_writer(self) -> None:
         """With the claim on the disk, look at the journal: a remove or rename of this LV

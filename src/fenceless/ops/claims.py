@@ -39,3 +39,19 @@ def claims(port: WriterPort, lv: str) -> list[str]:
     if lv in port.local_active(force=True):
         out.add(port.host)
     return sorted(out)
+
+
+def claims_of_others(port: WriterPort, lv: str, me: int) -> list[tuple[str, str]]:
+    """(host, mode) of every other host that claims ``lv``, from fresh reads; DEAD hosts'
+    claims are void, and claims that do not read count as a read-write claim."""
+    states = {h.host_id: h.state for h in port.hosts_now()}
+    out = []
+    for hid, got in sorted(port.claims_now().items()):
+        if hid == me or states.get(hid, port.host_state(hid)) is HostState.DEAD:
+            continue
+        if isinstance(got, CorruptRecord):
+            raise ClaimsUnknown(host=port.host_name(hid), detail=str(got))
+        claim = got.lvs.get(lv)
+        if claim is not None:
+            out.append((got.host, claim.mode))
+    return out

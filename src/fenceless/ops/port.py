@@ -155,6 +155,9 @@ class HostPort(Protocol):
 
     def local_active(self, force: bool = False) -> Mapping[str, int]: ...
 
+    def others_claim(self, lv: str) -> list[tuple[str, str]]:
+        """(host, mode) of the other hosts that claim ``lv`` now (fresh reads)."""
+
     def announce(self) -> None:
         """Renew the host lease now, so the others see what changed."""
 
