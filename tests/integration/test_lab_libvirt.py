@@ -88,3 +88,66 @@ def cfg_uri(lab, host: str) -> str:
     uri = config.load(lab.config(host)).hypervisor_uri
     assert uri is not None and str(lab.dir) in uri
     return uri
+
+
+def counter_of(lab, host: str, volume: str) -> list[tuple[int, str]]:
+    """The counter records as read through ``host``'s own view of the LUN (no mapping
+    needed: the volume's extent, read with O_DIRECT from the host's LUN device)."""
+    from fenceless import config
+    from fenceless.lvm.mapping import single_extent
+    from fenceless.ops.context import Context
+
+    cfg = config.load(lab.config(host))
+    lvm = Context(cfg).lvm(None)
+    pvs = {p.name: p for p in lvm.pvs()}
+    ext = single_extent(lvm.segments(volume), pvs, lvm.vg_info().extent_size, "sanvg", volume)
+    dev = open_device(ext.device, writable=False)
+    try:
+        raw = dev.read(ext.offset, 512 * 2048)
+    finally:
+        dev.close()
+    out = {}
+    for i in range(1, 2048):
+        parts = raw[i * 512:(i + 1) * 512].split()
+        if len(parts) == 3 and parts[0] == guest.RECORD.encode():
+            out[int(parts[1])] = parts[2].decode()
+    return sorted(out.items())
+
+
+def test_a_vm_runs_on_one_host_only_and_moves_with_its_counter(make_lab):
+    from tests.integration.test_volumes import lab_mapped
+
+    lab = make_lab(3, "--agents", "--libvirt")
+    lab.on("h1", "init")
+    for h in ("h2", "h3"):
+        lab.on(h, "join")
+    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
+    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    lab.on("h2", "vm", "start", "ctr")
+    vms = {v["name"]: v for v in json.loads(lab.on("h3", "vm", "list", "--json").stdout)}
+    assert (vms["ctr"]["host"], vms["ctr"]["state"]) == ("h2", "running")
+    wait_until(lambda: len(counter_of(lab, "h3", "ctr-disk")) >= 3, 60, "ctr to count")
+
+    # h3 may not start it, nor map its disk: refused, with who has it since when.
+    res = lab.on("h3", "vm", "start", "ctr", check=False)
+    assert res.returncode == 2, res.stderr
+    assert "ctr's disk ctr-disk is active read-write on h2 since" in res.stderr
+    assert "(epoch 1); stop it there or migrate it" in res.stderr
+    assert lab_mapped(lab, "h3") == set()
+    res = cli("lab", "activate", "--dir", str(lab.dir), "h3", "ctr-disk", check=False)
+    assert res.returncode == 2 and "active read-write on h2" in res.stderr
+
+    # Stopped on h2 and started on h3: the count goes on, one instance at a time.
+    lab.on("h2", "vm", "stop", "ctr", "--force")
+    assert lab_mapped(lab, "h2") == set()
+    before = counter_of(lab, "h1", "ctr-disk")
+    lab.on("h3", "vm", "start", "ctr")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= len(before) + 3, 60,
+               "ctr to count on h3")
+    after = counter_of(lab, "h1", "ctr-disk")
+    assert [n for n, _ in after] == list(range(1, len(after) + 1))  # no gap, no repeat
+    ids = [i for _, i in after]
+    changes = [k for k in range(1, len(ids)) if ids[k] != ids[k - 1]]
+    assert len(changes) == 1 and changes[0] == len(before)  # one hand-over, no overlap
+    lab.on("h3", "vm", "stop", "ctr", "--force")
+    assert json.loads(lab.on("h1", "vm", "list", "--json").stdout)[0]["state"] == "stopped"

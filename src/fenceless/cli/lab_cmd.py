@@ -53,6 +53,11 @@ def register(sub: Subparsers, name: str) -> None:
     sp.add_argument("--dir", required=True)
     sp.add_argument("--force", action="store_true",
                     help="clean up by scanning even if lab.json is missing or unreadable")
+    sp = command(lsub, "demo-vm", "lab demo-vm", "create the counter guest's volume and VM "
+                 "definition (the guest is built and cached on first use)")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("name")
+    sp.add_argument("--host", default="h1", help="the lab host to ask from (default h1)")
     sp = command(lsub, "status", "lab status", "what the lab holds and whether it is intact")
     sp.add_argument("--dir", required=True)
     sp = command(lsub, "exec", "lab exec", "run a command as a lab host would (its namespace, "
@@ -128,9 +133,36 @@ def run(args: argparse.Namespace) -> int:
         return _agent(args)
     elif sub == "watchdog":
         return _watchdog(args, cluster)
+    elif sub == "demo-vm":
+        emit(args, _demo_vm(args, cluster), lambda r: f"defined {r['name']} on volume "
+             f"{r['volume']} (version {r['version']}); start it with "
+             f"`fenceless -c {r['config']} vm start {r['name']}`")
     else:
         return _activation(args, cluster)
     return 0
+
+
+def _demo_vm(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:
+    """The counter guest: a 16 MiB volume NAME-disk and the VM NAME, defined on the LUN."""
+    from fenceless import config
+    from fenceless.hv.domain import vm_name
+    from fenceless.lab import guest
+    from fenceless.ops.requests import vm_request, volume_request
+    from fenceless.runner import SubprocessRunner
+
+    name = vm_name(args.name)
+    d = cluster.lab_dir(args.dir)
+    cfg = config.load(cluster.find_host(d, cluster.read_state(d), args.host)["config"])
+    vg = cfg.vg(None).name
+    kernel, initrd = guest.build(SubprocessRunner())
+    volume = f"{name}-disk"
+    agent_call(cfg, {"op": "volume", "vg": vg, "request": volume_request(
+        "create", volume, size="16M")}, timeout=120.0)
+    xml = guest.counter_domain(name, vg, volume, kernel, initrd)
+    res = agent_call(cfg, {"op": "vm", "vg": vg, "request": vm_request(
+        "vm-define", name, xml=xml)}, timeout=120.0)
+    return {"name": name, "volume": volume, "version": res.get("version"),
+            "config": cfg.path}
 
 
 def _up(args: argparse.Namespace, cluster: Any, runner: Runner) -> None:

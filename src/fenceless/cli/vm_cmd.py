@@ -70,6 +70,16 @@ def register(sub: Subparsers, name: str) -> None:
                  "last version stays in the history; its volumes are kept)")
     sp.add_argument("name")
     _change_options(sp)
+    sp = command(vsub, "start", "vm start", "start a VM on this host: the writer grants it "
+                 "(refused while it runs anywhere else), its disks are mapped, libvirt starts it")
+    sp.add_argument("name")
+    sp.add_argument("--on", metavar="HOST", help="the host to start it on (this host)")
+    _change_options(sp)
+    sp = command(vsub, "stop", "vm stop", "stop a VM running on this host, unmap its disks "
+                 "and give its grant back")
+    sp.add_argument("name")
+    sp.add_argument("--force", action="store_true", help="destroy it (no guest shutdown)")
+    _change_options(sp)
     sp = command(vsub, "list", "vm list", "every defined VM: where it runs, its state")
     vg_option(sp)
     sp = command(vsub, "show", "vm show", "one VM: its disks and its XML")
@@ -112,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             emit(args, vmquery.vm_show(cfg, args.vg, args.name, version=args.version),
                  _show_text)
         return 0
+    if sub in ("start", "stop"):
+        return _lifecycle(args, cfg, sub)
     from fenceless.hv import domain
     from fenceless.ops.requests import vm_request
 
@@ -134,6 +146,35 @@ def run(args: argparse.Namespace) -> int:
     res = agent_call(cfg, {"op": "vm", "vg": args.vg, "request": request},
                      timeout=args.timeout)
     emit(args, res, lambda r: _change_text(sub, r))
+    return 0
+
+
+class ElsewhereNotBuilt(UserError):
+    """Refused: starting a VM on another host from here is not built yet; run `fenceless \
+vm start {name}` on {host}. Nothing was changed"""
+
+
+def _lifecycle(args: argparse.Namespace, cfg: Any, sub: str) -> int:
+    from fenceless.hv.domain import vm_name
+    from fenceless.ops import vmlife
+
+    name = vm_name(args.name)
+    if sub == "start" and args.on not in (None, cfg.host):
+        raise ElsewhereNotBuilt(name=name, host=args.on)
+    driver = vmlife.driver_for(cfg)
+
+    def call(request: dict[str, Any]) -> dict[str, Any]:
+        return agent_call(cfg, request, timeout=args.timeout)
+
+    try:
+        if sub == "start":
+            res = vmlife.VmStartOp(cfg, args.vg, name, call, driver).run()
+        else:
+            res = vmlife.VmStopOp(cfg, args.vg, name, call, driver, force=args.force).run()
+    finally:
+        driver.close()
+    emit(args, res, lambda r: f"{r['name']}: {r['state']} on {r['host']} "
+         f"(writer epoch {r.get('epoch')})")
     return 0
 
 

@@ -310,3 +310,24 @@ def domain_xml(spec: DomainSpec, vg: str, *, kind: str = "kvm") -> str:
             ET.SubElement(disk, "shareable")
     ET.indent(root)
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def with_disk_paths(xml: str, vg: str, paths: dict[str, str]) -> str:
+    """The XML with each disk's source set to where this host has its volume mapped
+    (``paths``: volume -> device); every disk on the VG must have a path."""
+    root = ET.fromstring(xml)  # noqa: S314 (stored XML, checked by parse_domain_xml)
+    for el in root.findall("./devices/disk"):
+        src = el.find("source")
+        if src is None:
+            continue
+        path = src.get("dev") or src.get("file") or ""
+        volume = volume_of(path, vg)
+        if volume is None:
+            continue
+        if volume not in paths:
+            raise BadDefinition(source="at start", detail=f"volume {volume} is not mapped")
+        for key in ("file", "dev"):
+            src.attrib.pop(key, None)
+        src.set("dev", paths[volume])
+        el.set("type", "block")
+    return ET.tostring(root, encoding="unicode")

@@ -10,10 +10,10 @@ What ``/init`` does, by the kernel command line:
 
 - ``fl_mode=counter`` (the demo and the VM tests): it reads the last record in
   sector 0 of /dev/vda and goes on counting from there, writing each record
-  ``FLCOUNT <n> <fl_id>`` to sector ``1 + n % RING`` and then to sector 0, each
-  write synced. ``fl_id`` names the instance (host and start), so a reader of
-  the disk sees which instance wrote each number: two instances writing at
-  once show up as interleaved ids, a migration as one change of id.
+  ``FLCOUNT <n> <fl_id>-<boot>`` to sector ``1 + n % RING`` and then to sector 0,
+  each write synced; ``<boot>`` is random per boot, so a reader of the disk sees
+  which instance wrote each number: two instances writing at once show up as
+  interleaved ids, a stop and a start elsewhere as one change of id.
 - ``fl_mode=poweroff``: it powers off at once (a boot-time measurement).
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 from fenceless.errors import LabError
 from fenceless.runner import Runner
 
-CACHE = Path("/var/cache/fenceless-lab/guest")
+GUEST_VERSION = 2  # bump when /init or the build changes: the cache is per version
+CACHE = Path(f"/var/cache/fenceless-lab/guest/v{GUEST_VERSION}")
 KERNEL_PACKAGE = "linux-image-amd64"  # the metapackage names the current kernel
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
            "virtio_pci", "virtio_blk")
@@ -44,7 +45,7 @@ mount -t devtmpfs dev /dev
 for m in {modules}; do insmod /lib/modules/$m.ko; done
 arg() {{ sed -n "s/.*$1=\\([^ ]*\\).*/\\1/p" /proc/cmdline; }}
 [ "$(arg fl_mode)" = poweroff ] && poweroff -f
-id=$(arg fl_id)
+id="$(arg fl_id)-$(cut -c1-8 /proc/sys/kernel/random/uuid)"
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
 n=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 80 | \\
@@ -139,3 +140,29 @@ def _kernel_version(runner: Runner) -> str:
 def _download(runner: Runner, package: str, work: Path) -> None:
     runner.run(["sh", "-c", 'cd "$1" && apt-get download -q "$2"', "download", str(work),
                 package])
+
+
+def counter_domain(name: str, vg: str, volume: str, kernel: Path, initrd: Path) -> str:
+    """Libvirt XML for the counter guest on volume ``volume`` (TCG: no KVM here)."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 quiet fl_mode=counter fl_id={name}</cmdline>
+  </os>
+  <devices>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source dev='/dev/{vg}/{volume}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'>
+      <source path='/var/log/libvirt/qemu/{name}-console.log'/>
+    </serial>
+  </devices>
+</domain>
+"""

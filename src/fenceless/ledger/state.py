@@ -291,6 +291,8 @@ class VmEntry:
     changed_ms: int  # wall clock, for humans
     host: str | None = None  # where it runs (None: nowhere)
     state: str = "stopped"
+    since_ms: int = 0  # when the writer granted it to ``host`` (wall clock, for humans)
+    since_epoch: int = 0  # the writer epoch of that grant
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -299,7 +301,7 @@ class VmEntry:
             "vcpus": self.vcpus, "src": self.source, "epoch": self.epoch,
             "ms": self.changed_ms, "state": self.state}
         if self.host is not None:
-            out["host"] = self.host
+            out.update(host=self.host, at=self.since_ms, pe=self.since_epoch)
         return out
 
     @classmethod
@@ -318,7 +320,9 @@ class VmEntry:
             epoch=_int(d.get("epoch"), f"{where}.epoch"),
             changed_ms=_int(d.get("ms", 0), f"{where}.ms"),
             host=_opt_str(d.get("host"), f"{where}.host"),
-            state=_str(d.get("state", "stopped"), f"{where}.state"))
+            state=_str(d.get("state", "stopped"), f"{where}.state"),
+            since_ms=_int(d.get("at", 0), f"{where}.at"),
+            since_epoch=_int(d.get("pe", 0), f"{where}.pe"))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from fenceless.ledger.state import Intent, LedgerState, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops import restore, vm, volume
 from fenceless.ops.base import JournaledOp, Snapshot
-from fenceless.ops.claims import claims
+from fenceless.ops.claims import claims, claims_of_others
 from fenceless.ops.port import WriterPort
 from fenceless.validate import request_id
 
@@ -116,6 +116,10 @@ class Journal:
     def claims(self, lv: str) -> list[str]:
         return claims(self.port, lv)
 
+    def claim_modes(self, lv: str) -> list[tuple[str, str]]:
+        """(host, mode) of every live host that has ``lv`` mapped, from fresh reads."""
+        return claims_of_others(self.port, lv, 0)
+
     def make(self, req: RequestInfo, lvm: Lvm) -> JournaledOp:
         if req.op == restore.RestoreApply.op:
             return restore.RestoreApply.make(req, lvm, self.claims, self.port)
@@ -174,7 +178,7 @@ class Journal:
         epoch = port.epoch or 0
         lvm = port.lvm(Role.WRITER)
         store = vm.VmStorePort(port.read_stage, port.write_definition, port.vm_slots(),
-                               lambda: set(self.snapshot(lvm).lvs))
+                               lambda: set(self.snapshot(lvm).lvs), self.claim_modes)
         try:
             new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store)
         except UserError as exc:

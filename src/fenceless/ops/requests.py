@@ -88,7 +88,8 @@ def volume_request(op: str, name: str, *, size: str | None = None, new_name: str
 
 
 def vm_request(op: str, name: str, *, xml: str | None = None, replace: bool = False,
-               source: str = "xml", rid: str | None = None,
+               source: str = "xml", host: str | None = None, action: str | None = None,
+               rid: str | None = None,
                user: Callable[[], str] = current_user,
                new_id: Callable[[], str] = new_request_id) -> dict[str, Any]:
     """The request for one VM definition change (``op``: vm-define or vm-undefine).
@@ -97,10 +98,12 @@ def vm_request(op: str, name: str, *, xml: str | None = None, replace: bool = Fa
     the LUN and sends the writer its digest (``agent/vg.py``, ``stage_vm``).
     """
     args: dict[str, Any] = {"name": name}
-    argv = ["fenceless", "vm", "undefine" if op == "vm-undefine" else
+    argv = ["fenceless", "vm", "undefine" if op == "vm-undefine" else action or
             ("edit" if replace else "import" if source == "xl" else "define"), name]
     if op == "vm-define":
         args.update(xml=xml, replace=replace, source=source)
+    elif op == "vm-place":
+        args.update(host=host, action=action)
     return {"id": request_id(rid) if rid else new_id(), "op": op, "args": args,
             "user": user(), "argv": argv}
 

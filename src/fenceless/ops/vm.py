@@ -37,7 +37,8 @@ from fenceless.ledger.state import (
     VmVersion,
 )
 
-VM_OPS = ("vm-define", "vm-undefine")
+VM_OPS = ("vm-define", "vm-undefine", "vm-place")
+PLACE_ACTIONS = ("start", "stop")
 SOURCES = ("xml", "xl")
 
 
@@ -63,6 +64,24 @@ class DiskTaken(UserError):
 class VmNotStopped(UserError):
     """Refused: VM {name} is {state} on {host}; stop it first (`fenceless vm stop {name}`); \
 nothing was changed"""
+
+
+class VmRunningElsewhere(UserError):
+    """Refused: {name}'s disk {volume} is active read-write on {host} since {since} \
+(epoch {epoch}); stop it there or migrate it. Nothing was changed"""
+
+
+class VmAlreadyRunning(UserError):
+    """Refused: VM {name} is running on {host} already (since {since}, epoch {epoch})"""
+
+
+class VmNotRunningThere(UserError):
+    """Refused: VM {name} is not running on {host} ({state}{where}); nothing was changed"""
+
+
+class DiskHeldElsewhere(UserError):
+    """Refused: {name}'s disk {volume} is active {mode} on {host} (outside this VM); \
+deactivate it there first. Nothing was changed"""
 
 
 class VmNameMismatch(UserError):
@@ -97,11 +116,13 @@ class VmStorePort:
 
     def __init__(self, read_stage: Callable[[int, str, str], str],
                  write_definition: Callable[[int, str, str, int], None],
-                 slots: int, volumes: Callable[[], set[str]]) -> None:
+                 slots: int, volumes: Callable[[], set[str]],
+                 claims: Callable[[str], list[tuple[str, str]]] = lambda _lv: []) -> None:
         self.read_stage = read_stage
         self.write_definition = write_definition
         self.slots = slots
         self.volumes = volumes
+        self.claims = claims  # (host, mode) of every live host that has the volume mapped
 
 
 def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: str,
@@ -115,6 +136,8 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
     args = req.args
     name = vm_name(str(args.get("name", "")))
     current = state.vms.get(name)
+    if req.op == "vm-place":
+        return place(state, name, current, args, epoch, store, wall())
     if req.op == "vm-undefine":
         if current is None:
             raise NoSuchVm(name=name)
@@ -158,6 +181,49 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
     new = replace(state, vms={**state.vms, name: entry}, vm_history=history, vm_seq=seq)
     return new, {"name": name, "version": seq, "slot": slot, "epoch": epoch,
                  "disks": [d.to_json() for d in entry.disks], "edited": replacing}
+
+
+def _clock(ms: int) -> str:
+    return time.strftime("%H:%M", time.localtime(ms / 1000)) if ms else "?"
+
+
+def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[str, Any],
+          epoch: int, store: VmStorePort, now: int) -> tuple[LedgerState, dict[str, Any]]:
+    """Grant VM ``name`` to a host (``start``), or take the grant back (``stop``).
+
+    The grant is the VM's lease: recorded by the writer with its epoch, it is what
+    every other host's start of the VM is refused by. Its disks are checked against
+    every live host's claims too, so a disk mapped by hand elsewhere also refuses."""
+    if current is None:
+        raise NoSuchVm(name=name)
+    host, action = str(args.get("host", "")), str(args.get("action", ""))
+    if action not in PLACE_ACTIONS or not host:
+        raise BadDefinition(source=f"of VM {name}", detail=f"bad placement {action!r}")
+    since = _clock(current.since_ms)
+    if action == "stop":
+        if current.state == "stopped" or current.host != host:
+            raise VmNotRunningThere(name=name, host=host, state=current.state,
+                                    where=f" on {current.host}" if current.host else "")
+        entry = replace(current, host=None, state="stopped", since_ms=now, since_epoch=epoch)
+        return replace(state, vms={**state.vms, name: entry}), {
+            "name": name, "host": host, "state": "stopped", "epoch": epoch}
+    if current.state != "stopped" and current.host is not None:
+        if current.host == host:
+            raise VmAlreadyRunning(name=name, host=host, since=since,
+                                   epoch=current.since_epoch)
+        rw = next((d.volume for d in current.disks if d.mode == "rw"), None)
+        raise VmRunningElsewhere(name=name, volume=rw or current.disks[0].volume
+                                 if current.disks else "-", host=current.host, since=since,
+                                 epoch=current.since_epoch)
+    for disk in current.disks:
+        for other, mode in store.claims(disk.volume):
+            if other != host and "rw" in (mode, disk.mode):
+                raise DiskHeldElsewhere(name=name, volume=disk.volume, host=other,
+                                        mode="read-write" if mode == "rw" else "read-only")
+    entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch)
+    return replace(state, vms={**state.vms, name: entry}), {
+        "name": name, "host": host, "state": "running", "epoch": epoch,
+        "disks": [d.to_json() for d in current.disks]}
 
 
 def _pushed(history: tuple[VmVersion, ...], old: VmEntry, action: str, epoch: int,

@@ -1,0 +1,88 @@
+"""The hypervisor driver: libvirt (KVM and QEMU, Xen through libxl), one URI per host.
+
+Domains are started *transient* (``createXML``) from the definition on the
+LUN: no host keeps a persistent copy that could go stale or be started by
+hand behind fenceless's back. libvirt-python is imported when a driver is
+first used, so commands that never touch a VM do not pay for it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fenceless.errors import ExecError, UserError
+
+
+class HypervisorError(ExecError):
+    """The hypervisor at {uri} failed to {action} VM {name}: {detail}"""
+
+
+class NoHypervisor(UserError):
+    """Refused: this host has no hypervisor configured (hypervisor_uri in {config}); \
+nothing was changed"""
+
+
+class StopTimedOut(ExecError):
+    """VM {name} did not shut down within {timeout:.0f}s; run `fenceless vm stop {name} \
+--force` to destroy it (its disks stay mapped meanwhile)"""
+
+
+class LibvirtDriver:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+
+    def conn(self) -> Any:
+        if self._conn is None:
+            import libvirt  # the optional dependency: only VM commands need it
+
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(uri=self.uri, action="connect for", name="-",
+                                      detail=str(exc)) from exc
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def running(self) -> list[str]:
+        return sorted(d.name() for d in self.conn().listAllDomains() if d.isActive())
+
+    def start(self, name: str, xml: str) -> None:
+        import libvirt
+
+        try:
+            self.conn().createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(uri=self.uri, action="start", name=name,
+                                  detail=str(exc)) from exc
+
+    def stop(self, name: str, *, force: bool, timeout: float = 60.0) -> bool:
+        """Stop the domain: destroy (``force``), or ask the guest and wait. False if it
+        was not running here."""
+        import libvirt
+
+        try:
+            dom = self.conn().lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        try:
+            if force:
+                dom.destroy()
+                return True
+            dom.shutdown()
+            deadline = time.monotonic() + timeout
+            while dom.isActive():
+                if time.monotonic() > deadline:
+                    raise StopTimedOut(name=name, timeout=timeout)
+                time.sleep(0.2)
+        except libvirt.libvirtError as exc:
+            if "not running" in str(exc) or "no domain" in str(exc):
+                return True
+            raise HypervisorError(uri=self.uri, action="stop", name=name,
+                                  detail=str(exc)) from exc
+        return True

@@ -1,0 +1,93 @@
+"""Starting and stopping a VM on this host: the grant, the disks, the domain, in order.
+
+``vm start``: the writer grants the VM to this host (``vm-place``, recorded
+with its epoch: from then on every other host's start is refused), then each
+disk is mapped through the agent (a claim on the LUN first, read-write or
+read-only), then libvirt starts the domain from the definition on the LUN
+with the disks' paths on this host. Whatever fails undoes what was done, in
+reverse: no disk stays mapped and no grant stays for a VM that did not start.
+
+``vm stop``: the domain stops (shut down, or destroyed with ``--force``),
+its disks are unmapped, and only then is the grant given back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+from fenceless.config import HostConfig
+from fenceless.errors import FencelessError, UserError
+from fenceless.hv.domain import with_disk_paths
+from fenceless.hv.libvirt import LibvirtDriver, NoHypervisor
+from fenceless.ops import vmquery
+from fenceless.ops.requests import vm_request
+
+Call = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class NotHere(UserError):
+    """Refused: VM {name} {what} on {host}, not here ({me}); run this there \
+(`fenceless -c ... vm {verb} {name}` on {host})"""
+
+
+def driver_for(cfg: HostConfig) -> LibvirtDriver:
+    if not cfg.hypervisor_uri:
+        raise NoHypervisor(config=cfg.path)
+    return LibvirtDriver(cfg.hypervisor_uri)
+
+
+class VmStartOp:
+    def __init__(self, cfg: HostConfig, vg: str | None, name: str, call: Call,
+                 driver: LibvirtDriver) -> None:
+        self.cfg, self.vg, self.name, self.call, self.driver = cfg, vg, name, call, driver
+
+    def run(self) -> dict[str, Any]:
+        vg = self.cfg.vg(self.vg).name
+        shown = vmquery.vm_show(self.cfg, self.vg, self.name)
+        granted = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
+            "vm-place", self.name, host=self.cfg.host, action="start")})
+        mapped: list[str] = []
+        try:
+            paths = {}
+            for disk in shown["disks"]:
+                got = self.call({"op": "activate", "vg": self.vg, "lv": disk["volume"],
+                                 "readonly": disk["mode"] == "ro"})
+                mapped.append(disk["volume"])
+                paths[disk["volume"]] = str(got["device"])
+            self.driver.start(self.name, with_disk_paths(shown["xml"], vg, paths))
+        except BaseException:
+            self.undo(mapped)
+            raise
+        return {"name": self.name, "host": self.cfg.host, "state": "running",
+                "epoch": granted.get("epoch"), "disks": paths,
+                "version": shown["version"]}
+
+    def undo(self, mapped: list[str]) -> None:
+        for volume in reversed(mapped):
+            with suppress(FencelessError):
+                self.call({"op": "deactivate", "vg": self.vg, "lv": volume})
+        with suppress(FencelessError):
+            self.call({"op": "vm", "vg": self.vg, "request": vm_request(
+                "vm-place", self.name, host=self.cfg.host, action="stop")})
+
+
+class VmStopOp:
+    def __init__(self, cfg: HostConfig, vg: str | None, name: str, call: Call,
+                 driver: LibvirtDriver, *, force: bool) -> None:
+        self.cfg, self.vg, self.name, self.call, self.driver = cfg, vg, name, call, driver
+        self.force = force
+
+    def run(self) -> dict[str, Any]:
+        shown = vmquery.vm_show(self.cfg, self.vg, self.name)
+        if shown["host"] != self.cfg.host:
+            raise NotHere(name=self.name, what="runs" if shown["host"] else "is stopped",
+                          host=shown["host"] or "no host", me=self.cfg.host, verb="stop")
+        was_running = self.driver.stop(self.name, force=self.force)
+        for disk in reversed(shown["disks"]):
+            self.call({"op": "deactivate", "vg": self.vg, "lv": disk["volume"]})
+        done = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
+            "vm-place", self.name, host=self.cfg.host, action="stop")})
+        return {"name": self.name, "host": self.cfg.host, "state": "stopped",
+                "was_running": was_running, "epoch": done.get("epoch")}
