@@ -151,3 +151,42 @@ def test_a_vm_runs_on_one_host_only_and_moves_with_its_counter(make_lab):
     assert len(changes) == 1 and changes[0] == len(before)  # one hand-over, no overlap
     lab.on("h3", "vm", "stop", "ctr", "--force")
     assert json.loads(lab.on("h1", "vm", "list", "--json").stdout)[0]["state"] == "stopped"
+
+
+def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab):
+    from fenceless.clock import boottime
+    from tests.integration.test_fencing import fired
+    from tests.integration.test_volumes import lab_mapped
+
+    lab = make_lab(3, "--agents", "--libvirt")
+    lab.on("h1", "init")
+    for h in ("h2", "h3"):
+        lab.on(h, "join")
+    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
+    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    lab.on("h2", "vm", "start", "ctr")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count")
+
+    cli("lab", "agent", "--dir", str(lab.dir), "h2", "pause")  # SIGSTOP: no own timer runs
+    try:
+        res = lab.on("h3", "vm", "recover", "ctr", check=False)
+        assert res.returncode == 2 and "not DEAD" in res.stderr, res.stderr
+        assert lab_mapped(lab, "h3") == set()
+        wait_until(lambda: lab.on("h3", "vm", "recover", "ctr", check=False).returncode == 0,
+                   30, "h2 to be DEAD and ctr recovered on h3")
+        recovered_at = boottime()
+        got = fired(lab, "h2")
+        assert len(got) == 1 and got[0]["fired_at"] < recovered_at, got
+        before = len(counter_of(lab, "h1", "ctr-disk"))
+        wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= before + 3, 60,
+                   "ctr to count on h3")
+        records = counter_of(lab, "h1", "ctr-disk")
+        assert [n for n, _ in records] == list(range(1, len(records) + 1))
+        ids = [i for _, i in records]
+        changes = [k for k in range(1, len(ids)) if ids[k] != ids[k - 1]]
+        assert len(changes) == 1, ids  # h2's instance, then h3's: never both at once
+        vms = {v["name"]: v for v in json.loads(lab.on("h1", "vm", "list", "--json").stdout)}
+        assert vms["ctr"]["host"] == "h3"
+    finally:
+        cli("lab", "agent", "--dir", str(lab.dir), "h2", "resume", check=False)
+    lab.on("h3", "vm", "stop", "ctr", "--force")

@@ -56,6 +56,7 @@ EXAMPLES = {
     "vm list": "fenceless vm list --json",
     "vm start": "fenceless vm start web01",
     "vm stop": "fenceless vm stop web01 --force",
+    "vm recover": "fenceless vm recover web01",
     "vm show": "fenceless vm show web01",
     "log": "fenceless log --limit 20",
     "metadata history": "fenceless metadata history",

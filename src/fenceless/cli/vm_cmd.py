@@ -75,6 +75,10 @@ def register(sub: Subparsers, name: str) -> None:
     sp.add_argument("name")
     sp.add_argument("--on", metavar="HOST", help="the host to start it on (this host)")
     _change_options(sp)
+    sp = command(vsub, "recover", "vm recover", "start here a VM whose host is DEAD (refused "
+                 "before: its host may still be writing)")
+    sp.add_argument("name")
+    _change_options(sp)
     sp = command(vsub, "stop", "vm stop", "stop a VM running on this host, unmap its disks "
                  "and give its grant back")
     sp.add_argument("name")
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             emit(args, vmquery.vm_show(cfg, args.vg, args.name, version=args.version),
                  _show_text)
         return 0
-    if sub in ("start", "stop"):
+    if sub in ("start", "stop", "recover"):
         return _lifecycle(args, cfg, sub)
     from fenceless.hv import domain
     from fenceless.ops.requests import vm_request
@@ -159,7 +163,7 @@ def _lifecycle(args: argparse.Namespace, cfg: Any, sub: str) -> int:
     from fenceless.ops import vmlife
 
     name = vm_name(args.name)
-    if sub == "start" and args.on not in (None, cfg.host):
+    if sub == "start" and getattr(args, "on", None) not in (None, cfg.host):
         raise ElsewhereNotBuilt(name=name, host=args.on)
     driver = vmlife.driver_for(cfg)
 
@@ -167,8 +171,9 @@ def _lifecycle(args: argparse.Namespace, cfg: Any, sub: str) -> int:
         return agent_call(cfg, request, timeout=args.timeout)
 
     try:
-        if sub == "start":
-            res = vmlife.VmStartOp(cfg, args.vg, name, call, driver).run()
+        if sub in ("start", "recover"):
+            res = vmlife.VmStartOp(cfg, args.vg, name, call, driver,
+                                   recover=sub == "recover").run()
         else:
             res = vmlife.VmStopOp(cfg, args.vg, name, call, driver, force=args.force).run()
     finally:

@@ -124,8 +124,17 @@ def reset_host(state_dir: str, runner: Runner) -> list[str]:
     Production mappings are device-mapper tables, which a reset clears; the
     lab's are loop devices, which would outlive a killed agent.
     """
+    from fenceless.holders import kill_holders
+
+    records = sorted(Path(state_dir).glob("lab-active/*/*.json"))
+    devices = []
+    for rec in records:
+        with contextlib.suppress(ValueError, OSError, KeyError):
+            devices.append(json.loads(rec.read_text())["device"])
+    # The VMs first: a detached loop device stays usable to whoever holds it open.
+    kill_holders(devices)
     gone = []
-    for rec in sorted(Path(state_dir).glob("lab-active/*/*.json")):
+    for rec in records:
         with contextlib.suppress(ValueError, OSError, KeyError):
             device = json.loads(rec.read_text())["device"]
             info = loopdev.info(device)

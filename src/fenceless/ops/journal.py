@@ -116,6 +116,11 @@ class Journal:
     def claims(self, lv: str) -> list[str]:
         return claims(self.port, lv)
 
+    def host_state(self, name: str) -> str:
+        """A host's lease state by name, from a fresh read of the host area."""
+        return next((h.state.value for h in self.port.hosts_now() if h.name == name),
+                    "unknown")
+
     def claim_modes(self, lv: str) -> list[tuple[str, str]]:
         """(host, mode) of every live host that has ``lv`` mapped, from fresh reads."""
         return claims_of_others(self.port, lv, 0)
@@ -178,7 +183,8 @@ class Journal:
         epoch = port.epoch or 0
         lvm = port.lvm(Role.WRITER)
         store = vm.VmStorePort(port.read_stage, port.write_definition, port.vm_slots(),
-                               lambda: set(self.snapshot(lvm).lvs), self.claim_modes)
+                               lambda: set(self.snapshot(lvm).lvs), self.claim_modes,
+                               self.host_state)
         try:
             new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store)
         except UserError as exc:

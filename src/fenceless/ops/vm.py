@@ -38,7 +38,7 @@ from fenceless.ledger.state import (
 )
 
 VM_OPS = ("vm-define", "vm-undefine", "vm-place")
-PLACE_ACTIONS = ("start", "stop")
+PLACE_ACTIONS = ("start", "stop", "recover")
 SOURCES = ("xml", "xl")
 
 
@@ -79,6 +79,16 @@ class VmNotRunningThere(UserError):
     """Refused: VM {name} is not running on {host} ({state}{where}); nothing was changed"""
 
 
+class HostNotDead(UserError):
+    """Refused: VM {name} runs on {host}, whose host lease is {state}, not DEAD; it may \
+still be writing. `vm recover` waits for 14N without renewals (the host's watchdog has \
+fenced its VMs by then); nothing was changed"""
+
+
+class NothingToRecover(UserError):
+    """Refused: VM {name} is {state}{where}: nothing to recover (use `fenceless vm start`)"""
+
+
 class DiskHeldElsewhere(UserError):
     """Refused: {name}'s disk {volume} is active {mode} on {host} (outside this VM); \
 deactivate it there first. Nothing was changed"""
@@ -117,12 +127,14 @@ class VmStorePort:
     def __init__(self, read_stage: Callable[[int, str, str], str],
                  write_definition: Callable[[int, str, str, int], None],
                  slots: int, volumes: Callable[[], set[str]],
-                 claims: Callable[[str], list[tuple[str, str]]] = lambda _lv: []) -> None:
+                 claims: Callable[[str], list[tuple[str, str]]] = lambda _lv: [],
+                 host_state: Callable[[str], str] = lambda _host: "live") -> None:
         self.read_stage = read_stage
         self.write_definition = write_definition
         self.slots = slots
         self.volumes = volumes
         self.claims = claims  # (host, mode) of every live host that has the volume mapped
+        self.host_state = host_state  # a host's lease state from a fresh read ("dead", ...)
 
 
 def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: str,
@@ -207,6 +219,14 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
         entry = replace(current, host=None, state="stopped", since_ms=now, since_epoch=epoch)
         return replace(state, vms={**state.vms, name: entry}), {
             "name": name, "host": host, "state": "stopped", "epoch": epoch}
+    if action == "recover":
+        if current.state == "stopped" or current.host is None or current.host == host:
+            raise NothingToRecover(name=name, state=current.state,
+                                   where=f" on {current.host}" if current.host else "")
+        state_now = store.host_state(current.host)
+        if state_now != "dead":
+            raise HostNotDead(name=name, host=current.host, state=state_now)
+        current = replace(current, host=None, state="stopped")  # fenced with its host
     if current.state != "stopped" and current.host is not None:
         if current.host == host:
             raise VmAlreadyRunning(name=name, host=host, since=since,

@@ -39,15 +39,19 @@ def driver_for(cfg: HostConfig) -> LibvirtDriver:
 
 
 class VmStartOp:
+    """``vm start``, or (``recover``) ``vm recover``: the same, once the writer has seen
+    the VM's host DEAD (its watchdog fenced the VM by then)."""
+
     def __init__(self, cfg: HostConfig, vg: str | None, name: str, call: Call,
-                 driver: LibvirtDriver) -> None:
+                 driver: LibvirtDriver, *, recover: bool = False) -> None:
         self.cfg, self.vg, self.name, self.call, self.driver = cfg, vg, name, call, driver
+        self.action = "recover" if recover else "start"
 
     def run(self) -> dict[str, Any]:
         vg = self.cfg.vg(self.vg).name
         shown = vmquery.vm_show(self.cfg, self.vg, self.name)
         granted = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
-            "vm-place", self.name, host=self.cfg.host, action="start")})
+            "vm-place", self.name, host=self.cfg.host, action=self.action)})
         mapped: list[str] = []
         try:
             paths = {}
