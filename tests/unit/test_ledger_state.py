@@ -62,7 +62,7 @@ def test_keys_of_a_newer_version_are_kept() -> None:
 VMS = {"vms": {"web01": {"slot": 3, "seq": 7, "sha": "ab" * 32,
                          "disks": [["vda", "vm-web01", "rw"], ["vdb", "iso", "ro"]],
                          "mem": 256, "vcpus": 2, "src": "xml", "epoch": 4, "ms": 1,
-                         "state": "running", "host": "h2"}},
+                         "state": "running", "host": "h2", "at": 5, "pe": 4}},
        "vm_history": [["web01", 5, 1, "cd" * 32, "edit", 3, 0]], "vm_seq": 7}
 
 
@@ -70,6 +70,7 @@ def test_the_vm_index_reads_back_as_written() -> None:
     state = LedgerState.from_json({**V1, **VMS})
     web = state.vms["web01"]
     assert (web.slot, web.seq, web.host, web.state) == (3, 7, "h2", "running")
+    assert (web.since_ms, web.since_epoch) == (5, 4)
     assert [d.to_json() for d in web.disks] == VMS["vms"]["web01"]["disks"]
     assert state.vm_history[0].seq == 5 and state.vm_seq == 7
     assert {k: state.to_json()[k] for k in VMS} == VMS

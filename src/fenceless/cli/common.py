@@ -26,6 +26,7 @@ EXAMPLES = {
     "lab down": "fenceless lab down --dir /tmp/lab",
     "lab status": "fenceless lab status --dir /tmp/lab --json",
     "lab demo-vm": "fenceless lab demo-vm --dir /tmp/lab counter",
+    "lab counter": "fenceless lab counter --dir /tmp/lab counter-disk --host h2",
     "lab exec": "fenceless lab exec --dir /tmp/lab h2 -- lvs",
     "lab shell": "fenceless lab shell --dir /tmp/lab h2",
     "lab activate": "fenceless lab activate --dir /tmp/lab h2 vm1-disk",

@@ -58,6 +58,14 @@ def register(sub: Subparsers, name: str) -> None:
     sp.add_argument("--dir", required=True)
     sp.add_argument("name")
     sp.add_argument("--host", default="h1", help="the lab host to ask from (default h1)")
+    sp = command(lsub, "counter", "lab counter", "the counter guest's records on its volume, "
+                 "read through a host's own view of the LUN (O_DIRECT, no mapping)")
+    sp.add_argument("--dir", required=True)
+    sp.add_argument("volume")
+    sp.add_argument("--host", default="h1", help="whose view of the LUN (default h1)")
+    sp.add_argument("--last", type=int, default=5, help="how many records (default 5)")
+    sp.add_argument("--wait-for", type=int, default=0, metavar="N",
+                    help="wait (up to 120 s) until there are N records more than now")
     sp = command(lsub, "status", "lab status", "what the lab holds and whether it is intact")
     sp.add_argument("--dir", required=True)
     sp = command(lsub, "exec", "lab exec", "run a command as a lab host would (its namespace, "
@@ -133,6 +141,17 @@ def run(args: argparse.Namespace) -> int:
         return _agent(args)
     elif sub == "watchdog":
         return _watchdog(args, cluster)
+    elif sub == "counter":
+        got = _counter(args, cluster)
+        if args.wait_for:
+            import time
+
+            want, deadline = len(got) + args.wait_for, time.monotonic() + 120
+            while len(got) < want and time.monotonic() < deadline:
+                time.sleep(0.5)
+                got = _counter(args, cluster)
+        emit(args, got, lambda r: "\n".join(f"FLCOUNT {n} {i}" for n, i in r[-args.last:])
+             + "\n" + _runs(r))
     elif sub == "demo-vm":
         emit(args, _demo_vm(args, cluster), lambda r: f"defined {r['name']} on volume "
              f"{r['volume']} (version {r['version']}); start it with "
@@ -140,6 +159,39 @@ def run(args: argparse.Namespace) -> int:
     else:
         return _activation(args, cluster)
     return 0
+
+
+def _runs(records: list[tuple[int, str]]) -> str:
+    """Which instance wrote which numbers: "1-17 by ctr-1a2b, 18-25 by ctr-3c4d"."""
+    runs: list[list[Any]] = []
+    for n, ident in records:
+        if runs and runs[-1][2] == ident and runs[-1][1] == n - 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n, ident])
+    return f"{len(records)} records: " + (", ".join(f"{a}-{b} by {i}" for a, b, i in runs)
+                                         or "none yet")
+
+
+def _counter(args: argparse.Namespace, cluster: Any) -> list[tuple[int, str]]:
+    from fenceless import config
+    from fenceless.blockio import open_device
+    from fenceless.lab import guest
+    from fenceless.lvm.mapping import single_extent
+    from fenceless.ops.context import Context
+
+    d = cluster.lab_dir(args.dir)
+    cfg = config.load(cluster.find_host(d, cluster.read_state(d), args.host)["config"])
+    lvm = Context(cfg).lvm(None)
+    vg = lvm.vg_info()
+    pvs = {p.name: p for p in lvm.pvs()}
+    ext = single_extent(lvm.segments(args.volume), pvs, vg.extent_size, vg.name, args.volume)
+    dev = open_device(ext.device)
+    try:
+        raw = dev.read(ext.offset, 512 * (guest.RING + 1))
+    finally:
+        dev.close()
+    return guest.read_counter(raw)
 
 
 def _demo_vm(args: argparse.Namespace, cluster: Any) -> dict[str, Any]:

@@ -166,3 +166,14 @@ def counter_domain(name: str, vg: str, volume: str, kernel: Path, initrd: Path) 
   </devices>
 </domain>
 """
+
+
+def read_counter(raw: bytes) -> list[tuple[int, str]]:
+    """The counter records in the first ``1 + RING`` sectors of the guest's disk, by
+    number: (n, instance). Sector 0 repeats the latest and is left out."""
+    out = {}
+    for i in range(1, min(len(raw) // 512, RING + 1)):
+        parts = raw[i * 512:(i + 1) * 512].split()
+        if len(parts) == 3 and parts[0] == RECORD.encode() and parts[1].isdigit():
+            out[int(parts[1])] = parts[2].decode(errors="replace")
+    return sorted(out.items())
