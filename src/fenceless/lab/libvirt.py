@@ -62,6 +62,8 @@ def qemu_pids(hdir: Path) -> list[int]:
     """The QEMU processes of this host's libvirtd, from its pid files."""
     pids = []
     for f in (hdir / "libvirt" / "run" / "qemu").glob("*.pid"):
+        if f.name == "driver.pid":  # libvirtd's own (the QEMU driver's lock), not a guest
+            continue
         with contextlib.suppress(OSError, ValueError):
             pids.append(int(f.read_text().strip()))
     return pids
