@@ -179,3 +179,33 @@ def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab)
     finally:
         cli("lab", "agent", "--dir", str(lab.dir), "h2", "resume", check=False)
     lab.on("h3", "vm", "stop", "ctr", "--force")
+
+
+def test_started_on_another_host_and_migrated_cold_from_a_third(make_lab):
+    lab = make_lab(3, "--agents", "--libvirt")
+    lab.on("h1", "init")
+    for h in ("h2", "h3"):
+        lab.on(h, "join")
+    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
+    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+
+    res = json.loads(lab.on("h1", "vm", "start", "ctr", "--on", "h2", "--json").stdout)
+    assert (res["host"], res["state"]) == ("h2", "running")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count on h2")
+    refused = lab.on("h1", "vm", "start", "ctr", "--on", "h3", check=False)
+    assert refused.returncode == 2  # it runs on h2: a start is not a migration
+    assert "ctr's disk ctr-disk is active read-write on h2" in refused.stderr, refused.stderr
+
+    res = json.loads(lab.on("h3", "vm", "migrate", "ctr", "--to", "h1", "--force",
+                            "--json").stdout)
+    assert (res["host"], res["from"]) == ("h1", "h2")
+    before = len(counter_of(lab, "h3", "ctr-disk"))
+    wait_until(lambda: len(counter_of(lab, "h3", "ctr-disk")) >= before + 3, 60,
+               "ctr to count on h1")
+    records = counter_of(lab, "h3", "ctr-disk")
+    assert [n for n, _ in records] == list(range(1, len(records) + 1))
+    ids = [i for _, i in records]
+    assert len([k for k in range(1, len(ids)) if ids[k] != ids[k - 1]]) == 1
+    vms = {v["name"]: v for v in json.loads(lab.on("h2", "vm", "list", "--json").stdout)}
+    assert (vms["ctr"]["host"], vms["ctr"]["want"]) == ("h1", None)
+    lab.on("h1", "vm", "stop", "ctr", "--force")

@@ -138,3 +138,41 @@ def test_undefine_keeps_the_last_version_in_the_history_and_refuses_a_running_vm
     assert [(h.name, h.action) for h in state.vm_history] == [("web01", "undefine")]
     with pytest.raises(vm.NoSuchVm):
         vm.apply(state, req, 2, VG, 7, store)
+
+
+def place(state, store, host, action, **args):
+    req = RequestInfo("r", "vm-place", {"name": "web01", "host": host, "action": action,
+                                        **args})
+    return vm.apply(state, req, 2, VG, 7, store, now_ms=lambda: 1000)[0]
+
+
+def test_a_move_is_asked_for_then_done_by_the_two_hosts_in_turn():
+    from fenceless.ledger.state import HostEntry
+
+    store = Store()
+    state, _ = define(LedgerState(hosts={i: HostEntry(f"h{i}", 1) for i in (1, 2, 3)}), store)
+    with pytest.raises(vm.VmNotRunningThere):  # a migration moves a running VM
+        place(state, store, "h2", "want", move=True)
+    state = place(state, store, "h1", "start")
+    with pytest.raises(vm.VmRunningElsewhere, match="on h1 since"):  # a start is no move
+        place(state, store, "h2", "want")
+    with pytest.raises(vm.NoSuchHost, match="hosts: h1, h2, h3"):
+        place(state, store, "h9", "want", move=True)
+    state = place(state, store, "h2", "want", move=True)
+    assert state.vms["web01"].want == "h2"
+    with pytest.raises(vm.WantedElsewhere):
+        place(state, store, "h3", "want", move=True)
+    state = place(state, store, "h1", "stop")  # h1's agent hands it off
+    assert (state.vms["web01"].state, state.vms["web01"].want) == ("stopped", "h2")
+    state = place(state, store, "h2", "start")  # h2's agent takes it
+    assert (state.vms["web01"].host, state.vms["web01"].want) == ("h2", None)
+
+
+def test_a_move_that_cannot_happen_is_abandoned_with_its_reason():
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    state = place(state, store, "h1", "start")
+    state = vm.replace(state, vms={"web01": vm.replace(state.vms["web01"], want="h2")})
+    state = place(state, store, "h1", "abandon", error="h1: did not shut down")
+    web = state.vms["web01"]
+    assert (web.want, web.error, web.host) == (None, "h1: did not shut down", "h1")

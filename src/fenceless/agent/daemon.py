@@ -117,6 +117,8 @@ class Agent:
         self.server.start()
         for v in self.vgs.values():
             v.thread.start()
+            if v.vmwork is not None:
+                v.vmwork.thread.start()
         stop.wait()
         self.server.close()
         self.stop()
@@ -127,6 +129,8 @@ class Agent:
         """Stop every VG thread; release the leases of those that are idle."""
         for v in self.vgs.values():
             v.stop.set()
+            if v.vmwork is not None:
+                v.vmwork.stop.set()
         for v in self.vgs.values():
             self.set_role(role_entry(v.vg.name, "reader", None, 0, 0.0))
             v.thread.join(timeout=30)

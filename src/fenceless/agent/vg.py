@@ -26,6 +26,7 @@ from fenceless.agent.mailbox import POLL, BadRequest, Mailboxes, Pending
 from fenceless.agent.port import AgentPort
 from fenceless.agent.priority import raise_this_thread
 from fenceless.agent.role import UNREAD, Act, HandoverAsk, RoleView, decide, handover_ask
+from fenceless.agent.vmwork import VmWorker
 from fenceless.clock import Clock
 from fenceless.config import HostConfig, VgConfig
 from fenceless.control.anchor import NotInitialized, read_anchor
@@ -98,6 +99,10 @@ class VgAgent:
         self.requests: queue.Queue[Pending] = queue.Queue()
         self.waiting: list[Pending] = []
         self.stop = threading.Event()
+        # With a hypervisor, a worker runs the VM moves other hosts ask of this one.
+        self.vmwork = VmWorker(cfg, vg.name, lambda req: self.submit(req, 120.0),
+                               lambda: self.keeper.n, self.log) \
+            if cfg.hypervisor_uri else None
         self.thread = threading.Thread(target=self.loop, name=f"vg-{vg.name}", daemon=True)
         self.last_error = ""
         self.ticks = 0

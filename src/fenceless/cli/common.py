@@ -58,6 +58,7 @@ EXAMPLES = {
     "vm start": "fenceless vm start web01",
     "vm stop": "fenceless vm stop web01 --force",
     "vm recover": "fenceless vm recover web01",
+    "vm migrate": "fenceless vm migrate web01 --to h3",
     "vm show": "fenceless vm show web01",
     "log": "fenceless log --limit 20",
     "metadata history": "fenceless metadata history",

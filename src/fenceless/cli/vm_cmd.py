@@ -73,7 +73,15 @@ def register(sub: Subparsers, name: str) -> None:
     sp = command(vsub, "start", "vm start", "start a VM on this host: the writer grants it "
                  "(refused while it runs anywhere else), its disks are mapped, libvirt starts it")
     sp.add_argument("name")
-    sp.add_argument("--on", metavar="HOST", help="the host to start it on (this host)")
+    sp.add_argument("--on", metavar="HOST", help="the host to start it on (default: this "
+                    "host); its agent starts it")
+    _change_options(sp)
+    sp = command(vsub, "migrate", "vm migrate", "move a VM to another host, cold: stopped "
+                 "where it runs (its disks unmapped, its grant returned), started there")
+    sp.add_argument("name")
+    sp.add_argument("--to", required=True, metavar="HOST")
+    sp.add_argument("--force", action="store_true",
+                    help="destroy the running copy instead of asking the guest to shut down")
     _change_options(sp)
     sp = command(vsub, "recover", "vm recover", "start here a VM whose host is DEAD (refused "
                  "before: its host may still be writing)")
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             emit(args, vmquery.vm_show(cfg, args.vg, args.name, version=args.version),
                  _show_text)
         return 0
-    if sub in ("start", "stop", "recover"):
+    if sub in ("start", "stop", "recover", "migrate"):
         return _lifecycle(args, cfg, sub)
     from fenceless.hv import domain
     from fenceless.ops.requests import vm_request
@@ -153,22 +161,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class ElsewhereNotBuilt(UserError):
-    """Refused: starting a VM on another host from here is not built yet; run `fenceless \
-vm start {name}` on {host}. Nothing was changed"""
-
-
 def _lifecycle(args: argparse.Namespace, cfg: Any, sub: str) -> int:
     from fenceless.hv.domain import vm_name
     from fenceless.ops import vmlife
 
     name = vm_name(args.name)
-    if sub == "start" and getattr(args, "on", None) not in (None, cfg.host):
-        raise ElsewhereNotBuilt(name=name, host=args.on)
-    driver = vmlife.driver_for(cfg)
 
     def call(request: dict[str, Any]) -> dict[str, Any]:
         return agent_call(cfg, request, timeout=args.timeout)
+
+    target = getattr(args, "to", None) or getattr(args, "on", None)
+    if target is not None and (sub == "migrate" or target != cfg.host):
+        res = vmlife.ask_move(cfg, args.vg, name, str(target), call,
+                              force=getattr(args, "force", False), move=sub == "migrate",
+                              timeout=args.timeout)
+        emit(args, res, lambda r: f"{r['name']}: running on {r['host']}"
+             + (f" (moved from {r['from']})" if r.get("from") else ""))
+        return 0
+    driver = vmlife.driver_for(cfg)
 
     try:
         if sub in ("start", "recover"):

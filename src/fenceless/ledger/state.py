@@ -293,6 +293,9 @@ class VmEntry:
     state: str = "stopped"
     since_ms: int = 0  # when the writer granted it to ``host`` (wall clock, for humans)
     since_epoch: int = 0  # the writer epoch of that grant
+    want: str | None = None  # a host asked to run it (start --on, migrate): its agent acts
+    want_force: bool = False  # the running copy may be destroyed, not shut down
+    error: str = ""  # why the last asked-for move did not happen
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -302,6 +305,10 @@ class VmEntry:
             "ms": self.changed_ms, "state": self.state}
         if self.host is not None:
             out.update(host=self.host, at=self.since_ms, pe=self.since_epoch)
+        if self.want is not None:
+            out.update(want=self.want, wf=self.want_force)
+        if self.error:
+            out["err"] = self.error
         return out
 
     @classmethod
@@ -322,7 +329,10 @@ class VmEntry:
             host=_opt_str(d.get("host"), f"{where}.host"),
             state=_str(d.get("state", "stopped"), f"{where}.state"),
             since_ms=_int(d.get("at", 0), f"{where}.at"),
-            since_epoch=_int(d.get("pe", 0), f"{where}.pe"))
+            since_epoch=_int(d.get("pe", 0), f"{where}.pe"),
+            want=_opt_str(d.get("want"), f"{where}.want"),
+            want_force=d.get("wf") is True,
+            error=_str(d.get("err", ""), f"{where}.err"))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from fenceless.ledger.state import (
 )
 
 VM_OPS = ("vm-define", "vm-undefine", "vm-place")
-PLACE_ACTIONS = ("start", "stop", "recover")
+PLACE_ACTIONS = ("start", "stop", "recover", "want", "abandon")
 SOURCES = ("xml", "xl")
 
 
@@ -77,6 +77,15 @@ class VmAlreadyRunning(UserError):
 
 class VmNotRunningThere(UserError):
     """Refused: VM {name} is not running on {host} ({state}{where}); nothing was changed"""
+
+
+class NoSuchHost(UserError):
+    """Refused: {host} is not a host of this cluster (hosts: {hosts}); nothing was changed"""
+
+
+class WantedElsewhere(UserError):
+    """Refused: VM {name} is being moved to {host} already; wait for it (`fenceless vm list`) \
+or let that finish first. Nothing was changed"""
 
 
 class HostNotDead(UserError):
@@ -212,6 +221,14 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
     if action not in PLACE_ACTIONS or not host:
         raise BadDefinition(source=f"of VM {name}", detail=f"bad placement {action!r}")
     since = _clock(current.since_ms)
+    if action == "want":
+        return _want(state, current, host, bool(args.get("force")), bool(args.get("move")),
+                     epoch)
+    if action == "abandon":
+        entry = replace(current, want=None, want_force=False,
+                        error=str(args.get("error", ""))[:300])
+        return replace(state, vms={**state.vms, name: entry}), {
+            "name": name, "state": entry.state, "epoch": epoch}
     if action == "stop":
         if current.state == "stopped" or current.host != host:
             raise VmNotRunningThere(name=name, host=host, state=current.state,
@@ -240,10 +257,36 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
             if other != host and "rw" in (mode, disk.mode):
                 raise DiskHeldElsewhere(name=name, volume=disk.volume, host=other,
                                         mode="read-write" if mode == "rw" else "read-only")
-    entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch)
+    if current.want not in (None, host):
+        raise WantedElsewhere(name=name, host=current.want)
+    entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
+                    want=None, want_force=False, error="")
     return replace(state, vms={**state.vms, name: entry}), {
         "name": name, "host": host, "state": "running", "epoch": epoch,
         "disks": [d.to_json() for d in current.disks]}
+
+
+def _want(state: LedgerState, current: VmEntry, host: str, force: bool, move: bool,
+          epoch: int) -> tuple[LedgerState, dict[str, Any]]:
+    """Ask ``host`` to run the VM: its agent starts it once it is stopped (and the host it
+    runs on now stops it first: a cold migration)."""
+    if state.host_id(host) is None:
+        raise NoSuchHost(host=host, hosts=", ".join(sorted(state.host_names().values())))
+    if current.host == host and current.state == "running":
+        raise VmAlreadyRunning(name=current.name, host=host, since=_clock(current.since_ms),
+                               epoch=current.since_epoch)
+    if current.want not in (None, host):
+        raise WantedElsewhere(name=current.name, host=current.want)
+    if current.state != "stopped" and current.host is not None and not move:
+        rw = next((d.volume for d in current.disks if d.mode == "rw"), "-")
+        raise VmRunningElsewhere(name=current.name, volume=rw, host=current.host,
+                                 since=_clock(current.since_ms), epoch=current.since_epoch)
+    if move and (current.state == "stopped" or current.host is None):
+        raise VmNotRunningThere(name=current.name, host="any host", state=current.state,
+                                where=" (start it with `fenceless vm start --on HOST`)")
+    entry = replace(current, want=host, want_force=force, error="")
+    return replace(state, vms={**state.vms, current.name: entry}), {
+        "name": current.name, "want": host, "from": current.host, "epoch": epoch}
 
 
 def _pushed(history: tuple[VmVersion, ...], old: VmEntry, action: str, epoch: int,

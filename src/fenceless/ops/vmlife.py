@@ -13,12 +13,13 @@ its disks are unmapped, and only then is the grant given back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
 from fenceless.config import HostConfig
-from fenceless.errors import FencelessError, UserError
+from fenceless.errors import ExecError, FencelessError, UserError
 from fenceless.hv.domain import with_disk_paths
 from fenceless.hv.libvirt import LibvirtDriver, NoHypervisor
 from fenceless.ops import vmquery
@@ -95,3 +96,36 @@ class VmStopOp:
             "vm-place", self.name, host=self.cfg.host, action="stop")})
         return {"name": self.name, "host": self.cfg.host, "state": "stopped",
                 "was_running": was_running, "epoch": done.get("epoch")}
+
+
+class MoveFailed(ExecError):
+    """VM {name} was not started on {host}: {error}"""
+
+
+class MoveTimedOut(ExecError):
+    """VM {name} is not running on {host} after {timeout:.0f}s (now: {now}); the request \
+stands, and {host}'s agent acts on it when it can (see `fenceless vm list`)"""
+
+
+def ask_move(cfg: HostConfig, vg: str | None, name: str, target: str, call: Call, *,
+             force: bool, move: bool, timeout: float, poll: float = 0.3) -> dict[str, Any]:
+    """``vm start --on HOST`` and ``vm migrate --to HOST``: the writer records that
+    ``target`` should run the VM; the agents of the hosts concerned act on it
+    (``agent/vmwork.py``). Waits until it runs there, or its start was abandoned."""
+    request = vm_request("vm-place", name, host=target, action="want")
+    request["args"].update(force=force, move=move)
+    asked = call({"op": "vm", "vg": vg, "request": request})
+    deadline = time.monotonic() + timeout
+    while True:
+        vm = next((v for v in vmquery.vm_list(cfg, vg) if v["name"] == name), None)
+        if vm is None:
+            raise vmquery.UnknownVm(name=name, vg=cfg.vg(vg).name, hint=" (undefined meanwhile)")
+        if vm["host"] == target and vm["state"] == "running":
+            return {"name": name, "host": target, "state": "running", "from": asked.get("from"),
+                    "epoch": asked.get("epoch")}
+        if vm["want"] is None and vm["error"]:
+            raise MoveFailed(name=name, host=target, error=vm["error"])
+        if time.monotonic() > deadline:
+            raise MoveTimedOut(name=name, host=target, timeout=timeout,
+                               now=f"{vm['state']} on {vm['host'] or 'no host'}")
+        time.sleep(poll)

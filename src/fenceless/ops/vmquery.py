@@ -52,7 +52,8 @@ def entry_json(e: VmEntry) -> dict[str, Any]:
     return {"name": e.name, "host": e.host, "state": e.state, "memory_mib": e.memory_mib,
             "vcpus": e.vcpus, "disks": [{"target": d.target, "volume": d.volume,
                                          "mode": d.mode} for d in e.disks],
-            "version": e.seq, "epoch": e.epoch, "source": e.source}
+            "version": e.seq, "epoch": e.epoch, "source": e.source, "want": e.want,
+            "want_force": e.want_force, "error": e.error}
 
 
 def vm_list(cfg: HostConfig, vg_name: str | None) -> list[dict[str, Any]]:

@@ -1,0 +1,95 @@
+"""The agent's VM worker: it does on this host what another host asked for on the LUN.
+
+``vm start NAME --on HOST`` and ``vm migrate NAME --to HOST`` run on any host:
+they ask the writer to record that HOST should run the VM (``want`` in the VM
+index). Every agent's worker reads the index (from the LUN, every
+``POLL_N`` N) and acts on what concerns its host:
+
+- the VM runs here and is wanted elsewhere: stop it here (a shutdown request,
+  or destroy when asked with ``--force``), unmap its disks, give the grant
+  back; the wanted host then sees it stopped;
+- the VM is wanted here and stopped: start it here (the writer's grant, the
+  disks, libvirt), exactly as ``vm start`` on this host does.
+
+A start that fails is abandoned with its error in the index (the asking CLI
+reports it), so no host retries it forever. The worker is a thread of its
+own: libvirt and LVM may be slow, and the lease thread must never wait for
+them; it reaches the agent through the same request queue as a local CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fenceless.config import HostConfig
+from fenceless.errors import FencelessError
+from fenceless.ops import vmlife, vmquery
+from fenceless.ops.requests import vm_request
+
+POLL_N = 5  # the worker reads the VM index every 5N
+STOP_GRACE = 30.0  # seconds a guest gets to shut down before a move gives up
+
+
+class VmWorker:
+    def __init__(self, cfg: HostConfig, vg: str, submit: Callable[[dict[str, Any]], Any],
+                 n: Callable[[], float], log: Callable[[str], None]) -> None:
+        self.cfg, self.vg, self.submit, self.n, self.log = cfg, vg, submit, n, log
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name=f"vm-{vg}", daemon=True)
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.submit({**request, "vg": self.vg})
+        return result
+
+    def loop(self) -> None:
+        while not self.stop.wait(POLL_N * self.n()):
+            try:
+                self.round()
+            except FencelessError as exc:
+                self.log(f"vm worker: {exc}")
+            except Exception as exc:  # the worker must outlive a bug in one round
+                self.log(f"vm worker: internal error: {type(exc).__name__}: {exc}")
+
+    def round(self) -> None:
+        me = self.cfg.host
+        for vm in vmquery.vm_list(self.cfg, self.vg):
+            want, host = vm.get("want"), vm.get("host")
+            if want is None or want == host:
+                continue
+            if host == me:
+                self.hand_off(vm)
+            elif want == me and vm["state"] == "stopped":
+                self.take(vm)
+
+    def hand_off(self, vm: dict[str, Any]) -> None:
+        name = vm["name"]
+        self.log(f"vm {name}: wanted on {vm['want']}: stopping it here")
+        driver = vmlife.driver_for(self.cfg)
+        try:
+            driver.stop(name, force=bool(vm.get("want_force")), timeout=STOP_GRACE)
+            vmlife.VmStopOp(self.cfg, self.vg, name, self.call, driver, force=True).run()
+        except FencelessError as exc:
+            # It still runs here (it did not shut down, or a step failed): the move is off.
+            self.log(f"vm {name}: not handed off: {exc}")
+            self.abandon(name, exc)
+        finally:
+            driver.close()
+
+    def abandon(self, name: str, exc: FencelessError) -> None:
+        request = vm_request("vm-place", name, host=self.cfg.host, action="abandon")
+        request["args"]["error"] = f"{self.cfg.host}: {exc}"
+        self.call({"op": "vm", "request": request})
+
+    def take(self, vm: dict[str, Any]) -> None:
+        name = vm["name"]
+        self.log(f"vm {name}: wanted here: starting it")
+        driver = vmlife.driver_for(self.cfg)
+        try:
+            vmlife.VmStartOp(self.cfg, self.vg, name, self.call, driver).run()
+        except FencelessError as exc:
+            self.log(f"vm {name}: not started here: {exc}")
+            self.abandon(name, exc)
+        finally:
+            driver.close()
