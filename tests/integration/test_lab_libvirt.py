@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,47 @@ def test_started_on_another_host_and_migrated_cold_from_a_third(make_lab):
     vms = {v["name"]: v for v in json.loads(lab.on("h2", "vm", "list", "--json").stdout)}
     assert (vms["ctr"]["host"], vms["ctr"]["want"]) == ("h1", None)
     lab.on("h1", "vm", "stop", "ctr", "--force")
+
+
+def test_a_host_whose_renewals_fail_kills_its_own_vms_before_its_watchdog_fires(make_lab):
+    """h2's agent runs on, but every write it makes to the LUN fails (EIO, injected with
+    strace): past 6N it kills its own VM; the watchdog's firing at 10N finds it gone."""
+    import signal
+    import subprocess
+
+    from fenceless.clock import boottime
+    from tests.integration.test_fencing import fired
+
+    lab = make_lab(3, "--agents", "--libvirt")
+    lab.on("h1", "init")
+    for h in ("h2", "h3"):
+        lab.on(h, "join")
+    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
+    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    lab.on("h2", "vm", "start", "ctr")
+    from fenceless.lab.libvirt import qemu_pids
+
+    pids = wait_until(lambda: qemu_pids(lab.dir / "hosts" / "h2"), 30, "ctr's QEMU")
+    agent_pid = json.loads((lab.dir / "lab.json").read_text())["hosts"][1]["agent_pid"]
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(agent_pid),
+                               "-e", "trace=pwritev2,pwritev",
+                               "-e", "inject=pwritev2,pwritev:error=EIO"])
+    try:
+        def gone() -> float | None:
+            for p in pids:
+                try:
+                    stat = Path(f"/proc/{p}/stat").read_text()
+                except OSError:
+                    continue
+                if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return None
+            return boottime()
+
+        died = wait_until(gone, 30, "h2's VM to be fenced")
+        got = wait_until(lambda: fired(lab, "h2"), 30, "h2's watchdog to fire")
+        assert died < got[0]["fired_at"], (died, got)  # the agent's own timer came first
+        log = (lab.dir / "hosts" / "h2" / "agent.log").read_text()
+        assert "FENCING THIS HOST'S VMs" in log
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)

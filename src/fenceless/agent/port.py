@@ -23,6 +23,7 @@ from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.guard.role import RoleEntry
 from fenceless.guard.role import entry as role_entry
+from fenceless.holders import kill_holders
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader
 from fenceless.ledger import audit, history, vmstore
@@ -100,8 +101,29 @@ class AgentPort:
         self.handover_ask: dict[str, Any] | None = None  # this host's request, published
         self.written_claims: HostClaims | None = None
         self.claims_seq = 0
-        keeper.on_late = lambda why: self.set_epoch(None, why) if self._epoch else None
+        keeper.on_late = self.late
         keeper.on_lost = lambda why: self.set_epoch(None, why)
+
+    def late(self, why: str) -> None:
+        """Renewals are failing past 6N: stop exclusive work before anyone may take it."""
+        if self._epoch is not None:
+            self.set_epoch(None, why)
+        self.fence_vms(why)
+
+    def fence_vms(self, why: str) -> None:
+        """Kill whatever holds this host's read-write mappings open (its VMs): at 6N, well
+        before another host may take them at 14N (docs/design.md, "VMs"). The watchdog does
+        the same at 10N if this agent cannot (frozen)."""
+        try:
+            devices = [a.device for a in self.activator().active()
+                       if not a.readonly]
+        except FencelessError as exc:
+            self.log(f"cannot list this host's mappings to fence its VMs: {exc}")
+            return
+        killed = kill_holders(devices)
+        if killed:
+            self.log(f"!!! FENCING THIS HOST'S VMs ({why}): killed pid(s) "
+                     f"{', '.join(map(str, killed))}, which held {', '.join(devices)} open")
 
     # --- identity and time ------------------------------------------------------------
 

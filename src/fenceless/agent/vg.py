@@ -101,7 +101,8 @@ class VgAgent:
         self.stop = threading.Event()
         # With a hypervisor, a worker runs the VM moves other hosts ask of this one.
         self.vmwork = VmWorker(cfg, vg.name, lambda req: self.submit(req, 120.0),
-                               lambda: self.keeper.n, self.log) \
+                               lambda: self.keeper.n, self.log,
+                               lambda: self.keeper.lease is not None) \
             if cfg.hypervisor_uri else None
         self.thread = threading.Thread(target=self.loop, name=f"vg-{vg.name}", daemon=True)
         self.last_error = ""

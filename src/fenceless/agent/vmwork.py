@@ -34,8 +34,10 @@ STOP_GRACE = 30.0  # seconds a guest gets to shut down before a move gives up
 
 class VmWorker:
     def __init__(self, cfg: HostConfig, vg: str, submit: Callable[[dict[str, Any]], Any],
-                 n: Callable[[], float], log: Callable[[str], None]) -> None:
+                 n: Callable[[], float], log: Callable[[str], None],
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self.cfg, self.vg, self.submit, self.n, self.log = cfg, vg, submit, n, log
+        self.ready = ready  # a member with its host lease: before that there is nothing to do
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, name=f"vm-{vg}", daemon=True)
 
@@ -45,6 +47,8 @@ class VmWorker:
 
     def loop(self) -> None:
         while not self.stop.wait(POLL_N * self.n()):
+            if not self.ready():
+                continue
             try:
                 self.round()
             except FencelessError as exc:
