@@ -14,6 +14,7 @@ import os
 import signal
 import stat
 from collections.abc import Iterable
+from typing import Any
 
 
 def _rdevs(devices: Iterable[str]) -> set[int]:
@@ -43,7 +44,12 @@ def holders(devices: Iterable[str], proc: str = "/proc") -> list[int]:
             continue
         for fd in fds:
             with contextlib.suppress(OSError):
-                st = os.stat(os.path.join(fd_dir, fd))
+                path = os.path.join(fd_dir, fd)
+                # Only what is under /dev is looked at: stat of a file on a hung network
+                # mount would hang the fence itself.
+                if not os.readlink(path).startswith("/dev/"):
+                    continue
+                st = os.stat(path)
                 if stat.S_ISBLK(st.st_mode) and st.st_rdev in wanted:
                     found.append(int(entry))
                     break
@@ -58,3 +64,32 @@ def kill_holders(devices: Iterable[str]) -> list[int]:
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
     return killed
+
+
+def mapped_path(cfg: Any, vg: str, lv: str) -> str | None:
+    """Where this host has ``lv`` mapped, from local knowledge only (no LVM, no LUN I/O):
+    device-mapper's name for LVM activation, the recorded loop device in the lab."""
+    if getattr(cfg, "activation", "lvm") == "lab":
+        import json
+
+        rec = os.path.join(cfg.state_dir, "lab-active", vg, f"{lv}.json")
+        try:
+            with open(rec) as f:
+                device = json.load(f).get("device")
+        except (OSError, ValueError):
+            return None
+        return device if isinstance(device, str) else None
+    return "/dev/mapper/" + vg.replace("-", "--") + "-" + lv.replace("-", "--")
+
+
+def vg_devices(cfg: Any, vg: str) -> list[str]:
+    """Every mapping of VG ``vg`` on this host, from local knowledge only."""
+    if getattr(cfg, "activation", "lvm") == "lab":
+        folder = os.path.join(cfg.state_dir, "lab-active", vg)
+        lvs = [n[:-5] for n in os.listdir(folder)] if os.path.isdir(folder) else []
+        return [d for d in (mapped_path(cfg, vg, lv) for lv in lvs) if d]
+    prefix = vg.replace("-", "--") + "-"
+    with contextlib.suppress(OSError):
+        return ["/dev/mapper/" + n for n in os.listdir("/dev/mapper")
+                if n.startswith(prefix) and not n[len(prefix):].startswith("-")]
+    return []

@@ -135,3 +135,19 @@ def test_an_xl_config_becomes_a_spec_and_libvirt_xml_that_reads_back_the_same():
 def test_a_bad_xl_config_is_refused(text, match):
     with pytest.raises((BadDefinition, BadVmName), match=match):
         parse_xl(text, "sanvg")
+
+
+@pytest.mark.parametrize("extra,match", [
+    ("<hostdev mode='capabilities' type='storage'><source><block>/dev/sanvg/vm-db01</block>"
+     "</source></hostdev>", "<hostdev> is not allowed"),
+    ("<controller type='usb'/><qemu:commandline xmlns:qemu="
+     "'http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-drive'/>"
+     "</qemu:commandline>", "<commandline> is not allowed"),
+    ("<filesystem type='mount'><source dir='/dev/sanvg/vm-db01'/><target dir='x'/>"
+     "</filesystem>", "may only be a <disk>'s source"),
+])
+def test_a_volume_may_come_in_only_as_a_disk(extra, match):
+    """Another VM's read-write volume must not sneak in past the grant and the claims."""
+    xml = WEB.replace("  </devices>", f"    {extra}\n  </devices>")
+    with pytest.raises(BadDefinition, match=match):
+        parse_domain_xml(xml, "sanvg")

@@ -176,3 +176,25 @@ def test_a_move_that_cannot_happen_is_abandoned_with_its_reason():
     state = place(state, store, "h1", "abandon", error="h1: did not shut down")
     web = state.vms["web01"]
     assert (web.want, web.error, web.host) == (None, "h1: did not shut down", "h1")
+
+
+def test_only_a_host_itself_takes_or_gives_back_its_grant():
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    state = place(state, store, "h1", "start")
+    req = RequestInfo("r", "vm-place", {"name": "web01", "host": "h1", "action": "stop"})
+    with pytest.raises(vm.NotYourHost, match="h3 cannot stop a grant for h1"):
+        vm.apply(state, req, 3, VG, 7, store, requester="h3")
+    assert vm.apply(state, req, 1, VG, 7, store, requester="h1")[0].vms["web01"].host is None
+
+
+def test_the_disks_of_a_running_vm_do_not_change_but_the_rest_may():
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    state = place(state, store, "h1", "start")
+    with pytest.raises(vm.DisksOfRunningVm, match="runs on h1"):
+        define(state, store, WEB.replace("/dev/sanvg/vm-web01", "/dev/sanvg/vm-db01"),
+               replace=True)
+    state, _ = define(state, store, WEB.replace("<vcpu>2", "<vcpu>3"), replace=True)
+    web = state.vms["web01"]
+    assert (web.vcpus, web.host, web.state, web.since_ms) == (3, "h1", "running", 1000)

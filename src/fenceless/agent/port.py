@@ -23,7 +23,7 @@ from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.guard.role import RoleEntry
 from fenceless.guard.role import entry as role_entry
-from fenceless.holders import kill_holders
+from fenceless.holders import kill_holders, mapped_path
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader
 from fenceless.ledger import audit, history, vmstore
@@ -102,7 +102,11 @@ class AgentPort:
         self.written_claims: HostClaims | None = None
         self.claims_seq = 0
         keeper.on_late = self.late
-        keeper.on_lost = lambda why: self.set_epoch(None, why)
+        keeper.on_lost = self.lost
+
+    def lost(self, why: str) -> None:
+        self.set_epoch(None, why)
+        self.fence_vms(why)
 
     def late(self, why: str) -> None:
         """Renewals are failing past 6N: stop exclusive work before anyone may take it."""
@@ -113,17 +117,16 @@ class AgentPort:
     def fence_vms(self, why: str) -> None:
         """Kill whatever holds this host's read-write mappings open (its VMs): at 6N, well
         before another host may take them at 14N (docs/design.md, "VMs"). The watchdog does
-        the same at 10N if this agent cannot (frozen)."""
-        try:
-            devices = [a.device for a in self.activator().active()
-                       if not a.readonly]
-        except FencelessError as exc:
-            self.log(f"cannot list this host's mappings to fence its VMs: {exc}")
-            return
-        killed = kill_holders(devices)
+        the same at 10N if this agent cannot (frozen).
+
+        The devices come from what this agent knows, with no LVM command and no read of
+        the LUN: the path to it is what just failed."""
+        rw = [lv for lv, c in self.local.claims().items() if c.mode == "rw"]
+        devices = [mapped_path(self.cfg, self.vg, lv) for lv in rw]
+        killed = kill_holders(d for d in devices if d)
         if killed:
             self.log(f"!!! FENCING THIS HOST'S VMs ({why}): killed pid(s) "
-                     f"{', '.join(map(str, killed))}, which held {', '.join(devices)} open")
+                     f"{', '.join(map(str, killed))}, which held {', '.join(rw)} open")
 
     # --- identity and time ------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from fenceless.errors import FencelessError
 from fenceless.ops import vmlife, vmquery
 from fenceless.ops.requests import vm_request
 
-POLL_N = 5  # the worker reads the VM index every 5N
+POLL_N = 5  # the worker reads the VM index every 5N (and at most every POLL_MIN s):
+POLL_MIN = 2.0  # each read opens the LUN and parses the ledger, beside the lease thread
 STOP_GRACE = 30.0  # seconds a guest gets to shut down before a move gives up
 
 
@@ -46,7 +47,7 @@ class VmWorker:
         return result
 
     def loop(self) -> None:
-        while not self.stop.wait(POLL_N * self.n()):
+        while not self.stop.wait(max(POLL_N * self.n(), POLL_MIN)):
             if not self.ready():
                 continue
             try:

@@ -19,6 +19,7 @@ from typing import Any
 from fenceless.cgroup import CgroupError, WorkGroup
 from fenceless.clock import SystemClock
 from fenceless.config import HostConfig
+from fenceless.holders import holders, kill_holders, vg_devices
 from fenceless.lab.activation import reset_host
 from fenceless.runner import SubprocessRunner
 from fenceless.watchdog.daemon import Watchdog
@@ -42,9 +43,22 @@ def run_watchdog(cfg: HostConfig) -> int:
         device = HardwareWatchdog(cfg.watchdog_device,
                                   max(1, math.ceil(HARDWARE_TIMEOUT_N * cfg.io_timeout)))
         _log(f"petting {cfg.watchdog_device} (timeout {device.timeout}s)")
-    reset_extra = None
+    def kill_vms() -> None:
+        """The VMs: QEMU is libvirt's child, not in the work cgroup. Whatever holds a
+        mapping of a shared VG open is killed (``holders.py``)."""
+        devices = [d for vg in cfg.vgs for d in vg_devices(cfg, vg.name)]
+        kill_holders(devices)
+        deadline = time.monotonic() + 2.0
+        while holders(devices) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = holders(devices)
+        if left:
+            raise RuntimeError(f"processes {left} still hold {devices} open after SIGKILL")
+
+    reset_extra = kill_vms
     if cfg.activation == "lab":
         def reset_extra() -> None:
+            kill_vms()
             reset_host(cfg.state_dir, SubprocessRunner())
     wd = Watchdog(cfg.state_dir, work, SystemClock(), _log, device, reset_extra,
                   run_dir=cfg.run_dir)

@@ -223,7 +223,8 @@ def _up(args: argparse.Namespace, cluster: Any, runner: Runner) -> None:
 
     size = parse_size(args.size, minimum=64 << 20)
     state = cluster.up(args.dir, hosts=args.hosts, size=size, io_timeout=args.io_timeout,
-                       vgs=args.vg or ["sanvg"], runner=runner, lun_dir=args.lun_dir)
+                       vgs=args.vg or ["sanvg"], runner=runner, lun_dir=args.lun_dir,
+                       libvirt_uris=args.libvirt)
     if args.agents:
         for h in state["hosts"]:
             h["agent_pid"] = _daemons().start_agent(

@@ -117,6 +117,28 @@ def _unique(disks: list[Disk], source: str) -> tuple[Disk, ...]:
     return tuple(disks)
 
 
+_FORBIDDEN = ("hostdev", "backingStore", "commandline")  # the last: qemu:commandline
+
+
+def _no_side_doors(root: ET.Element, vg: str, source: str) -> None:
+    """A disk of the VG may only come in as a <disk> (its claim and grant are checked):
+    no host device, no backing chain, no raw QEMU arguments, and no device path of the VG
+    anywhere else in the XML."""
+    allowed = {id(src) for src in root.findall("./devices/disk/source")}
+    marks = (f"/dev/{vg}/", "/dev/mapper/" + vg.replace("-", "--") + "-", "/dev/dm-")
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag in _FORBIDDEN:
+            raise BadDefinition(source=source, detail=f"<{tag}> is not allowed: a fenceless "
+                                "VM's storage is its <disk> elements")
+        if id(el) in allowed:
+            continue
+        for text in (*el.attrib.values(), el.text or ""):
+            if any(m in text for m in marks):
+                raise BadDefinition(source=source, detail=f"<{tag}> names {text.strip()[:60]!r}"
+                                    "; a volume of the VG may only be a <disk>'s source")
+
+
 def parse_domain_xml(text: str, vg: str, *, source: str = "XML") -> DomainSpec:
     """Name, memory, vCPUs and disks of a libvirt domain XML; refusals say what is wrong."""
     if len(text.encode("utf-8")) > MAX_XML:
@@ -145,6 +167,7 @@ def parse_domain_xml(text: str, vg: str, *, source: str = "XML") -> DomainSpec:
     vcpu_text = (vcpu_el.text or "").strip() if vcpu_el is not None else "1"
     if not vcpu_text.isdigit() or not 1 <= int(vcpu_text) <= 4096:
         raise BadDefinition(source=source, detail=f"vcpu {vcpu_text[:20]!r} is not a count")
+    _no_side_doors(root, vg, source)
     disks: list[Disk] = []
     for el in root.findall("./devices/disk"):
         device = el.get("device", "disk")

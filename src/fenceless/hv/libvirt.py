@@ -68,8 +68,11 @@ class LibvirtDriver:
 
         try:
             dom = self.conn().lookupByName(name)
-        except libvirt.libvirtError:
-            return False
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False  # not running here (a transient domain is gone once stopped)
+            raise HypervisorError(uri=self.uri, action="look up", name=name,
+                                  detail=str(exc)) from exc
         try:
             if force:
                 dom.destroy()
@@ -81,8 +84,9 @@ class LibvirtDriver:
                     raise StopTimedOut(name=name, timeout=timeout)
                 time.sleep(0.2)
         except libvirt.libvirtError as exc:
-            if "not running" in str(exc) or "no domain" in str(exc):
-                return True
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN,
+                                        libvirt.VIR_ERR_OPERATION_INVALID):
+                return True  # it went away (or was not running) meanwhile
             raise HypervisorError(uri=self.uri, action="stop", name=name,
                                   detail=str(exc)) from exc
         return True

@@ -174,8 +174,12 @@ def up(
     vgs: list[str],
     runner: Runner,
     lun_dir: str | None = None,
+    libvirt_uris: bool = False,
 ) -> dict[str, Any]:
     """Make the lab. Refuses a DIR that already holds one.
+
+    ``libvirt_uris``: each host's config names its own libvirtd (``start_libvirt``), and
+    its agent runs a VM worker; a lab without VMs has neither.
 
     ``lun_dir`` puts the LUN images elsewhere than DIR/luns: on a tmpfs, every
     O_DIRECT|O_SYNC write of the hosts no longer waits for the machine's disk
@@ -215,7 +219,7 @@ def up(
     os.close(fd)
     _write_state(d, state)
     try:
-        _build(d, state, hosts, size, io_timeout, vgs, runner)
+        _build(d, state, hosts, size, io_timeout, vgs, runner, libvirt_uris)
     except BaseException:
         with contextlib.suppress(Exception):
             down(str(d), runner=runner, force=True)
@@ -230,7 +234,7 @@ def _lun_path(d: Path, lun_dir: str | None, vg: str) -> str:
 
 
 def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: float,
-           vgs: list[str], runner: Runner) -> None:
+           vgs: list[str], runner: Runner, libvirt_uris: bool) -> None:
     (d / "luns").mkdir(exist_ok=True)
     for vg, image in state["luns"].items():
         Path(image).parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +264,7 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
             vgs=tuple(cfgmod.VgConfig(vg, (dev,)) for vg, dev in entry["loops"].items()),
             lvm_system_dir=str(hdir / "lvm"), activation="lab",
             cgroup=f"{LAB_CGROUP}/{_lab_id(d)}/{name}", watchdog_device="none",
-            hypervisor_uri=libvirt.uri(hdir),
+            hypervisor_uri=libvirt.uri(hdir) if libvirt_uris else None,
         )
         Path(entry["config"]).write_text(cfgmod.render(host_cfg))
         entry["holder_pid"] = _start_holder(d, hdir, name, runner)

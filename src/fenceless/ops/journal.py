@@ -186,7 +186,8 @@ class Journal:
                                lambda: set(self.snapshot(lvm).lvs), self.claim_modes,
                                self.host_state)
         try:
-            new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store)
+            new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store,
+                                   requester=host)
         except UserError as exc:
             port.log(f"refused {req.op} {dict(req.args)} from {host}: {exc}")
             port.audit(host, req, "refused", str(exc))

@@ -83,6 +83,16 @@ class NoSuchHost(UserError):
     """Refused: {host} is not a host of this cluster (hosts: {hosts}); nothing was changed"""
 
 
+class NotYourHost(UserError):
+    """Refused: {requester} cannot {action} a grant for {host}; only that host takes or \
+gives back its own grants. Nothing was changed"""
+
+
+class DisksOfRunningVm(UserError):
+    """Refused: VM {name} runs on {host}; its disks cannot change while it runs (stop it \
+first; other changes are fine). Nothing was changed"""
+
+
 class WantedElsewhere(UserError):
     """Refused: VM {name} is being moved to {host} already; wait for it (`fenceless vm list`) \
 or let that finish first. Nothing was changed"""
@@ -147,8 +157,8 @@ class VmStorePort:
 
 
 def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: str,
-          epoch: int, store: VmStorePort, *, now_ms: Callable[[], int] | None = None
-          ) -> tuple[LedgerState, dict[str, Any]]:
+          epoch: int, store: VmStorePort, *, now_ms: Callable[[], int] | None = None,
+          requester: str | None = None) -> tuple[LedgerState, dict[str, Any]]:
     """The state after one definition change (slot written already), and its result.
 
     Raises a UserError for a refusal; nothing was written then.
@@ -158,6 +168,11 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
     name = vm_name(str(args.get("name", "")))
     current = state.vms.get(name)
     if req.op == "vm-place":
+        action = str(args.get("action", ""))
+        if requester is not None and action != "want" and args.get("host") != requester:
+            # Only a host itself takes or gives back a grant (a "want" asks another host).
+            raise NotYourHost(action=action, host=str(args.get("host"))[:64],
+                              requester=requester)
         return place(state, name, current, args, epoch, store, wall())
     if req.op == "vm-undefine":
         if current is None:
@@ -184,19 +199,23 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
     if spec.name != name:
         raise VmNameMismatch(found=spec.name, name=name)
     check_disks(spec, vg, store.volumes(), state.vms)
+    if current is not None and current.state != "stopped" and \
+            {(d.volume, d.mode) for d in spec.disks} != \
+            {(d.volume, d.mode) for d in current.disks}:
+        raise DisksOfRunningVm(name=name, host=current.host or "?")
     used = [v.slot for v in state.vms.values()]
     slot, dropped = vmstore.free_slot(used, [h.slot for h in state.vm_history], store.slots)
     history = tuple(h for h in state.vm_history if h.slot != slot) if dropped \
         else state.vm_history
     seq = state.vm_seq + 1
     store.write_definition(slot, name, xml, seq)
-    entry = VmEntry(
+    fields: dict[str, Any] = dict(
         name=name, slot=slot, seq=seq, sha=sha,
         disks=tuple(VmDisk(d.target, d.volume, d.mode) for d in spec.disks),
         memory_mib=spec.memory_mib, vcpus=spec.vcpus, source=source, epoch=epoch,
-        changed_ms=wall(),
-        host=current.host if current else None,
-        state=current.state if current else "stopped")
+        changed_ms=wall())
+    # An edit keeps where the VM runs, since when, and any move under way.
+    entry = replace(current, **fields) if current is not None else VmEntry(**fields)
     if current is not None:
         history = _pushed(history, current, "edit", epoch, wall())
     new = replace(state, vms={**state.vms, name: entry}, vm_history=history, vm_seq=seq)
@@ -223,8 +242,11 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
     since = _clock(current.since_ms)
     if action == "want":
         return _want(state, current, host, bool(args.get("force")), bool(args.get("move")),
-                     epoch)
+                     epoch, store)
     if action == "abandon":
+        if host not in (current.want, current.host):  # a late abandon of an older move
+            raise NothingToRecover(name=name, state="no longer being moved by",
+                                   where=f" {host}")
         entry = replace(current, want=None, want_force=False,
                         error=str(args.get("error", ""))[:300])
         return replace(state, vms={**state.vms, name: entry}), {
@@ -257,7 +279,8 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
             if other != host and "rw" in (mode, disk.mode):
                 raise DiskHeldElsewhere(name=name, volume=disk.volume, host=other,
                                         mode="read-write" if mode == "rw" else "read-only")
-    if current.want not in (None, host):
+    if current.want not in (None, host) and action != "recover" and \
+            store.host_state(current.want) == "live":
         raise WantedElsewhere(name=name, host=current.want)
     entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
                     want=None, want_force=False, error="")
@@ -267,7 +290,7 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
 
 
 def _want(state: LedgerState, current: VmEntry, host: str, force: bool, move: bool,
-          epoch: int) -> tuple[LedgerState, dict[str, Any]]:
+          epoch: int, store: VmStorePort) -> tuple[LedgerState, dict[str, Any]]:
     """Ask ``host`` to run the VM: its agent starts it once it is stopped (and the host it
     runs on now stops it first: a cold migration)."""
     if state.host_id(host) is None:
@@ -275,7 +298,7 @@ def _want(state: LedgerState, current: VmEntry, host: str, force: bool, move: bo
     if current.host == host and current.state == "running":
         raise VmAlreadyRunning(name=current.name, host=host, since=_clock(current.since_ms),
                                epoch=current.since_epoch)
-    if current.want not in (None, host):
+    if current.want not in (None, host) and store.host_state(current.want) == "live":
         raise WantedElsewhere(name=current.name, host=current.want)
     if current.state != "stopped" and current.host is not None and not move:
         rw = next((d.volume for d in current.disks if d.mode == "rw"), "-")

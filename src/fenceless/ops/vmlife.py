@@ -23,6 +23,7 @@ from fenceless.errors import ExecError, FencelessError, UserError
 from fenceless.hv.domain import with_disk_paths
 from fenceless.hv.libvirt import LibvirtDriver, NoHypervisor
 from fenceless.ops import vmquery
+from fenceless.ops.activation import HeldElsewhere
 from fenceless.ops.requests import vm_request
 
 Call = Callable[[dict[str, Any]], dict[str, Any]]
@@ -50,15 +51,16 @@ class VmStartOp:
 
     def run(self) -> dict[str, Any]:
         vg = self.cfg.vg(self.vg).name
-        shown = vmquery.vm_show(self.cfg, self.vg, self.name)
-        granted = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
-            "vm-place", self.name, host=self.cfg.host, action=self.action)})
         mapped: list[str] = []
+        granted: dict[str, Any] = {}
         try:
+            granted = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
+                "vm-place", self.name, host=self.cfg.host, action=self.action)})
+            # Read after the grant: an edit in between cannot have us map old disks.
+            shown = vmquery.vm_show(self.cfg, self.vg, self.name)
             paths = {}
             for disk in shown["disks"]:
-                got = self.call({"op": "activate", "vg": self.vg, "lv": disk["volume"],
-                                 "readonly": disk["mode"] == "ro"})
+                got = self.activate(disk)
                 mapped.append(disk["volume"])
                 paths[disk["volume"]] = str(got["device"])
             self.driver.start(self.name, with_disk_paths(shown["xml"], vg, paths))
@@ -67,15 +69,36 @@ class VmStartOp:
             raise
         return {"name": self.name, "host": self.cfg.host, "state": "running",
                 "epoch": granted.get("epoch"), "disks": paths,
-                "version": shown["version"]}
+                "version": granted.get("version", shown["version"])}
+
+    def activate(self, disk: dict[str, Any]) -> dict[str, Any]:
+        """Map one disk. For a recovery, the dead host's claim may still count here for a
+        while: the writer saw it DEAD, and this host's own view of it follows within its
+        next observations, so the mapping is tried again for up to 14N more."""
+        request = {"op": "activate", "vg": self.vg, "lv": disk["volume"],
+                   "readonly": disk["mode"] == "ro"}
+        deadline = time.monotonic() + 14 * self.cfg.io_timeout + 2.0
+        while True:
+            try:
+                return self.call(request)
+            except HeldElsewhere:
+                if self.action != "recover" or time.monotonic() > deadline:
+                    raise
+                time.sleep(self.cfg.io_timeout)
 
     def undo(self, mapped: list[str]) -> None:
+        """Unmap what was mapped; give the grant back only if every disk is unmapped (a
+        domain that started after all keeps its disk, and its grant says so)."""
+        clean = True
         for volume in reversed(mapped):
-            with suppress(FencelessError):
+            try:
                 self.call({"op": "deactivate", "vg": self.vg, "lv": volume})
-        with suppress(FencelessError):
-            self.call({"op": "vm", "vg": self.vg, "request": vm_request(
-                "vm-place", self.name, host=self.cfg.host, action="stop")})
+            except FencelessError:
+                clean = False
+        if clean:
+            with suppress(FencelessError):
+                self.call({"op": "vm", "vg": self.vg, "request": vm_request(
+                    "vm-place", self.name, host=self.cfg.host, action="stop")})
 
 
 class VmStopOp:
