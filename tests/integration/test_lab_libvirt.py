@@ -86,6 +86,18 @@ def cfg_uri(lab, host: str) -> str:
     return uri
 
 
+def counter_lab(make_lab):
+    """Three hosts with agents and libvirtds, h1 the writer, and the counter guest ctr
+    defined (stopped) on its volume ctr-disk."""
+    lab = make_lab(3, "--agents", "--libvirt")
+    lab.on("h1", "init")
+    for h in ("h2", "h3"):
+        lab.on(h, "join")
+    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
+    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    return lab
+
+
 def counter_of(lab, host: str, volume: str) -> list[tuple[int, str]]:
     """The counter records as read through ``host``'s own view of the LUN (no mapping
     needed: the volume's extent, read with O_DIRECT from the host's LUN device)."""
@@ -107,12 +119,7 @@ def counter_of(lab, host: str, volume: str) -> list[tuple[int, str]]:
 def test_a_vm_runs_on_one_host_only_and_moves_with_its_counter(make_lab):
     from tests.integration.test_volumes import lab_mapped
 
-    lab = make_lab(3, "--agents", "--libvirt")
-    lab.on("h1", "init")
-    for h in ("h2", "h3"):
-        lab.on(h, "join")
-    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
-    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    lab = counter_lab(make_lab)
     lab.on("h2", "vm", "start", "ctr")
     vms = {v["name"]: v for v in json.loads(lab.on("h3", "vm", "list", "--json").stdout)}
     assert (vms["ctr"]["host"], vms["ctr"]["state"]) == ("h2", "running")
@@ -148,12 +155,7 @@ def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab)
     from tests.integration.test_fencing import fired
     from tests.integration.test_volumes import lab_mapped
 
-    lab = make_lab(3, "--agents", "--libvirt")
-    lab.on("h1", "init")
-    for h in ("h2", "h3"):
-        lab.on(h, "join")
-    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
-    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    lab = counter_lab(make_lab)
     lab.on("h2", "vm", "start", "ctr")
     wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count")
 
@@ -183,12 +185,7 @@ def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab)
 
 
 def test_started_on_another_host_and_migrated_cold_from_a_third(make_lab):
-    lab = make_lab(3, "--agents", "--libvirt")
-    lab.on("h1", "init")
-    for h in ("h2", "h3"):
-        lab.on(h, "join")
-    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
-    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    lab = counter_lab(make_lab)
 
     res = json.loads(lab.on("h1", "vm", "start", "ctr", "--on", "h2", "--json").stdout)
     assert (res["host"], res["state"]) == ("h2", "running")
@@ -221,12 +218,7 @@ def test_a_host_whose_renewals_fail_kills_its_own_vms_before_its_watchdog_fires(
     from fenceless.clock import boottime
     from tests.integration.test_fencing import fired
 
-    lab = make_lab(3, "--agents", "--libvirt")
-    lab.on("h1", "init")
-    for h in ("h2", "h3"):
-        lab.on(h, "join")
-    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all hosts live")
-    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr")
+    lab = counter_lab(make_lab)
     lab.on("h2", "vm", "start", "ctr")
     from fenceless.lab.libvirt import qemu_pids
 

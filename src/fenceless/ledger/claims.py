@@ -32,14 +32,12 @@ from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.ondisk.errors import CorruptRecord, RecordTooLarge
 from fenceless.ondisk.layout import Layout, Region
 from fenceless.ondisk.record import (
-    HEADER,
     HEADER_SIZE,
     KIND_CLAIMS,
-    MAGICS,
-    decode_record,
     encode_record,
-    is_empty,
     pad,
+    read_sized,
+    write_tail_first,
 )
 
 REGION = "claims"
@@ -119,17 +117,8 @@ def read_claims(dev: BlockDevice, layout: Layout, host_id: int) -> HostClaims | 
     """One host's claims (None: it never wrote any). Unreadable: ``CorruptRecord``."""
     region, size = _slot(layout, host_id)
     offset = region.offset + (host_id - 1) * size
-    head = dev.read(offset, SECTOR)
-    if is_empty(head):
-        return None
-    buf = head
-    length = HEADER.unpack_from(head)[4]
-    if head[:4] == MAGICS[KIND_CLAIMS] and HEADER_SIZE + length > SECTOR:
-        need = min(size, -(-(HEADER_SIZE + length) // SECTOR) * SECTOR)
-        buf = head + dev.read(offset + SECTOR, need - SECTOR)
-    rec = decode_record(buf, kind=KIND_CLAIMS, region=REGION, offset=offset)
-    assert rec is not None
-    return _parse(rec.payload, rec.seq, offset)
+    rec = read_sized(dev, offset, kind=KIND_CLAIMS, region=REGION, limit=size)
+    return None if rec is None else _parse(rec.payload, rec.seq, offset)
 
 
 def read_all_claims(dev: BlockDevice, layout: Layout,
@@ -156,11 +145,4 @@ def write_claims(dev: BlockDevice, layout: Layout, host_id: int, claims: HostCla
     """Only host ``host_id`` calls this: tail sectors first, the header sector last."""
     region, size = _slot(layout, host_id)
     offset = region.offset + (host_id - 1) * size
-    data = encode_claims(claims, size)
-    if len(data) > SECTOR:
-        if before_write is not None:
-            before_write()
-        dev.write(offset + SECTOR, data[SECTOR:])
-    if before_write is not None:
-        before_write()
-    dev.write(offset, data[:SECTOR])
+    write_tail_first(dev, offset, encode_claims(claims, size), before_write)

@@ -31,20 +31,18 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fenceless.blockio import SECTOR, BlockDevice
+from fenceless.blockio import BlockDevice
 from fenceless.errors import IntegrityError, UserError
 from fenceless.ondisk.errors import RecordTooLarge
 from fenceless.ondisk.layout import VM_SLOT_SIZE, Layout, Region
 from fenceless.ondisk.record import (
-    HEADER,
     HEADER_SIZE,
     KIND_VMDEF,
     KIND_VMSTAGE,
-    MAGICS,
-    decode_record,
     encode_record,
-    is_empty,
     pad,
+    read_sized,
+    write_tail_first,
 )
 
 DEFS = "vms"
@@ -113,16 +111,9 @@ def encode(kind: int, name: str, xml: str, *, seq: int, epoch: int) -> bytes:
 
 
 def _read(dev: BlockDevice, kind: int, region: Region, offset: int) -> StoredXml | None:
-    head = dev.read(offset, SECTOR)
-    if is_empty(head):
+    rec = read_sized(dev, offset, kind=kind, region=region.name, limit=VM_SLOT_SIZE)
+    if rec is None:
         return None
-    buf = head
-    length = HEADER.unpack_from(head)[4]
-    if head[:4] == MAGICS[kind] and HEADER_SIZE + length > SECTOR:
-        need = min(VM_SLOT_SIZE, -(-(HEADER_SIZE + length) // SECTOR) * SECTOR)
-        buf = head + dev.read(offset + SECTOR, need - SECTOR)
-    rec = decode_record(buf, kind=kind, region=region.name, offset=offset)
-    assert rec is not None
     payload = rec.payload
     if len(payload) < _NAME.size:
         raise DefinitionMismatch(name="?", region=region.name, slot=offset,
@@ -137,23 +128,12 @@ def _read(dev: BlockDevice, kind: int, region: Region, offset: int) -> StoredXml
     return StoredXml(name, xml, rec.seq, rec.epoch)
 
 
-def _write(dev: BlockDevice, offset: int, data: bytes,
-           before_write: Callable[[], None] | None) -> None:
-    if len(data) > SECTOR:
-        if before_write is not None:
-            before_write()
-        dev.write(offset + SECTOR, data[SECTOR:])
-    if before_write is not None:
-        before_write()
-    dev.write(offset, data[:SECTOR])
-
-
 def write_definition(dev: BlockDevice, layout: Layout, slot: int, name: str, xml: str, *,
                      seq: int, epoch: int, before_write: Callable[[], None] | None = None
                      ) -> None:
     """The writer only: version ``seq`` of VM ``name`` into a free slot."""
     _region, offset = _slot(layout, DEFS, slot)
-    _write(dev, offset, encode(KIND_VMDEF, name, xml, seq=seq, epoch=epoch), before_write)
+    write_tail_first(dev, offset, encode(KIND_VMDEF, name, xml, seq=seq, epoch=epoch), before_write)
 
 
 def read_definition(dev: BlockDevice, layout: Layout, slot: int, *, name: str, seq: int,
@@ -178,7 +158,7 @@ def write_stage(dev: BlockDevice, layout: Layout, host_id: int, name: str, xml: 
                 before_write: Callable[[], None] | None = None) -> None:
     """Host ``host_id`` only: an upload for the writer to pick up."""
     _region, offset = _slot(layout, STAGE, host_id - 1)
-    _write(dev, offset, encode(KIND_VMSTAGE, name, xml, seq=seq, epoch=generation),
+    write_tail_first(dev, offset, encode(KIND_VMSTAGE, name, xml, seq=seq, epoch=generation),
            before_write)
 
 

@@ -10,9 +10,10 @@ writer writes over such a record.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from fenceless.blockio import SECTOR
+from fenceless.blockio import SECTOR, BlockDevice
 from fenceless.ondisk.crc import crc32c
 from fenceless.ondisk.errors import (
     BadLength,
@@ -169,3 +170,30 @@ def unpack_name(raw: bytes) -> str:
     return raw.rstrip(b"\0").decode("utf-8", errors="replace")
 
 
+def read_sized(dev: BlockDevice, offset: int, *, kind: int, region: str,
+               limit: int) -> Record | None:
+    """A record that may span sectors: the header sector, then as many more as its length
+    says (at most ``limit`` bytes in all). None if the first sector is empty."""
+    head = dev.read(offset, SECTOR)
+    if is_empty(head):
+        return None
+    buf = head
+    length = HEADER.unpack_from(head)[4]
+    if head[:4] == MAGICS[kind] and HEADER_SIZE + length > SECTOR:
+        need = min(limit, -(-(HEADER_SIZE + length) // SECTOR) * SECTOR)
+        buf = head + dev.read(offset + SECTOR, need - SECTOR)
+    return decode_record(buf, kind=kind, region=region, offset=offset)
+
+
+def write_tail_first(dev: BlockDevice, offset: int, data: bytes,
+                     before_write: Callable[[], None] | None = None) -> None:
+    """Write a padded record's tail sectors, then its header sector: a write cut short
+    leaves a checksum mismatch, never a record that reads as whole. ``before_write`` (the
+    writer's lease check) runs before each of the two writes."""
+    if len(data) > SECTOR:
+        if before_write is not None:
+            before_write()
+        dev.write(offset + SECTOR, data[SECTOR:])
+    if before_write is not None:
+        before_write()
+    dev.write(offset, data[:SECTOR])
