@@ -61,6 +61,7 @@ from fenceless.ondisk.record import (
     pack_name,
     pad,
     unpack_name,
+    write_tail_first,
 )
 
 # What an entry's text must be: the LVM metadata of one VG. Reading that text is
@@ -425,13 +426,7 @@ def append(
                       pack_name(vg_name, 128, "VG name"))
     data = pad(encode_record(KIND_MDHISTORY, body + stored, seq=seq, epoch=epoch))
     offset = region.offset + slot * size
-    if len(data) > SECTOR:
-        if before_write is not None:
-            before_write()
-        dev.write(offset + SECTOR, data[SECTOR:])
-    if before_write is not None:
-        before_write()
-    dev.write(offset, data[:SECTOR])
+    write_tail_first(dev, offset, data, before_write)
     if known is not None:
         claims[slot] = Claim("ours", seq=seq, epoch=epoch)
         known.epoch, known.claims = epoch, claims

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fenceless.blockio import SECTOR, BlockDevice
+from fenceless.blockio import BlockDevice
 from fenceless.errors import IntegrityError
 from fenceless.ondisk.errors import (
     BadLength,
@@ -26,7 +26,14 @@ from fenceless.ondisk.errors import (
     UnsupportedVersion,
 )
 from fenceless.ondisk.layout import Layout, Region
-from fenceless.ondisk.record import HEADER_SIZE, KIND_LEDGER, decode_record, encode_record, pad
+from fenceless.ondisk.record import (
+    HEADER_SIZE,
+    KIND_LEDGER,
+    decode_record,
+    encode_record,
+    pad,
+    write_tail_first,
+)
 
 
 class LedgerUnreadable(IntegrityError):
@@ -233,13 +240,6 @@ def write_ledger(
             written_wall_ms=int(wall_clock() * 1000), state=dict(state),
         )
         region = layout.region(target.name)
-        data = encode_ledger(rec, region.length)
-        if len(data) > SECTOR:
-            if before_write is not None:
-                before_write()
-            dev.write(region.offset + SECTOR, data[SECTOR:])
-        if before_write is not None:
-            before_write()
-        dev.write(region.offset, data[:SECTOR])
+        write_tail_first(dev, region.offset, encode_ledger(rec, region.length), before_write)
         written.append(rec)
     return written[-1]
