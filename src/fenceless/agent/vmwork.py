@@ -73,8 +73,8 @@ class VmWorker:
         self.log(f"vm {name}: wanted on {vm['want']}: stopping it here")
         driver = vmlife.driver_for(self.cfg)
         try:
-            driver.stop(name, force=bool(vm.get("want_force")), timeout=STOP_GRACE)
-            vmlife.VmStopOp(self.cfg, self.vg, name, self.call, driver, force=True).run()
+            vmlife.VmStopOp(self.cfg, self.vg, name, self.call, driver,
+                            force=bool(vm.get("want_force")), grace=STOP_GRACE).run()
         except FencelessError as exc:
             # It still runs here (it did not shut down, or a step failed): the move is off.
             self.log(f"vm {name}: not handed off: {exc}")

@@ -103,16 +103,17 @@ class VmStartOp:
 
 class VmStopOp:
     def __init__(self, cfg: HostConfig, vg: str | None, name: str, call: Call,
-                 driver: LibvirtDriver, *, force: bool) -> None:
+                 driver: LibvirtDriver, *, force: bool, grace: float = 60.0) -> None:
         self.cfg, self.vg, self.name, self.call, self.driver = cfg, vg, name, call, driver
         self.force = force
+        self.grace = grace  # seconds the guest has to shut down (without ``force``)
 
     def run(self) -> dict[str, Any]:
         shown = vmquery.vm_show(self.cfg, self.vg, self.name)
         if shown["host"] != self.cfg.host:
             raise NotHere(name=self.name, what="runs" if shown["host"] else "is stopped",
                           host=shown["host"] or "no host", me=self.cfg.host, verb="stop")
-        was_running = self.driver.stop(self.name, force=self.force)
+        was_running = self.driver.stop(self.name, force=self.force, timeout=self.grace)
         for disk in reversed(shown["disks"]):
             self.call({"op": "deactivate", "vg": self.vg, "lv": disk["volume"]})
         done = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
