@@ -53,10 +53,10 @@ def slow_lvm(lab, host: str, stall: float = STALL) -> None:
         'lvm_binary = "/usr/sbin/lvm"', f'lvm_binary = "{script}"'))
 
 
-@pytest.fixture
-def three(make_lab):
+def slow_writer_lab(make_lab, stall: float = STALL):
+    """Three hosts with agents, h1 the writer with its LVM held back (``slow_lvm``)."""
     lab = make_lab(3)
-    slow_lvm(lab, "h1")
+    slow_lvm(lab, "h1", stall)
     for h in lab.hosts:
         agent(lab, h, "start")
     lab.on("h1", "init")
@@ -65,6 +65,11 @@ def three(make_lab):
     for h in lab.hosts:
         wait_until(lambda h=h: all_live(lab, h, lab.hosts), 20, f"all live from {h}")
     return lab
+
+
+@pytest.fixture
+def three(make_lab):
+    return slow_writer_lab(make_lab)
 
 
 def lvm_children(lab, host: str) -> list[int]:
@@ -131,15 +136,7 @@ def test_a_writer_whose_lvm_is_slower_than_its_lease_keeps_the_role(make_lab):
     """A live agent keeps its lease while its LVM command runs: a commit held back for
     15N (a path that queues I/O, or a host under load) finishes, with no fencing and no
     takeover. Renewing only between commands killed the command at 7N, every time."""
-    lab = make_lab(3)
-    slow_lvm(lab, "h1", stall=15 * N)
-    for h in lab.hosts:
-        agent(lab, h, "start")
-    lab.on("h1", "init")
-    for h in ("h2", "h3"):
-        lab.on(h, "join")
-    for h in lab.hosts:
-        wait_until(lambda h=h: all_live(lab, h, lab.hosts), 20, f"all live from {h}")
+    lab = slow_writer_lab(make_lab, stall=15 * N)
     started = boottime()
     lab.on("h3", "volume", "create", "stall-slow", "8M", "--timeout", "20")
     assert boottime() - started >= 15 * N  # it really was held back
