@@ -19,6 +19,7 @@ What ``/init`` does, by the kernel command line:
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import io
 import os
@@ -89,10 +90,22 @@ def initramfs(busybox: bytes, modules: dict[str, bytes]) -> bytes:
 
 
 def build(runner: Runner, cache: Path = CACHE) -> tuple[Path, Path]:
-    """(kernel, initrd), built into ``cache`` on first use."""
+    """(kernel, initrd), built into ``cache`` on first use.
+
+    Several lab tests (or demos) may ask at once on a fresh machine: the first builds
+    while the others wait on the cache's lock, then find it built."""
     kernel, initrd = cache / "vmlinuz", cache / "initrd.gz"
     if kernel.exists() and initrd.exists():
         return kernel, initrd
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if kernel.exists() and initrd.exists():
+            return kernel, initrd
+        return _build(runner, cache, kernel, initrd)
+
+
+def _build(runner: Runner, cache: Path, kernel: Path, initrd: Path) -> tuple[Path, Path]:
     work = cache / "build"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
