@@ -157,7 +157,8 @@ def make_lab(tmp_path_factory, request):
     for lab in made:
         if request.node.stash.get(FAILED, False):
             print_lab_logs(lab)
-        cli("lab", "down", "--dir", str(lab.dir), "--force", check=False)
-        assert lab_loops(lab.dir, lab.images) == []
-        assert not any(os.path.exists(p) for p in lab.images), "an image was left behind"
+        down = cli("lab", "down", "--dir", str(lab.dir), "--force", check=False)
+        said = f"lab down: rc {down.returncode}: {down.stdout}{down.stderr}"
+        assert lab_loops(lab.dir, lab.images) == [], said
+        assert not any(os.path.exists(p) for p in lab.images), "an image was left behind; " + said
         assert lab_processes(lab.dir) == []
