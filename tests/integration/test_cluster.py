@@ -359,8 +359,12 @@ def test_a_writer_that_dies_mid_handover_leaves_the_role_to_the_named_host(clust
     cli("lab", "agent", "--dir", str(lab.dir), "h1", "start",
         env={"FENCELESS_CRASHPOINT": "agent.handover-recorded"})
     lab.on("h1", "writer", "takeover", "--wait")  # the stop released the role
-    asked = lab.on("h3", "writer", "handover", "h2", "--timeout", "3", check=False)
-    assert asked.returncode != 0  # h1 died at the crash point: no answer
+    asked = lab.on("h3", "writer", "handover", "h2", "--timeout", "1", check=False)
+    # h1 died at the crash point, so it never answers. The command either gives up, or,
+    # when it runs late under load, already sees h2 holding the role it was promised.
+    # Both are right; what may never be reported is another host or h1 keeping the role.
+    assert (asked.returncode != 0
+            or asked.stdout.startswith("h2 is the metadata writer at epoch 3")), asked
     wait_until(lambda: cli("lab", "agent", "--dir", str(lab.dir), "h1", "pid",
                            check=False).returncode != 0, 30, "h1's agent to die")
     st = wait_until(lambda: (s := status(lab, "h3"))["writer"]["host"] == "h2" and s,
