@@ -8,6 +8,8 @@ Example::
     io_timeout = 10.0
     lvm_system_dir = "/etc/lvm"        # optional: LVM_SYSTEM_DIR for fenceless's LVM calls
     hypervisor_uri = "qemu:///system"  # optional, used by the VM commands
+    peer_uri = "qemu+ssh://{host}/system"  # another host's libvirtd (live migration)
+    migration_uri = "tcp://{host}"     # optional: where a guest's memory goes
     activation = "lvm"                 # "lvm" (device-mapper) or "lab" (loop mappings)
     cgroup = "fenceless"               # the work cgroup the watchdog kills, under cgroup v2
     watchdog_device = "/dev/watchdog"  # the hardware backstop ("none": no device)
@@ -70,6 +72,17 @@ class HostConfig(NamedTuple):
     cgroup: str = "fenceless"
     watchdog_device: str = "/dev/watchdog"
     run_dir: str = "/run/fenceless"
+    # Live migration: how this host reaches another host's libvirtd, and (optional) where
+    # the guest's memory is sent; ``{host}`` is the other host's name.
+    peer_uri: str = "qemu+ssh://{host}/system"
+    migration_uri: str | None = None
+
+    def peer(self, host: str) -> str:
+        """``peer_uri`` for ``host`` (a validated host name: no quoting needed)."""
+        return self.peer_uri.replace("{host}", host)
+
+    def migration_to(self, host: str) -> str | None:
+        return self.migration_uri.replace("{host}", host) if self.migration_uri else None
 
     def vg(self, name: str | None) -> VgConfig:
         """The VG a command works on: the named one, or the only one configured."""
@@ -111,7 +124,8 @@ def load(path: str) -> HostConfig:
 
 _TOP_KEYS = {
     "host", "state_dir", "run_dir", "io_timeout", "lvm_system_dir", "lvm_binary",
-    "hypervisor_uri", "activation", "vg", "cgroup", "watchdog_device",
+    "hypervisor_uri", "activation", "vg", "cgroup", "watchdog_device", "peer_uri",
+    "migration_uri",
 }
 _VG_KEYS = {"devices"}
 
@@ -235,6 +249,8 @@ def parse(text: str, path: str) -> HostConfig:
         lvm_system_dir=f.string("lvm_system_dir", None),
         lvm_binary=f.string("lvm_binary", "/usr/sbin/lvm") or "/usr/sbin/lvm",
         hypervisor_uri=f.string("hypervisor_uri", None),
+        peer_uri=f.string("peer_uri", None) or "qemu+ssh://{host}/system",
+        migration_uri=f.string("migration_uri", None),
         activation=activation, run_dir=run_dir,
         cgroup=f.cgroup(),
         watchdog_device=f.string("watchdog_device", "/dev/watchdog") or "/dev/watchdog",
@@ -259,6 +275,9 @@ def render(cfg: HostConfig) -> str:
         lines.append(f"lvm_system_dir = {q(cfg.lvm_system_dir)}")
     if cfg.hypervisor_uri:
         lines.append(f"hypervisor_uri = {q(cfg.hypervisor_uri)}")
+        lines.append(f"peer_uri = {q(cfg.peer_uri)}")
+        if cfg.migration_uri:
+            lines.append(f"migration_uri = {q(cfg.migration_uri)}")
     lines.append(f"cgroup = {q(cfg.cgroup)}")
     lines.append(f"watchdog_device = {q(cfg.watchdog_device)}")
     for vg in cfg.vgs:

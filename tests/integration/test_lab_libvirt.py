@@ -246,3 +246,113 @@ def test_a_host_whose_renewals_fail_kills_its_own_vms_before_its_watchdog_fires(
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(timeout=30)
+
+
+def test_a_live_migration_keeps_the_guest_counting_and_a_failed_one_leaves_it_in_place(
+        make_lab):
+    """Live h2 -> h3: one boot of the guest counts on, with no number lost or repeated,
+    and h2 unmaps the disk once the guest left. Before that, a migration whose transfer
+    cannot connect (h3 gives the guest's memory an address nobody listens on) leaves the
+    guest running on h2, with nothing mapped on h3."""
+    from tests.integration.test_cluster import agent
+    from tests.integration.test_volumes import lab_mapped
+
+    lab = counter_lab(make_lab)
+    lab.on("h2", "vm", "start", "ctr")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count")
+    config = Path(lab.config("h3"))
+    good = config.read_text()
+
+    def restart_h3(text: str) -> None:
+        config.write_text(text)
+        agent(lab, "h3", "stop")
+        agent(lab, "h3", "start")
+        wait_until(lambda: all_live(lab, "h1", lab.hosts), 30, "h3 back")
+
+    restart_h3(good.replace('migration_uri = "tcp://127.0.0.1"',
+                            'migration_uri = "tcp://192.0.2.1"'))  # TEST-NET: unreachable
+    res = lab.on("h1", "vm", "migrate", "ctr", "--to", "h3", "--live", check=False)
+    assert res.returncode == 3, res
+    assert "was not migrated live to h3 (it runs on h2 still)" in res.stderr, res.stderr
+    vms = {v["name"]: v for v in json.loads(lab.on("h1", "vm", "list", "--json").stdout)}
+    assert (vms["ctr"]["host"], vms["ctr"]["state"], vms["ctr"]["moving_to"],
+            vms["ctr"]["want"]) == ("h2", "running", None, None)
+    assert lab_mapped(lab, "h3") == set()
+    before = len(counter_of(lab, "h1", "ctr-disk"))
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= before + 3, 60,
+               "ctr to count on h2 still")
+
+    restart_h3(good)
+    res = json.loads(lab.on("h1", "vm", "migrate", "ctr", "--to", "h3", "--live",
+                            "--json").stdout)
+    assert (res["host"], res["from"], res["live"]) == ("h3", "h2", True)
+    moved = len(counter_of(lab, "h1", "ctr-disk"))
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= moved + 3, 60,
+               "ctr to count on h3")
+    records = counter_of(lab, "h1", "ctr-disk")
+    assert [n for n, _ in records] == list(range(1, len(records) + 1))  # never backwards
+    assert len({i for _, i in records}) == 1  # one boot: it kept running through the move
+    wait_until(lambda: lab_mapped(lab, "h2") == set(), 30, "h2 to unmap the disk")
+    vms = {v["name"]: v for v in json.loads(lab.on("h2", "vm", "list", "--json").stdout)}
+    wait_until(lambda: json.loads(lab.on("h2", "vm", "list", "--json").stdout)[0]["left"]
+               is None, 30, "h2's release to be recorded")
+    assert (vms["ctr"]["host"], vms["ctr"]["state"]) == ("h3", "running")
+    assert lab_mapped(lab, "h3") == {"ctr-disk"}
+    lab.on("h3", "vm", "stop", "ctr", "--force")
+
+
+def test_a_read_only_disk_is_shared_by_vms_on_two_hosts_and_never_attached_read_write(
+        make_lab):
+    """ctr (on h2) and ctr2 (on h3) both have shared-img read-only: the writer makes its
+    LVM permission ``r`` for as long as a definition has it read-only; a read-write
+    mapping of it, or a definition with it read-write, is refused meanwhile."""
+    lab = counter_lab(make_lab)
+    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr2")
+    lab.on("h1", "volume", "create", "shared-img", "16M")
+
+    def attr() -> str:
+        out = cli("lab", "exec", "--dir", str(lab.dir), "h3", "--", "lvs", "--noheadings",
+                  "-o", "lv_attr,lv_tags", "sanvg/shared-img").stdout.split()
+        return " ".join(out)
+
+    assert attr().startswith("-wi")
+    disk = ("<disk type='block' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+            "<source dev='/dev/sanvg/shared-img'/><target dev='vdb' bus='virtio'/>"
+            "<readonly/><shareable/></disk>")
+    for name in ("ctr", "ctr2"):
+        xml = json.loads(lab.on("h1", "vm", "show", name, "--json").stdout)["xml"]
+        path = lab.dir / f"{name}.xml"
+        path.write_text(xml.replace("</devices>", disk + "</devices>"))
+        lab.on("h2", "vm", "edit", name, "--xml", str(path))
+    assert attr().startswith("-ri") and "fenceless_vm_ro" in attr()
+
+    lab.on("h2", "vm", "start", "ctr")
+    lab.on("h3", "vm", "start", "ctr2")
+    from tests.integration.test_volumes import lab_mapped
+
+    assert "shared-img" in lab_mapped(lab, "h2") and "shared-img" in lab_mapped(lab, "h3")
+    vms = {v["name"]: v for v in json.loads(lab.on("h1", "vm", "list", "--json").stdout)}
+    assert [(vms[n]["host"], vms[n]["state"]) for n in ("ctr", "ctr2")] == [
+        ("h2", "running"), ("h3", "running")]
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3
+               and len(counter_of(lab, "h1", "ctr2-disk")) >= 3, 90, "both guests to count")
+
+    res = cli("lab", "activate", "--dir", str(lab.dir), "h1", "shared-img", check=False)
+    assert res.returncode == 2 and "active read-only on h" in res.stderr, res.stderr
+    xml = json.loads(lab.on("h1", "vm", "show", "ctr2", "--json").stdout)["xml"]
+    rw = lab.dir / "rw.xml"
+    rw.write_text(xml.replace("<name>ctr2</name>", "<name>ctr3</name>")
+                  .replace("/dev/sanvg/ctr2-disk", "/dev/sanvg/shared-img")
+                  .replace("<readonly/><shareable/>", "", 1))
+    res = lab.on("h1", "vm", "define", "ctr3", "--xml", str(rw), check=False)
+    assert res.returncode == 2 and "shared-img" in res.stderr, res.stderr
+
+    lab.on("h2", "vm", "stop", "ctr", "--force")
+    lab.on("h3", "vm", "stop", "ctr2", "--force")
+    lab.on("h1", "vm", "undefine", "ctr2")
+    assert attr().startswith("-ri")  # ctr has it read-only still
+    path = lab.dir / "ctr.xml"
+    path.write_text(path.read_text().replace(disk, ""))
+    lab.on("h3", "vm", "edit", "ctr", "--xml", str(path))
+    # No definition has it any more: read-write again, and fenceless's tag is gone.
+    assert attr().startswith("-wi") and "fenceless_vm_ro" not in attr()

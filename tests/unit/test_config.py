@@ -106,3 +106,15 @@ def test_resolve_path_order():
     assert config.resolve_path("/a", {"FENCELESS_CONFIG": "/b"}) == "/a"
     assert config.resolve_path(None, {"FENCELESS_CONFIG": "/b"}) == "/b"
     assert config.resolve_path(None, {}) == config.DEFAULT_PATH
+
+
+def test_live_migration_reaches_other_hosts_by_template():
+    cfg = config.parse(GOOD, "/x.toml")
+    assert cfg.peer("h2") == "qemu+ssh://h2/system" and cfg.migration_to("h2") is None
+    lab = config.parse(GOOD + "", "/x.toml")._replace(
+        peer_uri="qemu+unix:///system?socket=/lab/hosts/{host}/libvirt-sock",
+        migration_uri="tcp://{host}.san")
+    assert cfg.peer("h3").endswith("h3/system")
+    assert lab.peer("h3") == "qemu+unix:///system?socket=/lab/hosts/h3/libvirt-sock"
+    assert lab.migration_to("h3") == "tcp://h3.san"
+    assert config.parse(config.render(lab), "/x.toml") == lab

@@ -151,3 +151,13 @@ def test_a_volume_may_come_in_only_as_a_disk(extra, match):
     xml = WEB.replace("  </devices>", f"    {extra}\n  </devices>")
     with pytest.raises(BadDefinition, match=match):
         parse_domain_xml(xml, "sanvg")
+
+
+def test_a_live_migration_sends_each_disk_at_the_targets_path():
+    from fenceless.hv.domain import with_target_paths
+
+    live = WEB.replace("/dev/sanvg/vm-web01", "/dev/loop7")  # as the source mapped it
+    out = with_target_paths(live, {"vda": "/dev/loop9", "vdb": "/dev/loop10"})
+    assert "/dev/loop9" in out and "/dev/loop10" in out and "/dev/loop7" not in out
+    with pytest.raises(BadDefinition, match="no disk vdz"):
+        with_target_paths(live, {"vdz": "/dev/loop9"})

@@ -20,7 +20,7 @@ from fenceless.ledger.state import Intent, LedgerState, RequestInfo
 from fenceless.ondisk.layout import Layout
 from fenceless.ondisk.record import pad
 from fenceless.ops import journal as journal_mod
-from fenceless.ops.activation import ActivationOp
+from fenceless.ops.activation import ActivationOp, HeldElsewhere
 from fenceless.ops.journal import Journal, ReusedRequestId, claims
 from fenceless.ops.volume import REQ_TAG_PREFIX
 from fenceless.ops.writer import become_writer
@@ -318,3 +318,31 @@ def test_a_restore_asked_through_a_mailbox_is_refused(cluster):
     assert not out.ok and out.error["kind"] == "LocalOnly"
     assert "run on the writer itself" in out.error["message"]
     assert state(h1).intents == {} and vg.commands == []
+
+
+def test_only_a_live_migrations_target_maps_a_disk_its_source_holds(cluster):
+    """The source's read-write claim gives way for the one VM the writer recorded as
+    migrating to this host, and for nothing else."""
+    from dataclasses import replace
+
+    from fenceless.ledger.state import VmDisk, VmEntry
+
+    _vg, h1, h2 = cluster
+    Journal(h1.port).process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    ActivationOp(h1.port, "sanvg", "activate", "db").run()
+    web = VmEntry("web", 0, 1, "", (VmDisk("vda", "db", "rw"),), 128, 1, "xml", 1, 0,
+                  host="h1", state="running", want="h2", want_live=True)
+    h1.port.write_ledger(replace(state(h1), vms={"web": web}))
+    with pytest.raises(HeldElsewhere):  # asked for, not begun
+        ActivationOp(h2.port, "sanvg", "activate", "db", vm="web").run()
+    other = replace(web, name="other", state="migrating", moving_to="h2")
+    h1.port.write_ledger(replace(state(h1), vms={"web": web, "other": other}))
+    with pytest.raises(HeldElsewhere):  # another VM's migration is no excuse
+        ActivationOp(h2.port, "sanvg", "activate", "db", vm="web").run()
+    h1.port.write_ledger(replace(state(h1), vms={"web": replace(
+        web, state="migrating", moving_to="h2")}))
+    with pytest.raises(HeldElsewhere):  # the VM must be named
+        ActivationOp(h2.port, "sanvg", "activate", "db").run()
+    assert "db" not in h2.activator.mapped
+    ActivationOp(h2.port, "sanvg", "activate", "db", vm="web").run()
+    assert "db" in h2.activator.mapped

@@ -106,3 +106,10 @@ def test_bad_pe_range():
     with pytest.raises(LvmOutputError, match="backwards"):
         parse.parse_pe_ranges("/dev/sda:9-3")
     assert parse.parse_pe_ranges("/dev/sda:0-1 /dev/sdb:4-4")[1].count == 1
+
+
+def test_segments_carry_the_lvs_permission():
+    """Saved from LVM 2.03.16 after `lvchange --permission r --addtag fenceless_vm_ro`."""
+    segs = {s.lv_name: s for s in parse.parse_segments(load("segs-permission.json"))}
+    assert segs["image"].lv_attr[1] == "r" and segs["disk"].lv_attr[1] == "w"
+    assert parse.parse_segments(load("segs.json"))[0].lv_attr == ""  # reports before it

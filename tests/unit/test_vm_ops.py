@@ -198,3 +198,68 @@ def test_the_disks_of_a_running_vm_do_not_change_but_the_rest_may():
     state, _ = define(state, store, WEB.replace("<vcpu>2", "<vcpu>3"), replace=True)
     web = state.vms["web01"]
     assert (web.vcpus, web.host, web.state, web.since_ms) == (3, "h1", "running", 1000)
+
+
+def three_hosts(store):
+    from fenceless.ledger.state import HostEntry
+
+    state, _ = define(LedgerState(hosts={i: HostEntry(f"h{i}", 1) for i in (1, 2, 3)}), store)
+    return place(state, store, "h1", "start")
+
+
+def test_a_live_migration_is_recorded_step_by_step_and_the_source_releases_last():
+    store = Store()
+    state = three_hosts(store)
+    with pytest.raises(vm.NotAskedHere, match="no live migration to this host"):
+        place(state, store, "h2", "migrate-begin")  # nobody asked for it
+    state = place(state, store, "h2", "want", move=True, live=True)
+    assert (state.vms["web01"].want, state.vms["web01"].want_live) == ("h2", True)
+    with pytest.raises(vm.NotAskedHere):
+        place(state, store, "h3", "migrate-begin")  # asked of h2, not h3
+    state = place(state, store, "h2", "migrate-begin")
+    web = state.vms["web01"]
+    assert (web.state, web.host, web.moving_to) == ("migrating", "h1", "h2")
+    for action, host in (("stop", "h1"), ("start", "h3"), ("want", "h3")):
+        with pytest.raises(vm.VmBeingMigrated, match="from h1 to h2"):
+            place(state, store, host, action, move=True)
+    with pytest.raises(vm.NotAskedHere):
+        place(state, store, "h3", "migrate-done")
+    state = place(state, store, "h2", "migrate-done")
+    web = state.vms["web01"]
+    assert (web.state, web.host, web.moving_to, web.want, web.left) == (
+        "running", "h2", None, None, "h1")
+    with pytest.raises(vm.NotAskedHere, match="h1 has not yet unmapped"):
+        place(state, store, "h3", "want", move=True, live=True)  # h1 holds the disks still
+    with pytest.raises(vm.NotAskedHere):
+        place(state, store, "h3", "released")
+    state = place(state, store, "h1", "released")
+    assert state.vms["web01"].left is None
+    assert vm.VmEntry.from_json("web01", state.vms["web01"].to_json(), "t") == state.vms["web01"]
+
+
+def test_a_live_migration_called_off_leaves_the_vm_where_it_ran():
+    store = Store()
+    state = place(three_hosts(store), store, "h2", "want", move=True, live=True)
+    state = place(state, store, "h2", "migrate-begin")
+    moving = state.vms["web01"]
+    assert vm.VmEntry.from_json("web01", moving.to_json(), "t") == moving
+    with pytest.raises(vm.NotAskedHere):
+        place(state, store, "h3", "migrate-abort", error="x")  # not part of it
+    state = place(state, store, "h2", "migrate-abort", error="h2: transfer failed")
+    web = state.vms["web01"]
+    assert (web.state, web.host, web.moving_to, web.want, web.error, web.left) == (
+        "running", "h1", None, None, "h2: transfer failed", None)
+
+
+def test_a_live_migration_begins_only_from_a_live_source_with_no_third_holder():
+    store = Store()
+    state = place(three_hosts(store), store, "h2", "want", move=True, live=True)
+    store.host_state = lambda host: "fail" if host == "h1" else "live"
+    with pytest.raises(vm.NotAskedHere, match="its host h1 is fail"):
+        place(state, store, "h2", "migrate-begin")
+    store.host_state = lambda host: "live"
+    store.claims = lambda lv: [("h1", "rw"), ("h3", "rw")] if lv == "vm-web01" else []
+    with pytest.raises(vm.DiskHeldElsewhere, match="active read-write on h3"):
+        place(state, store, "h2", "migrate-begin")
+    store.claims = lambda lv: [("h1", "rw")] if lv == "vm-web01" else []
+    assert place(state, store, "h2", "migrate-begin").vms["web01"].moving_to == "h2"

@@ -36,7 +36,7 @@ from fenceless.ledger.claims import (
     write_claims,
 )
 from fenceless.ledger.slots import write_ledger
-from fenceless.ledger.state import Intent, LedgerState, RequestInfo
+from fenceless.ledger.state import Intent, LedgerState, RequestInfo, VmEntry
 from fenceless.lvm import mda
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
@@ -565,10 +565,16 @@ class AgentPort:
                 for lv, size in h.active().items()}) for h in self.hosts_now()}
         return read_all_claims(area.dev, area.layout, area.sb.max_hosts)
 
-    def pending_intents(self) -> list[Intent]:
-        """The journaled intents of the ledger as on the disk now (for a claiming host)."""
+    def ledger_now(self) -> LedgerState:
+        """The ledger as on the disk now (for a claiming host)."""
         assert self.keeper.area is not None
         view = self.keeper.area.ledger()
-        if view.current is None:
-            return []
-        return list(LedgerState.from_json(view.current.state).intents.values())
+        return LedgerState.from_json(view.current.state) if view.current else LedgerState()
+
+    def pending_intents(self) -> list[Intent]:
+        """The journaled intents of the ledger as on the disk now (for a claiming host)."""
+        return list(self.ledger_now().intents.values())
+
+    def vms_now(self) -> Mapping[str, VmEntry]:
+        """The VM index as on the disk now (a live migration's target reads it)."""
+        return self.ledger_now().vms

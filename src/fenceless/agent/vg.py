@@ -334,8 +334,10 @@ class VgAgent:
                              argv=tuple(str(a) for a in argv) if isinstance(argv, list) else ()
                              ).run()
         if op in ("activate", "deactivate", "refresh"):
+            vm = req.get("vm")
             return ActivationOp(self.port, self.vg.name, str(op), str(req.get("lv")),
-                                readonly=bool(req.get("readonly"))).run()
+                                readonly=bool(req.get("readonly")),
+                                vm=vm_name(vm) if isinstance(vm, str) else None).run()
         raise UnknownRequest(op=op)
 
     def make_or_join(self, op: str, req: dict[str, Any]) -> dict[str, Any]:

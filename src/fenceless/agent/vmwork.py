@@ -9,7 +9,12 @@ index). Every agent's worker reads the index (from the LUN, every
   or destroy when asked with ``--force``), unmap its disks, give the grant
   back; the wanted host then sees it stopped;
 - the VM is wanted here and stopped: start it here (the writer's grant, the
-  disks, libvirt), exactly as ``vm start`` on this host does.
+  disks, libvirt), exactly as ``vm start`` on this host does;
+- the VM is wanted here *live* and runs elsewhere: migrate it here
+  (``ops/vmlive.py``; the source's worker does nothing but, once the guest
+  left, unmap its disks: ``left``);
+- the VM is recorded as migrating here, but no migration runs (this agent
+  restarted part-way): finish it or roll it back.
 
 A start that fails is abandoned with its error in the index (the asking CLI
 reports it), so no host retries it forever. The worker is a thread of its
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from fenceless.config import HostConfig
 from fenceless.errors import FencelessError
-from fenceless.ops import vmlife, vmquery
+from fenceless.hv.libvirt import LibvirtDriver
+from fenceless.ops import vmlife, vmlive, vmquery
 from fenceless.ops.requests import vm_request
 
 POLL_N = 5  # the worker reads the VM index every 5N (and at most every POLL_MIN s):
@@ -61,12 +68,19 @@ class VmWorker:
         me = self.cfg.host
         for vm in vmquery.vm_list(self.cfg, self.vg):
             want, host = vm.get("want"), vm.get("host")
+            if vm.get("left") == me and host != me:
+                self.release(vm)
+            if vm.get("moving_to") == me:
+                self.settle(vm)  # this thread runs every migration here: none runs now
+                continue
             if want is None or want == host:
                 continue
-            if host == me:
+            if host == me and not vm.get("want_live"):
                 self.hand_off(vm)
             elif want == me and vm["state"] == "stopped":
                 self.take(vm)
+            elif want == me and vm["state"] == "running" and vm.get("want_live"):
+                self.take_live(vm)
 
     def hand_off(self, vm: dict[str, Any]) -> None:
         name = vm["name"]
@@ -96,5 +110,43 @@ class VmWorker:
         except FencelessError as exc:
             self.log(f"vm {name}: not started here: {exc}")
             self.abandon(name, exc)
+        finally:
+            driver.close()
+
+    def live_op(self, name: str, driver: LibvirtDriver) -> vmlive.LiveMigrateOp:
+        return vmlive.LiveMigrateOp(
+            self.cfg, self.vg, name, self.call, driver,
+            lambda host: LibvirtDriver(self.cfg.peer(host)),
+            progress=lambda step: self.log(f"vm {name}: live migration: {step}"))
+
+    def take_live(self, vm: dict[str, Any]) -> None:
+        name = vm["name"]
+        self.log(f"vm {name}: wanted here live: migrating it from {vm['host']}")
+        driver = vmlife.driver_for(self.cfg)
+        try:
+            self.live_op(name, driver).run()
+            self.log(f"vm {name}: migrated here from {vm['host']}")
+        except FencelessError as exc:
+            self.log(f"vm {name}: not migrated here (it runs on {vm['host']} still): {exc}")
+            with suppress(FencelessError):  # refused before it began: the wish is off
+                self.abandon(name, exc)
+        finally:
+            driver.close()
+
+    def settle(self, vm: dict[str, Any]) -> None:
+        name = vm["name"]
+        driver = vmlife.driver_for(self.cfg)
+        try:
+            how = self.live_op(name, driver).settle(vm["disks"])
+            self.log(f"vm {name}: an interrupted live migration here: {how}")
+        finally:
+            driver.close()
+
+    def release(self, vm: dict[str, Any]) -> None:
+        name = vm["name"]
+        driver = vmlife.driver_for(self.cfg)
+        try:
+            if vmlive.release(self.cfg, self.vg, name, self.call, driver):
+                self.log(f"vm {name}: moved to {vm['host']}: its disks are unmapped here")
         finally:
             driver.close()

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fenceless.cli.common import (
@@ -77,9 +80,13 @@ def register(sub: Subparsers, name: str) -> None:
                     "host); its agent starts it")
     _change_options(sp)
     sp = command(vsub, "migrate", "vm migrate", "move a VM to another host, cold: stopped "
-                 "where it runs (its disks unmapped, its grant returned), started there")
+                 "where it runs (its disks unmapped, its grant returned), started there; or "
+                 "--live: moved while it runs (both hosts hold its disks for the handoff)")
     sp.add_argument("name")
     sp.add_argument("--to", required=True, metavar="HOST")
+    sp.add_argument("--live", action="store_true",
+                    help="migrate the running guest through libvirt (on failure it keeps "
+                    "running where it is)")
     sp.add_argument("--force", action="store_true",
                     help="destroy the running copy instead of asking the guest to shut down")
     _change_options(sp)
@@ -172,11 +179,14 @@ def _lifecycle(args: argparse.Namespace, cfg: Any, sub: str) -> int:
 
     target = getattr(args, "to", None) or getattr(args, "on", None)
     if target is not None and (sub == "migrate" or target != cfg.host):
-        res = vmlife.ask_move(cfg, args.vg, name, str(target), call,
-                              force=getattr(args, "force", False), move=sub == "migrate",
-                              timeout=args.timeout)
+        live = bool(getattr(args, "live", False))
+        with progress_of(args, name, str(target)) as shown:
+            res = vmlife.ask_move(cfg, args.vg, name, str(target), call,
+                                  force=getattr(args, "force", False), move=sub == "migrate",
+                                  timeout=args.timeout, live=live, progress=shown)
         emit(args, res, lambda r: f"{r['name']}: running on {r['host']}"
-             + (f" (moved from {r['from']})" if r.get("from") else ""))
+             + (f" (moved {'live ' if r.get('live') else ''}from {r['from']})"
+                if r.get("from") else ""))
         return 0
     driver = vmlife.driver_for(cfg)
 
@@ -191,6 +201,26 @@ def _lifecycle(args: argparse.Namespace, cfg: Any, sub: str) -> int:
     emit(args, res, lambda r: f"{r['name']}: {r['state']} on {r['host']} "
          f"(writer epoch {r.get('epoch')})")
     return 0
+
+
+@contextmanager
+def progress_of(args: argparse.Namespace, name: str, target: str
+                ) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A move's progress on a terminal (rich's status line: where the VM is, each poll);
+    nothing when the output is not a person's (--json, or stderr not a terminal)."""
+    if getattr(args, "json", False) or not sys.stderr.isatty():
+        yield lambda _vm: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"{name}: asking the writer to move it to {target}") as st:
+        def shown(vm: dict[str, Any]) -> None:
+            where = vm["host"] or "no host"
+            step = (f"migrating live {where} -> {vm['moving_to']}" if vm.get("moving_to")
+                    else f"{vm['state']} on {where}")
+            st.update(f"{name}: {step} (to {target})")
+
+        yield shown
 
 
 def _edit(cfg: Any, args: argparse.Namespace, name: str) -> str:

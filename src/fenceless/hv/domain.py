@@ -354,3 +354,26 @@ def with_disk_paths(xml: str, vg: str, paths: dict[str, str]) -> str:
         src.set("dev", paths[volume])
         el.set("type", "block")
     return ET.tostring(root, encoding="unicode")
+
+
+def with_target_paths(xml: str, paths: dict[str, str]) -> str:
+    """A running domain's XML (from its own libvirt, for a live migration) with the disk of
+    each target (``vda``, ...) in ``paths`` at the path given there: where the migration's
+    destination mapped it. Every target in ``paths`` must be a disk of the domain."""
+    root = ET.fromstring(xml)  # noqa: S314 (from the source's libvirtd, not the LUN)
+    found = set()
+    for el in root.findall("./devices/disk"):
+        target, src = el.find("target"), el.find("source")
+        dev = target.get("dev") if target is not None else None
+        if dev not in paths or src is None:
+            continue
+        for key in ("file", "dev"):
+            src.attrib.pop(key, None)
+        src.set("dev", paths[dev])
+        el.set("type", "block")
+        found.add(dev)
+    missing = sorted(set(paths) - found)
+    if missing:
+        raise BadDefinition(source="of the running domain",
+                            detail=f"it has no disk {', '.join(missing)}")
+    return ET.tostring(root, encoding="unicode")

@@ -46,9 +46,15 @@ class LabActivator:
         return Path(self.state_dir) / "lab-active" / self.lvm.vg.name / f"{lv}.json"
 
     def _extent(self, lv: str) -> ByteExtent:
+        return self._extent_and_permission(lv)[0]
+
+    def _extent_and_permission(self, lv: str) -> tuple[ByteExtent, bool]:
+        """Where the LV lies, and whether its LVM permission is read-only."""
         vg = self.lvm.vg_info()
         pvs = {p.name: p for p in self.lvm.pvs()}
-        return single_extent(self.lvm.segments(lv), pvs, vg.extent_size, vg.name, lv)
+        segs = self.lvm.segments(lv)
+        protected = any(s.lv_attr[1:2] == "r" for s in segs)
+        return single_extent(segs, pvs, vg.extent_size, vg.name, lv), protected
 
     def _load(self, lv: str, loops: dict[str, loopdev.LoopInfo] | None = None
               ) -> ActiveLv | None:
@@ -79,7 +85,9 @@ class LabActivator:
                 raise AlreadyActive(vg=self.lvm.vg.name, lv=lv, mode=mode,
                                     device=current.device)
             return current
-        extent = self._extent(lv)
+        extent, protected = self._extent_and_permission(lv)
+        # As LVM does: an LV whose permission is read-only is activated read-only.
+        readonly = readonly or protected
         # Direct I/O to the host's LUN device: a dm-linear mapping has no page cache
         # of its own, and neither may its stand-in (else it serves stale bytes).
         device = loopdev.attach(self.runner, extent.device, offset=extent.offset,

@@ -265,6 +265,10 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
             lvm_system_dir=str(hdir / "lvm"), activation="lab",
             cgroup=f"{LAB_CGROUP}/{_lab_id(d)}/{name}", watchdog_device="none",
             hypervisor_uri=libvirt.uri(hdir) if libvirt_uris else None,
+            # The other hosts' daemons are on this machine too; guests' memory goes
+            # over loopback.
+            peer_uri=libvirt.uri(host_dir(d, "{host}")),
+            migration_uri="tcp://127.0.0.1" if libvirt_uris else None,
         )
         Path(entry["config"]).write_text(cfgmod.render(host_cfg))
         entry["holder_pid"] = _start_holder(d, hdir, name, runner)

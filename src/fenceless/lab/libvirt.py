@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from pathlib import Path
 
 from fenceless.errors import LabError
@@ -44,8 +45,12 @@ def start(enter: list[str], hdir: Path, runner: Runner, env: dict[str, str]) -> 
     if sock.exists():
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()  # a daemon of an earlier lab, gone with its namespace
-    runner.run([*enter, "libvirtd", "--daemon", "--pid-file", "/run/libvirt/libvirtd.pid"],
-               env=env)
+    # Each daemon has a host UUID of its own: libvirt refuses a migration between two
+    # daemons that report the same one (as two on one machine otherwise do).
+    conf = hdir / "libvirt" / "libvirtd.conf"
+    conf.write_text(f'host_uuid = "{uuid.uuid5(uuid.NAMESPACE_URL, str(hdir))}"\n')
+    runner.run([*enter, "libvirtd", "--daemon", "--config", str(conf),
+                "--pid-file", "/run/libvirt/libvirtd.pid"], env=env)
     # Its default pid file is /run/virtlogd.pid, shared by every namespace: each host's
     # goes with the rest of its libvirt state.
     runner.run([*enter, "virtlogd", "--daemon", "--pid-file", "/run/libvirt/virtlogd.pid"],

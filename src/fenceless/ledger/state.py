@@ -296,6 +296,10 @@ class VmEntry:
     want: str | None = None  # a host asked to run it (start --on, migrate): its agent acts
     want_force: bool = False  # the running copy may be destroyed, not shut down
     error: str = ""  # why the last asked-for move did not happen
+    want_live: bool = False  # the move asked for is a live migration
+    # A live migration under way to this host: it and ``host`` both hold the disks.
+    moving_to: str | None = None
+    left: str | None = None  # the source of a finished live migration, still to unmap
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -309,6 +313,12 @@ class VmEntry:
             out.update(want=self.want, wf=self.want_force)
         if self.error:
             out["err"] = self.error
+        if self.want_live:
+            out["wl"] = True
+        if self.moving_to is not None:
+            out["mv"] = self.moving_to
+        if self.left is not None:
+            out["left"] = self.left
         return out
 
     @classmethod
@@ -332,7 +342,10 @@ class VmEntry:
             since_epoch=_int(d.get("pe", 0), f"{where}.pe"),
             want=_opt_str(d.get("want"), f"{where}.want"),
             want_force=d.get("wf") is True,
-            error=_str(d.get("err", ""), f"{where}.err"))
+            error=_str(d.get("err", ""), f"{where}.err"),
+            want_live=d.get("wl") is True,
+            moving_to=_opt_str(d.get("mv"), f"{where}.mv"),
+            left=_opt_str(d.get("left"), f"{where}.left"))
 
 
 @dataclass(frozen=True)

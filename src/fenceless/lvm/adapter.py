@@ -191,6 +191,14 @@ class Lvm:
     def lvrename(self, old: str, new: str, *, timeout: float | None = None) -> None:
         self.run("lvrename", self.vg.name, old, new, timeout=timeout)
 
+    def lvpermission(self, name: str, *, readonly: bool, tag: str,
+                     timeout: float | None = None) -> None:
+        """Set the LV's LVM permission (``r`` or ``rw``), adding or dropping ``tag`` in
+        the same metadata change (the tag says who set it)."""
+        self.run("lvchange", "--permission", "r" if readonly else "rw",
+                 "--addtag" if readonly else "--deltag", tag, f"{self.vg.name}/{name}",
+                 timeout=timeout)
+
     def lvremove(self, name: str, *, timeout: float | None = None) -> None:
         self.run("lvremove", "--yes", f"{self.vg.name}/{name}", timeout=timeout)
 

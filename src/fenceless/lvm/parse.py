@@ -23,7 +23,7 @@ VG_FIELDS = ("vg_name", "vg_uuid", "vg_size", "vg_free", "vg_extent_size", "vg_e
              "vg_attr", "vg_tags")
 LV_FIELDS = ("vg_name", "lv_name", "lv_uuid", "lv_size", "lv_attr", "lv_tags", "seg_count")
 SEG_FIELDS = ("vg_name", "lv_name", "lv_uuid", "segtype", "seg_start_pe", "seg_size_pe",
-              "seg_pe_ranges")
+              "seg_pe_ranges", "lv_attr")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class Segment:
     start_le: int
     size_le: int
     pe_ranges: tuple[PeRange, ...]
+    lv_attr: str = ""  # the LV's attributes ("-ri-------": its LVM permission is read-only)
 
 
 def report_rows(text: str, kind: str, command: str) -> list[dict[str, str]]:
@@ -198,6 +199,7 @@ def parse_segments(text: str, command: str = "lvs --segments") -> list[Segment]:
             lv_uuid=_str(r, "lv_uuid", command), segtype=_str(r, "segtype", command),
             start_le=_int(r, "seg_start_pe", command), size_le=_int(r, "seg_size_pe", command),
             pe_ranges=parse_pe_ranges(_str(r, "seg_pe_ranges", command), command),
+            lv_attr=str(r.get("lv_attr", "")),  # reports saved before it was asked lack it
         ))
     return out
 

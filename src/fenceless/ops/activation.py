@@ -40,12 +40,13 @@ class ActivationOp(Operation):
     name = "activation"
 
     def __init__(self, port: HostPort, vg: str, action: str, lv: str, *,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, vm: str | None = None) -> None:
         self.port = port
         self.vg = vg
         self.action = action
         self.lv = lv
         self.readonly = readonly
+        self.vm = vm  # the VM this disk is mapped for (a live migration's target names it)
 
     def check_args(self) -> None:
         lv_name(self.lv)
@@ -80,11 +81,26 @@ class ActivationOp(Operation):
         Two hosts that claim at once both see the other and both give way; neither
         maps. A claim made after ours was published sees ours. So a read-write
         mapping never exists on two hosts, with no writer involved."""
+        source = self.migration_source()
         for host, mode in self.port.others_claim(self.lv):
+            if host == source:
+                continue  # the one host that may hold it with us: the VM's live source
             if mode == "rw" or not self.readonly:
                 raise HeldElsewhere(lv=self.lv, host=host,
                                     their_mode="read-write" if mode == "rw" else "read-only",
                                     ours="read-only" if self.readonly else "read-write")
+
+    def migration_source(self) -> str | None:
+        """The host whose claim on this disk is allowed beside ours: the source of a live
+        migration of ``self.vm`` to this host, as the writer recorded it (read now). Both
+        hosts hold the disk until the guest runs here; its source unmaps it then."""
+        if self.vm is None:
+            return None
+        entry = self.port.vms_now().get(self.vm)
+        if entry is None or entry.state != "migrating" or entry.moving_to != self.port.host \
+                or not any(d.volume == self.lv for d in entry.disks):
+            return None
+        return entry.host
 
     def back_off_from_the_writer(self) -> None:
         """With the claim on the disk, look at the journal: a remove or rename of this LV

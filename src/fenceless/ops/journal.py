@@ -139,7 +139,7 @@ class Journal:
         epoch = port.epoch or 0
         try:
             request_id(req.id)  # from the disk: untrusted, and it becomes an LVM tag
-            if req.op == restore.RestoreApply.op and host != port.host:
+            if req.op in (restore.RestoreApply.op, volume.ProtectOp.op) and host != port.host:
                 raise LocalOnly(op=req.op, host=host)
         except UserError as exc:
             port.audit(host, req, "refused", str(exc))
@@ -196,7 +196,27 @@ class Journal:
         port.write_ledger(new.with_outcome(req.id, outcome))
         port.log(f"{req.op} {result['name']!r} for {host}: done")
         port.audit(host, req, "ok", "")
+        if req.op != "vm-place":
+            self.protect_shared_disks(req.id, new, lvm)
         return outcome
+
+    def protect_shared_disks(self, rid: str, state: LedgerState, lvm: Lvm) -> None:
+        """After a definition change: every volume some VM has read-only gets the LVM
+        permission ``r`` (and loses it, if fenceless set it, once none has), each as a
+        journaled change of its own. A writer that dies before makes up for it after the
+        next definition change; until then the claims keep the disk read-only anyway."""
+        shared = {d.volume for v in state.vms.values() for d in v.disks if d.mode == "ro"}
+        snap = self.snapshot(lvm)
+        changes = [(name, name in shared) for name, lv in sorted(snap.lvs.items())
+                   if (name in shared) != volume.protected(lv)
+                   and (name in shared or volume.VM_RO_TAG in lv.tags)]
+        for i, (name, readonly) in enumerate(changes):
+            sub = RequestInfo(f"{rid[:54]}.ro{i}", "protect",
+                              {"name": name, "readonly": readonly})
+            got = self.process(self.port.host, sub)  # the writer's own change
+            if not got.ok:
+                self.port.log(f"could not set volume {name!r} "
+                              f"{'read-only' if readonly else 'read-write'}: {got.error}")
 
     def refuse_journaled(self, op: JournaledOp, intent: Intent, exc: UserError) -> Outcome:
         """A journaled intent whose prerequisites no longer hold: recorded as refused."""

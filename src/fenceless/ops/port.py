@@ -26,7 +26,7 @@ from fenceless.clock import Clock
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader
 from fenceless.ledger.claims import HostClaims
-from fenceless.ledger.state import Intent, LedgerState, RequestInfo
+from fenceless.ledger.state import Intent, LedgerState, RequestInfo, VmEntry
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ondisk.errors import CorruptRecord
@@ -152,6 +152,12 @@ class HostPort(Protocol):
 
     def pending_intents(self) -> list[Intent]:
         """The writer's journaled intents, read from the ledger now."""
+
+    def vms_now(self) -> Mapping[str, VmEntry]:
+        """The VM index, read from the ledger now."""
+
+    @property
+    def host(self) -> str: ...
 
     def local_active(self, force: bool = False) -> Mapping[str, int]: ...
 

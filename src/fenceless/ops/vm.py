@@ -39,6 +39,9 @@ from fenceless.ledger.state import (
 
 VM_OPS = ("vm-define", "vm-undefine", "vm-place")
 PLACE_ACTIONS = ("start", "stop", "recover", "want", "abandon")
+# A live migration, in steps the target host asks for (``ops/vmlive.py``); ``released``
+# is the source's, once it unmapped the disks after the guest moved.
+LIVE_ACTIONS = ("migrate-begin", "migrate-done", "migrate-abort", "released")
 SOURCES = ("xml", "xl")
 
 
@@ -108,6 +111,15 @@ class NothingToRecover(UserError):
     """Refused: VM {name} is {state}{where}: nothing to recover (use `fenceless vm start`)"""
 
 
+class VmBeingMigrated(UserError):
+    """Refused: VM {name} is being migrated live from {host} to {target}; {target}'s agent \
+finishes it or rolls it back. Nothing was changed"""
+
+
+class NotAskedHere(UserError):
+    """Refused: {host} cannot {action} VM {name} ({detail}); nothing was changed"""
+
+
 class DiskHeldElsewhere(UserError):
     """Refused: {name}'s disk {volume} is active {mode} on {host} (outside this VM); \
 deactivate it there first. Nothing was changed"""
@@ -170,6 +182,8 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
     if req.op == "vm-place":
         action = str(args.get("action", ""))
         if requester is not None and action != "want" and args.get("host") != requester:
+            # A live migration's steps come from its target; the source gives back its
+            # disks (``released``); either may call off a migration (``migrate-abort``).
             # Only a host itself takes or gives back a grant (a "want" asks another host).
             raise NotYourHost(action=action, host=str(args.get("host"))[:64],
                               requester=requester)
@@ -237,17 +251,25 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
     if current is None:
         raise NoSuchVm(name=name)
     host, action = str(args.get("host", "")), str(args.get("action", ""))
-    if action not in PLACE_ACTIONS or not host:
+    if action not in PLACE_ACTIONS + LIVE_ACTIONS or not host:
         raise BadDefinition(source=f"of VM {name}", detail=f"bad placement {action!r}")
     since = _clock(current.since_ms)
+    if action in LIVE_ACTIONS:
+        entry, result = _live(current, host, action, args, epoch, store, now)
+        return replace(state, vms={**state.vms, name: entry}), result
+    if current.moving_to is not None and action != "abandon":
+        raise VmBeingMigrated(name=name, host=current.host or "?", target=current.moving_to)
     if action == "want":
         return _want(state, current, host, bool(args.get("force")), bool(args.get("move")),
-                     epoch, store)
+                     epoch, store, live=bool(args.get("live")))
     if action == "abandon":
         if host not in (current.want, current.host):  # a late abandon of an older move
             raise NothingToRecover(name=name, state="no longer being moved by",
                                    where=f" {host}")
-        entry = replace(current, want=None, want_force=False,
+        if current.moving_to is not None:
+            raise VmBeingMigrated(name=name, host=current.host or "?",
+                                  target=current.moving_to)
+        entry = replace(current, want=None, want_force=False, want_live=False,
                         error=str(args.get("error", ""))[:300])
         return replace(state, vms={**state.vms, name: entry}), {
             "name": name, "state": entry.state, "epoch": epoch}
@@ -283,16 +305,75 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
             store.host_state(current.want) == "live":
         raise WantedElsewhere(name=name, host=current.want)
     entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
-                    want=None, want_force=False, error="")
+                    want=None, want_force=False, want_live=False, error="")
     return replace(state, vms={**state.vms, name: entry}), {
         "name": name, "host": host, "state": "running", "epoch": epoch,
         "disks": [d.to_json() for d in current.disks]}
 
 
+def _live(current: VmEntry, host: str, action: str, args: Mapping[str, Any], epoch: int,
+          store: VmStorePort, now: int) -> tuple[VmEntry, dict[str, Any]]:
+    """One step of a live migration of ``current`` to ``host`` (or, ``released``, the
+    source's last). Recorded before the step it allows (``migrate-begin``: the target may
+    map the disks beside the source) or after the step it records (``migrate-done``: the
+    guest runs on the target), so a writer or agent that dies in between leaves the index
+    saying who must finish or undo what."""
+    name = current.name
+    result: dict[str, Any] = {"name": name, "epoch": epoch}
+    if action == "released":
+        if current.left != host:
+            raise NotAskedHere(host=host, action="release", name=name,
+                               detail="it is not the source of its last live migration")
+        return replace(current, left=None), {**result, "released": host}
+    if action == "migrate-abort":
+        if current.moving_to is None or host not in (current.host, current.moving_to):
+            raise NotAskedHere(host=host, action="call off a migration of", name=name,
+                               detail="no live migration of it involves this host")
+        entry = replace(current, state="running", moving_to=None, want=None, want_live=False,
+                        want_force=False, error=str(args.get("error", ""))[:300])
+        return entry, {**result, "host": entry.host, "state": "running"}
+    if action == "migrate-done":
+        if current.moving_to != host:
+            raise NotAskedHere(host=host, action="finish a migration of", name=name,
+                               detail="it is not being migrated to this host")
+        entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
+                        moving_to=None, want=None, want_live=False, want_force=False,
+                        error="", left=current.host)
+        return entry, {**result, "host": host, "from": current.host, "state": "running"}
+    # migrate-begin
+    if current.moving_to is not None:
+        raise VmBeingMigrated(name=name, host=current.host or "?", target=current.moving_to)
+    if current.want != host or not current.want_live:
+        raise NotAskedHere(host=host, action="begin a live migration of", name=name,
+                           detail="no live migration to this host was asked for")
+    if current.state != "running" or current.host is None or current.host == host:
+        raise VmNotRunningThere(name=name, host="another host", state=current.state,
+                                where=f" on {current.host}" if current.host else "")
+    source_state = store.host_state(current.host)
+    if source_state != "live":
+        raise NotAskedHere(host=host, action="migrate", name=name,
+                           detail=f"its host {current.host} is {source_state}; a live "
+                           "migration needs it live (a DEAD host's VM is recovered)")
+    if current.left is not None and current.left != host:
+        raise NotAskedHere(host=host, action="migrate", name=name,
+                           detail=f"{current.left} has not yet unmapped its disks after "
+                           "its last migration")
+    for disk in current.disks:
+        for other, mode in store.claims(disk.volume):
+            if other not in (host, current.host) and "rw" in (mode, disk.mode):
+                raise DiskHeldElsewhere(name=name, volume=disk.volume, host=other,
+                                        mode="read-write" if mode == "rw" else "read-only")
+    entry = replace(current, state="migrating", moving_to=host, error="")
+    return entry, {**result, "host": current.host, "to": host, "state": "migrating",
+                   "disks": [d.to_json() for d in current.disks]}
+
+
 def _want(state: LedgerState, current: VmEntry, host: str, force: bool, move: bool,
-          epoch: int, store: VmStorePort) -> tuple[LedgerState, dict[str, Any]]:
+          epoch: int, store: VmStorePort, *, live: bool = False
+          ) -> tuple[LedgerState, dict[str, Any]]:
     """Ask ``host`` to run the VM: its agent starts it once it is stopped (and the host it
-    runs on now stops it first: a cold migration)."""
+    runs on now stops it first: a cold migration; or, ``live``, the asked host's agent
+    migrates it while it runs)."""
     if state.host_id(host) is None:
         raise NoSuchHost(host=host, hosts=", ".join(sorted(state.host_names().values())))
     if current.host == host and current.state == "running":
@@ -307,9 +388,14 @@ def _want(state: LedgerState, current: VmEntry, host: str, force: bool, move: bo
     if move and (current.state == "stopped" or current.host is None):
         raise VmNotRunningThere(name=current.name, host="any host", state=current.state,
                                 where=" (start it with `fenceless vm start --on HOST`)")
-    entry = replace(current, want=host, want_force=force, error="")
+    if live and current.left not in (None, host):
+        raise NotAskedHere(host=host, action="migrate", name=current.name,
+                           detail=f"{current.left} has not yet unmapped its disks after "
+                           "its last migration")
+    entry = replace(current, want=host, want_force=force, want_live=live and move, error="")
     return replace(state, vms={**state.vms, current.name: entry}), {
-        "name": current.name, "want": host, "from": current.host, "epoch": epoch}
+        "name": current.name, "want": host, "from": current.host, "epoch": epoch,
+        "live": entry.want_live}
 
 
 def _pushed(history: tuple[VmVersion, ...], old: VmEntry, action: str, epoch: int,

@@ -110,6 +110,11 @@ class VmStopOp:
 
     def run(self) -> dict[str, Any]:
         shown = vmquery.vm_show(self.cfg, self.vg, self.name)
+        if shown.get("moving_to"):
+            from fenceless.ops.vm import VmBeingMigrated
+
+            raise VmBeingMigrated(name=self.name, host=shown["host"],
+                                  target=shown["moving_to"])
         if shown["host"] != self.cfg.host:
             raise NotHere(name=self.name, what="runs" if shown["host"] else "is stopped",
                           host=shown["host"] or "no host", me=self.cfg.host, verb="stop")
@@ -123,7 +128,7 @@ class VmStopOp:
 
 
 class MoveFailed(ExecError):
-    """VM {name} was not started on {host}: {error}"""
+    """VM {name} was not {moved} {host}{still}: {error}"""
 
 
 class MoveTimedOut(ExecError):
@@ -132,23 +137,29 @@ stands, and {host}'s agent acts on it when it can (see `fenceless vm list`)"""
 
 
 def ask_move(cfg: HostConfig, vg: str | None, name: str, target: str, call: Call, *,
-             force: bool, move: bool, timeout: float, poll: float = 0.3) -> dict[str, Any]:
+             force: bool, move: bool, timeout: float, poll: float = 0.3,
+             live: bool = False,
+             progress: Callable[[dict[str, Any]], None] = lambda _vm: None) -> dict[str, Any]:
     """``vm start --on HOST`` and ``vm migrate --to HOST``: the writer records that
     ``target`` should run the VM; the agents of the hosts concerned act on it
     (``agent/vmwork.py``). Waits until it runs there, or its start was abandoned."""
     request = vm_request("vm-place", name, host=target, action="want")
-    request["args"].update(force=force, move=move)
+    request["args"].update(force=force, move=move, live=live)
     asked = call({"op": "vm", "vg": vg, "request": request})
     deadline = time.monotonic() + timeout
     while True:
         vm = next((v for v in vmquery.vm_list(cfg, vg) if v["name"] == name), None)
         if vm is None:
             raise vmquery.UnknownVm(name=name, vg=cfg.vg(vg).name, hint=" (undefined meanwhile)")
+        progress(vm)
         if vm["host"] == target and vm["state"] == "running":
             return {"name": name, "host": target, "state": "running", "from": asked.get("from"),
-                    "epoch": asked.get("epoch")}
+                    "epoch": asked.get("epoch"), "live": live}
         if vm["want"] is None and vm["error"]:
-            raise MoveFailed(name=name, host=target, error=vm["error"])
+            raise MoveFailed(name=name, host=target, error=vm["error"],
+                             moved="migrated live to" if live else "started on",
+                             still=f" (it runs on {vm['host']} still)"
+                             if vm["host"] and vm["state"] == "running" else "")
         if time.monotonic() > deadline:
             raise MoveTimedOut(name=name, host=target, timeout=timeout,
                                now=f"{vm['state']} on {vm['host'] or 'no host'}")

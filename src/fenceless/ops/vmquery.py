@@ -53,7 +53,8 @@ def entry_json(e: VmEntry) -> dict[str, Any]:
             "vcpus": e.vcpus, "disks": [{"target": d.target, "volume": d.volume,
                                          "mode": d.mode} for d in e.disks],
             "version": e.seq, "epoch": e.epoch, "source": e.source, "want": e.want,
-            "want_force": e.want_force, "error": e.error}
+            "want_force": e.want_force, "want_live": e.want_live, "moving_to": e.moving_to,
+            "left": e.left, "error": e.error}
 
 
 def vm_list(cfg: HostConfig, vg_name: str | None) -> list[dict[str, Any]]:

@@ -242,7 +242,49 @@ class RemoveOp(VolumeOp):
         return {"vg": self.vg, "name": intent.name, "removed": True}
 
 
-OPS: dict[str, type[VolumeOp]] = {c.op: c for c in (CreateOp, ExtendOp, RenameOp, RemoveOp)}
+VM_RO_TAG = "fenceless_vm_ro"  # fenceless made the LV read-only: a VM's shared disk
+
+
+class ProtectOp(VolumeOp):
+    """The LVM permission of a VM's read-only disk: ``r`` while a definition has it
+    read-only, so that even an activation outside fenceless maps it read-only; back to
+    ``rw`` (only if fenceless set it: ``VM_RO_TAG``) once none has. Asked by the writer
+    itself after a definition change (``ops/journal.py``), journaled like any change."""
+
+    op = "protect"
+
+    def check_args(self) -> None:
+        _not_control(_name(self.args, "name"))
+        _flag(self.args, "readonly")
+
+    def check_prereq(self, snap: Snapshot) -> Intent:
+        name = str(self.args["name"])
+        lv = snap.lvs.get(name)
+        if lv is None:
+            raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
+        # The intent's shared_ro field carries the permission asked for: read-only or not.
+        return self.intent(name, uuid=lv.uuid, shared_ro=bool(self.args.get("readonly")))
+
+    def execute(self, intent: Intent) -> None:
+        self.lvm.lvpermission(intent.name, readonly=bool(intent.shared_ro), tag=VM_RO_TAG)
+
+    def effect(self, intent: Intent, snap: Snapshot) -> bool | None:
+        lv = next((x for x in snap.lvs.values() if x.uuid == intent.uuid), None)
+        if lv is None:
+            return None
+        return protected(lv) == intent.shared_ro
+
+    def result(self, intent: Intent, snap: Snapshot) -> dict[str, Any]:
+        return {"vg": self.vg, "name": intent.name, "readonly": intent.shared_ro}
+
+
+def protected(lv: Any) -> bool:
+    """Whether the LV's LVM permission is read-only, as fenceless sets it for a VM."""
+    return str(lv.attr)[1:2] == "r" and VM_RO_TAG in lv.tags
+
+
+OPS: dict[str, type[VolumeOp]] = {c.op: c for c in (CreateOp, ExtendOp, RenameOp, RemoveOp,
+                                                    ProtectOp)}
 
 
 def make(request: RequestInfo, lvm: Lvm, claims: Claims,

@@ -1,0 +1,132 @@
+"""A live migration, run by the target host's agent: both hosts hold the disks for the
+handoff only.
+
+``vm migrate NAME --to HOST --live`` records the wish (``want``, live) with the
+writer. HOST's VM worker then runs ``LiveMigrateOp``, in named steps, each
+one recorded on the LUN before it is taken or after it is done:
+
+1. ``begin``: the writer records the VM as *migrating* to this host. From then
+   on, and only for this VM's disks, the source's read-write claim does not
+   keep this host from mapping them (``ops/activation.py``); every third
+   host is still refused.
+2. ``map``: this host maps the disks, claims first, as for a start.
+3. ``transfer``: libvirt moves the running guest (the source keeps it until the
+   very end, and resumes it if anything fails).
+4. ``done``: the writer records the VM on this host and names the source as
+   still holding the disks (``left``); the source's worker unmaps them and
+   says so (``released``): exclusivity is back.
+
+If a step fails, the guest runs on the source still: this host unmaps what it
+mapped and the writer records the migration as called off, with its reason.
+An agent that dies part-way finds its VM *migrating* here when it comes back
+(``settle``): a guest running here is finished (``done``), anything else is
+rolled back. The source's watchdog and lease timer cover a dead source: its
+guest is destroyed with it, and the migration fails here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+from fenceless.config import HostConfig
+from fenceless.errors import FencelessError
+from fenceless.hv.libvirt import LibvirtDriver
+from fenceless.ops import vmquery
+from fenceless.ops.requests import vm_request
+
+Call = Callable[[dict[str, Any]], dict[str, Any]]
+STEPS = ("begin", "map", "transfer", "done")
+TRANSFER_TIMEOUT = 300.0  # seconds before a migration that does not converge is aborted
+
+
+class LiveMigrateOp:
+    def __init__(self, cfg: HostConfig, vg: str | None, name: str, call: Call,
+                 here: LibvirtDriver, source_driver: Callable[[str], LibvirtDriver], *,
+                 progress: Callable[[str], None] = lambda _step: None,
+                 timeout: float = TRANSFER_TIMEOUT) -> None:
+        self.cfg, self.vg, self.name, self.call = cfg, vg, name, call
+        self.here = here
+        self.source_driver = source_driver  # host name -> a driver of its libvirtd
+        self.progress = progress
+        self.timeout = timeout
+
+    def place(self, action: str, **extra: Any) -> dict[str, Any]:
+        request = vm_request("vm-place", self.name, host=self.cfg.host, action=action)
+        request["args"].update(extra)
+        return self.call({"op": "vm", "vg": self.vg, "request": request})
+
+    def run(self) -> dict[str, Any]:
+        self.progress("begin")
+        begun = self.place("migrate-begin")
+        source = str(begun["host"])
+        mapped: list[str] = []
+        try:
+            self.progress("map")
+            paths: dict[str, str] = {}
+            for disk in begun["disks"]:
+                volume, target, mode = disk[1], disk[0], disk[2]
+                got = self.call({"op": "activate", "vg": self.vg, "lv": volume,
+                                 "readonly": mode == "ro", "vm": self.name})
+                mapped.append(volume)
+                paths[target] = str(got["device"])
+            self.progress("transfer")
+            src = self.source_driver(source)
+            try:
+                src.migrate_live(self.name, self.here, paths,
+                                 uri=self.cfg.migration_to(self.cfg.host),
+                                 timeout=self.timeout)
+            finally:
+                src.close()
+        except BaseException as exc:
+            if not self._runs_here():
+                self.roll_back(mapped, exc)
+                raise
+            # The transfer reported a failure, but the guest runs here: it moved.
+        self.progress("done")
+        done = self.place("migrate-done")
+        return {"name": self.name, "host": self.cfg.host, "from": source, "state": "running",
+                "epoch": done.get("epoch"), "live": True}
+
+    def _runs_here(self) -> bool:
+        try:
+            return self.here.is_running(self.name)
+        except FencelessError:
+            return False
+
+    def roll_back(self, mapped: list[str], exc: BaseException) -> None:
+        """Unmap what this host mapped, then tell the writer the migration is off. A
+        disk that does not unmap keeps the migration recorded as under way: the next
+        ``settle`` tries again, and no other host may take the disk meanwhile."""
+        for volume in reversed(mapped):
+            try:
+                self.call({"op": "deactivate", "vg": self.vg, "lv": volume})
+            except FencelessError:
+                return
+        with suppress(FencelessError):
+            self.place("migrate-abort", error=f"{self.cfg.host}: {exc}"[:300])
+
+    def settle(self, disks: list[dict[str, Any]]) -> str:
+        """For an agent that finds the VM *migrating* here with no migration running:
+        finish it if the guest runs here, roll it back otherwise."""
+        if self._runs_here():
+            self.place("migrate-done")
+            return "finished"
+        self.roll_back([d["volume"] for d in disks],
+                       RuntimeError("the migration was interrupted (agent restart)"))
+        return "rolled back"
+
+
+def release(cfg: HostConfig, vg: str | None, name: str, call: Call,
+            here: LibvirtDriver) -> bool:
+    """On the source, after the guest moved: unmap its disks and tell the writer. False
+    (and nothing done) while the guest still runs here."""
+    if here.is_running(name):
+        return False
+    shown = vmquery.vm_show(cfg, vg, name)
+    for disk in reversed(shown["disks"]):
+        call({"op": "deactivate", "vg": vg, "lv": disk["volume"]})
+    request = vm_request("vm-place", name, host=cfg.host, action="released")
+    call({"op": "vm", "vg": vg, "request": request})
+    return True
