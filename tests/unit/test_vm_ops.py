@@ -263,3 +263,19 @@ def test_a_live_migration_begins_only_from_a_live_source_with_no_third_holder():
         place(state, store, "h2", "migrate-begin")
     store.claims = lambda lv: [("h1", "rw")] if lv == "vm-web01" else []
     assert place(state, store, "h2", "migrate-begin").vms["web01"].moving_to == "h2"
+
+
+def test_only_the_writers_adopt_records_where_an_adopted_vm_runs():
+    store = Store()
+    state, _ = define(LedgerState(), store)
+    req = RequestInfo("r", "vm-place", {"name": "web01", "host": "h2", "action": "adopt"})
+    with pytest.raises(vm.AdoptOnWriterOnly, match="h3 asked for h2"):
+        vm.apply(state, req, 3, VG, 7, store, requester="h3", writer="h1")
+    state, res = vm.apply(state, req, 1, VG, 7, store, requester="h1", writer="h1")
+    assert (state.vms["web01"].host, state.vms["web01"].state, res["adopted"]) == (
+        "h2", "running", True)
+    again, _ = vm.apply(state, req, 1, VG, 7, store, requester="h1", writer="h1")
+    assert again == state  # a second adopt run changes nothing
+    other = RequestInfo("r", "vm-place", {"name": "web01", "host": "h3", "action": "adopt"})
+    with pytest.raises(vm.VmAlreadyRunning, match="on h2"):
+        vm.apply(state, other, 1, VG, 7, store, requester="h1", writer="h1")

@@ -51,6 +51,7 @@ EXAMPLES = {
     "volume list": "fenceless volume list --json",
     "volume show": "fenceless volume show vm7-disk",
     "vm define": "fenceless vm define web01 --xml web01.xml",
+    "adopt": "fenceless adopt --configs /srv/vmconfigs --dry-run",
     "vm import": "fenceless vm import --xl /etc/xen/web01.cfg",
     "vm edit": "fenceless vm edit web01",
     "vm undefine": "fenceless vm undefine web01",

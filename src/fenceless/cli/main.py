@@ -25,7 +25,8 @@ from fenceless.errors import FencelessError
 # in the order `fenceless --help` lists them.
 COMMANDS: dict[str, str] = {
     "lab": "lab_cmd",
-    "init": "cluster_cmd", "join": "cluster_cmd", "agent": "cluster_cmd",
+    "init": "cluster_cmd", "adopt": "adopt_cmd", "join": "cluster_cmd",
+    "agent": "cluster_cmd",
     "watchdog": "cluster_cmd",
     "status": "cluster_cmd",
     "writer": "writer_cmd",

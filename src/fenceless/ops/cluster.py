@@ -167,9 +167,24 @@ class InitOp(Operation):
         if self.layout is None:
             raise BadMaxHosts(max_hosts=self.max_hosts)
 
+    def tail_is_unused(self) -> None:
+        """The init lock and the anchor live in the device's last MiB: before the first
+        write there, no PV on the device may have extents reaching into it (an adopted
+        VG's PV often spans the whole LUN; its last extent may hold a VM's data)."""
+        env = self.env
+        lvm = env.lvm(Role.READER)
+        extent = {v.name: v.extent_size for v in lvm.vgs()}
+        for pv in lvm.pvs():
+            if not _same_device(pv.name, env.device) or not pv.vg_name:
+                continue
+            end = pv.pe_start + pv.pe_count * extent.get(pv.vg_name, 0)
+            if end > tail_offset(env.device_size):
+                raise PvInAnchorArea(pv=pv.name, size=tail_offset(env.device_size))
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         env = self.env
+        self.tail_is_unused()  # read-only, and before the lock's own write in the tail
         area = HostArea(env.dev, init_lock_region(env.device_size), 1, env.io_timeout,
                         env.clock)
         try:

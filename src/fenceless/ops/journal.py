@@ -187,7 +187,7 @@ class Journal:
                                self.host_state)
         try:
             new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store,
-                                   requester=host)
+                                   requester=host, writer=port.host)
         except UserError as exc:
             port.log(f"refused {req.op} {dict(req.args)} from {host}: {exc}")
             port.audit(host, req, "refused", str(exc))
@@ -196,7 +196,9 @@ class Journal:
         port.write_ledger(new.with_outcome(req.id, outcome))
         port.log(f"{req.op} {result['name']!r} for {host}: done")
         port.audit(host, req, "ok", "")
-        if req.op != "vm-place":
+        if req.op != "vm-place" and not req.args.get("adopted"):
+            # (An adopted definition changes no existing LV: adopt adds the control LV
+            # and nothing else; the next definition change sets the permissions.)
             self.protect_shared_disks(req.id, new, lvm)
         return outcome
 

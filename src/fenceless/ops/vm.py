@@ -38,7 +38,7 @@ from fenceless.ledger.state import (
 )
 
 VM_OPS = ("vm-define", "vm-undefine", "vm-place")
-PLACE_ACTIONS = ("start", "stop", "recover", "want", "abandon")
+PLACE_ACTIONS = ("start", "stop", "recover", "want", "abandon", "adopt")
 # A live migration, in steps the target host asks for (``ops/vmlive.py``); ``released``
 # is the source's, once it unmapped the disks after the guest moved.
 LIVE_ACTIONS = ("migrate-begin", "migrate-done", "migrate-abort", "released")
@@ -111,6 +111,11 @@ class NothingToRecover(UserError):
     """Refused: VM {name} is {state}{where}: nothing to recover (use `fenceless vm start`)"""
 
 
+class AdoptOnWriterOnly(UserError):
+    """Refused: only the metadata writer's own `fenceless adopt` records where an adopted \
+VM runs ({requester} asked for {host}); nothing was changed"""
+
+
 class VmBeingMigrated(UserError):
     """Refused: VM {name} is being migrated live from {host} to {target}; {target}'s agent \
 finishes it or rolls it back. Nothing was changed"""
@@ -170,7 +175,8 @@ class VmStorePort:
 
 def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: str,
           epoch: int, store: VmStorePort, *, now_ms: Callable[[], int] | None = None,
-          requester: str | None = None) -> tuple[LedgerState, dict[str, Any]]:
+          requester: str | None = None, writer: str | None = None
+          ) -> tuple[LedgerState, dict[str, Any]]:
     """The state after one definition change (slot written already), and its result.
 
     Raises a UserError for a refusal; nothing was written then.
@@ -181,7 +187,12 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
     current = state.vms.get(name)
     if req.op == "vm-place":
         action = str(args.get("action", ""))
-        if requester is not None and action != "want" and args.get("host") != requester:
+        if action == "adopt":
+            # Where a VM of an adopted setup runs is known from its config links on the
+            # writer's side; it is recorded once, before that host's agent ever ran.
+            if requester is not None and requester != writer:
+                raise AdoptOnWriterOnly(requester=requester, host=str(args.get("host"))[:64])
+        elif requester is not None and action != "want" and args.get("host") != requester:
             # A live migration's steps come from its target; the source gives back its
             # disks (``released``); either may call off a migration (``migrate-abort``).
             # Only a host itself takes or gives back a grant (a "want" asks another host).
@@ -262,6 +273,15 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
     if action == "want":
         return _want(state, current, host, bool(args.get("force")), bool(args.get("move")),
                      epoch, store, live=bool(args.get("live")))
+    if action == "adopt":
+        if current.host == host and current.state == "running":
+            return state, {"name": name, "host": host, "state": "running", "epoch": epoch}
+        if current.state != "stopped" or current.host is not None:
+            raise VmAlreadyRunning(name=name, host=current.host or "?", since=since,
+                                   epoch=current.since_epoch)
+        entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch)
+        return replace(state, vms={**state.vms, name: entry}), {
+            "name": name, "host": host, "state": "running", "epoch": epoch, "adopted": True}
     if action == "abandon":
         if host not in (current.want, current.host):  # a late abandon of an older move
             raise NothingToRecover(name=name, state="no longer being moved by",
