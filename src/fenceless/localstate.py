@@ -4,12 +4,16 @@
 - ``vgs/VG/agent.json``: what the running agent last saw, stamped with this
   host's lease clock (CLOCK_BOOTTIME), so a CLI on the same host can show lease states
   (a monotonic time is meaningful only on the host that took it).
+- ``RUN_DIR/vm-NAME.lock``: held while a lifecycle step of VM NAME runs here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +54,27 @@ def agent_view(state_dir: str, vg: str) -> dict[str, Any] | None:
 
 def set_agent_view(state_dir: str, vg: str, data: dict[str, Any]) -> None:
     write_json(vg_dir(state_dir, vg) / "agent.json", data)
+
+
+class VmBusyHere(Exception):
+    """Raised by ``vm_lock`` when another process of this host works on the VM now."""
+
+
+@contextlib.contextmanager
+def vm_lock(run_dir: str, name: str, *, wait: bool = True) -> Iterator[None]:
+    """This host's lock on one VM's lifecycle (``run_dir``/vm-NAME.lock, flock): held by a
+    start, stop or migration for as long as it runs, and released by the kernel when its
+    process dies. So the agent can tell a step under way from one that died part-way
+    (``agent/vmwork.py`` settles only the latter). ``wait``: block for it, else raise
+    VmBusyHere at once."""
+    path = Path(run_dir) / f"vm-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as exc:
+            raise VmBusyHere(name) from exc
+        yield
+    finally:
+        os.close(fd)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -132,8 +133,18 @@ def mounted_configs(tmp_path):
     def unmount() -> None:
         while made:
             loop, point = made.pop()
-            subprocess.run(["umount", str(point)], check=False)
-            subprocess.run(["losetup", "-d", loop], check=False)
+            subprocess.run(["umount", str(point)], check=True)
+            # A loop device someone still has open (a udev probe after the mount, say) is
+            # only marked for removal: wait until it is gone, so lab down finds none.
+            for _ in range(100):
+                subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+                listed = subprocess.run(["losetup", "-a"], capture_output=True, text=True,
+                                        check=True).stdout
+                if not any(line.startswith(loop + ":") for line in listed.splitlines()):
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"{loop} (the config LV's mount) does not detach")
 
     mount.unmount = unmount  # type: ignore[attr-defined]
     yield mount

@@ -356,3 +356,39 @@ def test_a_read_only_disk_is_shared_by_vms_on_two_hosts_and_never_attached_read_
     lab.on("h3", "vm", "edit", "ctr", "--xml", str(path))
     # No definition has it any more: read-write again, and fenceless's tag is gone.
     assert attr().startswith("-wi") and "fenceless_vm_ro" not in attr()
+
+
+def test_a_start_or_stop_killed_part_way_is_settled_by_the_hosts_agent(make_lab):
+    """`vm start` SIGKILLed with the grant recorded and the disk mapped, and `vm stop`
+    SIGKILLed with the domain stopped but the disk still mapped: each time h2's agent
+    finds the VM granted to h2 with no domain and no command working on it, unmaps the
+    disk and returns the grant; the VM starts again after."""
+    from tests.integration.test_volumes import lab_mapped
+
+    lab = counter_lab(make_lab)
+
+    def ctr() -> dict:
+        return json.loads(lab.on("h1", "vm", "list", "--json").stdout)[0]
+
+    def settled() -> bool:
+        return ctr()["state"] == "stopped" and lab_mapped(lab, "h2") == set()
+
+    res = lab.on("h2", "vm", "start", "ctr", check=False,
+                 env={"FENCELESS_CRASHPOINT": "vm.start.mapped"})
+    assert res.returncode == -9, res  # killed: no undo ran
+    assert (ctr()["host"], ctr()["state"]) == ("h2", "running")  # the grant it took
+    assert lab_mapped(lab, "h2") == {"ctr-disk"}
+    wait_until(settled, 30, "h2's agent to settle the interrupted start")
+
+    lab.on("h2", "vm", "start", "ctr")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count")
+    res = lab.on("h2", "vm", "stop", "ctr", "--force", check=False,
+                 env={"FENCELESS_CRASHPOINT": "vm.stop.domain-stopped"})
+    assert res.returncode == -9, res
+    assert ctr()["state"] == "running" and lab_mapped(lab, "h2") == {"ctr-disk"}
+    wait_until(settled, 30, "h2's agent to settle the interrupted stop")
+    log = lab.dir / "hosts" / "h2" / "agent.log"  # its line comes after the settling itself
+    wait_until(lambda: log.read_text().count("granted here but not running") == 2, 10,
+               "h2's agent to say what it settled")
+    lab.on("h3", "vm", "start", "ctr")  # free to run anywhere again
+    lab.on("h3", "vm", "stop", "ctr", "--force")

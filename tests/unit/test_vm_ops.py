@@ -279,3 +279,16 @@ def test_only_the_writers_adopt_records_where_an_adopted_vm_runs():
     other = RequestInfo("r", "vm-place", {"name": "web01", "host": "h3", "action": "adopt"})
     with pytest.raises(vm.VmAlreadyRunning, match="on h2"):
         vm.apply(state, other, 1, VG, 7, store, requester="h1", writer="h1")
+
+
+def test_a_start_on_the_source_of_a_live_migration_takes_over_its_mapped_disks():
+    store = Store()
+    state = place(three_hosts(store), store, "h2", "want", move=True, live=True)
+    state = place(place(state, store, "h2", "migrate-begin"), store, "h2", "migrate-done")
+    state = place(state, store, "h2", "stop")
+    assert state.vms["web01"].left == "h1"
+    store.claims = lambda lv: [("h1", "rw")] if lv == "vm-web01" else []
+    with pytest.raises(vm.DiskHeldElsewhere, match="on h1"):
+        place(state, store, "h3", "start")  # h1 still has the disk mapped
+    state = place(state, store, "h1", "start")
+    assert (state.vms["web01"].host, state.vms["web01"].left) == ("h1", None)

@@ -14,7 +14,10 @@ index). Every agent's worker reads the index (from the LUN, every
   (``ops/vmlive.py``; the source's worker does nothing but, once the guest
   left, unmap its disks: ``left``);
 - the VM is recorded as migrating here, but no migration runs (this agent
-  restarted part-way): finish it or roll it back.
+  restarted part-way): finish it or roll it back;
+- the VM is granted here, but no domain of it runs and no command here works
+  on it (``localstate.vm_lock`` is free): a start or stop died part-way, or the
+  guest powered itself off. Its disks are unmapped and its grant returned.
 
 A start that fails is abandoned with its error in the index (the asking CLI
 reports it), so no host retries it forever. The worker is a thread of its
@@ -72,6 +75,9 @@ class VmWorker:
                 self.release(vm)
             if vm.get("moving_to") == me:
                 self.settle(vm)  # this thread runs every migration here: none runs now
+                continue
+            if host == me and vm["state"] == "running" and want in (None, me):
+                self.settle_here(vm)
                 continue
             if want is None or want == host:
                 continue
@@ -148,5 +154,17 @@ class VmWorker:
         try:
             if vmlive.release(self.cfg, self.vg, name, self.call, driver):
                 self.log(f"vm {name}: moved to {vm['host']}: its disks are unmapped here")
+        finally:
+            driver.close()
+
+    def settle_here(self, vm: dict[str, Any]) -> None:
+        if not self.cfg.hypervisor_uri:
+            return  # no hypervisor here to ask (an adopted VM of a host not set up yet)
+        driver = vmlife.driver_for(self.cfg)
+        try:
+            if vmlife.settle(self.cfg, self.vg, vm, self.call, driver):
+                self.log(f"vm {vm['name']}: granted here but not running (a start or stop "
+                         "that died part-way, or the guest powered off): its disks are "
+                         "unmapped and its grant returned")
         finally:
             driver.close()

@@ -324,8 +324,11 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
     if current.want not in (None, host) and action != "recover" and \
             store.host_state(current.want) == "live":
         raise WantedElsewhere(name=name, host=current.want)
+    # A start on the source of the last live migration finds its disks mapped there
+    # already: they are this grant's now, and nothing is left to release.
     entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
-                    want=None, want_force=False, want_live=False, error="")
+                    want=None, want_force=False, want_live=False, error="",
+                    left=None if current.left == host else current.left)
     return replace(state, vms={**state.vms, name: entry}), {
         "name": name, "host": host, "state": "running", "epoch": epoch,
         "disks": [d.to_json() for d in current.disks]}

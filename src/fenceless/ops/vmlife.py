@@ -13,17 +13,21 @@ its disks are unmapped, and only then is the grant given back.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any
 
 from fenceless.config import HostConfig
 from fenceless.errors import ExecError, FencelessError, UserError
-from fenceless.hv.domain import with_disk_paths
+from fenceless.faults import crashpoint
+from fenceless.hv.domain import vm_name, with_disk_paths
 from fenceless.hv.libvirt import LibvirtDriver, NoHypervisor
+from fenceless.localstate import VmBusyHere, vm_lock
 from fenceless.ops import vmquery
 from fenceless.ops.activation import HeldElsewhere
+from fenceless.ops.base import Operation
 from fenceless.ops.requests import vm_request
 
 Call = Callable[[dict[str, Any]], dict[str, Any]]
@@ -40,7 +44,35 @@ def driver_for(cfg: HostConfig) -> LibvirtDriver:
     return LibvirtDriver(cfg.hypervisor_uri)
 
 
-class VmStartOp:
+class VmBusy(UserError):
+    """Refused: another command on this host ({host}) is starting, stopping or migrating \
+VM {name} right now; wait for it. Nothing was changed"""
+
+
+class VmLifecycleOp(Operation):
+    """A start, stop or migration on this host, in the phases of every operation: the
+    name checked, this host's lock on the VM taken (``localstate.vm_lock``: a second
+    command on the same VM here is refused, and the agent leaves a step alone while
+    its process lives), the VM read from the LUN, the steps, each recorded by the writer
+    (the grant before the disks are mapped, its return after they are unmapped). A step
+    whose process died part-way is settled by this host's agent (``settle``)."""
+
+    cfg: HostConfig
+    name: str  # the VM's (Operation's class-level name is not used for these)
+
+    def check_args(self) -> None:
+        vm_name(self.name)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        try:
+            with vm_lock(self.cfg.run_dir, self.name, wait=False):
+                yield
+        except VmBusyHere as exc:
+            raise VmBusy(name=self.name, host=self.cfg.host) from exc
+
+
+class VmStartOp(VmLifecycleOp):
     """``vm start``, or (``recover``) ``vm recover``: the same, once the writer has seen
     the VM's host DEAD (its watchdog fenced the VM by then)."""
 
@@ -49,7 +81,10 @@ class VmStartOp:
         self.cfg, self.vg, self.name, self.call, self.driver = cfg, vg, name, call, driver
         self.action = "recover" if recover else "start"
 
-    def run(self) -> dict[str, Any]:
+    def check_prereq(self) -> None:
+        vmquery.vm_show(self.cfg, self.vg, self.name)  # defined (the grant decides the rest)
+
+    def execute(self) -> dict[str, Any]:
         vg = self.cfg.vg(self.vg).name
         mapped: list[str] = []
         granted: dict[str, Any] = {}
@@ -63,6 +98,7 @@ class VmStartOp:
                 got = self.activate(disk)
                 mapped.append(disk["volume"])
                 paths[disk["volume"]] = str(got["device"])
+            crashpoint("vm.start.mapped")
             self.driver.start(self.name, with_disk_paths(shown["xml"], vg, paths))
         except BaseException:
             self.undo(mapped)
@@ -89,27 +125,19 @@ class VmStartOp:
     def undo(self, mapped: list[str]) -> None:
         """Unmap what was mapped; give the grant back only if every disk is unmapped (a
         domain that started after all keeps its disk, and its grant says so)."""
-        clean = True
-        for volume in reversed(mapped):
-            try:
-                self.call({"op": "deactivate", "vg": self.vg, "lv": volume})
-            except FencelessError:
-                clean = False
-        if clean:
-            with suppress(FencelessError):
-                self.call({"op": "vm", "vg": self.vg, "request": vm_request(
-                    "vm-place", self.name, host=self.cfg.host, action="stop")})
+        release_grant(self.cfg, self.vg, self.name, self.call, mapped)
 
 
-class VmStopOp:
+class VmStopOp(VmLifecycleOp):
     def __init__(self, cfg: HostConfig, vg: str | None, name: str, call: Call,
                  driver: LibvirtDriver, *, force: bool, grace: float = 60.0) -> None:
         self.cfg, self.vg, self.name, self.call, self.driver = cfg, vg, name, call, driver
         self.force = force
         self.grace = grace  # seconds the guest has to shut down (without ``force``)
+        self.shown: dict[str, Any] = {}
 
-    def run(self) -> dict[str, Any]:
-        shown = vmquery.vm_show(self.cfg, self.vg, self.name)
+    def check_prereq(self) -> None:
+        shown = self.shown = vmquery.vm_show(self.cfg, self.vg, self.name)
         if shown.get("moving_to"):
             from fenceless.ops.vm import VmBeingMigrated
 
@@ -118,13 +146,48 @@ class VmStopOp:
         if shown["host"] != self.cfg.host:
             raise NotHere(name=self.name, what="runs" if shown["host"] else "is stopped",
                           host=shown["host"] or "no host", me=self.cfg.host, verb="stop")
+
+    def execute(self) -> dict[str, Any]:
         was_running = self.driver.stop(self.name, force=self.force, timeout=self.grace)
-        for disk in reversed(shown["disks"]):
-            self.call({"op": "deactivate", "vg": self.vg, "lv": disk["volume"]})
+        crashpoint("vm.stop.domain-stopped")
+        volumes = [d["volume"] for d in self.shown["disks"]]
+        for volume in reversed(volumes):
+            self.call({"op": "deactivate", "vg": self.vg, "lv": volume})
         done = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
             "vm-place", self.name, host=self.cfg.host, action="stop")})
         return {"name": self.name, "host": self.cfg.host, "state": "stopped",
                 "was_running": was_running, "epoch": done.get("epoch")}
+
+
+def release_grant(cfg: HostConfig, vg: str | None, name: str, call: Call,
+                  volumes: list[str]) -> bool:
+    """Unmap ``volumes`` (in reverse), then give the VM's grant back; the grant stays if a
+    disk does not unmap (the grant is what says this host may still be writing it)."""
+    for volume in reversed(volumes):
+        try:
+            call({"op": "deactivate", "vg": vg, "lv": volume})
+        except FencelessError:
+            return False
+    with suppress(FencelessError):
+        call({"op": "vm", "vg": vg, "request": vm_request(
+            "vm-place", name, host=cfg.host, action="stop")})
+    return True
+
+
+def settle(cfg: HostConfig, vg: str | None, vm: dict[str, Any], call: Call,
+           driver: LibvirtDriver) -> bool:
+    """For the agent: VM ``vm`` is granted to this host, but no domain of it runs here and
+    no command here works on it (its lock is free). A start or stop died part-way, or the
+    guest powered itself off: unmap its disks and give the grant back (the step's
+    roll-back, or the stop's end). False when there is nothing to settle."""
+    try:
+        with vm_lock(cfg.run_dir, vm["name"], wait=False):
+            if driver.is_running(vm["name"]):
+                return False
+            return release_grant(cfg, vg, vm["name"], call,
+                                 [d["volume"] for d in vm["disks"]])
+    except VmBusyHere:
+        return False  # a command here works on it now
 
 
 class MoveFailed(ExecError):

@@ -35,13 +35,17 @@ from fenceless.errors import FencelessError
 from fenceless.hv.libvirt import LibvirtDriver
 from fenceless.ops import vmquery
 from fenceless.ops.requests import vm_request
+from fenceless.ops.vmlife import VmLifecycleOp
 
 Call = Callable[[dict[str, Any]], dict[str, Any]]
 STEPS = ("begin", "map", "transfer", "done")
 TRANSFER_TIMEOUT = 300.0  # seconds before a migration that does not converge is aborted
 
 
-class LiveMigrateOp:
+class LiveMigrateOp(VmLifecycleOp):
+    """On the target host, under its lock on the VM (a ``vm stop`` or ``vm start`` of it
+    here waits its turn; the agent settles it only if this process died)."""
+
     def __init__(self, cfg: HostConfig, vg: str | None, name: str, call: Call,
                  here: LibvirtDriver, source_driver: Callable[[str], LibvirtDriver], *,
                  progress: Callable[[str], None] = lambda _step: None,
@@ -57,7 +61,7 @@ class LiveMigrateOp:
         request["args"].update(extra)
         return self.call({"op": "vm", "vg": self.vg, "request": request})
 
-    def run(self) -> dict[str, Any]:
+    def execute(self) -> dict[str, Any]:
         self.progress("begin")
         begun = self.place("migrate-begin")
         source = str(begun["host"])
