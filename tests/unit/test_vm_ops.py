@@ -292,3 +292,15 @@ def test_a_start_on_the_source_of_a_live_migration_takes_over_its_mapped_disks()
         place(state, store, "h3", "start")  # h1 still has the disk mapped
     state = place(state, store, "h1", "start")
     assert (state.vms["web01"].host, state.vms["web01"].left) == ("h1", None)
+
+
+def test_a_grant_names_its_holders_host_id_and_generation_and_a_return_clears_them():
+    store = Store()
+    store.holder = lambda host: {"h1": (1, 4), "h2": (2, 9)}.get(host, (0, 0))
+    state, _ = define(LedgerState(), store)
+    state = place(state, store, "h1", "start")
+    web = state.vms["web01"]
+    assert (web.holder_id, web.holder_gen, web.since_epoch) == (1, 4, 7)
+    assert vm.VmEntry.from_json("web01", web.to_json(), "t") == web
+    state = place(state, store, "h1", "stop")
+    assert (state.vms["web01"].holder_id, state.vms["web01"].holder_gen) == (0, 0)

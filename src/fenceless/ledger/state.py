@@ -300,6 +300,10 @@ class VmEntry:
     # A live migration under way to this host: it and ``host`` both hold the disks.
     moving_to: str | None = None
     left: str | None = None  # the source of a finished live migration, still to unmap
+    # The grant's holder as the writer read it at the grant: host id and generation (its
+    # lease incarnation; 0: not known, as for a VM adopted on a host not joined yet).
+    holder_id: int = 0
+    holder_gen: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -319,6 +323,8 @@ class VmEntry:
             out["mv"] = self.moving_to
         if self.left is not None:
             out["left"] = self.left
+        if self.holder_id:
+            out.update(hid=self.holder_id, hg=self.holder_gen)
         return out
 
     @classmethod
@@ -345,7 +351,9 @@ class VmEntry:
             error=_str(d.get("err", ""), f"{where}.err"),
             want_live=d.get("wl") is True,
             moving_to=_opt_str(d.get("mv"), f"{where}.mv"),
-            left=_opt_str(d.get("left"), f"{where}.left"))
+            left=_opt_str(d.get("left"), f"{where}.left"),
+            holder_id=_int(d.get("hid", 0), f"{where}.hid"),
+            holder_gen=_int(d.get("hg", 0), f"{where}.hg"))
 
 
 @dataclass(frozen=True)

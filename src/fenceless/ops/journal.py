@@ -121,6 +121,11 @@ class Journal:
         return next((h.state.value for h in self.port.hosts_now() if h.name == name),
                     "unknown")
 
+    def holder(self, name: str) -> tuple[int, int]:
+        """A host's id and lease generation by name, from a fresh read ((0, 0): none)."""
+        got = next((h for h in self.port.hosts_now() if h.name == name), None)
+        return (got.host_id, got.generation) if got is not None else (0, 0)
+
     def claim_modes(self, lv: str) -> list[tuple[str, str]]:
         """(host, mode) of every live host that has ``lv`` mapped, from fresh reads."""
         return claims_of_others(self.port, lv, 0)
@@ -184,7 +189,7 @@ class Journal:
         lvm = port.lvm(Role.WRITER)
         store = vm.VmStorePort(port.read_stage, port.write_definition, port.vm_slots(),
                                lambda: set(self.snapshot(lvm).lvs), self.claim_modes,
-                               self.host_state)
+                               self.host_state, self.holder)
         try:
             new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store,
                                    requester=host, writer=port.host)

@@ -164,13 +164,15 @@ class VmStorePort:
                  write_definition: Callable[[int, str, str, int], None],
                  slots: int, volumes: Callable[[], set[str]],
                  claims: Callable[[str], list[tuple[str, str]]] = lambda _lv: [],
-                 host_state: Callable[[str], str] = lambda _host: "live") -> None:
+                 host_state: Callable[[str], str] = lambda _host: "live",
+                 holder: Callable[[str], tuple[int, int]] = lambda _host: (0, 0)) -> None:
         self.read_stage = read_stage
         self.write_definition = write_definition
         self.slots = slots
         self.volumes = volumes
         self.claims = claims  # (host, mode) of every live host that has the volume mapped
         self.host_state = host_state  # a host's lease state from a fresh read ("dead", ...)
+        self.holder = holder  # a host's (id, generation) from a fresh read ((0, 0): unknown)
 
 
 def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: str,
@@ -274,14 +276,7 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
         return _want(state, current, host, bool(args.get("force")), bool(args.get("move")),
                      epoch, store, live=bool(args.get("live")))
     if action == "adopt":
-        if current.host == host and current.state == "running":
-            return state, {"name": name, "host": host, "state": "running", "epoch": epoch}
-        if current.state != "stopped" or current.host is not None:
-            raise VmAlreadyRunning(name=name, host=current.host or "?", since=since,
-                                   epoch=current.since_epoch)
-        entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch)
-        return replace(state, vms={**state.vms, name: entry}), {
-            "name": name, "host": host, "state": "running", "epoch": epoch, "adopted": True}
+        return _adopt(state, current, host, epoch, store, now)
     if action == "abandon":
         if host not in (current.want, current.host):  # a late abandon of an older move
             raise NothingToRecover(name=name, state="no longer being moved by",
@@ -297,7 +292,8 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
         if current.state == "stopped" or current.host != host:
             raise VmNotRunningThere(name=name, host=host, state=current.state,
                                     where=f" on {current.host}" if current.host else "")
-        entry = replace(current, host=None, state="stopped", since_ms=now, since_epoch=epoch)
+        entry = replace(current, host=None, state="stopped", since_ms=now, since_epoch=epoch,
+                        holder_id=0, holder_gen=0)
         return replace(state, vms={**state.vms, name: entry}), {
             "name": name, "host": host, "state": "stopped", "epoch": epoch}
     if action == "recover":
@@ -326,12 +322,30 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
         raise WantedElsewhere(name=name, host=current.want)
     # A start on the source of the last live migration finds its disks mapped there
     # already: they are this grant's now, and nothing is left to release.
+    hid, gen = store.holder(host)
     entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
                     want=None, want_force=False, want_live=False, error="",
-                    left=None if current.left == host else current.left)
+                    left=None if current.left == host else current.left,
+                    holder_id=hid, holder_gen=gen)
     return replace(state, vms={**state.vms, name: entry}), {
         "name": name, "host": host, "state": "running", "epoch": epoch,
         "disks": [d.to_json() for d in current.disks]}
+
+
+def _adopt(state: LedgerState, current: VmEntry, host: str, epoch: int, store: VmStorePort,
+           now: int) -> tuple[LedgerState, dict[str, Any]]:
+    """Record where a VM of an adopted setup runs (once: a second adopt run is a no-op)."""
+    name = current.name
+    if current.host == host and current.state == "running":
+        return state, {"name": name, "host": host, "state": "running", "epoch": epoch}
+    if current.state != "stopped" or current.host is not None:
+        raise VmAlreadyRunning(name=name, host=current.host or "?",
+                               since=_clock(current.since_ms), epoch=current.since_epoch)
+    hid, gen = store.holder(host)
+    entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
+                    holder_id=hid, holder_gen=gen)
+    return replace(state, vms={**state.vms, name: entry}), {
+        "name": name, "host": host, "state": "running", "epoch": epoch, "adopted": True}
 
 
 def _live(current: VmEntry, host: str, action: str, args: Mapping[str, Any], epoch: int,
@@ -359,9 +373,10 @@ def _live(current: VmEntry, host: str, action: str, args: Mapping[str, Any], epo
         if current.moving_to != host:
             raise NotAskedHere(host=host, action="finish a migration of", name=name,
                                detail="it is not being migrated to this host")
+        hid, gen = store.holder(host)
         entry = replace(current, host=host, state="running", since_ms=now, since_epoch=epoch,
                         moving_to=None, want=None, want_live=False, want_force=False,
-                        error="", left=current.host)
+                        error="", left=current.host, holder_id=hid, holder_gen=gen)
         return entry, {**result, "host": host, "from": current.host, "state": "running"}
     # migrate-begin
     if current.moving_to is not None:

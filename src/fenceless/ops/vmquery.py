@@ -54,7 +54,9 @@ def entry_json(e: VmEntry) -> dict[str, Any]:
                                          "mode": d.mode} for d in e.disks],
             "version": e.seq, "epoch": e.epoch, "source": e.source, "want": e.want,
             "want_force": e.want_force, "want_live": e.want_live, "moving_to": e.moving_to,
-            "left": e.left, "error": e.error}
+            "left": e.left, "error": e.error,
+            "holder": {"host_id": e.holder_id, "generation": e.holder_gen,
+                       "since_epoch": e.since_epoch} if e.host else None}
 
 
 def vm_list(cfg: HostConfig, vg_name: str | None) -> list[dict[str, Any]]:
