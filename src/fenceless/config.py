@@ -59,6 +59,16 @@ class VgConfig(NamedTuple):
     devices: tuple[str, ...]
 
 
+class BadHostName(UsageError):
+    """{name!r} is not a host name (lowercase letters, digits and '-', at most 43)"""
+
+
+def _host_name(name: str) -> str:
+    if not HOST_NAME_RE.match(name):
+        raise BadHostName(name=name[:64])
+    return name
+
+
 class HostConfig(NamedTuple):
     path: str
     host: str
@@ -78,11 +88,14 @@ class HostConfig(NamedTuple):
     migration_uri: str | None = None
 
     def peer(self, host: str) -> str:
-        """``peer_uri`` for ``host`` (a validated host name: no quoting needed)."""
-        return self.peer_uri.replace("{host}", host)
+        """``peer_uri`` for ``host``. The name comes from the shared disk: only a valid
+        host name goes into a URI (no parameters slipped in)."""
+        return self.peer_uri.replace("{host}", _host_name(host))
 
     def migration_to(self, host: str) -> str | None:
-        return self.migration_uri.replace("{host}", host) if self.migration_uri else None
+        if not self.migration_uri:
+            return None
+        return self.migration_uri.replace("{host}", _host_name(host))
 
     def vg(self, name: str | None) -> VgConfig:
         """The VG a command works on: the named one, or the only one configured."""

@@ -72,6 +72,13 @@ def fill(image: str, where: tuple[int, int]) -> None:
         os.fsync(f.fileno())
 
 
+def adopt(lab, *args: str) -> str:
+    """`fenceless adopt` as h1 runs it, in h1's namespace (where the config LV is mounted)."""
+    from tests.conftest import CLI
+
+    return str(lab.exec("h1", *CLI, "-c", lab.config("h1"), "adopt", *args).stdout)
+
+
 def admin_vg(lab, *lvs: tuple[str, str]) -> str:
     """A VG made by hand on h1's view of the LUN, the way the setup fenceless replaces is
     made: a PV on the whole LUN and plain LVs. Its device."""
@@ -110,49 +117,41 @@ def test_init_adopt_writes_nothing_when_the_pv_reaches_into_the_anchors_place(ma
 
 
 @pytest.fixture
-def mounted_configs(tmp_path):
-    """Mount an ext4 LV's extent (a loop device over the LUN image) and unmount it after."""
-    made: list[tuple[str, Path]] = []
-    count = [0]
+def config_lv(tmp_path):
+    """The config LV of the replaced setup: an ext4 made on its extent (a loop device
+    over the LUN image) from a directory, then mounted read-only *inside h1's lab
+    namespace*, as on a host that is not the writer. (A mount in this process's namespace
+    would be copied into the namespaces of labs other tests bring up meanwhile, and keep
+    the loop device busy there after it is unmounted here.)"""
+    made: list[tuple[object, str, str]] = []
 
-    def mount(image: str, where: tuple[int, int], *, readonly: bool, fresh: bool) -> Path:
+    def mount(lab, image: str, where: tuple[int, int], source: Path) -> str:
         loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(where[0]),
-                               "--sizelimit", str(where[1])] + (["--read-only"] if readonly
-                                                                 else []) + [image],
+                               "--sizelimit", str(where[1]), image],
                               capture_output=True, text=True, check=True).stdout.strip()
-        count[0] += 1
-        point = tmp_path / f"mnt{count[0]}"
-        point.mkdir()
-        made.append((loop, point))
-        if fresh:
-            subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True)
-        subprocess.run(["mount", "-o", "ro,noload" if readonly else "rw", loop, str(point)],
-                       check=True)
+        point = str(tmp_path / "vmconfigs")
+        os.mkdir(point)
+        made.append((lab, loop, point))
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(source), loop], check=True)
+        lab.exec("h1", "mount", "-o", "ro,noload", loop, point)
         return point
 
-    def unmount() -> None:
-        while made:
-            loop, point = made.pop()
-            subprocess.run(["umount", str(point)], check=True)
-            # A loop device someone still has open (a udev probe after the mount, say) is
-            # only marked for removal: wait until it is gone, so lab down finds none.
-            for _ in range(100):
-                subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
-                listed = subprocess.run(["losetup", "-a"], capture_output=True, text=True,
-                                        check=True).stdout
-                if not any(line.startswith(loop + ":") for line in listed.splitlines()):
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError(f"{loop} (the config LV's mount) does not detach")
-
-    mount.unmount = unmount  # type: ignore[attr-defined]
     yield mount
-    unmount()
+    for lab, loop, point in made:
+        lab.exec("h1", "umount", point, check=False)  # type: ignore[attr-defined]
+        for _ in range(100):  # marked for removal while still open: wait until gone
+            subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+            listed = subprocess.run(["losetup", "-a"], capture_output=True, text=True,
+                                    check=True).stdout
+            if not any(line.startswith(loop + ":") for line in listed.splitlines()):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"{loop} (the config LV's mount) does not detach")
 
 
 def test_adopt_stores_the_configs_and_placements_and_changes_no_existing_byte(
-        make_lab, mounted_configs):
+        make_lab, config_lv, tmp_path_factory):
     lab = make_lab(2, "--agents")
     admin_vg(lab, ("web01-disk", "8M"), ("db01-disk", "8M"), ("iso", "8M"), ("spare", "4M"),
              ("vmconfigs", "16M"))
@@ -162,22 +161,20 @@ def test_adopt_stores_the_configs_and_placements_and_changes_no_existing_byte(
         fill(image, where[lv])
 
     # The configs, on the ext4 LV, with per-host links: web01 runs on h1, db01 on h2.
-    rw = mounted_configs(image, where["vmconfigs"], readonly=False, fresh=True)
-    (rw / "web01.cfg").write_text(WEB_XL)
-    (rw / "db01.xml").write_text(DB_XML)
-    (rw / "README").write_text("do not edit on a read-only host\n")
+    src = tmp_path_factory.mktemp("configs")
+    (src / "web01.cfg").write_text(WEB_XL)
+    (src / "db01.xml").write_text(DB_XML)
+    (src / "README").write_text("do not edit on a read-only host\n")
     for host, conf in (("h1", "web01.cfg"), ("h2", "db01.xml")):
-        (rw / host).mkdir()
-        (rw / host / conf).symlink_to(f"../{conf}")
-    mounted_configs.unmount()
+        (src / host).mkdir()
+        (src / host / conf).symlink_to(f"../{conf}")
+    configs = config_lv(lab, image, where["vmconfigs"], src)
     before = digests(image, where)
-    configs = mounted_configs(image, where["vmconfigs"], readonly=True, fresh=False)
 
     # A dry run reads and checks everything and changes nothing at all.
     with open(image, "rb") as f:
         whole = hashlib.sha256(f.read()).hexdigest()
-    plan = json.loads(lab.on("h1", "adopt", "--configs", str(configs), "--dry-run",
-                             "--json").stdout)["plan"]
+    plan = json.loads(adopt(lab, "--configs", configs, "--dry-run", "--json"))["plan"]
     assert [(v["name"], v["host"], v["source"]) for v in plan["vms"]] == [
         ("db01", "h2", "xml"), ("web01", "h1", "xl")]
     assert plan["unaccounted"] == ["spare", "vmconfigs"]
@@ -187,7 +184,7 @@ def test_adopt_stores_the_configs_and_placements_and_changes_no_existing_byte(
     with open(image, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == whole
 
-    out = json.loads(lab.on("h1", "adopt", "--configs", str(configs), "--json").stdout)
+    out = json.loads(adopt(lab, "--configs", configs, "--json"))
     assert any("added control LV fenceless-ctl" in d for d in out["done"]), out
     assert "recorded web01 as running on h1" in out["done"]
     assert "recorded db01 as running on h2" in out["done"]
@@ -211,6 +208,6 @@ def test_adopt_stores_the_configs_and_placements_and_changes_no_existing_byte(
     assert all(attrs[lv].startswith("-wi") for lv in where)
 
     # Run again: everything is done already, nothing changes.
-    again = json.loads(lab.on("h1", "adopt", "--configs", str(configs), "--json").stdout)
+    again = json.loads(adopt(lab, "--configs", configs, "--json"))
     assert again["done"] == ["VG sanvg is a fenceless cluster already: going on with the VMs"]
     assert digests(image, where) == before

@@ -24,6 +24,34 @@ else:
     libvirt = pytest.importorskip("libvirt")
 
 
+GUEST_SLOTS = 2  # TCG guests are CPU-bound: at most this many of these tests at once
+
+
+@pytest.fixture(autouse=True)
+def guest_slot():
+    """One of GUEST_SLOTS machine-wide slots (a flock), held for the whole test: with more
+    guests booting at once on two cores than that, a boot could outlast the tests' waits."""
+    import fcntl
+
+    deadline = time.monotonic() + 1200
+    while True:
+        for i in range(GUEST_SLOTS):
+            fd = os.open(f"/tmp/fenceless-test-guest-slot-{i}.lock",
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield
+            finally:
+                os.close(fd)
+            return
+        assert time.monotonic() < deadline, "no guest slot came free"
+        time.sleep(0.2)
+
+
 def counter_xml(name: str, device: str, ident: str) -> str:
     kernel, initrd = guest.build(SubprocessRunner())
     return f"""<domain type='qemu'>
@@ -61,7 +89,7 @@ def test_each_host_has_its_own_libvirtd_and_the_guest_counts_on_a_mapped_volume(
     conns = {h: libvirt.open(cfg_uri(lab, h)) for h in lab.hosts}
     try:
         dom = conns["h1"].createXML(counter_xml("ctr", mapped["device"], "h1-1"), 0)
-        wait_until(lambda: len(records(mapped["device"])) >= 3, 60, "the guest to count")
+        wait_until(lambda: len(records(mapped["device"])) >= 3, 120, "the guest to count")
         assert [d.name() for d in conns["h1"].listAllDomains()] == ["ctr"]
         assert conns["h2"].listAllDomains() == []  # h2's daemon is another one
         got = records(mapped["device"])
@@ -123,7 +151,7 @@ def test_a_vm_runs_on_one_host_only_and_moves_with_its_counter(make_lab):
     lab.on("h2", "vm", "start", "ctr")
     vms = {v["name"]: v for v in json.loads(lab.on("h3", "vm", "list", "--json").stdout)}
     assert (vms["ctr"]["host"], vms["ctr"]["state"]) == ("h2", "running")
-    wait_until(lambda: len(counter_of(lab, "h3", "ctr-disk")) >= 3, 60, "ctr to count")
+    wait_until(lambda: len(counter_of(lab, "h3", "ctr-disk")) >= 3, 120, "ctr to count")
 
     # h3 may not start it, nor map its disk: refused, with who has it since when.
     res = lab.on("h3", "vm", "start", "ctr", check=False)
@@ -139,7 +167,7 @@ def test_a_vm_runs_on_one_host_only_and_moves_with_its_counter(make_lab):
     assert lab_mapped(lab, "h2") == set()
     before = counter_of(lab, "h1", "ctr-disk")
     lab.on("h3", "vm", "start", "ctr")
-    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= len(before) + 3, 60,
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= len(before) + 3, 120,
                "ctr to count on h3")
     after = counter_of(lab, "h1", "ctr-disk")
     assert [n for n, _ in after] == list(range(1, len(after) + 1))  # no gap, no repeat
@@ -157,7 +185,7 @@ def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab)
 
     lab = counter_lab(make_lab)
     lab.on("h2", "vm", "start", "ctr")
-    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 120, "ctr to count")
 
     cli("lab", "agent", "--dir", str(lab.dir), "h2", "pause")  # SIGSTOP: no own timer runs
     try:
@@ -170,7 +198,7 @@ def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab)
         got = fired(lab, "h2")
         assert len(got) == 1 and got[0]["fired_at"] < recovered_at, got
         before = len(counter_of(lab, "h1", "ctr-disk"))
-        wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= before + 3, 60,
+        wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= before + 3, 120,
                    "ctr to count on h3")
         records = counter_of(lab, "h1", "ctr-disk")
         assert [n for n, _ in records] == list(range(1, len(records) + 1))
@@ -189,7 +217,7 @@ def test_started_on_another_host_and_migrated_cold_from_a_third(make_lab):
 
     res = json.loads(lab.on("h1", "vm", "start", "ctr", "--on", "h2", "--json").stdout)
     assert (res["host"], res["state"]) == ("h2", "running")
-    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count on h2")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 120, "ctr to count on h2")
     refused = lab.on("h1", "vm", "start", "ctr", "--on", "h3", check=False)
     assert refused.returncode == 2  # it runs on h2: a start is not a migration
     assert "ctr's disk ctr-disk is active read-write on h2" in refused.stderr, refused.stderr
@@ -198,7 +226,7 @@ def test_started_on_another_host_and_migrated_cold_from_a_third(make_lab):
                             "--json").stdout)
     assert (res["host"], res["from"]) == ("h1", "h2")
     before = len(counter_of(lab, "h3", "ctr-disk"))
-    wait_until(lambda: len(counter_of(lab, "h3", "ctr-disk")) >= before + 3, 60,
+    wait_until(lambda: len(counter_of(lab, "h3", "ctr-disk")) >= before + 3, 120,
                "ctr to count on h1")
     records = counter_of(lab, "h3", "ctr-disk")
     assert [n for n, _ in records] == list(range(1, len(records) + 1))
@@ -259,7 +287,7 @@ def test_a_live_migration_keeps_the_guest_counting_and_a_failed_one_leaves_it_in
 
     lab = counter_lab(make_lab)
     lab.on("h2", "vm", "start", "ctr")
-    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 120, "ctr to count")
     config = Path(lab.config("h3"))
     good = config.read_text()
 
@@ -279,7 +307,7 @@ def test_a_live_migration_keeps_the_guest_counting_and_a_failed_one_leaves_it_in
             vms["ctr"]["want"]) == ("h2", "running", None, None)
     assert lab_mapped(lab, "h3") == set()
     before = len(counter_of(lab, "h1", "ctr-disk"))
-    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= before + 3, 60,
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= before + 3, 120,
                "ctr to count on h2 still")
 
     restart_h3(good)
@@ -287,7 +315,7 @@ def test_a_live_migration_keeps_the_guest_counting_and_a_failed_one_leaves_it_in
                             "--json").stdout)
     assert (res["host"], res["from"], res["live"]) == ("h3", "h2", True)
     moved = len(counter_of(lab, "h1", "ctr-disk"))
-    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= moved + 3, 60,
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= moved + 3, 120,
                "ctr to count on h3")
     records = counter_of(lab, "h1", "ctr-disk")
     assert [n for n, _ in records] == list(range(1, len(records) + 1))  # never backwards
@@ -381,7 +409,7 @@ def test_a_start_or_stop_killed_part_way_is_settled_by_the_hosts_agent(make_lab)
     wait_until(settled, 30, "h2's agent to settle the interrupted start")
 
     lab.on("h2", "vm", "start", "ctr")
-    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 60, "ctr to count")
+    wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= 3, 120, "ctr to count")
     res = lab.on("h2", "vm", "stop", "ctr", "--force", check=False,
                  env={"FENCELESS_CRASHPOINT": "vm.stop.domain-stopped"})
     assert res.returncode == -9, res

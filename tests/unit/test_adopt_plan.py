@@ -58,3 +58,12 @@ def test_the_directory_is_read_without_following_links_out_of_it(tmp_path):
         adopt.read_config_dir(str(tmp_path))
     with pytest.raises(adopt.ConfigDirUnreadable):
         adopt.read_config_dir(str(tmp_path / "nope"))
+
+
+def test_a_loop_of_links_is_refused_clearly(tmp_path):
+    (tmp_path / "web01.cfg").write_text(WEB)
+    (tmp_path / "h1").mkdir()
+    (tmp_path / "h1" / "a.cfg").symlink_to("b.cfg")
+    (tmp_path / "h1" / "b.cfg").symlink_to("a.cfg")
+    with pytest.raises(adopt.LinkOutside):
+        adopt.read_config_dir(str(tmp_path))

@@ -118,3 +118,12 @@ def test_live_migration_reaches_other_hosts_by_template():
     assert lab.peer("h3") == "qemu+unix:///system?socket=/lab/hosts/h3/libvirt-sock"
     assert lab.migration_to("h3") == "tcp://h3.san"
     assert config.parse(config.render(lab), "/x.toml") == lab
+
+
+def test_a_host_name_from_the_shared_disk_goes_into_no_uri_unchecked():
+    cfg = config.parse(GOOD, "/x.toml")._replace(migration_uri="tcp://{host}")
+    for bad in ("h2/system?no_verify=1#", "H2", "", "h2 x"):
+        with pytest.raises(UsageError):
+            cfg.peer(bad)
+        with pytest.raises(UsageError):
+            cfg.migration_to(bad)

@@ -21,6 +21,7 @@ from fenceless.ondisk.layout import Layout
 from fenceless.ondisk.record import pad
 from fenceless.ops import journal as journal_mod
 from fenceless.ops.activation import ActivationOp, HeldElsewhere
+from fenceless.ops.claims import claims_of_others
 from fenceless.ops.journal import Journal, ReusedRequestId, claims
 from fenceless.ops.volume import REQ_TAG_PREFIX
 from fenceless.ops.writer import become_writer
@@ -346,3 +347,17 @@ def test_only_a_live_migrations_target_maps_a_disk_its_source_holds(cluster):
     assert "db" not in h2.activator.mapped
     ActivationOp(h2.port, "sanvg", "activate", "db", vm="web").run()
     assert "db" in h2.activator.mapped
+
+
+def test_a_refused_activation_keeps_the_claim_of_a_mapping_that_was_there_before(cluster):
+    """h2 maps db read-only, h1 too; h2 then asks for it read-write and is refused (h1
+    has it). h2's read-only mapping still exists, so its claim must stay published: the
+    old code withdrew it, leaving a mapping no other host could see."""
+    _vg, h1, h2 = cluster
+    Journal(h1.port).process("h1", ask("c", "create", name="db", size_bytes=GiB))
+    ActivationOp(h2.port, "sanvg", "activate", "db", readonly=True).run()
+    ActivationOp(h1.port, "sanvg", "activate", "db", readonly=True).run()
+    with pytest.raises(HeldElsewhere):
+        ActivationOp(h2.port, "sanvg", "activate", "db").run()
+    assert "db" in h2.activator.mapped
+    assert claims_of_others(h1.port, "db", 1) == [("h2", "ro")]

@@ -304,3 +304,41 @@ def test_a_grant_names_its_holders_host_id_and_generation_and_a_return_clears_th
     assert vm.VmEntry.from_json("web01", web.to_json(), "t") == web
     state = place(state, store, "h1", "stop")
     assert (state.vms["web01"].holder_id, state.vms["web01"].holder_gen) == (0, 0)
+
+
+def test_only_a_dead_targets_migration_is_called_off_by_its_source():
+    store = Store()
+    state = place(three_hosts(store), store, "h2", "want", move=True, live=True)
+    state = place(state, store, "h2", "migrate-begin")
+    with pytest.raises(vm.NotAskedHere, match="its target h2 is live, not DEAD"):
+        place(state, store, "h1", "migrate-abort", error="x")
+    store.host_state = lambda host: "dead" if host == "h2" else "live"
+    web = place(state, store, "h1", "migrate-abort", error="h2 died").vms["web01"]
+    assert (web.host, web.state, web.moving_to) == ("h1", "running", None)
+
+
+def test_disks_still_mapped_by_a_migrations_source_keep_the_definition():
+    store = Store()
+    state = place(three_hosts(store), store, "h2", "want", move=True, live=True)
+    state = place(place(state, store, "h2", "migrate-begin"), store, "h2", "migrate-done")
+    state = place(state, store, "h2", "stop")
+    req = RequestInfo("u", "vm-undefine", {"name": "web01"})
+    with pytest.raises(vm.DisksStillMapped, match="h1 has VM web01's disks mapped"):
+        vm.apply(state, req, 2, VG, 7, store)
+    with pytest.raises(vm.DisksStillMapped):
+        define(state, store, WEB.replace("/dev/mapper/sanvg-debian--12--iso",
+                                         "/dev/sanvg/vm-db01"), replace=True)
+    store.host_state = lambda host: "dead" if host == "h1" else "live"  # its claims void
+    assert "web01" not in vm.apply(state, req, 2, VG, 7, store)[0].vms
+
+
+def test_a_host_that_runs_no_vms_is_not_asked_to():
+    store = Store()
+    from fenceless.ledger.state import HostEntry
+
+    state, _ = define(LedgerState(), store)
+    state = vm.replace(state, hosts={1: HostEntry("h1", 1), 3: HostEntry("h3", 1)})
+    store.runs_vms = lambda host: host != "h3"
+    with pytest.raises(vm.NoVmsThere, match="h3 runs no VMs"):
+        place(state, store, "h3", "want")
+    assert place(state, store, "h1", "want").vms["web01"].want == "h1"

@@ -79,7 +79,10 @@ class Agent:
 
     def facts(self) -> dict[str, Any]:
         """What every VG's lease sector says about this host besides its LVs."""
-        return {"lvm_version": self.lvm_version, "priority": self.priority}
+        # "vms": whether this host's agent runs VMs (a hypervisor is configured), so that
+        # the writer refuses to ask it to start one.
+        return {"lvm_version": self.lvm_version, "priority": self.priority,
+                "vms": bool(self.cfg.hypervisor_uri)}
 
     def set_role(self, entry: RoleEntry) -> None:
         """Rewrite the guard's role file with this VG's new entry (all VGs in one file)."""

@@ -506,8 +506,11 @@ class AgentPort:
         self.local.active(force=True)
         self.publish_claims()
 
-    def unclaim(self, lv: str) -> None:
+    def unclaim(self, lv: str, *, keep_mapped: bool = False) -> None:
         self.local.mapping.pop(lv, None)
+        if keep_mapped:
+            self.publish_claims()
+            return
         self.local.modes.pop(lv, None)
         self.local.active(force=True)
         self.publish_claims()

@@ -28,6 +28,7 @@ them; it reaches the agent through the same request queue as a local CLI.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
@@ -41,6 +42,7 @@ from fenceless.ops.requests import vm_request
 POLL_N = 5  # the worker reads the VM index every 5N (and at most every POLL_MIN s):
 POLL_MIN = 2.0  # each read opens the LUN and parses the ledger, beside the lease thread
 STOP_GRACE = 30.0  # seconds a guest gets to shut down before a move gives up
+ABORT_EVERY = 30.0  # seconds between a source's calls to end a migration whose target died
 
 
 class VmWorker:
@@ -50,6 +52,7 @@ class VmWorker:
         self.cfg, self.vg, self.submit, self.n, self.log = cfg, vg, submit, n, log
         self.ready = ready  # a member with its host lease: before that there is nothing to do
         self.stop = threading.Event()
+        self.abort_asked: dict[str, float] = {}  # VM -> when this host last asked
         self.thread = threading.Thread(target=self.loop, name=f"vm-{vg}", daemon=True)
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -68,25 +71,35 @@ class VmWorker:
                 self.log(f"vm worker: internal error: {type(exc).__name__}: {exc}")
 
     def round(self) -> None:
-        me = self.cfg.host
         for vm in vmquery.vm_list(self.cfg, self.vg):
-            want, host = vm.get("want"), vm.get("host")
-            if vm.get("left") == me and host != me:
-                self.release(vm)
-            if vm.get("moving_to") == me:
-                self.settle(vm)  # this thread runs every migration here: none runs now
-                continue
-            if host == me and vm["state"] == "running" and want in (None, me):
-                self.settle_here(vm)
-                continue
-            if want is None or want == host:
-                continue
-            if host == me and not vm.get("want_live"):
-                self.hand_off(vm)
-            elif want == me and vm["state"] == "stopped":
-                self.take(vm)
-            elif want == me and vm["state"] == "running" and vm.get("want_live"):
-                self.take_live(vm)
+            try:
+                self.act_on(vm)
+            except FencelessError as exc:  # one VM's trouble does not hold up the others
+                self.log(f"vm {vm['name']}: {exc}")
+
+    def act_on(self, vm: dict[str, Any]) -> None:
+        """What this host does about one VM of the index this round, if anything."""
+        me = self.cfg.host
+        want, host = vm.get("want"), vm.get("host")
+        if vm.get("left") == me and host != me:
+            self.release(vm)
+        if vm.get("moving_to") == me:
+            self.settle(vm)  # this thread runs every migration here: none runs now
+            return
+        if host == me and vm.get("moving_to"):
+            self.call_off_if_target_dead(vm)
+            return
+        if host == me and vm["state"] == "running" and want in (None, me):
+            self.settle_here(vm)
+            return
+        if want is None or want == host:
+            return
+        if host == me and not vm.get("want_live"):
+            self.hand_off(vm)
+        elif want == me and vm["state"] == "stopped":
+            self.take(vm)
+        elif want == me and vm["state"] == "running" and vm.get("want_live"):
+            self.take_live(vm)
 
     def hand_off(self, vm: dict[str, Any]) -> None:
         name = vm["name"]
@@ -168,3 +181,22 @@ class VmWorker:
                          "unmapped and its grant returned")
         finally:
             driver.close()
+
+    def call_off_if_target_dead(self, vm: dict[str, Any]) -> None:
+        """The source's part when a live migration's target never comes back: once the
+        target is DEAD (its watchdog fenced whatever ran there), the writer accepts the
+        source's call to end the migration (asked at most every ABORT_EVERY seconds; it
+        refuses while the target is not DEAD)."""
+        name = vm["name"]
+        now = time.monotonic()
+        # Not at the first sight: a migration under way usually ends within seconds.
+        if now - self.abort_asked.setdefault(name, now) < ABORT_EVERY:
+            return
+        self.abort_asked[name] = now
+        request = vm_request("vm-place", name, host=self.cfg.host, action="migrate-abort")
+        request["args"]["error"] = f"its target {vm['moving_to']} died during the migration"
+        try:
+            self.call({"op": "vm", "request": request})
+        except FencelessError:
+            return  # not DEAD yet: asked again later
+        self.log(f"vm {name}: live migration to {vm['moving_to']} called off (it is DEAD)")

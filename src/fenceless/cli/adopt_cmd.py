@@ -107,6 +107,9 @@ def _text(out: dict[str, Any]) -> str:
         lines.append(table([(v["name"], v["file"], v["host"] or "-",
                              ", ".join(f"{d['volume']}({d['mode']})" for d in v["disks"]))
                             for v in plan["vms"]], ("VM", "CONFIG", "RUNS ON", "DISKS")))
+    if plan["hosts"]:
+        lines.append("hosts named by the links (each must join under that name): "
+                     + ", ".join(plan["hosts"]))
     if plan["unaccounted"]:
         lines.append("LVs no VM config names (kept as volumes): "
                      + ", ".join(plan["unaccounted"]))

@@ -52,10 +52,42 @@ class LibvirtDriver:
             self._conn = None
 
     def running(self) -> list[str]:
-        return sorted(d.name() for d in self.conn().listAllDomains() if d.isActive())
+        import libvirt
+
+        try:
+            return sorted(d.name() for d in self.conn().listAllDomains(
+                libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(uri=self.uri, action="list", name="(all)",
+                                  detail=str(exc)) from exc
 
     def is_running(self, name: str) -> bool:
+        """Whether a domain of this name is active here (running or paused)."""
         return name in self.running()
+
+    def paused_by_migration(self, name: str) -> bool:
+        """Whether the domain is paused by a live migration that did not finish (its
+        guest was handed to the target, or is waiting to be resumed here)."""
+        import libvirt
+
+        try:
+            state, reason = self.conn().lookupByName(name).state()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise HypervisorError(uri=self.uri, action="look up", name=name,
+                                  detail=str(exc)) from exc
+        return bool(state == libvirt.VIR_DOMAIN_PAUSED
+                    and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION)
+
+    def resume(self, name: str) -> None:
+        import libvirt
+
+        try:
+            self.conn().lookupByName(name).resume()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(uri=self.uri, action="resume", name=name,
+                                  detail=str(exc)) from exc
 
     def migrate_live(self, name: str, dest: LibvirtDriver, paths: dict[str, str], *,
                      uri: str | None, timeout: float) -> None:

@@ -63,13 +63,16 @@ class ActivationOp(Operation):
             got = activator.refresh(self.lv)
             self.port.settle(self.lv)
             return _described(got)
+        held = self.lv in self.port.local_active()  # mapped here already, and claimed
         self.port.claim(self.lv, "ro" if self.readonly else "rw")  # on the disk first
         try:
             self.back_off_from_the_writer()
             self.not_held_elsewhere()
             got = activator.activate(self.lv, readonly=self.readonly)
         except BaseException:
-            self.port.unclaim(self.lv)
+            # Withdraw only what this call added: a mapping that existed before keeps
+            # its claim (else it would be mapped with no claim, free for anyone).
+            self.port.unclaim(self.lv, keep_mapped=held)
             raise
         self.port.settle(self.lv)
         return _described(got)

@@ -111,6 +111,7 @@ class AdoptPlan:
     def to_json(self) -> dict[str, Any]:
         users = self.users()
         return {"vg": self.vg, "vms": [v.to_json() for v in self.vms],
+                "hosts": sorted({v.host for v in self.vms if v.host is not None}),
                 "volumes": [{"name": n, "size_bytes": s, "used_by": users.get(n, [])}
                             for n, s in sorted(self.lvs.items())],
                 "unaccounted": sorted(n for n in self.lvs if n not in users),
@@ -146,7 +147,9 @@ def read_config_dir(path: str) -> ConfigDir:
 
 def _read(path: Path) -> str:
     try:
-        with open(path, "rb") as f:
+        # O_NOFOLLOW: a link put in place after the directory was listed is not read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
             raw = f.read(MAX_CONFIG + 1)
     except OSError as exc:
         raise BadConfig(path=str(path), detail=exc.strerror or str(exc)) from exc
@@ -162,12 +165,19 @@ def _host_links(root: Path, hostdir: Path) -> list[tuple[str, str]]:
     """(link, config file name) for each link in a host's directory; a link must name a
     config file directly in ``root`` (relative or absolute, but resolving there)."""
     out = []
-    real_root = root.resolve()
-    for link in sorted(hostdir.iterdir()):
+    try:
+        real_root = root.resolve()
+        entries = sorted(hostdir.iterdir())
+    except (OSError, RuntimeError) as exc:
+        raise ConfigDirUnreadable(path=str(hostdir), reason=str(exc)) from exc
+    for link in entries:
         if not link.is_symlink():
             raise LinkOutside(link=str(link), target="(not a link)", dir=str(root))
-        target = os.readlink(link)
-        resolved = (hostdir / target).resolve()
+        try:
+            target = os.readlink(link)
+            resolved = (hostdir / target).resolve()
+        except (OSError, RuntimeError) as exc:  # a loop of links, an unreadable one
+            raise LinkOutside(link=str(link), target=f"({exc})", dir=str(root)) from exc
         if resolved.parent != real_root or resolved.suffix not in CONFIG_SUFFIXES:
             raise LinkOutside(link=str(link), target=target, dir=str(root))
         out.append((str(link), resolved.name))

@@ -177,7 +177,10 @@ class InitOp(Operation):
         for pv in lvm.pvs():
             if not _same_device(pv.name, env.device) or not pv.vg_name:
                 continue
-            end = pv.pe_start + pv.pe_count * extent.get(pv.vg_name, 0)
+            if pv.vg_name not in extent:  # a VG this host's LVM does not show: unknown
+                raise ForeignPv(device=env.device, other=pv.vg_name, vg=env.vg.name,
+                                config=env.cfg.path)
+            end = pv.pe_start + pv.pe_count * extent[pv.vg_name]
             if end > tail_offset(env.device_size):
                 raise PvInAnchorArea(pv=pv.name, size=tail_offset(env.device_size))
 

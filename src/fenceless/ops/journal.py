@@ -126,6 +126,12 @@ class Journal:
         got = next((h for h in self.port.hosts_now() if h.name == name), None)
         return (got.host_id, got.generation) if got is not None else (0, 0)
 
+    def runs_vms(self, name: str) -> bool | None:
+        """Whether a host's agent says it runs VMs (its lease sector's facts, read now)."""
+        got = next((h for h in self.port.hosts_now() if h.name == name), None)
+        said = got.facts.get("vms") if got is not None else None
+        return said if isinstance(said, bool) else None
+
     def claim_modes(self, lv: str) -> list[tuple[str, str]]:
         """(host, mode) of every live host that has ``lv`` mapped, from fresh reads."""
         return claims_of_others(self.port, lv, 0)
@@ -189,7 +195,7 @@ class Journal:
         lvm = port.lvm(Role.WRITER)
         store = vm.VmStorePort(port.read_stage, port.write_definition, port.vm_slots(),
                                lambda: set(self.snapshot(lvm).lvs), self.claim_modes,
-                               self.host_state, self.holder)
+                               self.host_state, self.holder, self.runs_vms)
         try:
             new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store,
                                    requester=host, writer=port.host)
@@ -214,9 +220,11 @@ class Journal:
         next definition change; until then the claims keep the disk read-only anyway."""
         shared = {d.volume for v in state.vms.values() for d in v.disks if d.mode == "ro"}
         snap = self.snapshot(lvm)
+        # Read-only already (by the admin, say) is left as it is; back to read-write only
+        # what fenceless made read-only (its tag).
         changes = [(name, name in shared) for name, lv in sorted(snap.lvs.items())
-                   if (name in shared) != volume.protected(lv)
-                   and (name in shared or volume.VM_RO_TAG in lv.tags)]
+                   if (name in shared and not volume.read_only(lv))
+                   or (name not in shared and volume.VM_RO_TAG in lv.tags)]
         for i, (name, readonly) in enumerate(changes):
             sub = RequestInfo(f"{rid[:54]}.ro{i}", "protect",
                               {"name": name, "readonly": readonly})

@@ -147,8 +147,9 @@ class HostPort(Protocol):
     def settle(self, lv: str) -> None:
         """The mapping exists: keep the claim, now with its size."""
 
-    def unclaim(self, lv: str) -> None:
-        """Withdraw the claim once the mapping is gone."""
+    def unclaim(self, lv: str, *, keep_mapped: bool = False) -> None:
+        """Withdraw the claim once the mapping is gone (``keep_mapped``: only the claim
+        being made now; the mapping's own claim stays)."""
 
     def pending_intents(self) -> list[Intent]:
         """The writer's journaled intents, read from the ledger now."""

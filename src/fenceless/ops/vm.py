@@ -116,6 +116,16 @@ class AdoptOnWriterOnly(UserError):
 VM runs ({requester} asked for {host}); nothing was changed"""
 
 
+class NoVmsThere(UserError):
+    """Refused: {host} runs no VMs (its config has no hypervisor_uri), so it cannot be asked \
+to run {name}; nothing was changed"""
+
+
+class DisksStillMapped(UserError):
+    """Refused: {host} has VM {name}'s disks mapped still, from its last live migration; \
+its agent unmaps them shortly (see `fenceless vm list`). Nothing was changed"""
+
+
 class VmBeingMigrated(UserError):
     """Refused: VM {name} is being migrated live from {host} to {target}; {target}'s agent \
 finishes it or rolls it back. Nothing was changed"""
@@ -165,7 +175,8 @@ class VmStorePort:
                  slots: int, volumes: Callable[[], set[str]],
                  claims: Callable[[str], list[tuple[str, str]]] = lambda _lv: [],
                  host_state: Callable[[str], str] = lambda _host: "live",
-                 holder: Callable[[str], tuple[int, int]] = lambda _host: (0, 0)) -> None:
+                 holder: Callable[[str], tuple[int, int]] = lambda _host: (0, 0),
+                 runs_vms: Callable[[str], bool | None] = lambda _host: None) -> None:
         self.read_stage = read_stage
         self.write_definition = write_definition
         self.slots = slots
@@ -173,6 +184,7 @@ class VmStorePort:
         self.claims = claims  # (host, mode) of every live host that has the volume mapped
         self.host_state = host_state  # a host's lease state from a fresh read ("dead", ...)
         self.holder = holder  # a host's (id, generation) from a fresh read ((0, 0): unknown)
+        self.runs_vms = runs_vms  # whether a host's agent says it runs VMs (None: not said)
 
 
 def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: str,
@@ -206,6 +218,8 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
             raise NoSuchVm(name=name)
         if current.state != "stopped":
             raise VmNotStopped(name=name, state=current.state, host=current.host or "?")
+        if _left_alive(current, store):
+            raise DisksStillMapped(name=name, host=current.left or "?")
         vms = {k: v for k, v in state.vms.items() if k != name}
         history = _pushed(state.vm_history, current, "undefine", epoch, wall())
         return replace(state, vms=vms, vm_history=history), {
@@ -226,10 +240,12 @@ def apply(state: LedgerState, req: RequestInfo, requester_id: int | None, vg: st
     if spec.name != name:
         raise VmNameMismatch(found=spec.name, name=name)
     check_disks(spec, vg, store.volumes(), state.vms)
-    if current is not None and current.state != "stopped" and \
-            {(d.volume, d.mode) for d in spec.disks} != \
+    if current is not None and {(d.volume, d.mode) for d in spec.disks} != \
             {(d.volume, d.mode) for d in current.disks}:
-        raise DisksOfRunningVm(name=name, host=current.host or "?")
+        if current.state != "stopped":
+            raise DisksOfRunningVm(name=name, host=current.host or "?")
+        if _left_alive(current, store):
+            raise DisksStillMapped(name=name, host=current.left or "?")
     used = [v.slot for v in state.vms.values()]
     slot, dropped = vmstore.free_slot(used, [h.slot for h in state.vm_history], store.slots)
     history = tuple(h for h in state.vm_history if h.slot != slot) if dropped \
@@ -366,6 +382,13 @@ def _live(current: VmEntry, host: str, action: str, args: Mapping[str, Any], epo
         if current.moving_to is None or host not in (current.host, current.moving_to):
             raise NotAskedHere(host=host, action="call off a migration of", name=name,
                                detail="no live migration of it involves this host")
+        target_state = store.host_state(current.moving_to)
+        if host != current.moving_to and target_state != "dead":
+            # The target drives the migration and may have the guest running by now;
+            # the source calls it off only once the target is DEAD (fenced with it).
+            raise NotAskedHere(host=host, action="call off the migration of", name=name,
+                               detail=f"its target {current.moving_to} is {target_state}, "
+                               "not DEAD; it finishes or rolls back the migration itself")
         entry = replace(current, state="running", moving_to=None, want=None, want_live=False,
                         want_force=False, error=str(args.get("error", ""))[:300])
         return entry, {**result, "host": entry.host, "state": "running"}
@@ -392,7 +415,7 @@ def _live(current: VmEntry, host: str, action: str, args: Mapping[str, Any], epo
         raise NotAskedHere(host=host, action="migrate", name=name,
                            detail=f"its host {current.host} is {source_state}; a live "
                            "migration needs it live (a DEAD host's VM is recovered)")
-    if current.left is not None and current.left != host:
+    if _left_alive(current, store) and current.left != host:
         raise NotAskedHere(host=host, action="migrate", name=name,
                            detail=f"{current.left} has not yet unmapped its disks after "
                            "its last migration")
@@ -404,6 +427,12 @@ def _live(current: VmEntry, host: str, action: str, args: Mapping[str, Any], epo
     entry = replace(current, state="migrating", moving_to=host, error="")
     return entry, {**result, "host": current.host, "to": host, "state": "migrating",
                    "disks": [d.to_json() for d in current.disks]}
+
+
+def _left_alive(current: VmEntry, store: VmStorePort) -> bool:
+    """Whether the source of the VM's last live migration may still have its disks mapped
+    (a DEAD host's claims are void: it cannot)."""
+    return current.left is not None and store.host_state(current.left) != "dead"
 
 
 def _want(state: LedgerState, current: VmEntry, host: str, force: bool, move: bool,
@@ -423,10 +452,12 @@ def _want(state: LedgerState, current: VmEntry, host: str, force: bool, move: bo
         rw = next((d.volume for d in current.disks if d.mode == "rw"), "-")
         raise VmRunningElsewhere(name=current.name, volume=rw, host=current.host,
                                  since=_clock(current.since_ms), epoch=current.since_epoch)
+    if store.runs_vms(host) is False:
+        raise NoVmsThere(host=host, name=current.name)
     if move and (current.state == "stopped" or current.host is None):
         raise VmNotRunningThere(name=current.name, host="any host", state=current.state,
                                 where=" (start it with `fenceless vm start --on HOST`)")
-    if live and current.left not in (None, host):
+    if live and _left_alive(current, store) and current.left != host:
         raise NotAskedHere(host=host, action="migrate", name=current.name,
                            detail=f"{current.left} has not yet unmapped its disks after "
                            "its last migration")

@@ -80,6 +80,7 @@ class VmStartOp(VmLifecycleOp):
                  driver: LibvirtDriver, *, recover: bool = False) -> None:
         self.cfg, self.vg, self.name, self.call, self.driver = cfg, vg, name, call, driver
         self.action = "recover" if recover else "start"
+        self.readonly: set[str] = set()
 
     def check_prereq(self) -> None:
         vmquery.vm_show(self.cfg, self.vg, self.name)  # defined (the grant decides the rest)
@@ -95,6 +96,8 @@ class VmStartOp(VmLifecycleOp):
             shown = vmquery.vm_show(self.cfg, self.vg, self.name)
             paths = {}
             for disk in shown["disks"]:
+                if disk["mode"] == "ro":
+                    self.readonly.add(disk["volume"])
                 got = self.activate(disk)
                 mapped.append(disk["volume"])
                 paths[disk["volume"]] = str(got["device"])
@@ -125,7 +128,9 @@ class VmStartOp(VmLifecycleOp):
     def undo(self, mapped: list[str]) -> None:
         """Unmap what was mapped; give the grant back only if every disk is unmapped (a
         domain that started after all keeps its disk, and its grant says so)."""
-        release_grant(self.cfg, self.vg, self.name, self.call, mapped)
+        shown = [{"volume": v, "mode": "ro" if v in self.readonly else "rw"} for v in mapped]
+        release_grant(self.cfg, self.vg, self.name, self.call,
+                      own_disks(self.cfg, self.vg, self.name, shown))
 
 
 class VmStopOp(VmLifecycleOp):
@@ -150,13 +155,25 @@ class VmStopOp(VmLifecycleOp):
     def execute(self) -> dict[str, Any]:
         was_running = self.driver.stop(self.name, force=self.force, timeout=self.grace)
         crashpoint("vm.stop.domain-stopped")
-        volumes = [d["volume"] for d in self.shown["disks"]]
+        volumes = own_disks(self.cfg, self.vg, self.name, self.shown["disks"])
         for volume in reversed(volumes):
             self.call({"op": "deactivate", "vg": self.vg, "lv": volume})
         done = self.call({"op": "vm", "vg": self.vg, "request": vm_request(
             "vm-place", self.name, host=self.cfg.host, action="stop")})
         return {"name": self.name, "host": self.cfg.host, "state": "stopped",
                 "was_running": was_running, "epoch": done.get("epoch")}
+
+
+def own_disks(cfg: HostConfig, vg: str | None, name: str,
+              disks: list[dict[str, Any]]) -> list[str]:
+    """The volumes of VM ``name`` this host may unmap for it: all its disks, but a
+    read-only one that another VM on this host has too (running or being migrated here)
+    stays mapped for that VM."""
+    me = cfg.host
+    others = [v for v in vmquery.vm_list(cfg, vg) if v["name"] != name and
+              ((v["host"] == me and v["state"] != "stopped") or v.get("moving_to") == me)]
+    shared = {d["volume"] for v in others for d in v["disks"]}
+    return [d["volume"] for d in disks if not (d["mode"] == "ro" and d["volume"] in shared)]
 
 
 def release_grant(cfg: HostConfig, vg: str | None, name: str, call: Call,
@@ -183,9 +200,12 @@ def settle(cfg: HostConfig, vg: str | None, vm: dict[str, Any], call: Call,
     try:
         with vm_lock(cfg.run_dir, vm["name"], wait=False):
             if driver.is_running(vm["name"]):
+                if not vm.get("moving_to") and driver.paused_by_migration(vm["name"]):
+                    # A live migration that was called off, its guest still paused here.
+                    driver.resume(vm["name"])
                 return False
             return release_grant(cfg, vg, vm["name"], call,
-                                 [d["volume"] for d in vm["disks"]])
+                                 own_disks(cfg, vg, vm["name"], vm["disks"]))
     except VmBusyHere:
         return False  # a command here works on it now
 

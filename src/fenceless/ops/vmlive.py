@@ -33,9 +33,10 @@ from typing import Any
 from fenceless.config import HostConfig
 from fenceless.errors import FencelessError
 from fenceless.hv.libvirt import LibvirtDriver
+from fenceless.localstate import VmBusyHere, vm_lock
 from fenceless.ops import vmquery
 from fenceless.ops.requests import vm_request
-from fenceless.ops.vmlife import VmLifecycleOp
+from fenceless.ops.vmlife import VmLifecycleOp, own_disks
 
 Call = Callable[[dict[str, Any]], dict[str, Any]]
 STEPS = ("begin", "map", "transfer", "done")
@@ -55,6 +56,7 @@ class LiveMigrateOp(VmLifecycleOp):
         self.source_driver = source_driver  # host name -> a driver of its libvirtd
         self.progress = progress
         self.timeout = timeout
+        self.modes: dict[str, str] = {}  # volume -> "rw" | "ro", once begun
 
     def place(self, action: str, **extra: Any) -> dict[str, Any]:
         request = vm_request("vm-place", self.name, host=self.cfg.host, action=action)
@@ -65,6 +67,7 @@ class LiveMigrateOp(VmLifecycleOp):
         self.progress("begin")
         begun = self.place("migrate-begin")
         source = str(begun["host"])
+        self.modes = {d[1]: d[2] for d in begun["disks"]}
         mapped: list[str] = []
         try:
             self.progress("map")
@@ -84,8 +87,12 @@ class LiveMigrateOp(VmLifecycleOp):
             finally:
                 src.close()
         except BaseException as exc:
-            if not self._runs_here():
-                self.roll_back(mapped, exc)
+            here = self._runs_here()
+            if here is None:
+                raise  # cannot tell: the migration stays recorded, settle decides later
+            if not here:
+                # Every disk of the VM, also one whose mapping's reply was lost.
+                self.roll_back([d[1] for d in begun["disks"]], exc)
                 raise
             # The transfer reported a failure, but the guest runs here: it moved.
         self.progress("done")
@@ -93,17 +100,21 @@ class LiveMigrateOp(VmLifecycleOp):
         return {"name": self.name, "host": self.cfg.host, "from": source, "state": "running",
                 "epoch": done.get("epoch"), "live": True}
 
-    def _runs_here(self) -> bool:
+    def _runs_here(self) -> bool | None:
+        """Whether the guest runs here now (None: libvirt cannot tell; then nothing is
+        undone, since unmapping under a running guest is the one thing not to do)."""
         try:
             return self.here.is_running(self.name)
         except FencelessError:
-            return False
+            return None
 
-    def roll_back(self, mapped: list[str], exc: BaseException) -> None:
-        """Unmap what this host mapped, then tell the writer the migration is off. A
-        disk that does not unmap keeps the migration recorded as under way: the next
-        ``settle`` tries again, and no other host may take the disk meanwhile."""
-        for volume in reversed(mapped):
+    def roll_back(self, volumes: list[str], exc: BaseException) -> None:
+        """Unmap the VM's disks here, then tell the writer the migration is off. A disk
+        that does not unmap keeps the migration recorded as under way: the next
+        ``settle`` tries again, and no other host may take the disk meanwhile. A
+        read-only disk another VM here uses stays mapped."""
+        disks = [{"volume": v, "mode": self.modes.get(v, "rw")} for v in volumes]
+        for volume in reversed(own_disks(self.cfg, self.vg, self.name, disks)):
             try:
                 self.call({"op": "deactivate", "vg": self.vg, "lv": volume})
             except FencelessError:
@@ -114,9 +125,15 @@ class LiveMigrateOp(VmLifecycleOp):
     def settle(self, disks: list[dict[str, Any]]) -> str:
         """For an agent that finds the VM *migrating* here with no migration running:
         finish it if the guest runs here, roll it back otherwise."""
-        if self._runs_here():
+        here = self._runs_here()
+        if here is None:
+            return "left as it is (libvirt here does not answer)"
+        if here and not self.here.paused_by_migration(self.name):
             self.place("migrate-done")
             return "finished"
+        if here:  # the incoming guest never got going here: the source still has it
+            self.here.stop(self.name, force=True)
+        self.modes = {d["volume"]: d["mode"] for d in disks}
         self.roll_back([d["volume"] for d in disks],
                        RuntimeError("the migration was interrupted (agent restart)"))
         return "rolled back"
@@ -125,12 +142,24 @@ class LiveMigrateOp(VmLifecycleOp):
 def release(cfg: HostConfig, vg: str | None, name: str, call: Call,
             here: LibvirtDriver) -> bool:
     """On the source, after the guest moved: unmap its disks and tell the writer. False
-    (and nothing done) while the guest still runs here."""
-    if here.is_running(name):
+    (and nothing done) while the guest still runs here, or a command here works on it.
+
+    The writer recorded the guest on the target only once it ran there, so a copy
+    left here paused by the migration is a stale one: it is destroyed first (resumed,
+    it would be a second writer of the disks)."""
+    try:
+        with vm_lock(cfg.run_dir, name, wait=False):
+            shown = vmquery.vm_show(cfg, vg, name)  # again, under the lock
+            if shown.get("left") != cfg.host or shown["host"] == cfg.host:
+                return False  # started here again meanwhile: its disks are its own
+            if here.is_running(name):
+                if not here.paused_by_migration(name):
+                    return False
+                here.stop(name, force=True)
+            for volume in reversed(own_disks(cfg, vg, name, shown["disks"])):
+                call({"op": "deactivate", "vg": vg, "lv": volume})
+            request = vm_request("vm-place", name, host=cfg.host, action="released")
+            call({"op": "vm", "vg": vg, "request": request})
+            return True
+    except VmBusyHere:
         return False
-    shown = vmquery.vm_show(cfg, vg, name)
-    for disk in reversed(shown["disks"]):
-        call({"op": "deactivate", "vg": vg, "lv": disk["volume"]})
-    request = vm_request("vm-place", name, host=cfg.host, action="released")
-    call({"op": "vm", "vg": vg, "request": request})
-    return True

@@ -272,15 +272,17 @@ class ProtectOp(VolumeOp):
         lv = next((x for x in snap.lvs.values() if x.uuid == intent.uuid), None)
         if lv is None:
             return None
-        return protected(lv) == intent.shared_ro
+        if intent.shared_ro:
+            return read_only(lv)
+        return not read_only(lv) and VM_RO_TAG not in lv.tags
 
     def result(self, intent: Intent, snap: Snapshot) -> dict[str, Any]:
         return {"vg": self.vg, "name": intent.name, "readonly": intent.shared_ro}
 
 
-def protected(lv: Any) -> bool:
-    """Whether the LV's LVM permission is read-only, as fenceless sets it for a VM."""
-    return str(lv.attr)[1:2] == "r" and VM_RO_TAG in lv.tags
+def read_only(lv: Any) -> bool:
+    """Whether the LV's LVM permission is read-only (its attr's second letter)."""
+    return str(lv.attr)[1:2] == "r"
 
 
 OPS: dict[str, type[VolumeOp]] = {c.op: c for c in (CreateOp, ExtendOp, RenameOp, RemoveOp,
