@@ -130,6 +130,24 @@ def test_status_json_shape_and_no_lvm(cluster):
     env = {"PATH": "/nonexistent"}
     res = cli("-c", lab.config("h2"), "status", "--json", env=env)
     assert json.loads(res.stdout)["writer"]["host"] == "h1"
+    # The agent answers a plain status (cli/fast.py) with the same read a CLI makes
+    # itself without one: same cluster, writer and hosts; only the ages move on.
+    from fenceless import config
+    from fenceless.ops.status import read_status
+
+    def same(s: dict) -> dict:
+        return {**s, "hosts": [{**h, "age": None} for h in s["hosts"]]}
+
+    served = json.loads(cli("-c", lab.config("h2"), "status", "--json").stdout)
+    here = read_status(config.load(lab.config("h2")), None)
+    assert same(served) == same(here)
+    agent(lab, "h2", "stop")  # no agent: read from the disk by the CLI itself
+    st = json.loads(cli("-c", lab.config("h2"), "status", "--json").stdout)
+    assert st["lease_source"] == "disk only (no running agent here)"
+    assert st["writer"]["host"] == "h1" and [h["name"] for h in st["hosts"]] == [
+        "h1", "h2", "h3"]
+    text = cli("-c", lab.config("h2"), "status").stdout
+    assert text.startswith("cluster ") and "writer: h1 (id 1" in text
 
 @pytest.mark.slow
 def test_takeover_race_exactly_one_winner_in_50_rounds(cluster):

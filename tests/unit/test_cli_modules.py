@@ -27,7 +27,8 @@ def fenceless_modules_after(code: str) -> set[str]:
     return set(json.loads(out.splitlines()[-1]))
 
 
-BASE = {"fenceless", "fenceless.cli", "fenceless.cli.common", "fenceless.errors"}
+BASE = {"fenceless", "fenceless.cli", "fenceless.cli.common", "fenceless.cli.render",
+        "fenceless.errors"}
 
 
 def test_every_group_module_exists_and_has_register_and_run():
@@ -45,8 +46,8 @@ def test_importing_every_command_module_imports_nothing_heavy():
 
 
 def test_cli_main_imports_no_command_module_by_itself():
-    assert fenceless_modules_after("import fenceless.cli.main") == BASE | {
-        "fenceless.cli.main"}
+    assert fenceless_modules_after("import fenceless.cli.main") == {
+        "fenceless", "fenceless.cli", "fenceless.errors", "fenceless.cli.main"}
 
 
 @pytest.mark.parametrize(("argv", "group"), [
@@ -61,8 +62,35 @@ def test_only_the_named_commands_group_is_imported(argv, group):
             f"        main({argv!r})\n"
             "    except SystemExit:\n"
             "        pass")
-    assert fenceless_modules_after(code) == BASE | {"fenceless.cli.main",
-                                                    f"fenceless.cli.{group}"}
+    fast = {"fenceless.cli.fast"} if "status" in argv else set()  # tried first, declined
+    assert fenceless_modules_after(code) == BASE | fast | {"fenceless.cli.main",
+                                                           f"fenceless.cli.{group}"}
+
+
+def test_a_plain_status_builds_no_parser():
+    """`fenceless status` parses its few options by hand and asks the agent: no argparse,
+    no command module (here the config is missing, so it stops at the config)."""
+    code = ("import sys\nfrom fenceless.cli.main import main\n"
+            "assert main(['-c', '/nonexistent.toml', 'status', '--json']) == 2\n"
+            "assert 'argparse' not in sys.modules, 'argparse was imported'")
+    assert fenceless_modules_after(code) == {
+        "fenceless", "fenceless.cli", "fenceless.errors", "fenceless.cli.main",
+        "fenceless.cli.fast", "fenceless.config"}
+
+
+@pytest.mark.parametrize(("argv", "opts"), [
+    (["status"], {"json": False, "vg": None, "config": None}),
+    (["-c", "/h2.toml", "status", "--json", "--vg", "sanvg"],
+     {"json": True, "vg": "sanvg", "config": "/h2.toml"}),
+    (["status", "--config=/x.toml", "--debug"],
+     {"json": False, "vg": None, "config": "/x.toml", "debug": True}),
+    (["status", "--help"], None), (["status", "--vg"], None), (["status", "status"], None),
+    (["writer", "status"], None), (["status", "--vg="], None),
+])
+def test_the_fast_status_takes_only_plain_command_lines(argv, opts):
+    from fenceless.cli import fast
+
+    assert fast.parse(argv) == opts
 
 
 def test_no_command_module_imports_cli_main():

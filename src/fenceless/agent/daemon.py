@@ -94,6 +94,13 @@ class Agent:
                 self.log(f"cannot write the guard's role file: {exc}")
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") == "status":
+            # Answered here, in the socket's thread: a fresh read of the control area
+            # (about 2 ms), never queued behind the VG thread's LVM work.
+            from fenceless.ops.status import read_status
+
+            vg_name = request.get("vg")
+            return read_status(self.cfg, vg_name if isinstance(vg_name, str) else None)
         vg = self.cfg.vg(request.get("vg"))
         timeout = float(request.get("timeout", 60.0))
         return self.vgs[vg.name].submit(request, timeout)

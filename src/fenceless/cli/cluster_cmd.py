@@ -112,21 +112,9 @@ def _watchdog(args: argparse.Namespace) -> int:
 
 
 def _status_text(s: dict[str, Any]) -> str:
-    """``fenceless status`` as text: the cluster, its writer and ledger, a row per host."""
-    w = s["writer"]
-    writer = "none" if w is None else (
-        f"{w['host']} (id {w['id']}, generation {w['generation']}), epoch {w['epoch']} "
-        f"[{w['state']}]")
-    rows = [(h["id"], h["name"], h["lease"], "-" if h["age"] is None else f"{h['age']:.1f}s",
-             h["generation"] if h["generation"] is not None else "-",
-             h["facts"].get("lvm_role", "-")) for h in s["hosts"]]
-    lines = [f"cluster {s['cluster']} on VG {s['vg']} (seen from {s['host']}; io_timeout "
-             f"{s['io_timeout']}s; lease states from {s['lease_source']})",
-             f"writer: {writer}",
-             f"ledger: generation {s['ledger']['generation']} at epoch {s['ledger']['epoch']}",
-             table(rows, ("ID", "HOST", "LEASE", "AGE", "GEN", "LVM ROLE"))]
-    lines += [f"problem: {p}" for p in s["ledger"]["problems"]]
-    return "\n".join(lines)
+    from fenceless.cli.render import status_text
+
+    return status_text(s)
 
 
 def _status(args: argparse.Namespace) -> int:

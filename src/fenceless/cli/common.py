@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
+from fenceless.cli.render import table
 from fenceless.errors import UsageError
+
+__all__ = ["table"]  # the commands' table() lives in cli/render.py (light, for fast paths)
 
 if TYPE_CHECKING:
     from fenceless.config import HostConfig
@@ -138,12 +141,6 @@ def emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> Non
             print(out)
 
 
-def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """Rows as left-aligned columns under ``header`` (no trailing blanks)."""
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in cells)
 
 
 def load_config(args: argparse.Namespace) -> HostConfig:

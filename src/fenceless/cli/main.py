@@ -10,16 +10,17 @@ codes; everything below it raises.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
-from fenceless import __version__
-from fenceless.cli.common import FORMATTER, Parser, Subparsers, add_common, epilog
 from fenceless.errors import FencelessError
+
+if TYPE_CHECKING:  # imported when a parser is built: a plain `status` needs none
+    import argparse
+
+    from fenceless.cli.common import Parser, Subparsers
 
 # Every top-level command and the module (fenceless.cli.<module>) that owns it,
 # in the order `fenceless --help` lists them.
@@ -51,6 +52,8 @@ class CommandModule(Protocol):
 
 def command_module(name: str) -> CommandModule:
     """The module of top-level command ``name``, imported now (and not before)."""
+    import importlib
+
     return cast(CommandModule, importlib.import_module(f"fenceless.cli.{COMMANDS[name]}"))
 
 
@@ -69,6 +72,8 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 def build_parser(only: str | None = None) -> Parser:
     """The whole parser, or (``only``) the top level plus one command's subtree."""
+    from fenceless import __version__
+    from fenceless.cli.common import FORMATTER, Parser, add_common, epilog
     p = Parser(prog="fenceless", formatter_class=FORMATTER,
                description="Safe VM hosts on one shared LUN with plain LVM2, no cluster stack.",
                epilog=epilog("lab up", "lab exec", "scan", "lab down")
@@ -140,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list or os.environ.get("FENCELESS_DEBUG") == "1"
     try:
+        if _command_of(args_list) == "status":
+            from fenceless.cli import fast
+
+            rc = fast.status(args_list)  # a plain status: no parser needed (cli/fast.py)
+            if rc is not None:
+                return rc
         args = build_parser(_command_of(args_list)).parse_args(args_list)
         if not args.command:
             build_parser().print_help()
