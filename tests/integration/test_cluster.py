@@ -142,8 +142,10 @@ def test_status_json_shape_and_no_lvm(cluster):
     here = read_status(config.load(lab.config("h2")), None)
     assert same(served) == same(here)
     agent(lab, "h2", "stop")  # no agent: read from the disk by the CLI itself
-    st = json.loads(cli("-c", lab.config("h2"), "status", "--json").stdout)
-    assert st["lease_source"] == "disk only (no running agent here)"
+    # (its last published view counts for 4N more: lease states from it until then)
+    st = wait_until(lambda: (s := json.loads(cli("-c", lab.config("h2"), "status",
+                                                 "--json").stdout))["lease_source"]
+                    == "disk only (no running agent here)" and s, 10, "the view to age")
     assert st["writer"]["host"] == "h1" and [h["name"] for h in st["hosts"]] == [
         "h1", "h2", "h3"]
     text = cli("-c", lab.config("h2"), "status").stdout
