@@ -404,8 +404,10 @@ def test_a_start_or_stop_killed_part_way_is_settled_by_the_hosts_agent(make_lab)
     res = lab.on("h2", "vm", "start", "ctr", check=False,
                  env={"FENCELESS_CRASHPOINT": "vm.start.mapped"})
     assert res.returncode == -9, res  # killed: no undo ran
-    assert (ctr()["host"], ctr()["state"]) == ("h2", "running")  # the grant it took
-    assert lab_mapped(lab, "h2") == {"ctr-disk"}
+    # The grant it took and the disk it mapped stay, until h2's agent (which may be quick
+    # about it: it looks every 2 s) settles them.
+    assert ((ctr()["host"], ctr()["state"]) == ("h2", "running")
+            and lab_mapped(lab, "h2") == {"ctr-disk"}) or settled()
     wait_until(settled, 30, "h2's agent to settle the interrupted start")
 
     lab.on("h2", "vm", "start", "ctr")
@@ -413,7 +415,8 @@ def test_a_start_or_stop_killed_part_way_is_settled_by_the_hosts_agent(make_lab)
     res = lab.on("h2", "vm", "stop", "ctr", "--force", check=False,
                  env={"FENCELESS_CRASHPOINT": "vm.stop.domain-stopped"})
     assert res.returncode == -9, res
-    assert ctr()["state"] == "running" and lab_mapped(lab, "h2") == {"ctr-disk"}
+    assert (ctr()["state"] == "running" and lab_mapped(lab, "h2") == {"ctr-disk"}) \
+        or settled()
     wait_until(settled, 30, "h2's agent to settle the interrupted stop")
     log = lab.dir / "hosts" / "h2" / "agent.log"  # its line comes after the settling itself
     wait_until(lambda: log.read_text().count("granted here but not running") == 2, 10,
