@@ -27,9 +27,10 @@ them; it reaches the agent through the same request queue as a local CLI.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any
 
@@ -54,6 +55,15 @@ class VmWorker:
         self.stop = threading.Event()
         self.abort_asked: dict[str, float] = {}  # VM -> when this host last asked
         self.thread = threading.Thread(target=self.loop, name=f"vm-{vg}", daemon=True)
+
+    @contextlib.contextmanager
+    def driver(self) -> Iterator[LibvirtDriver]:
+        """A connection to this host's libvirtd for one action, closed after it."""
+        driver = vmlife.driver_for(self.cfg)
+        try:
+            yield driver
+        finally:
+            driver.close()
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self.submit({**request, "vg": self.vg})
@@ -104,16 +114,14 @@ class VmWorker:
     def hand_off(self, vm: dict[str, Any]) -> None:
         name = vm["name"]
         self.log(f"vm {name}: wanted on {vm['want']}: stopping it here")
-        driver = vmlife.driver_for(self.cfg)
         try:
-            vmlife.VmStopOp(self.cfg, self.vg, name, self.call, driver,
-                            force=bool(vm.get("want_force")), grace=STOP_GRACE).run()
+            with self.driver() as driver:
+                vmlife.VmStopOp(self.cfg, self.vg, name, self.call, driver,
+                                force=bool(vm.get("want_force")), grace=STOP_GRACE).run()
         except FencelessError as exc:
             # It still runs here (it did not shut down, or a step failed): the move is off.
             self.log(f"vm {name}: not handed off: {exc}")
             self.abandon(name, exc)
-        finally:
-            driver.close()
 
     def abandon(self, name: str, exc: FencelessError) -> None:
         request = vm_request("vm-place", name, host=self.cfg.host, action="abandon")
@@ -123,14 +131,12 @@ class VmWorker:
     def take(self, vm: dict[str, Any]) -> None:
         name = vm["name"]
         self.log(f"vm {name}: wanted here: starting it")
-        driver = vmlife.driver_for(self.cfg)
         try:
-            vmlife.VmStartOp(self.cfg, self.vg, name, self.call, driver).run()
+            with self.driver() as driver:
+                vmlife.VmStartOp(self.cfg, self.vg, name, self.call, driver).run()
         except FencelessError as exc:
             self.log(f"vm {name}: not started here: {exc}")
             self.abandon(name, exc)
-        finally:
-            driver.close()
 
     def live_op(self, name: str, driver: LibvirtDriver) -> vmlive.LiveMigrateOp:
         return vmlive.LiveMigrateOp(
@@ -141,46 +147,35 @@ class VmWorker:
     def take_live(self, vm: dict[str, Any]) -> None:
         name = vm["name"]
         self.log(f"vm {name}: wanted here live: migrating it from {vm['host']}")
-        driver = vmlife.driver_for(self.cfg)
         try:
-            self.live_op(name, driver).run()
-            self.log(f"vm {name}: migrated here from {vm['host']}")
+            with self.driver() as driver:
+                self.live_op(name, driver).run()
+                self.log(f"vm {name}: migrated here from {vm['host']}")
         except FencelessError as exc:
             self.log(f"vm {name}: not migrated here (it runs on {vm['host']} still): {exc}")
             with suppress(FencelessError):  # refused before it began: the wish is off
                 self.abandon(name, exc)
-        finally:
-            driver.close()
 
     def settle(self, vm: dict[str, Any]) -> None:
         name = vm["name"]
-        driver = vmlife.driver_for(self.cfg)
-        try:
+        with self.driver() as driver:
             how = self.live_op(name, driver).settle(vm["disks"])
             self.log(f"vm {name}: an interrupted live migration here: {how}")
-        finally:
-            driver.close()
 
     def release(self, vm: dict[str, Any]) -> None:
         name = vm["name"]
-        driver = vmlife.driver_for(self.cfg)
-        try:
+        with self.driver() as driver:
             if vmlive.release(self.cfg, self.vg, name, self.call, driver):
                 self.log(f"vm {name}: moved to {vm['host']}: its disks are unmapped here")
-        finally:
-            driver.close()
 
     def settle_here(self, vm: dict[str, Any]) -> None:
         if not self.cfg.hypervisor_uri:
             return  # no hypervisor here to ask (an adopted VM of a host not set up yet)
-        driver = vmlife.driver_for(self.cfg)
-        try:
+        with self.driver() as driver:
             if vmlife.settle(self.cfg, self.vg, vm, self.call, driver):
                 self.log(f"vm {vm['name']}: granted here but not running (a start or stop "
                          "that died part-way, or the guest powered off): its disks are "
                          "unmapped and its grant returned")
-        finally:
-            driver.close()
 
     def call_off_if_target_dead(self, vm: dict[str, Any]) -> None:
         """The source's part when a live migration's target never comes back: once the
