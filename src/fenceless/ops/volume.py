@@ -15,6 +15,7 @@ from typing import Any
 from fenceless.errors import NotFound, UserError
 from fenceless.ledger.state import Intent, RequestInfo
 from fenceless.lvm.adapter import Lvm
+from fenceless.lvm.parse import LvInfo
 from fenceless.lvm.policy import CONTROL_LV
 from fenceless.ops.base import Claims, JournaledOp, Snapshot
 from fenceless.ops.requests import UnknownVolumeOp
@@ -97,6 +98,13 @@ class VolumeOp(JournaledOp):
                 "size_bytes": lv.size if lv else 0,
                 "shared_ro": bool(lv and SHARED_RO_TAG in lv.tags)}
 
+    def _existing(self, snap: Snapshot, name: str) -> LvInfo:
+        """The LV ``name`` as the snapshot has it; refused if the VG has none."""
+        lv = snap.lvs.get(name)
+        if lv is None:
+            raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
+        return lv
+
     def _busy(self, name: str) -> None:
         hosts = self.claims(name)
         if hosts:
@@ -156,9 +164,7 @@ class ExtendOp(VolumeOp):
 
     def check_prereq(self, snap: Snapshot) -> Intent:
         name = str(self.args["name"])
-        lv = snap.lvs.get(name)
-        if lv is None:
-            raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
+        lv = self._existing(snap, name)
         asked = int(self.args["size_bytes"]) + (lv.size if self.args.get("relative") else 0)
         target = _round_up(asked, snap.vg.extent_size)
         if target <= lv.size:
@@ -189,9 +195,7 @@ class RenameOp(VolumeOp):
 
     def check_prereq(self, snap: Snapshot) -> Intent:
         old, new = str(self.args["name"]), str(self.args["new_name"])
-        lv = snap.lvs.get(old)
-        if lv is None:
-            raise NotFound(kind="volume", name=old, where=f" in VG {self.vg}")
+        lv = self._existing(snap, old)
         self._not_a_vm_disk(old)
         if new in snap.lvs:
             raise VolumeExists(name=new, vg=self.vg, size=human(snap.lvs[new].size))
@@ -222,9 +226,7 @@ class RemoveOp(VolumeOp):
 
     def check_prereq(self, snap: Snapshot) -> Intent:
         name = str(self.args["name"])
-        lv = snap.lvs.get(name)
-        if lv is None:
-            raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
+        lv = self._existing(snap, name)
         self._not_a_vm_disk(name)
         return self.intent(name, uuid=lv.uuid, size_bytes=lv.size)
 
@@ -259,9 +261,7 @@ class ProtectOp(VolumeOp):
 
     def check_prereq(self, snap: Snapshot) -> Intent:
         name = str(self.args["name"])
-        lv = snap.lvs.get(name)
-        if lv is None:
-            raise NotFound(kind="volume", name=name, where=f" in VG {self.vg}")
+        lv = self._existing(snap, name)
         # The intent's shared_ro field carries the permission asked for: read-only or not.
         return self.intent(name, uuid=lv.uuid, shared_ro=bool(self.args.get("readonly")))
 
