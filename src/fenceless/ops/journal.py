@@ -20,7 +20,8 @@ journaled but never recorded, against the real VG (done, redo, or failed).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fenceless.errors import (
@@ -116,22 +117,6 @@ class Journal:
     def claims(self, lv: str) -> list[str]:
         return claims(self.port, lv)
 
-    def host_state(self, name: str) -> str:
-        """A host's lease state by name, from a fresh read of the host area."""
-        return next((h.state.value for h in self.port.hosts_now() if h.name == name),
-                    "unknown")
-
-    def holder(self, name: str) -> tuple[int, int]:
-        """A host's id and lease generation by name, from a fresh read ((0, 0): none)."""
-        got = next((h for h in self.port.hosts_now() if h.name == name), None)
-        return (got.host_id, got.generation) if got is not None else (0, 0)
-
-    def runs_vms(self, name: str) -> bool | None:
-        """Whether a host's agent says it runs VMs (its lease sector's facts, read now)."""
-        got = next((h for h in self.port.hosts_now() if h.name == name), None)
-        said = got.facts.get("vms") if got is not None else None
-        return said if isinstance(said, bool) else None
-
     def claim_modes(self, lv: str) -> list[tuple[str, str]]:
         """(host, mode) of every live host that has ``lv`` mapped, from fresh reads."""
         return claims_of_others(self.port, lv, 0)
@@ -193,9 +178,12 @@ class Journal:
         port = self.port
         epoch = port.epoch or 0
         lvm = port.lvm(Role.WRITER)
+        seen = _hosts_view(port)  # one fresh read of the host area serves the change
         store = vm.VmStorePort(port.read_stage, port.write_definition, port.vm_slots(),
                                lambda: set(self.snapshot(lvm).lvs), self.claim_modes,
-                               self.host_state, self.holder, self.runs_vms)
+                               lambda name: seen(name).state,
+                               lambda name: (seen(name).host_id, seen(name).generation),
+                               lambda name: seen(name).runs_vms)
         try:
             new, result = vm.apply(state, req, state.host_id(host), port.vg, epoch, store,
                                    requester=host, writer=port.host)
@@ -407,3 +395,32 @@ class Journal:
             if pending:
                 port.clock.sleep(ACK_POLL)
         return {"refreshed": sorted(set(hosts) - pending), "not_refreshed": sorted(pending)}
+
+
+@dataclass(frozen=True)
+class _HostSeen:
+    """What a VM change asks of one host, by name: from one fresh read of the host area."""
+
+    state: str = "unknown"
+    host_id: int = 0  # 0 and 0: no such host in the area
+    generation: int = 0
+    runs_vms: bool | None = None  # its agent's "vms" fact (None: it says nothing)
+
+
+def _hosts_view(port: WriterPort) -> Callable[[str], _HostSeen]:
+    """Host name -> what one fresh read of the host area (made at the first question)
+    shows of it."""
+    seen: dict[str, _HostSeen] = {}
+    read = False
+
+    def host(name: str) -> _HostSeen:
+        nonlocal read
+        if not read:
+            for h in port.hosts_now():
+                vms = h.facts.get("vms")
+                seen[h.name] = _HostSeen(h.state.value, h.host_id, h.generation,
+                                         vms if isinstance(vms, bool) else None)
+            read = True
+        return seen.get(name, _HostSeen())
+
+    return host
