@@ -21,7 +21,14 @@ filled in bulk to 1000 LVs first (not measured).
 3. LVM processes per operation on the writer: h1's ``lvm_binary`` becomes a
    small sh wrapper that logs each command and execs /usr/sbin/lvm; h1's
    agent restarts and takes the writer role back; then create, extend,
-   rename, remove, asked of h1 (local) and of h3 (forwarded).
+   rename, remove, asked of h1 (local) and of h3 (forwarded). With the
+   writer's lvm shell (lvm/shell.py) the wrapper sees only the shell start.
+   Run last, as it restarts the writer's agent.
+4. Where the time of one create goes: ``ipc.call`` creates that ask the agent
+   for a profile (the journal's steps: LVM report, intent, LVM change, report
+   after, outcome, audit, history), and the CLI's own share from part 1.
+5. Throughput: --per-host (100) CLI creates from each of the 3 hosts at once,
+   against as many bare lvcreates one after another on the writer.
 
 The measuring runs inside h1's mount namespace (LVM's default hints file and
 lock dir are h1's). The lab is always taken down (``finally``) and ``losetup
@@ -284,6 +291,74 @@ def measure_writer(lb: Lab, reps: int) -> dict[str, list[float]]:
     return out
 
 
+# --- 4. where the time of one create goes -------------------------------------------------
+
+
+def measure_profile(lb: Lab, reps: int) -> dict[str, list[float]]:
+    """``ipc.call`` creates on the writer that ask its agent for a profile: the time of
+    each step of the journal (ops/journal.py marks them), in ms, per run."""
+    out: dict[str, list[float]] = {}
+    for i in range(reps + 1):
+        req = volume_request("create", {"name": f"p-{i:04d}", "size_bytes": 4 * MiB,
+                                        "shared_ro": False})
+        req["profile"] = True
+        started = time.perf_counter()
+        res = ipc.call(lb.state_dir(WRITER), req, timeout=65.0)
+        total = (time.perf_counter() - started) * 1000
+        steps = res.get("profile") or []
+        if i == 0:
+            continue  # warm-up
+        for name, took in steps:
+            out.setdefault(name, []).append(float(took))
+        out.setdefault("agent: socket, queue, reply", []).append(
+            total - sum(float(t) for _n, t in steps))
+        out.setdefault("total (`ipc.call`)", []).append(total)
+    return out
+
+
+def profile_table(p: dict[str, list[float]], cli_extra: float | None) -> str:
+    lines = ["| step | runs | median ms | p90 ms |", "|:---|---:|---:|---:|"]
+    if cli_extra is not None:
+        lines.append(f"| CLI process: start-up, imports, client (part 1: median CLI - median "
+                     f"ipc) | — | {ms(cli_extra)} | — |")
+    for name, v in p.items():
+        lines.append(f"| {name} | {len(v)} | {med(v):.1f} | {p90(v):.1f} |")
+    return "\n".join(lines)
+
+
+# --- 5. throughput: 300 creates from 3 hosts against 300 bare lvcreates ---------------------
+
+
+def measure_throughput(lb: Lab, per_host: int) -> dict[str, float]:
+    """Seconds for ``per_host`` CLI creates from each host at once (one stream per host,
+    each create a whole CLI process), and for as many bare lvcreates one after another."""
+    import threading
+
+    started = time.perf_counter()
+    for i in range(per_host * HOSTS):
+        bare_lvcreate(lb, f"t-bare-{i:04d}")
+    bare = time.perf_counter() - started
+    errors: list[str] = []
+
+    def stream(host: str) -> None:
+        try:
+            for i in range(per_host):
+                cli_create(lb, host, f"t-{host}-{i:04d}")
+        except Exception as exc:  # reported below: the run does not count then
+            errors.append(f"{host}: {exc}")
+
+    threads = [threading.Thread(target=stream, args=(h,)) for h in lb.hosts]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fenceless = time.perf_counter() - started
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return {"bare": bare, "fenceless": fenceless, "count": per_host * HOSTS}
+
+
 # --- 2. forwarding latency -------------------------------------------------------------------
 
 
@@ -504,7 +579,9 @@ def agent_log_notes(lb: Lab) -> list[str]:
 
 
 def report(args: argparse.Namespace, lb: Lab, w: dict[str, list[float]] | None,
-           f: dict[str, Pairs] | None, c: dict[str, Any] | None, info: dict[str, Any]) -> str:
+           f: dict[str, Pairs] | None, c: dict[str, Any] | None, info: dict[str, Any],
+           prof: dict[str, list[float]] | None = None,
+           tp: dict[str, float] | None = None) -> str:
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     load = os.getloadavg()
     out = [f"## {when}: `{' '.join(['bench/bench_volume.py', *args.argv])}`", "",
@@ -568,6 +645,29 @@ def report(args: argparse.Namespace, lb: Lab, w: dict[str, list[float]] | None,
                 "- bench_lvm.py's `lvcreate` baseline is 1 LVM process per operation.", "",
                 "Commands as logged (one example each; `'...'` is the adapter's `--config` "
                 "text):", "", "```", *sample_commands(c), "```", ""]
+    if prof is not None:
+        cli_extra = med(w["cli"]) - med(w["ipc"]) if w is not None else None
+        out += ["### 4. Where the time of one create goes (writer side)", "",
+                f"{len(prof.get('total (`ipc.call`)', []))} creates through `ipc.call` on h1 "
+                "that ask the agent for a profile: the journal marks the end of each step "
+                "with the agent's clock (`ops/journal.py`, `Journal.mark`). The writer runs "
+                "its LVM commands in its long-lived lvm shell (`lvm/shell.py`); a report is "
+                "reused while LVM's metadata header on the PV is unchanged.", "",
+                profile_table(prof, cli_extra), ""]
+    if tp is not None:
+        ratio = tp["fenceless"] / tp["bare"]
+        out += ["### 5. Throughput: creates from three hosts at once", "",
+                f"{tp['count']} creates: {tp['count'] // HOSTS} `fenceless volume create` "
+                f"CLI processes from each of {', '.join(lb.hosts)} at once (one stream per "
+                "host; h1 runs its own in its agent, the others go through the mailboxes), "
+                f"against {tp['count']} bare `lvcreate` processes one after another in VG "
+                f"{VG_DEFAULT}. Goal: fenceless takes less time.", "",
+                "| what | creates | seconds | per create ms | fenceless / bare |",
+                "|:---|---:|---:|---:|---:|",
+                f"| bare `lvcreate`, one after another | {tp['count']} | {tp['bare']:.1f} | "
+                f"{tp['bare'] / tp['count'] * 1000:.1f} | — |",
+                f"| fenceless, 3 hosts at once | {tp['count']} | {tp['fenceless']:.1f} | "
+                f"{tp['fenceless'] / tp['count'] * 1000:.1f} | **{ratio:.2f}** |", ""]
     notes = agent_log_notes(lb)
     if notes:
         out += ["Agent logs (warnings, errors, refusals during the run): "
@@ -588,7 +688,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="runs of create/extend/rename/remove per origin (part 3)")
     p.add_argument("--background", type=float, default=5.0,
                    help="seconds of idle LVM-call counting (part 3)")
-    p.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")
+    p.add_argument("--parts", default="1,2,3,4,5",
+                   help="which parts to run (default 1,2,3,4,5)")
+    p.add_argument("--per-host", type=int, default=100,
+                   help="creates from each host in the throughput part (5)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 100 LVs, few repetitions; no results file unless --output")
     p.add_argument("--output", help=f"markdown file to append a section to (default: "
@@ -597,13 +700,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.argv = argv
     if args.quick:
         args.lvs, args.repeat, args.idle_reps, args.op_reps, args.background = 100, 4, 1, 1, 2.0
+        args.per_host = 5
         args.output = args.output or "-"
     args.output = args.output or str(DEFAULT_OUTPUT)
     if args.repeat < 2 or args.idle_reps < 1 or args.op_reps < 1 or args.lvs < 1:
         p.error("--repeat must be at least 2; --idle-reps, --op-reps, --lvs at least 1")
     args.part_set = {x.strip() for x in args.parts.split(",") if x.strip()}
-    if not args.part_set or not args.part_set <= {"1", "2", "3"}:
-        p.error("--parts takes a list of 1, 2, 3")
+    if not args.part_set or not args.part_set <= {"1", "2", "3", "4", "5"}:
+        p.error("--parts takes a list of 1, 2, 3, 4, 5")
     return args
 
 
@@ -618,7 +722,7 @@ def main(argv: list[str]) -> int:
     compile_package()
     tmp = Path(tempfile.mkdtemp(prefix="fenceless-bench-volume-"))
     labdir = tmp / "lab"
-    w = f = c = None
+    w = f = c = prof = tp = None
     lb: Lab | None = None
     try:
         lb = make_lab(cli, labdir)
@@ -634,7 +738,14 @@ def main(argv: list[str]) -> int:
             if "2" in args.part_set:
                 log("part 2: forwarding latency")
                 f = measure_forwarding(lb, args.repeat, args.idle_reps)
-            if "3" in args.part_set:
+            if "4" in args.part_set:
+                log("part 4: where the time of one create goes")
+                prof = measure_profile(lb, args.repeat)
+            if "5" in args.part_set:
+                log(f"part 5: throughput, {args.per_host} creates from each host")
+                tp = measure_throughput(lb, args.per_host)
+                log(f"  bare {tp['bare']:.1f} s, fenceless {tp['fenceless']:.1f} s")
+            if "3" in args.part_set:  # last: it restarts the writer's agent with a wrapper
                 log("part 3: LVM processes per operation")
                 c = measure_lvm_calls(lb, tmp, args.op_reps, args.background)
             info["end_counts"] = {vg: lv_count(lb, vg) for vg in (VG, VG_DEFAULT)}
@@ -645,7 +756,7 @@ def main(argv: list[str]) -> int:
         if changed:
             info["code"] += (". **Warning: these files changed while the bench ran**: "
                              + ", ".join(f"`{x}`" for x in changed))
-        text = report(args, lb, w, f, c, info)
+        text = report(args, lb, w, f, c, info, prof, tp)
     finally:
         left = take_down(cli, labdir, tmp)
         if not left:

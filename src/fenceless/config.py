@@ -13,6 +13,7 @@ Example::
     activation = "lvm"                 # "lvm" (device-mapper) or "lab" (loop mappings)
     cgroup = "fenceless"               # the work cgroup the watchdog kills, under cgroup v2
     watchdog_device = "/dev/watchdog"  # the hardware backstop ("none": no device)
+    lvm_shell = true                   # the writer runs LVM in one long-lived lvm shell
 
     [vg.vmstore]
     devices = ["/dev/disk/by-id/wwn-0x600a0b80001234"]
@@ -86,6 +87,8 @@ class HostConfig(NamedTuple):
     # the guest's memory is sent; ``{host}`` is the other host's name.
     peer_uri: str = "qemu+ssh://{host}/system"
     migration_uri: str | None = None
+    # The writer keeps one long-lived ``lvm`` shell for its LVM commands (lvm/shell.py).
+    lvm_shell: bool = True
 
     def peer(self, host: str) -> str:
         """``peer_uri`` for ``host``. The name comes from the shared disk: only a valid
@@ -138,7 +141,7 @@ def load(path: str) -> HostConfig:
 _TOP_KEYS = {
     "host", "state_dir", "run_dir", "io_timeout", "lvm_system_dir", "lvm_binary",
     "hypervisor_uri", "activation", "vg", "cgroup", "watchdog_device", "peer_uri",
-    "migration_uri",
+    "migration_uri", "lvm_shell",
 }
 _VG_KEYS = {"devices"}
 
@@ -168,6 +171,12 @@ class _Fields:
         value = self.raw[key]
         if not isinstance(value, str) or not value:
             raise self.fail(key, "a non-empty string", value)
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, "true or false", value)
         return value
 
     def io_timeout(self) -> float:
@@ -267,6 +276,7 @@ def parse(text: str, path: str) -> HostConfig:
         activation=activation, run_dir=run_dir,
         cgroup=f.cgroup(),
         watchdog_device=f.string("watchdog_device", "/dev/watchdog") or "/dev/watchdog",
+        lvm_shell=f.boolean("lvm_shell", True),
     )
 
 
@@ -293,6 +303,8 @@ def render(cfg: HostConfig) -> str:
             lines.append(f"migration_uri = {q(cfg.migration_uri)}")
     lines.append(f"cgroup = {q(cfg.cgroup)}")
     lines.append(f"watchdog_device = {q(cfg.watchdog_device)}")
+    if not cfg.lvm_shell:
+        lines.append("lvm_shell = false")
     for vg in cfg.vgs:
         devs = ", ".join(q(d) for d in vg.devices)
         lines += ["", f"[vg.{vg.name}]", f"devices = [{devs}]"]

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import IO, Protocol
 
 from fenceless.cgroup import WorkGroup
 from fenceless.errors import CommandFailed, CommandTimeout
@@ -155,6 +157,103 @@ class SubprocessRunner:
             between()
 
 
+    def spawn_lines(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+                    ) -> LineChild:
+        """A long-lived child that reads commands on stdin, one per line (``lvm`` as a
+        shell): in its own session, in the work cgroup, killed if this process dies."""
+        full_env = dict(os.environ if self.base_env is None else self.base_env)
+        full_env["LC_ALL"] = "C"
+        if env:
+            full_env.update(env)
+        argv_t = ("setpriv", "--pdeathsig", "KILL", "--", *argv)
+        procs_fd = self.workgroup.procs_fd() if self.workgroup is not None else None
+
+        def join_workgroup() -> None:
+            if procs_fd is not None:
+                os.write(procs_fd, b"0")
+
+        try:
+            proc = subprocess.Popen(
+                argv_t, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=full_env, close_fds=True, start_new_session=True,
+                preexec_fn=join_workgroup if procs_fd is not None else None,  # noqa: PLW1509
+            )
+        except FileNotFoundError as exc:
+            raise CommandFailed(argv0=argv_t[4], rc=127, stderr="command not found") from exc
+        finally:
+            if procs_fd is not None:
+                os.close(procs_fd)
+        return LineChild(proc)
+
+
+class LineChild:
+    """A child process spoken to in lines: what ``lvm/shell.py`` drives.
+
+    Reads never block past their deadline (a hung LVM must not stop the lease
+    thread that waits for it); stderr is drained by a thread of its own so that a
+    chatty child never blocks on a full pipe.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self.pid = proc.pid
+        self._out = proc.stdout.fileno()
+        os.set_blocking(self._out, False)
+        self._buf = b""
+        self._err: list[bytes] = []
+        self._err_lock = threading.Lock()
+        self._err_thread = threading.Thread(target=self._drain, args=(proc.stderr,),
+                                            name=f"stderr-{proc.pid}", daemon=True)
+        self._err_thread.start()
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            with self._err_lock:
+                self._err.append(line)
+                del self._err[:-200]  # the last lines are enough to explain a failure
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def read_line(self, wait: float) -> str | None:
+        """The next line of stdout within ``wait`` seconds (None: not yet); EOFError when
+        the child closed it."""
+        deadline = time.monotonic() + wait
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self._out], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(self._out, 65536)
+            if not chunk:
+                raise EOFError("the child closed its output")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode("utf-8", "replace")
+
+    def take_stderr(self) -> str:
+        with self._err_lock:
+            text = b"".join(self._err).decode("utf-8", "replace")
+            self._err.clear()
+        return text
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL its process group; reaped within KILL_WAIT, else left to its cgroup."""
+        _kill_group(self.proc)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if stream is not None:
+                    stream.close()
+
+
 @dataclass
 class RecordingRunner:
     """Runs through another runner and keeps each argv in ``calls`` (tests, benchmarks).
@@ -187,7 +286,7 @@ class RecordingRunner:
 KILL_WAIT = 5.0  # seconds to wait for a killed command to be gone
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     """SIGKILL the command's process group; wait for it, but never forever.
 
     A process in uninterruptible sleep (a hung path) survives SIGKILL until its

@@ -80,6 +80,12 @@ def reply_of(req: mb.Request, outcome: Outcome) -> mb.Reply:
     return mb.Reply(req.id, "error", error=dict(outcome.error), fp=req.fingerprint)
 
 
+def steps(marks: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """(step, milliseconds) from the marks of one request (its first mark is its start)."""
+    return [(name, round((t - marks[i][1]) * 1000, 2))
+            for i, (name, t) in enumerate(marks[1:])]
+
+
 def complete(item: Pending, reply: mb.Reply) -> None:
     """Hand a writer's reply to the CLI waiting for it, as its result or its error.
 
@@ -372,6 +378,8 @@ class Mailboxes:
             hid, req, item = self.work.pop(0)
             queued_here = hid is None and req.id in self.own_pending()
             host = self.host if hid is None else host_name(hid)
+            profile = item is not None and item.request.get("profile") is True
+            self.journal.marks = [("start", self.clock.now())] if profile else None
             try:
                 outcome = self.journal.process(host, info(req))
             except LeaseLost as exc:
@@ -393,6 +401,9 @@ class Mailboxes:
             self.in_work.discard(req.id)
             self.retry_after.pop(req.id, None)
             reply = reply_of(req, outcome)
+            if profile and reply.result is not None:
+                reply.result["profile"] = steps(self.journal.marks or [])
+            self.journal.marks = None
             if item is not None:
                 complete(item, reply)
             if hid is not None:

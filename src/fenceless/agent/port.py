@@ -40,6 +40,7 @@ from fenceless.ledger.state import Intent, LedgerState, RequestInfo, VmEntry
 from fenceless.lvm import mda
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
+from fenceless.lvm.shell import ShellSlot
 from fenceless.ondisk.errors import CorruptRecord
 from fenceless.ops.claims import claims_of_others
 from fenceless.ops.context import Context
@@ -93,6 +94,9 @@ class AgentPort:
         self.extra_facts = extra_facts
         self.fence = fence
         self.work: WorkGroup | None = None  # where this agent's LVM commands run
+        # The writer's lvm shell (lvm/shell.py), if the config and the runner allow one.
+        spawn = getattr(ctx.runner, "spawn_lines", None)
+        self.shell = ShellSlot(spawn if cfg.lvm_shell else None, log)
         self._epoch: int | None = None
         self.cache: LedgerState | None = None  # the writer's copy of the ledger
         self.last_ledger_epoch = 0
@@ -231,6 +235,7 @@ class AgentPort:
                      "This host writes nothing shared from now on.")
         self._epoch = epoch
         if epoch is None:
+            self.shell.close()  # the shell is the writer's: it goes with the role
             try:
                 self.publish_role()
             except (FencelessError, OSError) as exc:
@@ -281,6 +286,7 @@ class AgentPort:
 
     def work_idle(self) -> bool:
         """No LVM command of this agent is left running (a killed one may hang in I/O)."""
+        self.shell.close()  # an idle shell is not work, but it lives in the work cgroup
         return self.work is None or self.work.wait_empty(self.n)
 
     def request_handover(self, request: dict[str, Any] | None) -> None:
@@ -386,6 +392,8 @@ class AgentPort:
         lvm = self.ctx.lvm(self.vg, role)
         if self.keeper.lease is not None:
             lvm.between = self.keep_lease
+        if role is Role.WRITER and self._epoch is not None:
+            self.shell.wrap(lvm)
         return lvm
 
     def keep_lease(self) -> None:

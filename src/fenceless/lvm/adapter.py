@@ -59,7 +59,14 @@ class Lvm:
 
     # --- plumbing ---------------------------------------------------------------
 
-    def config_text(self) -> str:
+    def config_text(self, *, no_archive: bool = False) -> str:
+        """The ``--config`` of every command; ``no_archive`` for a metadata change.
+
+        A change keeps LVM's backup (the latest metadata in a file on this host,
+        which outlives the LUN) but not its archive: every version goes into the
+        history ring on the LUN, which every host can read (docs/design.md, "The
+        LVM shell"); the archive costs each change a second file of the whole
+        metadata text, and only the writer of the day ever had it."""
         accept = ", ".join(f'"a|{_filter_regex(d)}|"' for d in self.vg.devices)
         filt = f'[ {accept}, "r|.*|" ]'
         parts = [
@@ -71,6 +78,8 @@ class Lvm:
         ]
         if not self.driver_loaded:
             parts.append("global { activation = 0 }")
+        if no_archive:
+            parts.append("backup { archive = 0 }")
         return " ".join(parts)
 
     def env(self) -> dict[str, str]:
@@ -92,7 +101,7 @@ class Lvm:
             raise RoleRefused(command=command, hint=(
                 "Only the metadata writer runs metadata changes; fenceless forwards volume "
                 "operations to it."))
-        argv += ["--config", self.config_text()]
+        argv += ["--config", self.config_text(no_archive=kind is policy.Kind.METADATA)]
         return argv
 
     def run(self, command: str, *args: str, timeout: float | None = None) -> Result:

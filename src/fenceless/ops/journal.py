@@ -113,6 +113,12 @@ class Journal:
     def __init__(self, port: WriterPort) -> None:
         self.port = port
         self.snap_cache: tuple[object, Snapshot] | None = None
+        # When a request asks for a profile (bench/): (step, clock time at its end).
+        self.marks: list[tuple[str, float]] | None = None
+
+    def mark(self, step: str) -> None:
+        if self.marks is not None:
+            self.marks.append((step, self.port.clock.now()))
 
     def claims(self, lv: str) -> list[str]:
         return claims(self.port, lv)
@@ -158,13 +164,16 @@ class Journal:
         lvm = port.lvm(Role.WRITER)
         try:
             op = self.make(req, lvm)
-            intent = op.check_prereq(self.snapshot(lvm))
+            snap = self.snapshot(lvm)
+            self.mark("LVM report (plan)")
+            intent = op.check_prereq(snap)
         except UserError as exc:
             port.log(f"refused {req.op} {dict(req.args)} from {host}: {exc}")
             port.audit(host, req, "refused", str(exc))
             return refused(req, exc, epoch)
         intent = replace(intent, host=host, user=req.user, argv=req.argv, epoch=epoch)
         port.write_ledger(port.ledger().with_intent(req.id, intent))
+        self.mark("journal the intent")
         crashpoint(f"volume.{req.op}.journaled")
         try:
             op.check_claims(intent)  # only now: the intent is on the disk for claimers
@@ -250,10 +259,13 @@ class Journal:
             result.update(self.wait_for_refresh(intent.name, intent.size_bytes))
         outcome = Outcome("ok", op.op, req.args, port.epoch or 0, result=result)
         self.record(req, outcome, seqno=after.vg.seqno)
+        self.mark("record the outcome")
         crashpoint(f"volume.{op.op}.recorded")
         port.log(f"{op.op} {intent.name!r} for {intent.host}: done (seqno {after.vg.seqno})")
         port.audit(intent.host, req, "ok", "")
+        self.mark("audit record")
         port.note_metadata_change(req.id, after.vg.seqno)
+        self.mark("history entry")
         return outcome
 
     def _apply(self, op: JournaledOp, intent: Intent, fresh: bool) -> Snapshot:
@@ -272,8 +284,10 @@ class Journal:
                 if op.effect(intent, self.snapshot(op.lvm)) is not True:
                     raise
                 port.log(f"{op.op} {intent.name!r} timed out, but it had taken effect")
+            self.mark("LVM change")
             crashpoint(f"volume.{op.op}.applied")
             after = self.snapshot_after(op, intent)
+            self.mark("LVM report (after)")
         else:
             after = self.snapshot(op.lvm)
         if op.effect(intent, after) is not True:

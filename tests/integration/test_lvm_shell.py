@@ -1,0 +1,83 @@
+"""The writer's lvm shell against real LVM 2.03 on a loop device.
+
+It must give the adapter the same answers as one process per command, start
+once, say why a command failed, and keep the host's own lvm.conf (the profile
+only adds the command log).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fenceless.config import HostConfig, VgConfig
+from fenceless.errors import LvmError
+from fenceless.lvm.adapter import Lvm, Role
+from fenceless.lvm.shell import PROFILE_NAME, LvmShell, ShellRunner
+from fenceless.runner import RecordingRunner, SubprocessRunner
+from tests.integration.test_mda import Pv, pv  # noqa: F401  (the loop-device fixture)
+from tests.unit.test_lvm_shell import gone
+
+pytestmark = pytest.mark.lab
+
+
+def adapters(pv: Pv) -> tuple[Lvm, Lvm, LvmShell, RecordingRunner]:  # noqa: F811
+    host = HostConfig(path="-", host="h1", state_dir=str(pv.root / "state"), io_timeout=1.0,
+                      vgs=(VgConfig(name="fx", devices=(pv.dev,)),),
+                      lvm_system_dir=pv.env["LVM_SYSTEM_DIR"])
+    vg = host.vgs[0]
+    runner = SubprocessRunner()
+    plain = Lvm(runner, host, vg, role=Role.WRITER, driver_loaded=False)
+    shell = LvmShell(lambda argv, env: runner.spawn_lines(argv, env=env), host.lvm_binary,
+                     plain.env())
+    processes = RecordingRunner(runner)
+    shelled = Lvm(ShellRunner(processes, shell), host, vg, role=Role.WRITER,
+                  driver_loaded=False)
+    return plain, shelled, shell, processes
+
+
+def test_the_shell_answers_as_processes_do(pv):  # noqa: F811
+    pv.lvm("pvcreate", "-q", pv.dev)
+    pv.lvm("vgcreate", "-q", "fx", pv.dev)
+    plain, shelled, shell, processes = adapters(pv)
+    try:
+        shelled.lvcreate("a", 8 << 20, ["fenceless_req_1"])
+        shelled.lvcreate("b", 4 << 20)
+        shelled.lvextend("b", 12 << 20)
+        shelled.lvrename("a", "c")
+        assert shelled.vg_and_lvs() == plain.vg_and_lvs()
+        assert shelled.vg_and_lv("c") == plain.vg_and_lv("c")
+        _vg, lvs = plain.vg_and_lvs()
+        assert {lv.name: lv.size for lv in lvs} == {"b": 12 << 20, "c": 8 << 20}
+        assert "fenceless_req_1" in plain.vg_and_lv("c")[1].tags
+        with pytest.raises(LvmError, match='"b" already exists'):
+            shelled.lvcreate("b", 4 << 20)
+        shelled.lvremove("b")
+        assert [lv.name for lv in plain.lvs()] == ["c"]
+        assert shell.child is not None
+        pid = shell.child.pid
+        assert processes.calls == []  # every command went through the one shell
+        assert shell.commands == 8  # 4 changes, 2 reports, 1 refused create, 1 remove
+    finally:
+        shell.close()
+    assert gone(pid)
+    # The profile sits in LVM's profile directory of this host's LVM_SYSTEM_DIR.
+    assert os.path.exists(os.path.join(pv.env["LVM_SYSTEM_DIR"], "profile",
+                                       PROFILE_NAME + ".profile"))
+
+
+def test_a_change_keeps_lvms_backup_but_writes_no_archive(pv):  # noqa: F811
+    pv.lvm("pvcreate", "-q", pv.dev)
+    pv.lvm("vgcreate", "-q", "fx", pv.dev)
+    archive = pv.root / "lvm" / "archive"
+    before = set(os.listdir(archive))
+    plain, shelled, shell, _ = adapters(pv)
+    try:
+        shelled.lvcreate("a", 4 << 20)
+        plain.lvcreate("b", 4 << 20)
+    finally:
+        shell.close()
+    assert set(os.listdir(archive)) == before
+    backup = (pv.root / "lvm" / "backup" / "fx").read_text()
+    assert "a {" in backup and "b {" in backup
