@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,6 +142,24 @@ def test_status_json_shape_and_no_lvm(cluster):
     served = json.loads(cli("-c", lab.config("h2"), "status", "--json").stdout)
     here = read_status(config.load(lab.config("h2")), None)
     assert same(served) == same(here)
+    # ... and, with the config file the agent checked, without loading any of fenceless
+    # but the CLI's entry (no TOML parser, no typing, no codecs): the agent renders it.
+    imports = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fenceless.cli.main", "-c",
+         lab.config("h2"), "status"], capture_output=True, text=True, check=True)
+    loaded = {ln.split("|")[-1].strip() for ln in imports.stderr.splitlines()}
+    assert {"tomllib", "typing", "fenceless.config", "fenceless.errors", "json"} & loaded \
+        == set()
+    assert imports.stdout.startswith("cluster ") and "writer: h1 (id 1" in imports.stdout
+    # A config changed since the agent started is read and checked anew by the CLI.
+    cfg_path = lab.config("h2")
+    with open(cfg_path, "a") as f:
+        f.write("# edited\n")
+    again = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fenceless.cli.main", "-c", cfg_path,
+         "status"], capture_output=True, text=True, check=True)
+    assert "fenceless.config" in {ln.split("|")[-1].strip() for ln in again.stderr.splitlines()}
+    assert again.stdout == imports.stdout or again.stdout.startswith("cluster ")
     agent(lab, "h2", "stop")  # no agent: read from the disk by the CLI itself
     # (its last published view counts for 4N more: lease states from it until then)
     st = wait_until(lambda: (s := json.loads(cli("-c", lab.config("h2"), "status",

@@ -81,3 +81,51 @@ def test_a_change_keeps_lvms_backup_but_writes_no_archive(pv):  # noqa: F811
     assert set(os.listdir(archive)) == before
     backup = (pv.root / "lvm" / "backup" / "fx").read_text()
     assert "a {" in backup and "b {" in backup
+
+
+def test_the_vg_after_a_change_read_from_the_text_is_what_lvm_reports(pv):  # noqa: F811
+    """lvm/lvtext.py against LVM's own report, after each kind of change fenceless makes."""
+    from dataclasses import replace
+
+    from fenceless.blockio import open_device
+    from fenceless.lvm import mda
+    from fenceless.lvm.lvtext import lv_from_text, vg_after
+
+    pv.lvm("pvcreate", "-q", pv.dev)
+    pv.lvm("vgcreate", "-q", "fx", pv.dev)
+    plain, shelled, shell, _ = adapters(pv)
+    dev = open_device(pv.dev)
+
+    def report() -> tuple:
+        vg, lvs = plain.vg_and_lvs()
+        return replace(vg, mda_free=0), {lv.name: lv for lv in lvs}
+
+    def after(before: tuple, gone: list[str], name: str | None) -> tuple:
+        text, seqno = mda.read_metadata_text(dev)
+        vg0, lvs0 = before
+        old = lvs0.get(name) or next((lvs0[g] for g in gone if g in lvs0), None)
+        lv = lv_from_text(text, name, vg0, old.attr if old else None,
+                          state_known=False) if name else None
+        vg = vg_after(vg0, lvs0, seqno, gone, lv)
+        lvs = {k: v for k, v in lvs0.items() if k not in gone}
+        if lv is not None:
+            lvs[lv.name] = lv
+        return vg, lvs
+
+    try:
+        shelled.lvcreate("keep", 8 << 20)
+        steps = [
+            (lambda: shelled.lvcreate("a", 8 << 20, ["fenceless_req_1", "fenceless_x"]),
+             [], "a"),
+            (lambda: shelled.lvextend("a", 20 << 20), [], "a"),
+            (lambda: shelled.lvrename("a", "b"), ["a"], "b"),
+            (lambda: shelled.lvpermission("b", readonly=True, tag="fenceless_vm_ro"), [], "b"),
+            (lambda: shelled.lvremove("b"), ["b"], None),
+        ]
+        for change, gone, name in steps:
+            before = report()
+            change()
+            assert after(before, gone, name) == report()
+    finally:
+        shell.close()
+        dev.close()

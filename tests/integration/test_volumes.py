@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +74,40 @@ def test_volume_from_a_non_writer_appears_everywhere(vlab):
     state = ledger_state(lab, "h2")
     assert state["intents"] == {}
     assert state["vg_seqno"] == json.loads(lab.on("h2", "scan", "--json").stdout)["vg"]["seqno"]
+
+
+def test_the_fast_client_prints_what_the_full_cli_prints(vlab):
+    """With the config file its agent checked, `volume create` goes to the agent with no
+    more than ``_socket`` (cli/fast.py); the full CLI (here after the config was touched)
+    prints the same, and refuses the same way."""
+    lab = vlab(2)
+
+    def run(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+        got = subprocess.run([sys.executable, "-X", "importtime", "-m", "fenceless.cli.main",
+                              "-c", lab.config("h2"), *argv], capture_output=True, text=True,
+                             check=False)
+        modules = {ln.split("|")[-1].strip() for ln in got.stderr.splitlines()
+                   if ln.startswith("import time:")}
+        return got, modules
+
+    fast, loaded = run("volume", "create", "f1", "8M")
+    assert {"tomllib", "typing", "argparse", "fenceless.config", "json"} & loaded == set()
+    exists, _ = run("volume", "create", "f1", "8M")
+    grown, _ = run("volume", "extend", "f1", "+4M", "--json")
+    Path(lab.config("h2")).touch()  # another version of the file: the full CLI runs
+    full, loaded = run("volume", "create", "f2", "8M")
+    assert "argparse" in loaded
+    exists_full, _ = run("volume", "create", "f2", "8M")
+    grown_full, _ = run("volume", "extend", "f2", "+4M", "--json")
+    assert fast.stdout.replace("f1", "f2").split(" (VG seqno")[0] == \
+        full.stdout.split(" (VG seqno")[0] == "create: f2 is 8M"
+    assert (exists.returncode, exists_full.returncode) == (2, 2)
+    strip = [ln for ln in exists.stderr.splitlines() if not ln.startswith("import time:")]
+    strip_full = [ln for ln in exists_full.stderr.splitlines()
+                  if not ln.startswith("import time:")]
+    assert [ln.replace("f1", "f2") for ln in strip] == strip_full
+    a, b = json.loads(grown.stdout), json.loads(grown_full.stdout)
+    assert sorted(a) == sorted(b) and a["size_bytes"] == b["size_bytes"] == 12 * MiB
 
 
 @pytest.mark.parametrize(("argv", "expect"), [

@@ -74,6 +74,13 @@ class FakeVg:
                       attr="-wi-------", tags=tuple(tags), seg_count=1)
 
 
+def no_text() -> tuple[str, int]:
+    """A fake VG has no metadata text on a PV (lvm/lvtext.py is tested on LVM's own)."""
+    from fenceless.lvm.mda import NoVgMetadata
+
+    raise NoVgMetadata(path="/dev/fake", detail="a fake VG")
+
+
 class FakeLvm:
     """The part of ``fenceless.lvm.adapter.Lvm`` that volume operations use."""
 
@@ -81,6 +88,7 @@ class FakeLvm:
         self.fake = vg
         self.vg = VgConfig(vg.name, ("/dev/fake",))
         self.timeout = 60.0
+        self.driver_loaded = True
 
     def vg_info(self) -> VgInfo:
         return self.fake.info()
@@ -206,6 +214,7 @@ def host(area: ControlArea, clock: FakeClock, name: str, host_id: int, vg: FakeV
     # its seqno, and the history ring records which changes were noted.
     port.lvm = lambda role=None: FakeLvm(vg)  # type: ignore[assignment,method-assign,misc]
     port.metadata_key = lambda: vg.seqno  # type: ignore[method-assign]
+    port.read_metadata = no_text  # type: ignore[method-assign]  # the journal asks LVM
     port.activator = lambda: activator  # type: ignore[assignment,method-assign,return-value]
     noted: list[tuple[str, int]] = []
     port.note_metadata_change = lambda rid, seqno: noted.append((rid, seqno))  # type: ignore[method-assign]

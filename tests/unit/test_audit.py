@@ -192,3 +192,35 @@ def test_misplaced_record_is_reported() -> None:
     dev.write(REGION.offset + 5 * SECTOR, audit.encode_audit(rec(1), seq=7, epoch=1, wall_ms=0))
     (e,) = read_log(dev, LAYOUT)
     assert e.error is not None and "does not belong in slot 5" in str(e.error)
+
+
+def test_known_heads_read_two_sectors_and_write_what_a_full_read_writes() -> None:
+    """The writer keeps the ring's headers between appends (as for the history ring):
+    it reads two sectors, not the whole ring, and writes the same bytes (over a wrap)."""
+    from fenceless.ledger.history import Heads
+
+    kept, full = MemDevice(LAYOUT.total_size()), MemDevice(LAYOUT.total_size())
+    heads = Heads()
+    append(kept, LAYOUT, rec(0), epoch=1, known=heads, wall_clock=lambda: 5.0)
+    for i in range(1, SLOTS + 20):
+        reads = kept.reads
+        append(kept, LAYOUT, rec(i), epoch=1, known=heads, wall_clock=lambda: 5.0)
+        assert kept.reads - reads <= 2
+    for i in range(0, SLOTS + 20):
+        append(full, LAYOUT, rec(i), epoch=1, wall_clock=lambda: 5.0)
+    assert kept.read(REGION.offset, REGION.length) == full.read(REGION.offset, REGION.length)
+
+
+def test_known_heads_still_notice_a_newer_writer() -> None:
+    from fenceless.ledger.history import Heads
+
+    dev = MemDevice(LAYOUT.total_size())
+    heads = Heads()
+    append(dev, LAYOUT, rec(1), epoch=1, known=heads)
+    append(dev, LAYOUT, rec(2), epoch=1, known=heads)
+    append(dev, LAYOUT, rec(3), epoch=2)  # a takeover, unknown to this writer
+    before = dev.read(REGION.offset, REGION.length)
+    with pytest.raises(StaleEpoch):
+        append(dev, LAYOUT, rec(4), epoch=1, known=heads)
+    assert dev.read(REGION.offset, REGION.length) == before
+    assert heads.claims is None

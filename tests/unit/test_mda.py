@@ -371,3 +371,4 @@ def test_pv_header_without_a_size_is_bounded_by_the_device() -> None:
     pv.write_label(pv_size=0, mdas=[(DEV_SIZE - 4096, 65536)])
     with pytest.raises(MdaError, match="outside the PV"):
         read_mda_header(pv.dev, size=DEV_SIZE)
+

@@ -10,16 +10,17 @@ so that exactly one thread ever touches a VG's leases.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fenceless import __version__
-from fenceless.agent.ipc import Server
+from fenceless.agent.ipc import RawReply, Server
 from fenceless.agent.keeper import Opener
 from fenceless.agent.priority import raise_priority
 from fenceless.agent.vg import VgAgent
@@ -27,7 +28,7 @@ from fenceless.blockio import open_device
 from fenceless.cgroup import CgroupError, WorkGroup
 from fenceless.clock import Clock, SystemClock
 from fenceless.config import HostConfig
-from fenceless.errors import FencelessError
+from fenceless.errors import FencelessError, UserError
 from fenceless.guard.role import RoleEntry, write_role_file
 from fenceless.guard.role import entry as role_entry
 from fenceless.ops.context import Context
@@ -52,12 +53,37 @@ def work_group(cfg: HostConfig, log: Callable[[str], None]) -> WorkGroup | None:
     return work
 
 
+class CliOutput(NamedTuple):
+    """The CLI's own printing, lent to the agent (an agent does not import the CLI)."""
+
+    status: Callable[[dict[str, Any]], str]
+    volume: Callable[[str, dict[str, Any]], str]
+    error: Callable[[BaseException], str]
+
+
+class ConfigNotChecked(UserError):
+    """The config file {path} changed since this agent started: read and check it anew"""
+
+
+def config_key(path: str) -> list[int] | None:
+    """(inode, size, mtime) of the config file, as ``cli/fast.py`` sends them."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 class Agent:
     def __init__(self, cfg: HostConfig, *, auto_takeover: bool = False,
                  clock: Clock | None = None, opener: Opener = open_device,
                  log: Callable[[str], None] = _log_to_stderr,
-                 ctx: Context | None = None) -> None:
+                 ctx: Context | None = None, render: CliOutput | None = None) -> None:
         self.cfg = cfg
+        self.render = render  # how the CLI prints what the agent answers for it
+        # The config file as this agent checked it: a client that finds the same one
+        # may skip checking it again (cli/fast.py).
+        self.config_key = config_key(cfg.path)
         self.work = work_group(cfg, log)
         self.ctx = ctx or Context(cfg, runner=SubprocessRunner(
             workgroup=self.work.child("lvm") if self.work is not None else None))
@@ -93,17 +119,58 @@ class Agent:
             except OSError as exc:
                 self.log(f"cannot write the guard's role file: {exc}")
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, request: dict[str, Any]) -> dict[str, Any] | RawReply:
         if request.get("op") == "status":
             # Answered here, in the socket's thread: a fresh read of the control area
             # (about 2 ms), never queued behind the VG thread's LVM work.
             from fenceless.ops.status import read_status
 
             vg_name = request.get("vg")
-            return read_status(self.cfg, vg_name if isinstance(vg_name, str) else None)
+            render = request.get("render")
+            if render is not None and request.get("config_key") != self.config_key:
+                raise ConfigNotChecked(path=self.cfg.path)
+            result = read_status(self.cfg, vg_name if isinstance(vg_name, str) else None)
+            if render == "json":
+                return RawReply(b"T" + json.dumps(result, indent=2, sort_keys=True).encode()
+                                + b"\n")
+            if render == "text" and self.render is not None:
+                return RawReply(b"T" + self.render.status(result).encode() + b"\n")
+            return result
+        if request.get("op") == "volume-cli":
+            return self.volume_cli(request)
         vg = self.cfg.vg(request.get("vg"))
         timeout = float(request.get("timeout", 60.0))
         return self.vgs[vg.name].submit(request, timeout)
+
+    def volume_cli(self, request: dict[str, Any]) -> RawReply:
+        """A volume change from ``cli/fast.py``: checked here as the CLI checks it, then
+        run as any request; the output (or the error) goes back ready to print."""
+        if request.get("config_key") != self.config_key:
+            raise ConfigNotChecked(path=self.cfg.path)
+        if self.render is None:
+            raise ConfigNotChecked(path=self.cfg.path)  # (a test's agent: no CLI output)
+        from fenceless.ops.requests import volume_request
+
+        def text(field: str) -> str | None:
+            value = request.get(field)
+            return value if isinstance(value, str) else None
+
+        sub = text("sub") or ""
+        try:
+            vg = self.cfg.vg(text("vg"))
+            body = volume_request(sub, text("name") or "", size=text("size"),
+                                  new_name=text("new_name"),
+                                  shared_ro=request.get("shared_ro") is True,
+                                  rid=text("rid"), user=lambda: text("user") or "-")
+            timeout = float(request.get("timeout", 120.0))
+            res = self.vgs[vg.name].submit({"op": "volume", "vg": vg.name, "request": body,
+                                            "timeout": timeout}, timeout)
+        except FencelessError as exc:
+            return RawReply(f"E{exc.exit_code}\n{self.render.error(exc)}".encode())
+        rc = 3 if res.get("not_refreshed") else 0
+        out = json.dumps(res, indent=2, sort_keys=True) if request.get("render") == "json" \
+            else self.render.volume(sub, res)
+        return RawReply(f"T{rc}\n{out}\n".encode())
 
     def run(self) -> int:
         self.priority = raise_priority(self.log)  # each lease thread raises its own too

@@ -85,7 +85,11 @@ def call(state_dir: str, request: dict[str, Any], timeout: float) -> dict[str, A
     return result if isinstance(result, dict) else {}
 
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+class RawReply(bytes):
+    """A reply sent as these bytes, not as JSON: output ready to print (``cli/fast.py``)."""
+
+
+Handler = Callable[[dict[str, Any]], "dict[str, Any] | RawReply"]
 
 
 class Server:
@@ -134,7 +138,12 @@ class Server:
                 if not isinstance(request, dict):
                     raise ValueError("request is not an object")
                 conn.settimeout(None)
-                reply: dict[str, Any] = {"result": self.handler(request)}
+                result = self.handler(request)
+                if isinstance(result, RawReply):
+                    with contextlib.suppress(OSError):
+                        conn.sendall(result)
+                    return
+                reply: dict[str, Any] = {"result": result}
             except FencelessError as exc:
                 reply = {"error": to_wire(exc)}
             except Exception as exc:

@@ -102,6 +102,7 @@ class AgentPort:
         self.last_ledger_epoch = 0
         self.last_leader: Leader | None = None
         self.history_heads = history.Heads()  # the history ring as this writer left it
+        self.audit_heads = history.Heads()  # the audit ring, likewise
         self.handover_ask: dict[str, Any] | None = None  # this host's request, published
         self.written_claims: HostClaims | None = None
         self.claims_seq = 0
@@ -473,7 +474,7 @@ class AgentPort:
             audit.append(area.dev, area.layout, audit.audit_record(
                 host=host, user=request.user or "-", argv=request.argv or (request.op,),
                 request_id=request.id, result=result, message=message),
-                epoch=self._epoch or 0, before_write=self.check_write)
+                epoch=self._epoch or 0, before_write=self.check_write, known=self.audit_heads)
         except LeaseLost:
             raise
         except FencelessError as exc:

@@ -99,9 +99,12 @@ def _join(args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     """The daemon itself, in the foreground; its exit code is the command's."""
-    from fenceless.agent.daemon import Agent
+    from fenceless.agent.daemon import Agent, CliOutput
+    from fenceless.cli.render import explain, status_text
+    from fenceless.cli.volume_cmd import change_text
 
-    return Agent(load_config(args), auto_takeover=args.auto_takeover).run()
+    return Agent(load_config(args), auto_takeover=args.auto_takeover,
+                 render=CliOutput(status_text, change_text, explain)).run()
 
 
 def _watchdog(args: argparse.Namespace) -> int:

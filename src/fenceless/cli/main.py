@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, cast
 
-from fenceless.errors import FencelessError
-
-if TYPE_CHECKING:  # imported when a parser is built: a plain `status` needs none
+# Nothing else at import time: a plain `status` answered by the agent needs no more
+# (cli/fast.py), and ``typing`` alone costs a ``status`` a fifth of its time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
+    from typing import Protocol
 
     from fenceless.cli.common import Parser, Subparsers
+
+    class CommandModule(Protocol):
+        """What a ``cli/*_cmd.py`` module provides."""
+
+        def register(self, sub: Subparsers, name: str) -> None:
+            """Add the parser of top-level command ``name`` to ``sub``."""
+
+        def run(self, args: argparse.Namespace) -> int:
+            """Run the parsed command; the exit code if nothing was raised."""
 
 # Every top-level command and the module (fenceless.cli.<module>) that owns it,
 # in the order `fenceless --help` lists them.
@@ -40,21 +50,12 @@ COMMANDS: dict[str, str] = {
 TOP_COMMANDS = tuple(COMMANDS)
 
 
-class CommandModule(Protocol):
-    """What a ``cli/*_cmd.py`` module provides."""
-
-    def register(self, sub: Subparsers, name: str) -> None:
-        """Add the parser of top-level command ``name`` to ``sub``."""
-
-    def run(self, args: argparse.Namespace) -> int:
-        """Run the parsed command; the exit code if nothing was raised."""
-
-
 def command_module(name: str) -> CommandModule:
     """The module of top-level command ``name``, imported now (and not before)."""
     import importlib
 
-    return cast(CommandModule, importlib.import_module(f"fenceless.cli.{COMMANDS[name]}"))
+    module: CommandModule = importlib.import_module(f"fenceless.cli.{COMMANDS[name]}")
+    return module
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -87,18 +88,6 @@ def build_parser(only: str | None = None) -> Parser:
         if only is None or only == name:
             command_module(name).register(sub, name)
     return p
-
-
-def _explain(exc: BaseException) -> str:
-    """The message, followed by its cause chain (as stratis-cli explains errors)."""
-    parts = [str(exc)]
-    cause = exc.__cause__
-    while cause is not None and len(parts) < 4:
-        text = str(cause)
-        if text and text not in parts[-1]:
-            parts.append(f"  because: {text}")
-        cause = cause.__cause__
-    return "\n".join(parts)
 
 
 def _stdout_reader_gone() -> bool:
@@ -144,6 +133,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list or os.environ.get("FENCELESS_DEBUG") == "1"
+    if _command_of(args_list) == "status":
+        from fenceless.cli import fast
+
+        rc = fast.from_agent(args_list)  # answered with next to no imports (cli/fast.py)
+        if rc is not None:
+            return rc
+    elif _command_of(args_list) == "volume":
+        from fenceless.cli import fast
+
+        rc, args_list = fast.volume_from_agent(args_list)  # the same, for a change
+        if rc is not None:
+            return rc
+    from fenceless.errors import FencelessError
+
     try:
         if _command_of(args_list) == "status":
             from fenceless.cli import fast
@@ -163,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"fenceless: {_explain(exc)}", file=sys.stderr)
+        from fenceless.cli.render import explain
+
+        print(f"fenceless: {explain(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fenceless: interrupted", file=sys.stderr)

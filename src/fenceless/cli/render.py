@@ -34,3 +34,15 @@ def status_text(s: dict[str, Any]) -> str:
              table(rows, ("ID", "HOST", "LEASE", "AGE", "GEN", "LVM ROLE"))]
     lines += [f"problem: {p}" for p in s["ledger"]["problems"]]
     return "\n".join(lines)
+
+
+def explain(exc: BaseException) -> str:
+    """The message, followed by its cause chain (as stratis-cli explains errors)."""
+    parts = [str(exc)]
+    cause = exc.__cause__
+    while cause is not None and len(parts) < 4:
+        text = str(cause)
+        if text and text not in parts[-1]:
+            parts.append(f"  because: {text}")
+        cause = cause.__cause__
+    return "\n".join(parts)

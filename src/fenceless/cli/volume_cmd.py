@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                              shared_ro=getattr(args, "shared_ro", False), rid=args.request_id)
     res = agent_call(cfg, {"op": "volume", "vg": args.vg, "request": request},
                      timeout=args.timeout)
-    emit(args, res, lambda r: _change_text(sub, r))
+    emit(args, res, lambda r: change_text(sub, r))
     return 3 if res.get("not_refreshed") else 0
 
 
@@ -108,7 +108,7 @@ def _show_text(v: dict[str, Any]) -> str:
             + (f", active on {', '.join(v.get('active_on', [])) or 'no host'}"))
 
 
-def _change_text(sub: str, r: dict[str, Any]) -> str:
+def change_text(sub: str, r: dict[str, Any]) -> str:
     """One line for a change's result; for extend, where it was (not yet) refreshed."""
     from fenceless.validate import human
 

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.ledger.history import RingFull, claim, mark_stale, next_slot
+from fenceless.ledger.history import (
+    Claim,
+    Heads,
+    RingFull,
+    mark_stale,
+    next_slot,
+    slot_claims,
+)
 from fenceless.ondisk.errors import BadLength, ChecksumMismatch, CorruptRecord
 from fenceless.ondisk.layout import Layout, Region
 from fenceless.ondisk.record import HEADER_SIZE, KIND_AUDIT, decode_record, encode_record, pad
@@ -223,21 +230,25 @@ def append(
     epoch: int,
     before_write: Callable[[], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    known: Heads | None = None,
 ) -> AuditEntry:
     """Append ``record`` as the writer at ``epoch``: one read of the region, one write.
 
     The next number is one past the highest claimed in any slot header (torn
     or valid), so the slot written is the oldest one; a higher epoch on disk
-    is ``StaleEpoch``; foreign slots are skipped, never overwritten.
+    is ``StaleEpoch``; foreign slots are skipped, never overwritten. With
+    ``known`` (the heads this writer left last time) only the slot to write and
+    the newest one are read again, as for the history ring (``history.Heads``).
     """
     if epoch <= 0:
         raise ValueError("writer epochs start at 1")
     region, slots = _slots(layout)
     if slots < 1:
         raise RingFull(region=REGION, offset=region.offset, detail="the region is empty")
-    data = dev.read(region.offset, slots * SECTOR)
-    claims = [claim(data[i * SECTOR : (i + 1) * SECTOR], KIND_AUDIT, region=REGION,
-                    offset=region.offset + i * SECTOR) for i in range(slots)]
+    claims, _heads = slot_claims(dev, region, SECTOR, slots, KIND_AUDIT, epoch, known,
+                                 name=REGION)
+    if known is not None:
+        known.claims = None  # valid again only once this append has succeeded
     seq, slot = next_slot(claims, epoch, region=region)
     wall_ms = int(wall_clock() * 1000)
     sector = encode_audit(record, seq=seq, epoch=epoch, wall_ms=wall_ms)
@@ -247,6 +258,9 @@ def append(
     dev.write(offset, sector)
     written = _decode(sector, slot, slots, offset)
     assert written is not None and written.error is None
+    if known is not None:
+        claims[slot] = Claim("ours", seq=seq, epoch=epoch)
+        known.epoch, known.claims = epoch, claims
     return written
 
 

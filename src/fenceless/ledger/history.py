@@ -357,14 +357,18 @@ def _newest(claims: list[Claim], seq: int) -> list[int]:
     return [i for i, c in enumerate(claims) if c.state == "ours" and c.seq == seq - 1]
 
 
-def _claims(dev: BlockDevice, region: Region, size: int, epoch: int,
-            known: Heads | None) -> tuple[list[Claim], dict[int, bytes]]:
-    """Every slot's claim, and the header sectors read (all, or the two that matter)."""
+def slot_claims(dev: BlockDevice, region: Region, size: int, count: int, kind: int,
+                epoch: int, known: Heads | None, *, name: str = REGION,
+                ) -> tuple[list[Claim], dict[int, bytes]]:
+    """Every slot's claim in a ring of ``count`` slots of ``size`` bytes, and the header
+    sectors read (all, or with ``known`` the two that matter). The audit ring uses it
+    too."""
     def read(i: int) -> tuple[bytes, Claim]:
         head = dev.read(region.offset + i * size, SECTOR)
-        return head, claim(head, KIND_MDHISTORY, region=REGION, offset=region.offset + i * size)
+        return head, claim(head, kind, region=name, offset=region.offset + i * size)
 
-    if known is not None and known.claims is not None and known.epoch == epoch:
+    if known is not None and known.claims is not None and known.epoch == epoch \
+            and len(known.claims) == count:
         claims = list(known.claims)
         seq, slot = next_slot(claims, epoch, region=region)
         heads: dict[int, bytes] = {}
@@ -375,7 +379,13 @@ def _claims(dev: BlockDevice, region: Region, size: int, epoch: int,
                 break
         else:
             return claims, heads
-    got = [read(i) for i in range(MDHISTORY_ENTRIES)]
+    if size == SECTOR:  # one read for the whole ring (the audit log's 1-sector slots)
+        data = dev.read(region.offset, count * SECTOR)
+        got = [(data[i * SECTOR:(i + 1) * SECTOR],
+                claim(data[i * SECTOR:(i + 1) * SECTOR], kind, region=name,
+                      offset=region.offset + i * SECTOR)) for i in range(count)]
+    else:
+        got = [read(i) for i in range(count)]
     return [c for _h, c in got], {i: h for i, (h, _c) in enumerate(got)}
 
 
@@ -404,7 +414,8 @@ def append(
     vg_name, raw, stored = _compress(entry, layout, parse)
     region = layout.region(REGION)
     size = slot_size(layout)
-    claims, heads = _claims(dev, region, size, epoch, known)
+    claims, heads = slot_claims(dev, region, size, MDHISTORY_ENTRIES, KIND_MDHISTORY, epoch,
+                                known)
     if known is not None:
         known.claims = None  # valid again only once this append has succeeded
     seq, slot = next_slot(claims, epoch, region=region)

@@ -36,6 +36,7 @@ from fenceless.faults import crashpoint
 from fenceless.ledger.claims import HostClaims
 from fenceless.ledger.state import Intent, LedgerState, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm, Role
+from fenceless.lvm.lvtext import lv_from_text, vg_after
 from fenceless.ops import restore, vm, volume
 from fenceless.ops.base import JournaledOp, Snapshot
 from fenceless.ops.claims import claims, claims_of_others
@@ -376,6 +377,9 @@ class Journal:
         before = self.snap_cache
         gone, name = op.touches(intent)
         if before is not None and not op.broad:
+            derived = self._from_text(before[1], gone, name, op.lvm.driver_loaded)
+            if derived is not None:
+                return derived
             key = self.port.metadata_key()
             try:
                 if name is None:
@@ -391,6 +395,36 @@ class Journal:
                 return snap
         self.snap_cache = None
         return self.snapshot(op.lvm)
+
+    def _from_text(self, before: Snapshot, gone: list[str], name: str | None,
+                   state_known: bool) -> Snapshot | None:
+        """The VG after this writer's one change, from LVM's committed text on the PV
+        (``lvm/lvtext.py``): no LVM process. None when the text does not show exactly
+        one commit since ``before`` and a plain LV, or the header moved meanwhile."""
+        port = self.port
+        try:
+            key = port.metadata_key()
+            if key is None:
+                return None
+            text, seqno = port.read_metadata()
+            if port.metadata_key() != key or seqno != before.vg.seqno + 1:
+                return None
+        except FencelessError:
+            return None
+        lv = None
+        if name is not None:
+            old = before.lvs.get(name) or next(
+                (before.lvs[g] for g in gone if g in before.lvs), None)
+            lv = lv_from_text(text, name, before.vg, old.attr if old else None,
+                              state_known=state_known)
+            if lv is None:
+                return None
+        vg = vg_after(before.vg, before.lvs, seqno, gone, lv)
+        if vg is None:
+            return None
+        snap = before.changed(vg, gone, lv)
+        self.snap_cache = (key, snap)
+        return snap
 
     def wait_for_refresh(self, lv: str, size: int) -> dict[str, Any]:
         """Until every host with ``lv`` active shows the new size (or the bound passes)."""
