@@ -40,6 +40,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def write_metadata_copy(state_dir: str, vg: str, text: str) -> Path:
+    """The VG's latest metadata text in ``VG/lvm-metadata`` under the state dir: the
+    writer keeps it after each change in place of LVM's backup, which it turns off
+    (lvm/adapter.py). Like LVM's it outlives the LUN (``vgcfgrestore -f`` reads it);
+    unlike LVM's it is not synced, so after a crash of this host it may be older (the
+    history ring on the LUN has every recent version)."""
+    path = vg_dir(state_dir, vg) / "lvm-metadata"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def member(state_dir: str, vg: str) -> dict[str, Any] | None:
     return read_json(vg_dir(state_dir, vg) / "member.json")
 

@@ -74,6 +74,13 @@ def test_volume_from_a_non_writer_appears_everywhere(vlab):
     state = ledger_state(lab, "h2")
     assert state["intents"] == {}
     assert state["vg_seqno"] == json.loads(lab.on("h2", "scan", "--json").stdout)["vg"]["seqno"]
+    # The writer keeps the latest metadata text on its own disk (LVM's backup is off).
+    from fenceless import config
+    from fenceless.lvm.mda import vg_identity
+
+    copy = Path(config.load(lab.config("h1")).state_dir) / "vgs" / "sanvg" / "lvm-metadata"
+    assert vg_identity(copy.read_text()) == ("sanvg", state["vg_seqno"])
+    assert "\niso {\n" in copy.read_text()
 
 
 def test_the_fast_client_prints_what_the_full_cli_prints(vlab):

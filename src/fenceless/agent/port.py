@@ -37,6 +37,7 @@ from fenceless.ledger.claims import (
 )
 from fenceless.ledger.slots import write_ledger
 from fenceless.ledger.state import Intent, LedgerState, RequestInfo, VmEntry
+from fenceless.localstate import write_metadata_copy
 from fenceless.lvm import mda
 from fenceless.lvm.activation import Activator
 from fenceless.lvm.adapter import Lvm, Role
@@ -94,8 +95,7 @@ class AgentPort:
         self.extra_facts = extra_facts
         self.fence = fence
         self.work: WorkGroup | None = None  # where this agent's LVM commands run
-        # The writer's lvm shell (lvm/shell.py), if the config and the runner allow one.
-        spawn = getattr(ctx.runner, "spawn_lines", None)
+        spawn = getattr(ctx.runner, "spawn_lines", None)  # the writer's lvm shell, if any
         self.shell = ShellSlot(spawn if cfg.lvm_shell else None, log)
         self._epoch: int | None = None
         self.cache: LedgerState | None = None  # the writer's copy of the ledger
@@ -103,6 +103,7 @@ class AgentPort:
         self.last_leader: Leader | None = None
         self.history_heads = history.Heads()  # the history ring as this writer left it
         self.audit_heads = history.Heads()  # the audit ring, likewise
+        self.last_text: tuple[str, int] = ("", -1)  # the metadata text read last
         self.handover_ask: dict[str, Any] | None = None  # this host's request, published
         self.written_claims: HostClaims | None = None
         self.claims_seq = 0
@@ -418,7 +419,9 @@ class AgentPort:
 
     def read_metadata(self) -> tuple[str, int]:
         assert self.keeper.dev is not None
-        return mda.read_metadata_text(self.keeper.dev, size=self.keeper.size)
+        got = mda.read_metadata_text(self.keeper.dev, size=self.keeper.size)
+        self.last_text = got  # a seqno names one commit: the history entry reuses it
+        return got
 
     def read_history(self, seqno: int) -> str:
         area = self.keeper.area
@@ -430,7 +433,7 @@ class AgentPort:
         assert area is not None and lease is not None
         self.local.forget_metadata()  # the next seqno check looks again
         try:
-            text, got = self.read_metadata()
+            text, got = self.last_text if self.last_text[1] == seqno else self.read_metadata()
             if got < seqno:
                 raise SeqnoBehind(got=got, seqno=seqno)
             history.append(area.dev, area.layout,
@@ -441,6 +444,11 @@ class AgentPort:
             raise
         except FencelessError as exc:
             self.log(f"metadata history: seqno {seqno} not recorded: {exc}")
+            return
+        try:
+            write_metadata_copy(self.cfg.state_dir, self.vg, text)
+        except OSError as exc:
+            self.log(f"local copy of the VG metadata not written: {exc}")
 
     def read_stage(self, host_id: int, name: str, sha: str) -> str:
         area = self.keeper.area

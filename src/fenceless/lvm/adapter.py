@@ -62,11 +62,12 @@ class Lvm:
     def config_text(self, *, no_archive: bool = False) -> str:
         """The ``--config`` of every command; ``no_archive`` for a metadata change.
 
-        A change keeps LVM's backup (the latest metadata in a file on this host,
-        which outlives the LUN) but not its archive: every version goes into the
-        history ring on the LUN, which every host can read (docs/design.md, "The
-        LVM shell"); the archive costs each change a second file of the whole
-        metadata text, and only the writer of the day ever had it."""
+        A change writes neither LVM's archive nor its backup: every version goes
+        into the history ring on the LUN, which every host can read, and the
+        writer's agent keeps the latest text in a file of its own after each change
+        (``AgentPort.local_copy``), off LVM's path (docs/design.md, "The LVM
+        shell"). LVM writes and syncs each of its two files whole, a third of a
+        change's time at a thousand LVs, and only the writer of the day had them."""
         accept = ", ".join(f'"a|{_filter_regex(d)}|"' for d in self.vg.devices)
         filt = f'[ {accept}, "r|.*|" ]'
         parts = [
@@ -79,7 +80,7 @@ class Lvm:
         if not self.driver_loaded:
             parts.append("global { activation = 0 }")
         if no_archive:
-            parts.append("backup { archive = 0 }")
+            parts.append("backup { backup = 0 archive = 0 }")
         return " ".join(parts)
 
     def env(self) -> dict[str, str]:
