@@ -74,7 +74,7 @@ class FakeVg:
                       attr="-wi-------", tags=tuple(tags), seg_count=1)
 
 
-def no_text() -> tuple[str, int]:
+def no_text(**_: object) -> tuple[str, int]:
     """A fake VG has no metadata text on a PV (lvm/lvtext.py is tested on LVM's own)."""
     from fenceless.lvm.mda import NoVgMetadata
 

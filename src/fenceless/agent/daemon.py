@@ -53,6 +53,9 @@ def work_group(cfg: HostConfig, log: Callable[[str], None]) -> WorkGroup | None:
     return work
 
 
+GUARD_EVERY = 30.0  # seconds between two looks at this host's LVM guard
+
+
 class CliOutput(NamedTuple):
     """The CLI's own printing, lent to the agent (an agent does not import the CLI)."""
 
@@ -102,13 +105,36 @@ class Agent:
         for v in self.vgs.values():
             v.port.work = self.work.child("lvm") if self.work is not None else None
         self.server: Server | None = None
+        self.guard_state = "unknown"  # published in the facts (watch_guard)
+        self.guard_look = threading.Event()  # look at the guard now
 
     def facts(self) -> dict[str, Any]:
         """What every VG's lease sector says about this host besides its LVs."""
         # "vms": whether this host's agent runs VMs (a hypervisor is configured), so that
         # the writer refuses to ask it to start one.
+        # "guard" and "io_timeout" are for `fenceless check` on any host (ops/check.py).
         return {"lvm_version": self.lvm_version, "priority": self.priority,
-                "vms": bool(self.cfg.hypervisor_uri)}
+                "vms": bool(self.cfg.hypervisor_uri), "guard": self.guard_state,
+                "io_timeout": self.cfg.io_timeout}
+
+    def watch_guard(self, stop: threading.Event) -> None:
+        """Look at this host's LVM guard now and every GUARD_EVERY seconds, in a thread of
+        its own: it may run dpkg-divert, never on a thread that renews leases."""
+        from fenceless.guard import install
+
+        while True:
+            try:
+                st = install.status(self.cfg, self.ctx.runner, lvm_report=False)
+                broken = [w for w in st["warnings"] if "wrapper" in w or "binary" in w]
+                self.guard_state = "missing" if not st["installed"] else \
+                    "broken" if broken else "ok"
+            except (FencelessError, OSError) as exc:
+                self.guard_state = "unknown"
+                self.log(f"cannot look at the LVM guard: {exc}")
+            self.guard_look.wait(GUARD_EVERY)
+            self.guard_look.clear()
+            if stop.is_set():
+                return
 
     def set_role(self, entry: RoleEntry) -> None:
         """Rewrite the guard's role file with this VG's new entry (all VGs in one file)."""
@@ -138,6 +164,9 @@ class Agent:
             return result
         if request.get("op") == "volume-cli":
             return self.volume_cli(request)
+        if request.get("op") == "guard-changed":
+            self.guard_look.set()  # `fenceless guard install|remove` ran here
+            return {}
         vg = self.cfg.vg(request.get("vg"))
         timeout = float(request.get("timeout", 60.0))
         return self.vgs[vg.name].submit(request, timeout)
@@ -192,6 +221,8 @@ class Agent:
         self.watchdog.connect()  # or later: without it this host takes no exclusive work
         self.server = Server(self.cfg.state_dir, self.handle)
         self.server.start()
+        threading.Thread(target=self.watch_guard, args=(stop,), name="guard",
+                         daemon=True).start()
         for v in self.vgs.values():
             v.thread.start()
             if v.vmwork is not None:

@@ -417,9 +417,9 @@ class AgentPort:
         assert self.keeper.dev is not None
         return self.local.metadata_key(self.keeper.dev, self.keeper.size)
 
-    def read_metadata(self) -> tuple[str, int]:
+    def read_metadata(self, *, scan: bool = True) -> tuple[str, int]:
         assert self.keeper.dev is not None
-        got = mda.read_metadata_text(self.keeper.dev, size=self.keeper.size)
+        got = mda.read_metadata_text(self.keeper.dev, size=self.keeper.size, scan=scan)
         self.last_text = got  # a seqno names one commit: the history entry reuses it
         return got
 
@@ -438,7 +438,7 @@ class AgentPort:
                 raise SeqnoBehind(got=got, seqno=seqno)
             history.append(area.dev, area.layout,
                            history.HistoryEntry(text, got, request_id, lease.host_id),
-                           epoch=self._epoch or 0, parse=mda.vg_identity,
+                           epoch=self._epoch or 0, parse=mda.committed_identity,
                            before_write=self.check_write, known=self.history_heads)
         except LeaseLost:
             raise

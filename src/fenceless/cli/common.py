@@ -70,6 +70,7 @@ EXAMPLES = {
     "metadata diff": "fenceless metadata diff 41 42",
     "metadata restore": "fenceless metadata restore 41 --yes",
     "guard": "fenceless guard install",
+    "check": "fenceless check --json",
 }
 
 # Help texts keep their own line breaks (the examples, the exit code table).

@@ -6,6 +6,7 @@ The guard itself is ``fenceless.guard.install``, imported when a guard command r
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 from fenceless.cli.common import FORMATTER, Parser, Subparsers, command, emit, load_config
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     runner = SubprocessRunner()
     sub = args.guard_command
+    if sub in ("install", "remove"):
+        _tell_agent(cfg)
     if sub == "install":
         res = guard.install(cfg, runner)
         emit(args, res, lambda r: (
@@ -70,6 +73,21 @@ def run(args: argparse.Namespace) -> int:
     st = guard.status(cfg, runner)
     emit(args, st, _status_text)
     return 0
+
+
+def _tell_agent(cfg: Any) -> None:
+    """Ask the local agent (if one runs) to look at the guard again once this is done:
+    it publishes the guard's state for `fenceless check` on every host."""
+    import atexit
+
+    from fenceless.agent import ipc
+    from fenceless.errors import FencelessError
+
+    def poke() -> None:
+        with contextlib.suppress(FencelessError, OSError):
+            ipc.call(cfg.state_dir, {"op": "guard-changed"}, timeout=2.0)
+
+    atexit.register(poke)
 
 
 def _status_text(s: dict[str, Any]) -> str:

@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "log": "metadata_cmd", "metadata": "metadata_cmd",
     "guard": "guard_cmd",
     "scan": "cluster_cmd", "config": "cluster_cmd",
+    "check": "check_cmd",
 }
 TOP_COMMANDS = tuple(COMMANDS)
 
@@ -80,7 +81,7 @@ def build_parser(only: str | None = None) -> Parser:
                epilog=epilog("lab up", "lab exec", "scan", "lab down")
                + "\n\nexit codes: 0 ok, 1 internal error, 2 refused/bad input (nothing "
                "changed),\n  3 failed part-way, 4 integrity error on disk, 5 lease lost, "
-               "130 interrupted")
+               "6 check found an error, 130 interrupted")
     p.add_argument("--version", action="version", version=f"fenceless {__version__}")
     add_common(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

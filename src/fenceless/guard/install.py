@@ -451,7 +451,7 @@ def status(cfg: HostConfig, runner: Runner, paths: GuardPaths | None = None,
             if r["state"] != "valid":
                 warnings.append(f"VG {r['vg']}: role file line {r['state']}: the wrapper "
                                 "treats this host as a reader (is `fenceless agent` running?)")
-    auto = _autoactivation(cfg, runner) if lvm_report else []
+    auto = autoactivation(cfg, runner) if lvm_report else []
     for a in auto:
         if a.get("autoactivation") is True:
             warnings.append(f"VG {a['vg']} has autoactivation on: it may come up at boot on "
@@ -514,7 +514,7 @@ def _role_status(cfg: HostConfig, paths: GuardPaths) -> list[dict[str, Any]]:
     return out
 
 
-def _autoactivation(cfg: HostConfig, runner: Runner) -> list[dict[str, Any]]:
+def autoactivation(cfg: HostConfig, runner: Runner) -> list[dict[str, Any]]:
     """Each shared VG's autoactivation flag, read through fenceless's adapter (--readonly)."""
     from fenceless.lvm.adapter import Lvm
 

@@ -406,7 +406,7 @@ class Journal:
             key = port.metadata_key()
             if key is None:
                 return None
-            text, seqno = port.read_metadata()
+            text, seqno = port.read_metadata(scan=False)  # lvtext reads it line by line
             if port.metadata_key() != key or seqno != before.vg.seqno + 1:
                 return None
         except FencelessError:

@@ -109,7 +109,7 @@ class WriterPort(Protocol):
     def metadata_key(self) -> object | None:
         """LVM's metadata header on the PV: equal keys mean byte-identical metadata."""
 
-    def read_metadata(self) -> tuple[str, int]:
+    def read_metadata(self, *, scan: bool = True) -> tuple[str, int]:
         """The VG metadata text and seqno, read from the PV (no LVM process)."""
 
     def read_history(self, seqno: int) -> str:

@@ -48,6 +48,12 @@ def _area(cfg: HostConfig, vg_name: str | None) -> Iterator[tuple[Any, LedgerSta
         dev.close()
 
 
+def read_ledger(cfg: HostConfig, vg_name: str | None) -> LedgerState:
+    """The ledger as it is on the LUN now (the VM index among it)."""
+    with _area(cfg, vg_name) as found:
+        return found[1]
+
+
 def entry_json(e: VmEntry) -> dict[str, Any]:
     return {"name": e.name, "host": e.host, "state": e.state, "memory_mib": e.memory_mib,
             "vcpus": e.vcpus, "disks": [{"target": d.target, "volume": d.volume,

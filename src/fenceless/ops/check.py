@@ -1,0 +1,395 @@
+"""``fenceless check``: every known hazard of the cluster, each with the command that fixes it.
+
+The setup fenceless replaces is safe only while everybody remembers its rules;
+this makes the rules visible instead. As in a cluster verify, every check is a
+small read-only function registered under a stable code; it looks at what
+``gather`` read once (the control area with every host's claims and facts, the
+VM index, LVM's ``--readonly`` report of the VG, this host's guard) and returns
+findings: (code, severity, host, plain explanation, exact fix). A new hazard is
+one function and one test. Nothing here writes anything, runs a metadata
+command or trusts a cached view: the control area is read fresh.
+
+Codes start with the severity they have by default: ``E`` (error: the cluster
+is unsafe or broken now), ``W`` (warning: unsafe soon, or by one more
+mistake), ``I`` (information).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fenceless.config import HostConfig
+from fenceless.errors import FencelessError
+from fenceless.ledger.state import LedgerState
+from fenceless.lvm.parse import LvInfo, VgInfo
+from fenceless.lvm.policy import CONTROL_LV
+
+SEVERITIES = ("error", "warning", "info")
+REQ_TAG = "fenceless_req_"  # ops/volume.py: every LV fenceless creates carries one
+MDA_WARN, MDA_ERROR = 0.5, 0.8  # share of the metadata area in use
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    host: str | None
+    message: str
+    fix: str
+
+
+@dataclass
+class Facts:
+    """What the checks look at, read once by ``gather``; None where it could not be read
+    (``unread`` says why, and is itself a finding)."""
+
+    cfg: HostConfig
+    vg_name: str
+    status: dict[str, Any] | None = None
+    ledger: LedgerState | None = None
+    vg: VgInfo | None = None
+    lvs: list[LvInfo] | None = None
+    autoactivation: bool | None = None
+    guard: dict[str, Any] | None = None  # this host's ``guard status``
+    unread: list[str] = field(default_factory=list)
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return list(self.status["hosts"]) if self.status else []
+
+    def live_hosts(self) -> list[dict[str, Any]]:
+        return [h for h in self.hosts() if h["lease"] == "live"]
+
+
+Check = Callable[[Facts], list[Finding]]
+CHECKS: dict[str, Check] = {}
+
+
+def check(code: str) -> Callable[[Check], Check]:
+    """Register a check under its code (the first letter gives its default severity)."""
+    def add(fn: Check) -> Check:
+        assert code not in CHECKS and code[0] in "EWI"
+        CHECKS[code] = fn
+        return fn
+    return add
+
+
+def finding(code: str, host: str | None, message: str, fix: str) -> Finding:
+    return Finding(code, {"E": "error", "W": "warning", "I": "info"}[code[0]], host,
+                   message, fix)
+
+
+def run_checks(facts: Facts, demote: frozenset[str] = frozenset()) -> list[Finding]:
+    """Every registered check's findings, errors first; ``demote``: codes reported as
+    warnings only (as an admin who accepts a known hazard asks)."""
+    out = [finding("E_UNREADABLE", None, why, "see the message; run `fenceless check` "
+                   "again once it is readable") for why in facts.unread]
+    for code, fn in sorted(CHECKS.items()):
+        if facts.status is None and code != "E_UNREADABLE":
+            break
+        for f in fn(facts):
+            out.append(Finding(f.code, "warning", f.host, f.message, f.fix)
+                       if f.code in demote and f.severity == "error" else f)
+    return sorted(out, key=lambda f: (SEVERITIES.index(f.severity), f.code, f.host or ""))
+
+
+def as_json(findings: list[Finding]) -> dict[str, Any]:
+    return {"findings": [asdict(f) for f in findings],
+            "errors": sum(f.severity == "error" for f in findings),
+            "warnings": sum(f.severity == "warning" for f in findings)}
+
+
+# --- the hosts --------------------------------------------------------------------------
+
+
+@check("E_GUARD")
+def guard_missing(facts: Facts) -> list[Finding]:
+    """A host where LVM is not guarded: any command there may change the shared VG."""
+    out = []
+    for h in facts.live_hosts():
+        state = h["facts"].get("guard")
+        if h["name"] == facts.cfg.host and facts.guard is not None:
+            state = "ok" if facts.guard.get("installed") and not [
+                w for w in facts.guard.get("warnings", []) if "wrapper" in w
+                or "binary" in w] else ("broken" if facts.guard.get("installed") else "missing")
+        if state in ("missing", "broken"):
+            what = "is not installed" if state == "missing" else \
+                "is installed but its wrapper or the real binary is not as installed"
+            out.append(finding("E_GUARD", h["name"],
+                               f"the LVM guard on {h['name']} {what}: any LVM command run "
+                               "there by hand can change the shared VG's metadata while "
+                               "another host writes it, and corrupt it",
+                               f"on {h['name']}: fenceless guard install"))
+    return out
+
+
+@check("W_VERSIONS")
+def agent_versions(facts: Facts) -> list[Finding]:
+    """Agents of different fenceless versions."""
+    seen = {h["name"]: h["facts"].get("version") for h in facts.live_hosts()}
+    versions = sorted({str(v) for v in seen.values()})
+    if len(versions) < 2:
+        return []
+    listing = ", ".join(f"{n} {v}" for n, v in sorted(seen.items()))
+    return [finding("W_VERSIONS", None, f"the agents run different fenceless versions "
+                    f"({listing}): finish the upgrade, one host at a time",
+                    "on each older host: upgrade fenceless, then "
+                    "systemctl restart fenceless-agent")]
+
+
+@check("W_IO_TIMEOUT")
+def io_timeouts(facts: Facts) -> list[Finding]:
+    """Hosts whose config's io_timeout is not the cluster's: their idea of when a lease
+    expires is not the others'."""
+    assert facts.status is not None
+    cluster = float(facts.status["io_timeout"])
+    out = []
+    for h in facts.live_hosts():
+        mine = h["facts"].get("io_timeout")
+        if isinstance(mine, int | float) and abs(float(mine) - cluster) > 1e-6:
+            out.append(finding("W_IO_TIMEOUT", h["name"],
+                               f"{h['name']}'s config sets io_timeout = {mine}, the cluster's "
+                               f"is {cluster} (the superblock's, which the leases use)",
+                               f"on {h['name']}: set io_timeout = {cluster} in its "
+                               "fenceless.toml, then systemctl restart fenceless-agent"))
+    return out
+
+
+@check("E_WRITER")
+def writer_lease(facts: Facts) -> list[Finding]:
+    """No metadata writer, or one whose lease is failing: volume and VM changes stop."""
+    assert facts.status is not None
+    w = facts.status.get("writer")
+    if w is None or w.get("released") or w.get("state") == "gone":
+        held = "nobody holds the writer role" if w is None or w.get("released") else \
+            f"the writer role names {w['host']} (epoch {w['epoch']}), whose lease is gone"
+        return [finding("E_WRITER", None, f"{held}: no volume or VM change can run",
+                        "on a live host: fenceless writer takeover --wait")]
+    if w.get("state") != "active":
+        return [finding("W_WRITER", w.get("host"),
+                        f"the writer {w['host']}'s host lease is {w.get('state')}: its role "
+                        "ends when the lease does, and another host may take it over",
+                        f"check {w['host']}'s path to the LUN; if it is lost, on another "
+                        "host: fenceless writer takeover --wait")]
+    return []
+
+
+@check("E_CONTROL_AREA")
+def control_area(facts: Facts) -> list[Finding]:
+    """Records of the control area that do not read back."""
+    assert facts.status is not None
+    out = [finding("E_CONTROL_AREA", None, f"the ledger: {p}",
+                   "fenceless status shows it; see docs/runbook.md, \"Damage on the LUN\"")
+           for p in facts.status["ledger"].get("problems", [])]
+    for h in facts.hosts():
+        if h.get("error"):
+            out.append(finding("E_CONTROL_AREA", h["name"], f"the host sector of id "
+                               f"{h['id']}: {h['error']}",
+                               f"on {h['name']}: systemctl restart fenceless-agent (it "
+                               "rewrites its own sector)"))
+        if h.get("claims_error"):
+            out.append(finding("E_CONTROL_AREA", h["name"], f"{h['name']}'s claims record: "
+                               f"{h['claims_error']}", f"on {h['name']}: systemctl restart "
+                               "fenceless-agent (it rewrites its own claims)"))
+    return out
+
+
+# --- volumes and VMs -------------------------------------------------------------------
+
+
+def _claims(facts: Facts) -> dict[str, list[tuple[str, str, int]]]:
+    """LV -> [(host, mode, size)] over every host whose claims count (not DEAD)."""
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    for h in facts.hosts():
+        if h["lease"] in ("dead", "free"):
+            continue
+        for lv, c in (h.get("claims") or {}).items():
+            out.setdefault(lv, []).append((h["name"], c["mode"], int(c["size_bytes"])))
+    return out
+
+
+def _moving(facts: Facts) -> set[str]:
+    """Disks of VMs in a live migration: both hosts hold them on purpose."""
+    if facts.ledger is None:
+        return set()
+    return {d.volume for v in facts.ledger.vms.values() if v.moving_to or v.left
+            for d in v.disks}
+
+
+@check("E_RW_TWICE")
+def read_write_twice(facts: Facts) -> list[Finding]:
+    """An LV mapped read-write on two hosts: two writers on one disk corrupt it."""
+    out = []
+    moving = _moving(facts)
+    for lv, holders in sorted(_claims(facts).items()):
+        rw = sorted(h for h, mode, _s in holders if mode == "rw")
+        if len(rw) > 1 and lv not in moving:
+            out.append(finding("E_RW_TWICE", None,
+                               f"volume {lv} is mapped read-write on {', '.join(rw)}: "
+                               "writes from both corrupt it",
+                               f"on all but one of them: stop what uses it (fenceless vm stop "
+                               f"VM, for a VM's disk), then lvchange -an {facts.vg_name}/{lv}"))
+    return out
+
+
+@check("W_STALE_SIZE")
+def stale_size(facts: Facts) -> list[Finding]:
+    """A host that maps an LV at an older size (an extend it has not picked up)."""
+    if facts.lvs is None:
+        return []
+    sizes = {lv.name: lv.size for lv in facts.lvs}
+    out = []
+    for lv, holders in sorted(_claims(facts).items()):
+        for host, _mode, size in holders:
+            if lv in sizes and size != sizes[lv]:
+                out.append(finding("W_STALE_SIZE", host,
+                                   f"{host} maps volume {lv} at {size} bytes, the VG says "
+                                   f"{sizes[lv]}: what runs there sees the old size",
+                                   f"on {host}: lvchange --refresh {facts.vg_name}/{lv}"))
+    return out
+
+
+@check("E_VM_HOST")
+def vms_on_bad_hosts(facts: Facts) -> list[Finding]:
+    """VMs placed on a host whose lease is failing or dead."""
+    if facts.ledger is None:
+        return []
+    state = {h["name"]: h["lease"] for h in facts.hosts()}
+    out = []
+    for name, vm in sorted(facts.ledger.vms.items()):
+        lease = state.get(vm.host or "", "free") if vm.host else None
+        if vm.host and lease in ("fail", "dead", "free", "unknown"):
+            out.append(finding("E_VM_HOST", vm.host,
+                               f"VM {name} is placed on {vm.host}, whose lease is {lease}: "
+                               "it may be running there unprotected, or not at all",
+                               f"fenceless vm recover {name} (once {vm.host} is DEAD), or "
+                               f"fenceless vm start {name} --on ANOTHER-HOST"))
+    return out
+
+
+@check("E_VM_LEASE")
+def vm_outside_grant(facts: Facts) -> list[Finding]:
+    """A VM disk mapped read-write on a host the VM index does not place it on."""
+    if facts.ledger is None:
+        return []
+    owner = {d.volume: (vm.name, {h for h in (vm.host, vm.moving_to, vm.left) if h})
+             for vm in facts.ledger.vms.values() for d in vm.disks if d.mode == "rw"}
+    out = []
+    for lv, holders in sorted(_claims(facts).items()):
+        if lv not in owner:
+            continue
+        vm, allowed = owner[lv]
+        for host, mode, _s in holders:
+            if mode == "rw" and host not in allowed:
+                out.append(finding("E_VM_LEASE", host,
+                                   f"{host} maps {lv}, a disk of VM {vm}, read-write, but the "
+                                   f"VM runs {_where(allowed)}: something outside fenceless "
+                                   "uses it there",
+                                   f"on {host}: stop what holds {lv} open, then lvchange -an "
+                                   f"{facts.vg_name}/{lv}"))
+    return out
+
+
+def _where(hosts: set[str]) -> str:
+    return "on " + ", ".join(sorted(hosts)) if hosts else "nowhere"
+
+
+@check("I_UNACCOUNTED")
+def unaccounted_lvs(facts: Facts) -> list[Finding]:
+    """LVs that neither fenceless made nor any VM uses: someone's by hand, or left over."""
+    if facts.lvs is None:
+        return []
+    used = {d.volume for v in (facts.ledger.vms.values() if facts.ledger else [])
+            for d in v.disks}
+    out = []
+    for lv in sorted(facts.lvs, key=lambda x: x.name):
+        if lv.name == CONTROL_LV or lv.name in used or any(t.startswith(REQ_TAG)
+                                                           for t in lv.tags):
+            continue
+        out.append(finding("I_UNACCOUNTED", None,
+                           f"volume {lv.name} was not made by fenceless and no VM uses it",
+                           f"if it is still needed, nothing; else: fenceless volume remove "
+                           f"{lv.name}"))
+    return out
+
+
+# --- LVM's metadata -------------------------------------------------------------------
+
+
+@check("W_AUTOACTIVATION")
+def autoactivation(facts: Facts) -> list[Finding]:
+    """Auto-activation on for the shared VG: it may come up read-write on every host."""
+    if facts.autoactivation is not True:
+        return []
+    return [finding("W_AUTOACTIVATION", None,
+                    f"VG {facts.vg_name} has autoactivation on: at boot or on a rescan "
+                    "every host may activate every LV, read-write",
+                    f"on the writer: vgchange --setautoactivation n {facts.vg_name}")]
+
+
+@check("W_MDA_PVS")
+def metadata_on_many_pvs(facts: Facts) -> list[Finding]:
+    """VG metadata on more than one PV: fenceless reads and records one copy."""
+    if facts.vg is None or facts.vg.pv_count <= 1:
+        return []
+    return [finding("W_MDA_PVS", None,
+                    f"VG {facts.vg_name} has {facts.vg.pv_count} PVs: LVM keeps its metadata "
+                    "on each, fenceless reads and records the first device's only",
+                    "keep one PV per shared VG (pvmove the LVs off the others, then "
+                    "vgreduce); docs/runbook.md, \"Replace the LUN\"")]
+
+
+@check("W_MDA_FULL")
+def metadata_area_full(facts: Facts) -> list[Finding]:
+    """The metadata area filling up: LVM refuses every change once the text does not fit
+    twice (the old and the new copy)."""
+    vg = facts.vg
+    if vg is None or vg.mda_size <= 0 or vg.lv_count <= 0:
+        return []
+    # LVM's vg_mda_free counts against half the area: a commit writes the new text
+    # beside the old one, so the text may take at most half.
+    usable = vg.mda_size / 2
+    in_use = max(0.0, usable - vg.mda_free)
+    used = in_use / usable
+    per_lv = in_use / vg.lv_count
+    fit = int(vg.mda_free / per_lv) if per_lv > 0 else 0
+    if used < MDA_WARN:
+        return []
+    code = "E_MDA_FULL" if used >= MDA_ERROR else "W_MDA_FULL"
+    return [finding(code, None,
+                    f"VG {facts.vg_name}'s metadata area is {used:.0%} used ({vg.mda_free} "
+                    f"bytes free of the {int(usable)} its text may take): about {fit} more "
+                    "LVs fit",
+                    "remove volumes no longer needed; for room, a new PV with a larger "
+                    "--metadatasize and docs/runbook.md, \"Replace the LUN\"")]
+
+
+def gather(cfg: HostConfig, vg_name: str | None,
+           read_status: Callable[..., dict[str, Any]],
+           read_ledger: Callable[[], LedgerState],
+           report: Callable[[], tuple[VgInfo, list[LvInfo]]],
+           autoactivation: Callable[[], bool | None],
+           guard: Callable[[], dict[str, Any]]) -> Facts:
+    """Read everything the checks look at, each part on its own: a part that cannot be
+    read is a finding, and the checks that need it say nothing."""
+    facts = Facts(cfg, cfg.vg(vg_name).name)
+    parts: list[tuple[str, Callable[[], None]]] = [
+        ("the control area", lambda: setattr(facts, "status",
+                                             read_status(cfg, vg_name, with_claims=True))),
+        ("the VM index", lambda: setattr(facts, "ledger", read_ledger())),
+        ("LVM's report of the VG", lambda: _take_report(facts, report())),
+        ("the VG's autoactivation flag", lambda: setattr(facts, "autoactivation",
+                                                         autoactivation())),
+        ("this host's guard", lambda: setattr(facts, "guard", guard())),
+    ]
+    for what, read in parts:
+        try:
+            read()
+        except FencelessError as exc:
+            facts.unread.append(f"{what} could not be read: {exc}")
+    return facts
+
+
+def _take_report(facts: Facts, got: tuple[VgInfo, list[LvInfo]]) -> None:
+    facts.vg, facts.lvs = got

@@ -1,0 +1,91 @@
+"""`fenceless check` on a real lab: nothing on a healthy cluster; each hazard planted is
+found with its code and fix, and running that fix clears it.
+
+(Hazards that fenceless itself prevents, such as an LV read-write on two hosts, cannot
+be planted through it: tests/unit/test_check.py gives them to the checks directly.)"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from tests.integration.test_cluster import all_live, wait_until
+
+pytestmark = pytest.mark.lab
+
+
+def findings(lab, host: str) -> tuple[int, list[dict]]:
+    """`fenceless check` as an admin on ``host`` runs it: in the host's namespace, where
+    its own guard is (the others' come from what their agents publish)."""
+    res = lab.exec(host, "fenceless", "check", "--json", check=False)
+    assert res.returncode in (0, 6), res.stderr
+    return res.returncode, json.loads(res.stdout)["findings"]
+
+
+def codes(found: list[dict]) -> set[tuple[str, str | None]]:
+    return {(f["code"], f["host"]) for f in found}
+
+
+def run_fix(lab, host: str, fix: str) -> None:
+    """A finding's fix, run as its text says ("on HOST: ..." or "on the writer: ...")."""
+    where, _, command = fix.partition(": ")
+    where = {"on the writer": "h1"}.get(where, where.removeprefix("on "))
+    lab.exec(where, *shlex.split(command))
+
+
+@pytest.fixture
+def cluster(make_lab):
+    lab = make_lab(3, "--agents")
+    lab.on("h1", "init")
+    for h in ("h2", "h3"):
+        lab.on(h, "join")
+    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all live")
+    for h in lab.hosts:
+        lab.exec(h, "fenceless", "guard", "install")
+    return lab
+
+
+def test_a_healthy_lab_has_no_error_and_each_planted_hazard_is_found_and_fixed(cluster):
+    lab = cluster
+    lab.on("h2", "volume", "create", "web-disk", "8M")
+
+    def healthy(host: str) -> bool:
+        rc, found = findings(lab, host)
+        return (rc, [f for f in found if f["severity"] != "info"]) == (0, [])
+
+    # (Each agent publishes its guard's state at its next renewal after the install.)
+    wait_until(lambda: healthy("h3"), 10, "no error and no warning")
+
+    # The guard removed on h2: found there, with the command that puts it back.
+    lab.exec("h2", "fenceless", "guard", "remove")
+    rc, found = findings(lab, "h2")
+    assert rc == 6 and ("E_GUARD", "h2") in codes(found)
+    fix = next(f["fix"] for f in found if f["code"] == "E_GUARD")
+    assert fix == "on h2: fenceless guard install"
+    run_fix(lab, "h2", fix)
+    assert ("E_GUARD", "h2") not in codes(findings(lab, "h2")[1])
+
+    # Autoactivation turned on by hand on the writer.
+    lab.exec("h1", "vgchange", "-q", "--setautoactivation", "y", "sanvg")
+    found = wait_until(lambda: (got := findings(lab, "h3")[1]) and
+                       ("W_AUTOACTIVATION", None) in codes(got) and got, 10, "autoactivation")
+    run_fix(lab, "h3", next(f["fix"] for f in found if f["code"] == "W_AUTOACTIVATION"))
+    assert ("W_AUTOACTIVATION", None) not in codes(findings(lab, "h3")[1])
+
+    # An LV made by hand, past fenceless: accounted for by nobody.
+    lab.exec("h1", "lvcreate", "-q", "-an", "-Zn", "-L", "4m", "-n", "by-hand", "sanvg")
+    found = findings(lab, "h2")[1]
+    hand = [f for f in found if f["code"] == "I_UNACCOUNTED"]
+    assert [(f["severity"], f["fix"]) for f in hand] == [
+        ("info", "if it is still needed, nothing; else: fenceless volume remove by-hand")]
+    run_fix(lab, "h2", "on h2: " + hand[0]["fix"].split("else: ")[1])
+    assert healthy("h2")
+    # h2's guard, removed and put back above, is also as h1 sees it now.
+    wait_until(lambda: healthy("h1"), 10, "h1 sees no hazard either")
+
+    # Text for people, with the same codes.
+    text = lab.exec("h2", "fenceless", "check").stdout
+    assert text.strip().endswith("0 error(s), 0 warning(s), 0 note(s)") or \
+        text.strip() == "VG sanvg: no hazard found"
