@@ -71,6 +71,7 @@ EXAMPLES = {
     "metadata restore": "fenceless metadata restore 41 --yes",
     "guard": "fenceless guard install",
     "check": "fenceless check --json",
+    "completion": "fenceless completion bash > /etc/bash_completion.d/fenceless",
 }
 
 # Help texts keep their own line breaks (the examples, the exit code table).

@@ -47,6 +47,7 @@ COMMANDS: dict[str, str] = {
     "guard": "guard_cmd",
     "scan": "cluster_cmd", "config": "cluster_cmd",
     "check": "check_cmd",
+    "completion": "completion_cmd",
 }
 TOP_COMMANDS = tuple(COMMANDS)
 
@@ -159,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             build_parser().print_help()
             return 2
+        args.full_parser = build_parser  # for the commands that describe the CLI itself
         rc = command_module(args.command).run(args)
         sys.stdout.flush()  # here, not at exit: a reader that has gone is handled below
         return rc
