@@ -14,6 +14,8 @@ Example::
     cgroup = "fenceless"               # the work cgroup the watchdog kills, under cgroup v2
     watchdog_device = "/dev/watchdog"  # the hardware backstop ("none": no device)
     lvm_shell = true                   # the writer runs LVM in one long-lived lvm shell
+    metrics_listen = "127.0.0.1:9567"  # Prometheus metrics over HTTP ("" for none)
+    metrics_textfile = "/var/lib/prometheus/node-exporter/fenceless.prom"  # optional
 
     [vg.vmstore]
     devices = ["/dev/disk/by-id/wwn-0x600a0b80001234"]
@@ -89,6 +91,10 @@ class HostConfig(NamedTuple):
     migration_uri: str | None = None
     # The writer keeps one long-lived ``lvm`` shell for its LVM commands (lvm/shell.py).
     lvm_shell: bool = True
+    # Prometheus metrics (agent/metrics.py): HOST:PORT to serve them on ("": not served),
+    # and a file for node-exporter's textfile collector ("": none).
+    metrics_listen: str = "127.0.0.1:9567"
+    metrics_textfile: str = ""
 
     def peer(self, host: str) -> str:
         """``peer_uri`` for ``host``. The name comes from the shared disk: only a valid
@@ -141,7 +147,7 @@ def load(path: str) -> HostConfig:
 _TOP_KEYS = {
     "host", "state_dir", "run_dir", "io_timeout", "lvm_system_dir", "lvm_binary",
     "hypervisor_uri", "activation", "vg", "cgroup", "watchdog_device", "peer_uri",
-    "migration_uri", "lvm_shell",
+    "migration_uri", "lvm_shell", "metrics_listen", "metrics_textfile",
 }
 _VG_KEYS = {"devices"}
 
@@ -171,6 +177,20 @@ class _Fields:
         value = self.raw[key]
         if not isinstance(value, str) or not value:
             raise self.fail(key, "a non-empty string", value)
+        return value
+
+    def listen(self, key: str) -> str:
+        value = self.raw.get(key, "127.0.0.1:9567")
+        host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+        if value == "" or (isinstance(value, str) and host and port.isdigit()
+                           and 0 < int(port) < 65536):
+            return str(value)
+        raise self.fail(key, 'ADDRESS:PORT (such as "127.0.0.1:9567"), or "" for none', value)
+
+    def path_or_empty(self, key: str) -> str:
+        value = self.raw.get(key, "")
+        if not isinstance(value, str) or (value and not value.startswith("/")):
+            raise self.fail(key, 'an absolute path, or "" for none', value)
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -277,6 +297,8 @@ def parse(text: str, path: str) -> HostConfig:
         cgroup=f.cgroup(),
         watchdog_device=f.string("watchdog_device", "/dev/watchdog") or "/dev/watchdog",
         lvm_shell=f.boolean("lvm_shell", True),
+        metrics_listen=f.listen("metrics_listen"),
+        metrics_textfile=f.path_or_empty("metrics_textfile"),
     )
 
 
@@ -305,6 +327,9 @@ def render(cfg: HostConfig) -> str:
     lines.append(f"watchdog_device = {q(cfg.watchdog_device)}")
     if not cfg.lvm_shell:
         lines.append("lvm_shell = false")
+    lines.append(f"metrics_listen = {q(cfg.metrics_listen)}")
+    if cfg.metrics_textfile:
+        lines.append(f"metrics_textfile = {q(cfg.metrics_textfile)}")
     for vg in cfg.vgs:
         devs = ", ".join(q(d) for d in vg.devices)
         lines += ["", f"[vg.{vg.name}]", f"devices = [{devs}]"]

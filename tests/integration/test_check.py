@@ -89,3 +89,31 @@ def test_a_healthy_lab_has_no_error_and_each_planted_hazard_is_found_and_fixed(c
     text = lab.exec("h2", "fenceless", "check").stdout
     assert text.strip().endswith("0 error(s), 0 warning(s), 0 note(s)") or \
         text.strip() == "VG sanvg: no hazard found"
+
+
+def test_every_agent_writes_its_metrics_and_the_writer_its_requests(cluster):
+    """The lab's agents write node-exporter textfiles (each host shares this machine's
+    loopback): prometheus-client's parser reads them, with the writer's request latency
+    and LVM command durations once a request ran."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lab = cluster
+    lab.on("h3", "volume", "create", "m1", "8M")
+
+    def families(host: str) -> dict[str, list]:
+        path = lab.dir / "hosts" / host / "metrics.prom"
+        if not path.exists():
+            return {}
+        return {f.name: f.samples for f in text_string_to_metric_families(path.read_text())}
+
+    got = wait_until(lambda: (f := families("h1")) and any(
+        s.name == "fenceless_request_seconds_count" and s.value >= 1
+        for s in f.get("fenceless_request_seconds", [])) and f, 10, "h1's request metrics")
+    assert {"fenceless_host_lease_age_seconds", "fenceless_writer_epoch",
+            "fenceless_lvm_command_seconds", "fenceless_vg_free_bytes",
+            "fenceless_vg_metadata_area_used_ratio"} <= set(got)
+    assert any(s.labels.get("command") == "lvcreate" for s in got["fenceless_lvm_command_seconds"])
+    reader = wait_until(lambda: families("h3"), 10, "h3's metrics")
+    live = [s for s in reader["fenceless_host_lease_state"]
+            if s.labels["state"] == "live" and s.value == 1]
+    assert {s.labels["host"] for s in live} == {"h1", "h2", "h3"}

@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 from fenceless import __version__
 from fenceless.agent.ipc import RawReply, Server
 from fenceless.agent.keeper import Opener
+from fenceless.agent.metrics import Metrics
+from fenceless.agent.metrics import serve as serve_metrics
 from fenceless.agent.priority import raise_priority
 from fenceless.agent.vg import VgAgent
 from fenceless.blockio import open_device
@@ -104,6 +106,12 @@ class Agent:
                     for vg in cfg.vgs}
         for v in self.vgs.values():
             v.port.work = self.work.child("lvm") if self.work is not None else None
+        self.metrics: Metrics | None = None
+        if cfg.metrics_listen or cfg.metrics_textfile:
+            self.metrics = Metrics(cfg)
+            for v in self.vgs.values():
+                v.port.observe_lvm = self.metrics.observe_lvm
+                v.mailboxes.on_request = self.metrics.request_observer(v.vg.name)
         self.server: Server | None = None
         self.guard_state = "unknown"  # published in the facts (watch_guard)
         self.guard_look = threading.Event()  # look at the guard now
@@ -223,6 +231,9 @@ class Agent:
         self.server.start()
         threading.Thread(target=self.watch_guard, args=(stop,), name="guard",
                          daemon=True).start()
+        if self.metrics is not None:
+            threading.Thread(target=serve_metrics, args=(self.metrics, stop, self.log),
+                             name="metrics", daemon=True).start()
         for v in self.vgs.values():
             v.thread.start()
             if v.vmwork is not None:

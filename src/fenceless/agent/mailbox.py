@@ -148,6 +148,8 @@ class Mailboxes:
         self.last_activity = 0.0
         self.retry_after: dict[str, float] = {}  # request id -> not before (after a failure)
         self.logged: set[str] = set()
+        # Told (op, seconds) of each request carried out here (agent/metrics.py).
+        self.on_request: Callable[[str, float], None] | None = None
 
     # --- entry from the CLI ----------------------------------------------------------
 
@@ -379,7 +381,8 @@ class Mailboxes:
             queued_here = hid is None and req.id in self.own_pending()
             host = self.host if hid is None else host_name(hid)
             profile = item is not None and item.request.get("profile") is True
-            self.journal.marks = [("start", self.clock.now())] if profile else None
+            started = self.clock.now()
+            self.journal.marks = [("start", started)] if profile else None
             try:
                 outcome = self.journal.process(host, info(req))
             except LeaseLost as exc:
@@ -400,6 +403,8 @@ class Mailboxes:
                 break
             self.in_work.discard(req.id)
             self.retry_after.pop(req.id, None)
+            if self.on_request is not None:
+                self.on_request(req.op, self.clock.now() - started)
             reply = reply_of(req, outcome)
             if profile and reply.result is not None:
                 reply.result["profile"] = steps(self.journal.marks or [])

@@ -1,10 +1,9 @@
 """The agent's side of the ports: what operations may use of one VG's agent.
 
-``AgentPort`` implements ``ops.port.RolePort`` and ``HostPort`` over the
-lease keeper and the host's mappings, and keeps the writer role's own state:
-the epoch this host acts under, its copy of the ledger, and the leader as
-last read. Operations get this object typed as a port and never see the
-agent that runs them.
+``AgentPort`` implements ``ops.port.RolePort`` and ``HostPort`` over the lease keeper and
+the host's mappings, and keeps the writer role's own state: the epoch this host acts under,
+its copy of the ledger, and the leader as last read. Operations get this object typed as a
+port and never see the agent that runs them.
 """
 
 from __future__ import annotations
@@ -97,12 +96,12 @@ class AgentPort:
         self.work: WorkGroup | None = None  # where this agent's LVM commands run
         spawn = getattr(ctx.runner, "spawn_lines", None)  # the writer's lvm shell, if any
         self.shell = ShellSlot(spawn if cfg.lvm_shell else None, log)
+        self.observe_lvm: Callable[[str, float], None] | None = None  # (agent/metrics.py)
         self._epoch: int | None = None
         self.cache: LedgerState | None = None  # the writer's copy of the ledger
         self.last_ledger_epoch = 0
         self.last_leader: Leader | None = None
-        self.history_heads = history.Heads()  # the history ring as this writer left it
-        self.audit_heads = history.Heads()  # the audit ring, likewise
+        self.history_heads, self.audit_heads = history.Heads(), history.Heads()  # as left
         self.last_text: tuple[str, int] = ("", -1)  # the metadata text read last
         self.handover_ask: dict[str, Any] | None = None  # this host's request, published
         self.written_claims: HostClaims | None = None
@@ -396,6 +395,7 @@ class AgentPort:
             lvm.between = self.keep_lease
         if role is Role.WRITER and self._epoch is not None:
             self.shell.wrap(lvm)
+        lvm.observe = self.observe_lvm
         return lvm
 
     def keep_lease(self) -> None:

@@ -380,8 +380,31 @@ class VgAgent:
                     "state": keeper.observer.state(hid, now).value,
                     "changed": keeper.observer.last_change(hid),
                 }
+        view.update(self.metric_facts())
         with contextlib.suppress(OSError):
             set_agent_view(self.cfg.state_dir, self.vg.name, view)
+
+    def metric_facts(self) -> dict[str, Any]:
+        """What the metrics add to the published view (agent/metrics.py): host names, the
+        writer's epoch, and as the writer last saw them the VG and its VMs per host."""
+        observer, out = self.keeper.observer, dict[str, Any]()
+        if observer is not None and self.keeper.area is not None:
+            out["names"] = {str(h): r.name for h in range(1, self.keeper.area.sb.max_hosts + 1)
+                            if (r := observer.record(h)) is not None and not r.free}
+        if self.port.last_leader is not None:
+            out["leader_epoch"] = self.port.last_leader.lver
+        snap = self.journal.snap_cache
+        if self.port.epoch is not None and snap is not None:
+            vg = snap[1].vg
+            out["vg_report"] = {"free": vg.free, "mda_size": vg.mda_size,
+                                "mda_free": vg.mda_free}
+        if self.port.epoch is not None and self.port.cache is not None:
+            per: dict[str, int] = {}
+            for entry in self.port.cache.vms.values():
+                if entry.host:
+                    per[entry.host] = per.get(entry.host, 0) + 1
+            out["vms_per_host"] = per
+        return out
 
     def shutdown(self) -> bool:
         """Planned stop: release the writer lease, then the host lease; True if released.

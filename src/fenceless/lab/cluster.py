@@ -269,6 +269,8 @@ def _build(d: Path, state: dict[str, Any], hosts: int, size: int, io_timeout: fl
             # over loopback.
             peer_uri=libvirt.uri(host_dir(d, "{host}")),
             migration_uri="tcp://127.0.0.1" if libvirt_uris else None,
+            # Every lab host shares this machine's loopback: metrics go to a file each.
+            metrics_listen="", metrics_textfile=str(hdir / "metrics.prom"),
         )
         Path(entry["config"]).write_text(cfgmod.render(host_cfg))
         entry["holder_pid"] = _start_holder(d, hdir, name, runner)

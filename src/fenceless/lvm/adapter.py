@@ -56,6 +56,8 @@ class Lvm:
     # The binary to run: the real one past this host's guard, as the caller resolved
     # it (ops.context); empty means the config's ``lvm_binary``.
     binary: str = ""
+    # Told (command, seconds) of each command that ran (the agent's metrics).
+    observe: Callable[[str, float], None] | None = None
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -110,10 +112,13 @@ class Lvm:
         try:
             # Metadata changes die with their caller: no LVM writer may outlive the
             # lease that allowed it.
-            return self.runner.run(argv, env=self.env(),
-                                   timeout=self.timeout if timeout is None else timeout,
-                                   die_with_parent=policy.kind(command) is not policy.Kind.REPORT,
-                                   between=self.between)
+            got = self.runner.run(argv, env=self.env(),
+                                  timeout=self.timeout if timeout is None else timeout,
+                                  die_with_parent=policy.kind(command) is not policy.Kind.REPORT,
+                                  between=self.between)
+            if self.observe is not None:
+                self.observe(command, got.seconds)
+            return got
         except CommandTimeout:
             raise
         except CommandFailed as exc:
