@@ -117,3 +117,12 @@ def test_every_agent_writes_its_metrics_and_the_writer_its_requests(cluster):
     live = [s for s in reader["fenceless_host_lease_state"]
             if s.labels["state"] == "live" and s.value == 1]
     assert {s.labels["host"] for s in live} == {"h1", "h2", "h3"}
+    # The same cluster at a glance: `status --watch`, drawn twice, 80 columns, no LVM
+    # (no lvm binary on PATH at all).
+    out = lab.on("h2", "status", "--watch", "--interval", "0.2", "--count", "2",
+                 env={"PATH": "/nonexistent"}).stdout
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    assert "writer:" in out and "h1 epoch 1 [active]" in out
+    for name in ("h1", "h2", "h3"):
+        assert name in out
+    assert out.count("live") >= 3

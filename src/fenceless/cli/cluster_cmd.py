@@ -53,6 +53,11 @@ def register(sub: Subparsers, name: str) -> None:
         sp = command(sub, "status", "status", "hosts, leases, writer and ledger, read from the "
                      "control area (no LVM command runs)")
         vg_option(sp)
+        sp.add_argument("--watch", action="store_true",
+                        help="a colored table of hosts and VMs, redrawn every --interval "
+                        "seconds until ^C (still no LVM command)")
+        sp.add_argument("--interval", type=float, default=2.0, help="seconds (with --watch)")
+        sp.add_argument("--count", type=int, help=argparse.SUPPRESS)  # tests: stop after N
     elif name == "scan":
         sp = command(sub, "scan", "scan", "what this host's LVM sees of a shared VG (read-only)")
         vg_option(sp)
@@ -124,7 +129,19 @@ def _status(args: argparse.Namespace) -> int:
     """Read from the control area directly: works without the agent and runs no LVM."""
     from fenceless.ops.status import read_status
 
-    emit(args, read_status(load_config(args), args.vg), _status_text)
+    cfg = load_config(args)
+    if args.watch:
+        from fenceless.cli.watch import watch
+        from fenceless.ops.vmquery import vm_list
+
+        if not 0.2 <= args.interval <= 3600:
+            from fenceless.errors import UsageError
+
+            raise UsageError(detail="--interval takes 0.2 to 3600 seconds")
+        watch(lambda: (read_status(cfg, args.vg, with_claims=True), vm_list(cfg, args.vg)),
+              args.interval, count=args.count)
+        return 0
+    emit(args, read_status(cfg, args.vg), _status_text)
     return 0
 
 
