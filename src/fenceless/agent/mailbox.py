@@ -29,7 +29,7 @@ from fenceless.localstate import member
 from fenceless.ondisk.errors import CorruptRecord
 from fenceless.ops.journal import Journal
 
-POLL = 0.02  # seconds between mailbox polls (the writer's inboxes, a requester's outbox)
+POLL = 0.01  # seconds between mailbox polls (the writer's inboxes, a requester's outbox)
 IDLE_POLL = 0.2  # the writer's inbox poll when no request came for IDLE_AFTER seconds
 IDLE_AFTER = 10.0
 
