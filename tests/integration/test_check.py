@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,19 @@ def test_every_agent_writes_its_metrics_and_the_writer_its_requests(cluster):
 
     lab = cluster
     lab.on("h3", "volume", "create", "m1", "8M")
+    # The writer's long-lived lvm shell lives in its work cgroup, which the watchdog kills.
+    from tests.integration.test_fencing import lvm_children
+
+    def argv(pid: int) -> list[bytes]:
+        try:
+            return [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            return []
+
+    # (the shell is `lvm` with no command; a reader's report may come and go beside it)
+    shells = [p for p in lvm_children(lab, "h1")
+              if len(got := argv(p)) == 1 and got[0].endswith(b"lvm")]
+    assert len(shells) == 1
 
     def families(host: str) -> dict[str, list]:
         path = lab.dir / "hosts" / host / "metrics.prom"

@@ -37,6 +37,12 @@ def slow_lvm(lab, host: str, stall: float = STALL) -> None:
     ``-P`` limits strace to the host's PV: its first write there (LVM writes the
     new metadata with write(2), the lab sets use_aio=0) waits STALL seconds, as
     on a path that queues I/O (``stall`` seconds); everything else runs as usual.
+
+    The wrapper decides by each command's arguments, so the writer runs LVM as one
+    process per command here (``lvm_shell = false``): its long-lived shell gets its
+    commands on stdin. The shell sits in the same work cgroup that the watchdog kills
+    (tests/integration/test_check.py checks it is there), and a command in it that
+    outlives the lease is killed with it (tests/unit/test_lvm_shell.py).
     """
     script = Path(lab.dir) / f"slow-lvm-{host}"
     delay = int(stall * 1_000_000)
@@ -50,7 +56,7 @@ def slow_lvm(lab, host: str, stall: float = STALL) -> None:
     script.chmod(0o755)
     config = Path(lab.config(host))
     config.write_text(config.read_text().replace(
-        'lvm_binary = "/usr/sbin/lvm"', f'lvm_binary = "{script}"'))
+        'lvm_binary = "/usr/sbin/lvm"', f'lvm_binary = "{script}"\nlvm_shell = false'))
 
 
 def slow_writer_lab(make_lab, stall: float = STALL):

@@ -361,3 +361,22 @@ def test_a_refused_activation_keeps_the_claim_of_a_mapping_that_was_there_before
         ActivationOp(h2.port, "sanvg", "activate", "db").run()
     assert "db" in h2.activator.mapped
     assert claims_of_others(h1.port, "db", 1) == [("h2", "ro")]
+
+
+def test_a_ledger_that_does_not_read_back_refuses_with_its_reason(cluster):
+    """Both slots damaged: the request is answered with the ledger's own error (exit 4)
+    instead of raising (the requester used to wait out its time limit), and nothing is
+    written over the damage."""
+    from fenceless.ledger.slots import LEDGER_SLOTS
+
+    _vg, h1, _h2 = cluster
+    area = h1.port.keeper.area
+    assert area is not None
+    for name in LEDGER_SLOTS:
+        area.dev.write(area.layout.region(name).offset, b"\x5a" * 4096)
+    before = [area.dev.read(area.layout.region(n).offset, 4096) for n in LEDGER_SLOTS]
+    h1.port.cache = None
+    out = Journal(h1.port).process("h3", ask("r1", "create", name="web", size_bytes=GiB))
+    assert not out.ok
+    assert out.error["kind"] == "LedgerUnreadable" and out.error["code"] == 4
+    assert [area.dev.read(area.layout.region(n).offset, 4096) for n in LEDGER_SLOTS] == before

@@ -22,7 +22,14 @@ from typing import Any
 
 from fenceless.agent.keeper import LeaseKeeper
 from fenceless.blockio import SECTOR
-from fenceless.errors import ExecError, FencelessError, LeaseLost, UserError, from_wire
+from fenceless.errors import (
+    ExecError,
+    FencelessError,
+    IntegrityError,
+    LeaseLost,
+    UserError,
+    from_wire,
+)
 from fenceless.ledger import mailbox as mb
 from fenceless.ledger.state import Outcome, RequestInfo
 from fenceless.localstate import member
@@ -315,8 +322,17 @@ class Mailboxes:
         area, lease, observer = self.keeper.area, self.keeper.lease, self.keeper.observer
         assert area is not None and lease is not None and observer is not None
         if self.reconciled_epoch != self.epoch():
-            self.journal.reconcile()
-            self.reconciled_epoch = self.epoch()
+            try:
+                self.journal.reconcile()
+                self.reconciled_epoch = self.epoch()
+            except IntegrityError as exc:
+                # Nothing can be finished, and nothing new can run either: the requests
+                # below are answered with this reason (Journal.process) until it is
+                # repaired; reconciling is tried again on every poll.
+                msg = f"cannot reconcile: {exc}"
+                if msg not in self.logged:
+                    self.logged.add(msg)
+                    self.log(msg)
         now = self.clock.now()
         interval = POLL if now - self.last_activity < IDLE_AFTER else IDLE_POLL
         if now - self.last_poll < interval:

@@ -135,9 +135,9 @@ def _status(args: argparse.Namespace) -> int:
         from fenceless.ops.vmquery import vm_list
 
         if not 0.2 <= args.interval <= 3600:
-            from fenceless.errors import UsageError
+            from fenceless.cli.watch import BadInterval
 
-            raise UsageError(detail="--interval takes 0.2 to 3600 seconds")
+            raise BadInterval(got=args.interval)
         watch(lambda: (read_status(cfg, args.vg, with_claims=True), vm_list(cfg, args.vg)),
               args.interval, count=args.count)
         return 0

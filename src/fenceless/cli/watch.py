@@ -14,9 +14,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from fenceless.errors import UserError
+
 BARS = "▁▂▃▄▅▆▇█"
 HISTORY = 24  # samples per plot (about two minutes at the default interval)
 COLORS = {"live": "green", "fail": "yellow", "dead": "red", "free": "dim", "unknown": "magenta"}
+
+
+class BadInterval(UserError):
+    """--interval takes 0.2 to 3600 seconds (got {got})"""
 
 
 def spark(values: list[float], top: float) -> str:

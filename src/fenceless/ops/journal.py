@@ -28,6 +28,7 @@ from fenceless.errors import (
     CommandTimeout,
     ExecError,
     FencelessError,
+    IntegrityError,
     LeaseLost,
     UserError,
     to_wire,
@@ -147,7 +148,14 @@ class Journal:
         except UserError as exc:
             port.audit(host, req, "refused", str(exc))
             return refused(req, exc, epoch)
-        state = port.ledger()
+        try:
+            state = port.ledger()
+        except IntegrityError as exc:
+            # The ledger does not read back (both slots damaged, say): nothing can be
+            # journaled, so nothing runs, and the requester hears why now instead of
+            # waiting out its time limit (docs/runbook.md, "Damage on the LUN").
+            port.log(f"refused {req.op} from {host}: {exc}")
+            return refused(req, exc, epoch)
         done = state.requests.get(req.id)
         if done is not None:
             if done.same_request(req.op, req.args):
