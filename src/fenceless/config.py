@@ -66,7 +66,8 @@ class BadHostName(UsageError):
     """{name!r} is not a host name (lowercase letters, digits and '-', at most 43)"""
 
 
-def _host_name(name: str) -> str:
+def host_name(name: str) -> str:
+    """``name`` if it is a host name fenceless takes (BadHostName otherwise)."""
     if not HOST_NAME_RE.match(name):
         raise BadHostName(name=name[:64])
     return name
@@ -99,12 +100,12 @@ class HostConfig(NamedTuple):
     def peer(self, host: str) -> str:
         """``peer_uri`` for ``host``. The name comes from the shared disk: only a valid
         host name goes into a URI (no parameters slipped in)."""
-        return self.peer_uri.replace("{host}", _host_name(host))
+        return self.peer_uri.replace("{host}", host_name(host))
 
     def migration_to(self, host: str) -> str | None:
         if not self.migration_uri:
             return None
-        return self.migration_uri.replace("{host}", _host_name(host))
+        return self.migration_uri.replace("{host}", host_name(host))
 
     def vg(self, name: str | None) -> VgConfig:
         """The VG a command works on: the named one, or the only one configured."""

@@ -421,3 +421,36 @@ def test_a_start_or_stop_killed_part_way_is_settled_by_the_hosts_agent(make_lab)
                "h2's agent to say what it settled")
     lab.on("h3", "vm", "start", "ctr")  # free to run anywhere again
     lab.on("h3", "vm", "stop", "ctr", "--force")
+
+
+def test_draining_a_host_moves_its_guests_away_live_and_places_nothing_there(make_lab):
+    """`host drain h2` with two guests counting on h2: both run elsewhere afterwards, one
+    boot each (moved live), their counts going on; nothing may be moved to h2 until
+    `host resume h2`."""
+    lab = counter_lab(make_lab)
+    cli("lab", "demo-vm", "--dir", str(lab.dir), "ctr2")
+    for name in ("ctr", "ctr2"):
+        lab.on("h2", "vm", "start", name)
+    for name in ("ctr", "ctr2"):
+        wait_until(lambda n=name: len(counter_of(lab, "h1", f"{n}-disk")) >= 3, 180,
+                   f"{name} to count on h2")
+    res = lab.on("h1", "host", "drain", "h2", "--timeout", "120")
+    assert res.stdout.count("migration h2 -> ") == 2, res.stdout
+    assert "h2 is in maintenance and runs no VM" in res.stdout
+    vms = {v["name"]: v for v in json.loads(lab.on("h3", "vm", "list", "--json").stdout)}
+    assert {vms[n]["host"] for n in ("ctr", "ctr2")} == {"h1", "h3"}  # spread, not stacked
+    assert all(vms[n]["state"] == "running" for n in ("ctr", "ctr2"))
+    for name in ("ctr", "ctr2"):
+        moved = len(counter_of(lab, "h1", f"{name}-disk"))
+        wait_until(lambda n=name, m=moved: len(counter_of(lab, "h1", f"{n}-disk")) >= m + 3,
+                   120, f"{name} to count on after the drain")
+        assert instance_changes(counter_of(lab, "h1", f"{name}-disk")) == []  # one boot
+    # Nothing goes to h2 while it is in maintenance, and `check` shows none of its VMs.
+    res = lab.on("h1", "vm", "migrate", "ctr", "--to", "h2", "--live", check=False)
+    assert res.returncode == 2 and "h2 is in maintenance" in res.stderr, res.stderr
+    lab.on("h1", "host", "resume", "h2")
+    res = json.loads(lab.on("h1", "vm", "migrate", "ctr", "--to", "h2", "--live",
+                            "--json").stdout)
+    assert res["host"] == "h2"
+    for name, host in (("ctr", "h2"), ("ctr2", vms["ctr2"]["host"])):
+        lab.on(host, "vm", "stop", name, "--force")

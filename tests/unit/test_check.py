@@ -185,3 +185,14 @@ def test_the_json_has_the_minimum_shape():
     (f,) = out["findings"]
     assert set(f) == {"code", "severity", "host", "message", "fix"}
     assert (out["errors"], out["warnings"]) == (1, 0)
+
+
+def test_a_host_in_maintenance_is_noted():
+    from fenceless.ledger.state import HostEntry
+
+    facts = healthy()
+    assert facts.ledger is not None
+    facts.ledger = replace(facts.ledger, hosts={2: HostEntry("h2", 1, maintenance=True)})
+    found = check.run_checks(facts)
+    assert [(f.code, f.severity, f.host, f.fix) for f in found] == [
+        ("I_MAINTENANCE", "info", "h2", "when it is ready: fenceless host resume h2")]

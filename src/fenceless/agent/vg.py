@@ -268,7 +268,7 @@ class VgAgent:
             item.started = True
             self.port.renew_if_due()  # many requests in a row must not cost the lease
             try:
-                if item.request.get("op") == "volume":
+                if item.request.get("op") in ("volume", "host"):
                     self.mailboxes.submit(item)  # completed by the mailboxes
                     continue
                 if item.request.get("op") == "vm":

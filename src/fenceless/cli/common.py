@@ -71,6 +71,9 @@ EXAMPLES = {
     "metadata restore": "fenceless metadata restore 41 --yes",
     "guard": "fenceless guard install",
     "check": "fenceless check --json",
+    "host drain": "fenceless host drain h2",
+    "host resume": "fenceless host resume h2",
+    "host remove": "fenceless host remove h4",
     "completion": "fenceless completion bash > /etc/bash_completion.d/fenceless",
 }
 

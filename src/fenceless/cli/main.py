@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "log": "metadata_cmd", "metadata": "metadata_cmd",
     "guard": "guard_cmd",
     "scan": "cluster_cmd", "config": "cluster_cmd",
+    "host": "host_cmd",
     "check": "check_cmd",
     "completion": "completion_cmd",
 }

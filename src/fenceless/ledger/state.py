@@ -108,15 +108,23 @@ class WriterInfo:
 class HostEntry:
     name: str
     since_epoch: int | None = None
+    # In maintenance (``fenceless host drain``): no VM is started or moved there.
+    maintenance: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "since_epoch": self.since_epoch}
+        out: dict[str, Any] = {"name": self.name, "since_epoch": self.since_epoch}
+        if self.maintenance:
+            out["maintenance"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> HostEntry:
         d = _obj(data, where)
+        flag = d.get("maintenance", False)
+        if not isinstance(flag, bool):
+            raise LedgerStateInvalid(where=f"{where}.maintenance", detail="not true or false")
         return cls(_str(d.get("name"), f"{where}.name"),
-                   _opt_int(d.get("since_epoch"), f"{where}.since_epoch"))
+                   _opt_int(d.get("since_epoch"), f"{where}.since_epoch"), flag)
 
 
 @dataclass(frozen=True)
@@ -409,6 +417,9 @@ class LedgerState:
 
     def host_id(self, name: str) -> int | None:
         return next((hid for hid, h in self.hosts.items() if h.name == name), None)
+
+    def in_maintenance(self, name: str) -> bool:
+        return any(h.name == name and h.maintenance for h in self.hosts.values())
 
     def handover_from(self, epoch: int) -> Handover | None:
         """The handover recorded away from writer epoch ``epoch``, if any."""

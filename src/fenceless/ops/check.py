@@ -291,6 +291,17 @@ def vm_outside_grant(facts: Facts) -> list[Finding]:
     return out
 
 
+@check("I_MAINTENANCE")
+def hosts_in_maintenance(facts: Facts) -> list[Finding]:
+    """Hosts in maintenance: nothing is placed there until they resume."""
+    if facts.ledger is None:
+        return []
+    return [finding("I_MAINTENANCE", h.name, f"{h.name} is in maintenance: no VM is started "
+                    "or moved there", f"when it is ready: fenceless host resume {h.name}")
+            for h in sorted(facts.ledger.hosts.values(), key=lambda h: h.name)
+            if h.maintenance]
+
+
 def _where(hosts: set[str]) -> str:
     return "on " + ", ".join(sorted(hosts)) if hosts else "nowhere"
 

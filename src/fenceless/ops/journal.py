@@ -38,7 +38,7 @@ from fenceless.ledger.claims import HostClaims
 from fenceless.ledger.state import Intent, LedgerState, Outcome, RequestInfo
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.lvm.lvtext import lv_from_text, vg_after
-from fenceless.ops import restore, vm, volume
+from fenceless.ops import hostops, restore, vm, volume
 from fenceless.ops.base import JournaledOp, Snapshot
 from fenceless.ops.claims import claims, claims_of_others
 from fenceless.ops.port import WriterPort
@@ -165,6 +165,8 @@ class Journal:
             return refused(req, reused, epoch)
         if req.op in vm.VM_OPS:
             return self.vm_change(host, req, state)
+        if req.op in hostops.HOST_OPS:
+            return self.host_change(host, req, state)
         journaled = state.intents.get(req.id)
         if journaled is not None:
             # Journaled by this writer before it lost and took back its role at the same
@@ -217,6 +219,30 @@ class Journal:
             # (An adopted definition changes no existing LV: adopt adds the control LV
             # and nothing else; the next definition change sets the permissions.)
             self.protect_shared_disks(req.id, new, lvm)
+        return outcome
+
+    def host_change(self, host: str, req: RequestInfo, state: LedgerState) -> Outcome:
+        """Maintenance on or off, or a host forgotten (``ops/hostops.py``): the ledger
+        only, in one write with its outcome."""
+        port = self.port
+        epoch = port.epoch or 0
+        seen = _hosts_view(port)
+
+        def mapped(name: str) -> list[str]:
+            hid = seen(name).host_id
+            got = port.claims_now().get(hid) if hid else None
+            return sorted(got.lvs) if isinstance(got, HostClaims) else []
+
+        try:
+            new, result = hostops.change(state, req, epoch, lambda n: seen(n).state, mapped)
+        except UserError as exc:
+            port.log(f"refused {req.op} {dict(req.args)} from {host}: {exc}")
+            port.audit(host, req, "refused", str(exc))
+            return refused(req, exc, epoch)
+        outcome = Outcome("ok", req.op, req.args, epoch, result=result)
+        port.write_ledger(new.with_outcome(req.id, outcome))
+        port.log(f"{req.op} {dict(req.args)} for {host}: done")
+        port.audit(host, req, "ok", "")
         return outcome
 
     def protect_shared_disks(self, rid: str, state: LedgerState, lvm: Lvm) -> None:

@@ -108,6 +108,19 @@ def vm_request(op: str, name: str, *, xml: str | None = None, replace: bool = Fa
             "user": user(), "argv": argv}
 
 
+def host_request(op: str, host: str, *, on: bool | None = None,
+                 user: Callable[[], str] = current_user,
+                 new_id: Callable[[], str] = new_request_id) -> dict[str, Any]:
+    """The request for a host's maintenance (``op`` host-maintenance, ``on``) or its
+    removal from the cluster (host-forget)."""
+    args: dict[str, Any] = {"host": host}
+    if on is not None:
+        args["on"] = on
+    word = {"host-forget": "remove"}.get(op, "drain" if on else "resume")
+    return {"id": new_id(), "op": op, "args": args, "user": user(),
+            "argv": ["fenceless", "host", word, host]}
+
+
 def _required(value: str | None, what: str) -> str:
     """A value an operation cannot do without (the CLI's parser already insists on it)."""
     if value is None:

@@ -36,6 +36,7 @@ from fenceless.ledger.state import (
     VmEntry,
     VmVersion,
 )
+from fenceless.ops import hostops
 
 VM_OPS = ("vm-define", "vm-undefine", "vm-place")
 PLACE_ACTIONS = ("start", "stop", "recover", "want", "abandon", "adopt")
@@ -288,6 +289,8 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
         return replace(state, vms={**state.vms, name: entry}), result
     if current.moving_to is not None and action != "abandon":
         raise VmBeingMigrated(name=name, host=current.host or "?", target=current.moving_to)
+    if action in ("want", "start", "recover"):
+        hostops.refuse_maintenance(state, host)  # nothing new goes to a host being drained
     if action == "want":
         return _want(state, current, host, bool(args.get("force")), bool(args.get("move")),
                      epoch, store, live=bool(args.get("live")))

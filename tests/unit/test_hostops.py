@@ -1,0 +1,78 @@
+"""ops/hostops.py: maintenance in the ledger's host table, what it refuses, and when a
+host may be forgotten."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from fenceless.ledger.state import HostEntry, LedgerState, RequestInfo, VmDisk, VmEntry
+from fenceless.ops import hostops, vm
+
+STATE = LedgerState(hosts={1: HostEntry("h1", 1), 2: HostEntry("h2", 1), 3: HostEntry("h3", 1)})
+
+
+def ask(op: str, host: str, on: bool | None = None) -> RequestInfo:
+    args: dict[str, object] = {"host": host}
+    if on is not None:
+        args["on"] = on
+    return RequestInfo("r1", op, args, "alice", ("fenceless", "host"))
+
+
+def change(state, req, lease="dead", mapped=()):
+    return hostops.change(state, req, 4, lambda _n: lease, lambda _n: list(mapped))
+
+
+def test_maintenance_goes_on_and_off_and_survives_the_ledger():
+    on, result = change(STATE, ask("host-maintenance", "h2", True))
+    assert result == {"host": "h2", "maintenance": True, "epoch": 4}
+    again = LedgerState.from_json(on.to_json())
+    assert again.in_maintenance("h2") and not again.in_maintenance("h3")
+    off, _ = change(again, ask("host-maintenance", "h2", False))
+    assert not off.in_maintenance("h2")
+    assert "maintenance" not in off.to_json()["hosts"]["2"]  # as an older fenceless wrote it
+
+
+def test_an_unknown_or_bad_host_is_refused():
+    with pytest.raises(hostops.UnknownHost, match="hosts: h1, h2, h3"):
+        change(STATE, ask("host-maintenance", "h9", True))
+    with pytest.raises(Exception, match="not a host name"):
+        change(STATE, ask("host-maintenance", "../h1", True))
+
+
+def vm_on(host: str | None) -> VmEntry:
+    return VmEntry(name="web", slot=1, seq=1, sha="0" * 64, disks=(VmDisk("vda", "d", "rw"),),
+                   memory_mib=64, vcpus=1, source="xml", epoch=1, changed_ms=0, host=host,
+                   state="running" if host else "stopped")
+
+
+def test_nothing_is_started_or_moved_to_a_host_in_maintenance():
+    state, _ = change(STATE, ask("host-maintenance", "h2", True))
+    state = replace(state, vms={"web": vm_on(None)})
+    for action in ("start", "want", "recover"):
+        with pytest.raises(hostops.HostInMaintenance, match="h2 is in maintenance"):
+            vm.place(state, "web", state.vms["web"], {"host": "h2", "action": action}, 4,
+                     None, 0)  # type: ignore[arg-type]  (refused before the store is asked)
+
+
+@pytest.mark.parametrize(("state_of", "lease", "mapped", "why"), [
+    ("active", "dead", (), "not in maintenance"),
+    ("vm", "dead", (), "VMs web are placed there"),
+    ("drained", "live", (), "its lease is live"),
+    ("drained", "free", ("d",), "it maps d"),
+])
+def test_a_host_is_forgotten_only_once_nothing_can_be_its(state_of, lease, mapped, why):
+    state = STATE if state_of == "active" else change(STATE, ask("host-maintenance", "h2",
+                                                                True))[0]
+    if state_of == "vm":
+        state = replace(state, vms={"web": vm_on("h2")})
+    with pytest.raises(hostops.HostStillInUse, match=why):
+        change(state, ask("host-forget", "h2"), lease, mapped)
+
+
+def test_a_drained_stopped_host_is_forgotten():
+    state, _ = change(STATE, ask("host-maintenance", "h2", True))
+    gone, result = change(state, ask("host-forget", "h2"), "free")
+    assert result == {"host": "h2", "removed": True, "host_id": 2, "epoch": 4}
+    assert gone.host_id("h2") is None and set(gone.host_names().values()) == {"h1", "h3"}
