@@ -140,3 +140,37 @@ def test_every_agent_writes_its_metrics_and_the_writer_its_requests(cluster):
     for name in ("h1", "h2", "h3"):
         assert name in out
     assert out.count("live") >= 3
+
+
+def test_a_dead_writer_and_a_host_with_its_own_io_timeout_are_found_and_fixed(cluster):
+    from tests.integration.test_cluster import agent
+
+    lab = cluster
+    wait_until(lambda: not [f for f in findings(lab, "h3")[1] if f["severity"] != "info"],
+               10, "a healthy start")
+    # h3's config says another io_timeout than the cluster's.
+    config = Path(lab.config("h3"))
+    good = config.read_text()
+    config.write_text(good.replace("io_timeout = 0.2", "io_timeout = 0.3"))
+    agent(lab, "h3", "stop")
+    agent(lab, "h3", "start")
+    found = wait_until(lambda: (got := findings(lab, "h2")[1]) and
+                       ("W_IO_TIMEOUT", "h3") in codes(got) and got, 20, "W_IO_TIMEOUT")
+    fix = next(f["fix"] for f in found if f["code"] == "W_IO_TIMEOUT")
+    assert fix.startswith("on h3: set io_timeout = 0.2 in its fenceless.toml")
+    config.write_text(good)  # the fix, as it says
+    agent(lab, "h3", "stop")
+    agent(lab, "h3", "start")
+    wait_until(lambda: ("W_IO_TIMEOUT", "h3") not in codes(findings(lab, "h2")[1]), 20,
+               "W_IO_TIMEOUT cleared")
+
+    # The writer's agent dies: found, then the fix (a takeover) clears it.
+    agent(lab, "h1", "kill")
+    found = wait_until(lambda: (got := findings(lab, "h2")[1]) and
+                       {c for c, _h in codes(got)} & {"W_WRITER", "E_WRITER"} and got,
+                       20, "the writer's lease failing")
+    fix = next(f["fix"] for f in found if f["code"] in ("W_WRITER", "E_WRITER"))
+    assert "fenceless writer takeover --wait" in fix
+    lab.on("h2", "writer", "takeover", "--wait", "--timeout", "30")
+    wait_until(lambda: not {c for c, _h in codes(findings(lab, "h2")[1])}
+               & {"W_WRITER", "E_WRITER"}, 20, "a live writer again")
