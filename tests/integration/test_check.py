@@ -137,6 +137,7 @@ def test_every_agent_writes_its_metrics_and_the_writer_its_requests(cluster):
                  env={"PATH": "/nonexistent"}).stdout
     assert all(len(line) <= 80 for line in out.splitlines()), out
     assert "writer:" in out and "h1 epoch 1 [active]" in out
+    assert "requests on the writer: " in out  # h1 ran m1's create
     for name in ("h1", "h2", "h3"):
         assert name in out
     assert out.count("live") >= 3

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +158,14 @@ class Mailboxes:
         self.logged: set[str] = set()
         # Told (op, seconds) of each request carried out here (agent/metrics.py).
         self.on_request: Callable[[str, float], None] | None = None
+        self.latencies: deque[float] = deque(maxlen=20)  # the last requests' times
+
+    def recent_latency_ms(self) -> float | None:
+        """The median time of the last requests carried out here (the writer's), in ms."""
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return round(ordered[len(ordered) // 2] * 1000, 1)
 
     # --- entry from the CLI ----------------------------------------------------------
 
@@ -419,8 +428,10 @@ class Mailboxes:
                 break
             self.in_work.discard(req.id)
             self.retry_after.pop(req.id, None)
+            took = self.clock.now() - started
+            self.latencies.append(took)
             if self.on_request is not None:
-                self.on_request(req.op, self.clock.now() - started)
+                self.on_request(req.op, took)
             reply = reply_of(req, outcome)
             if profile and reply.result is not None:
                 reply.result["profile"] = steps(self.journal.marks or [])

@@ -92,7 +92,7 @@ class VgAgent:
         self.keeper = LeaseKeeper(cfg, vg, clock, opener, self.log)
         self.local = LocalLvs(lambda: ctx.activator(vg.name), self.reader, clock, self.log)
         self.port = AgentPort(cfg, vg, ctx, self.keeper, self.local, clock, self.log,
-                              set_role, facts, fence)
+                              set_role, lambda: {**facts(), **self.writer_facts()}, fence)
         self.journal = Journal(self.port)
         self.mailboxes = Mailboxes(self.keeper, cfg.host, vg.name, lambda: self.port.epoch,
                                    self.journal, self.log, self.writer_epoch)
@@ -107,6 +107,11 @@ class VgAgent:
         self.thread = threading.Thread(target=self.loop, name=f"vg-{vg.name}", daemon=True)
         self.last_error = ""
         self.ticks = 0
+
+    def writer_facts(self) -> dict[str, Any]:
+        """As the writer: its recent request time, for every host's `status --watch`."""
+        latency = self.mailboxes.recent_latency_ms() if self.port.epoch else None
+        return {} if latency is None else {"req_ms": latency}
 
     def reader(self) -> Lvm:
         return self.port.lvm(Role.READER)

@@ -1,8 +1,9 @@
 """``fenceless status --watch``: the cluster at a glance, redrawn every few seconds.
 
 A colored table (rich) of the hosts (lease, its age with a small plot of the ages
-seen while watching, role, guard, VMs), the writer, and the VMs with where they run;
-it fits 80 columns. Everything comes from the control area (``read_status``, with
+seen while watching, role, guard, VMs), the writer with a plot of its recent request
+times (which it publishes in its lease sector), and the VMs with where they run; it
+fits 80 columns. Everything comes from the control area (``read_status``, with
 claims) and the VM index: no LVM command runs, so watching costs the cluster nothing
 but a few O_DIRECT reads per refresh.
 """
@@ -37,6 +38,7 @@ class Watch:
 
     def __init__(self) -> None:
         self.ages: dict[str, deque[float]] = {}
+        self.latency: deque[float] = deque(maxlen=HISTORY)  # the writer's request times
 
     def render(self, s: dict[str, Any], vms: list[dict[str, Any]]) -> Any:
         from rich.console import Group
@@ -65,6 +67,13 @@ class Watch:
                           Text(guard, style="green" if guard == "ok" else "red"),
                           str(len(h.get("claims") or {})))
         parts: list[Any] = [head, hosts]
+        writer = next((h for h in s["hosts"] if w and h["name"] == w["host"]), None)
+        req_ms = writer["facts"].get("req_ms") if writer else None
+        if isinstance(req_ms, int | float):
+            self.latency.append(float(req_ms))
+            parts.append(Text.assemble(
+                ("requests on the writer: ", "bold"), f"{req_ms:.0f} ms (median of the last) ",
+                spark(list(self.latency), max(self.latency))))
         if vms:
             table = Table(box=None, pad_edge=False)
             for col in ("VM", "HOST", "STATE", "DISKS"):
