@@ -40,17 +40,22 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_metadata_copy(state_dir: str, vg: str, text: str) -> Path:
-    """The VG's latest metadata text in ``VG/lvm-metadata`` under the state dir: the
-    writer keeps it after each change in place of LVM's backup, which it turns off
-    (lvm/adapter.py). Like LVM's it outlives the LUN (``vgcfgrestore -f`` reads it);
-    unlike LVM's it is not synced, so after a crash of this host it may be older (the
-    history ring on the LUN has every recent version)."""
+def write_metadata_copy(state_dir: str, vg: str, text: str,
+                        lvm_backup_dir: str | None = None) -> Path:
+    """The VG's latest metadata text in ``VG/lvm-metadata`` under the state dir, and in
+    LVM's own backup file (``lvm_backup_dir``/VG) when given: the writer keeps both after
+    each change in place of LVM's backup, which it turns off (lvm/adapter.py). Like
+    LVM's they outlive the LUN (``vgcfgrestore`` reads them); unlike LVM's they are not
+    synced, so after a crash of this host they may be older (the history ring on the
+    LUN has every recent version)."""
     path = vg_dir(state_dir, vg) / "lvm-metadata"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".new")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    targets = [path] + ([Path(lvm_backup_dir) / vg] if lvm_backup_dir else [])
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".fenceless-new")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)
     return path
 
 

@@ -245,13 +245,15 @@ class LineChild:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def kill(self) -> None:
-        """SIGKILL its process group; reaped within KILL_WAIT, else left to its cgroup."""
-        _kill_group(self.proc)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                if stream is not None:
-                    stream.close()
+    def kill(self, *, wait: bool = True) -> None:
+        """SIGKILL its process group; reaped within KILL_WAIT (``wait``), else later by
+        ``alive`` or left to its cgroup. Its pipes stay open until it is reaped, so that
+        a reader still in ``read_line`` never reads a descriptor another thread reuses."""
+        if wait:
+            _kill_group(self.proc)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @dataclass

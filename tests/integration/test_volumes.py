@@ -81,6 +81,9 @@ def test_volume_from_a_non_writer_appears_everywhere(vlab):
     copy = Path(config.load(lab.config("h1")).state_dir) / "vgs" / "sanvg" / "lvm-metadata"
     assert vg_identity(copy.read_text()) == ("sanvg", state["vg_seqno"])
     assert "\niso {\n" in copy.read_text()
+    # ... and LVM's own backup file, so that a plain `vgcfgrestore sanvg` finds this version.
+    assert (lab.dir / "hosts" / "h1" / "lvm" / "backup" / "sanvg").read_text() == \
+        copy.read_text()
 
 
 def test_the_fast_client_prints_what_the_full_cli_prints(vlab):

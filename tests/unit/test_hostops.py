@@ -76,3 +76,11 @@ def test_a_drained_stopped_host_is_forgotten():
     gone, result = change(state, ask("host-forget", "h2"), "free")
     assert result == {"host": "h2", "removed": True, "host_id": 2, "epoch": 4}
     assert gone.host_id("h2") is None and set(gone.host_names().values()) == {"h1", "h3"}
+
+
+def test_a_live_migration_to_a_host_in_maintenance_does_not_begin():
+    state, _ = change(STATE, ask("host-maintenance", "h3", True))
+    state = replace(state, vms={"web": vm_on("h2")})
+    with pytest.raises(hostops.HostInMaintenance):
+        vm.place(state, "web", state.vms["web"], {"host": "h3", "action": "migrate-begin"},
+                 4, None, 0)  # type: ignore[arg-type]

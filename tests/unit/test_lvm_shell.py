@@ -140,9 +140,12 @@ def gone(pid: int) -> bool:
         except ProcessLookupError:
             return True
         # A zombie counts as gone (its parent, this test process, has not reaped it).
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ")[1].startswith("Z"):
-                return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True
+        except OSError:  # reaped meanwhile
+            return True
         time.sleep(0.02)
     return False
 
@@ -225,3 +228,23 @@ def test_a_shell_that_does_not_start_leaves_commands_to_processes(tmp_path):
     got = ShellRunner(inner, shell).run([binary, "lvs", "vg"], env={}, timeout=5)
     assert got.stdout == "process" and shell.disabled
     assert inner.calls == [[binary, "lvs", "vg"]]
+
+
+def test_a_role_dropped_while_a_command_runs_kills_it_and_starts_no_shell_again(tmp_path):
+    """The lease thread drops the writer role inside ``between`` (it closes the shell
+    there): the command stops as lost, and the shell, retired with the role, never
+    starts again; a later command of the same Lvm runs as a process."""
+    binary = fake_lvm(tmp_path, "sleep 600")
+    shell = make_shell(binary)
+    inner = FakeInner()
+    runner = ShellRunner(inner, shell)
+
+    def between():
+        shell.close(retire=True)
+
+    with pytest.raises(ShellLost, match="writer role was dropped"):
+        runner.run([binary, "lvcreate", "-n", "x", "vg"], env={}, timeout=60, between=between)
+    assert gone(int(Path(binary + ".pid").read_text()))
+    Path(binary + ".pid").unlink()
+    assert runner.run([binary, "lvs", "vg"], env={}, timeout=5).stdout == "process"
+    assert not Path(binary + ".pid").exists()  # no new shell

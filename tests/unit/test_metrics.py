@@ -90,3 +90,28 @@ def test_served_on_loopback_and_written_as_a_textfile(tmp_path):
         thread.join(10)
     assert set(families(body.decode())) >= NAMES
     assert set(families(textfile.read_text())) >= NAMES
+
+
+def test_series_of_what_is_gone_are_gone(tmp_path):
+    """A drained host's VM count, a freed host's lease state, a writer role that moved:
+    each rendering starts empty, so none is left behind with its last value."""
+    publish(tmp_path)
+    m = metrics.Metrics(cfg(tmp_path))
+    m.update(now=100.0)
+    set_agent_view(str(tmp_path), "sanvg", {
+        "mono": 101.0, "writer_epoch": None, "leader_epoch": 5, "names": {"1": "h1"},
+        "hosts": {"1": {"state": "live", "changed": 100.5}}})
+    m.update(now=101.0)
+    got = families(generate_latest(m.registry).decode())
+    assert "fenceless_vms" not in got or not got["fenceless_vms"]
+    assert not any(dict(labels).get("host") == "h2"
+                   for _n, labels in got["fenceless_host_lease_state"])
+    assert got["fenceless_is_writer"][("fenceless_is_writer", (("vg", "sanvg"),))] == 0
+
+
+def test_an_op_name_from_the_disk_does_not_make_a_series_of_its_own(tmp_path):
+    m = metrics.Metrics(cfg(tmp_path))
+    for i in range(50):
+        m.observe_request("sanvg", f"junk-{i}", 0.01)
+    text = generate_latest(m.registry).decode()
+    assert "junk" not in text and 'op="other"' in text

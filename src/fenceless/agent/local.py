@@ -44,6 +44,19 @@ class LocalLvs:
         self.mda_location: mda.MdaLocation | None = None
         self.mda_key: object | None = None
         self.logged: set[str] = set()
+        self._backup_dir: str | None = None  # LVM's (backup_dir)
+
+    def backup_dir(self) -> str | None:
+        """LVM's ``backup/backup_dir`` on this host, asked once (None: unknown)."""
+        if self._backup_dir is None:
+            try:
+                out = self.reader().run("lvmconfig", "--typeconfig", "full",
+                                        "backup/backup_dir").stdout.strip()
+                self._backup_dir = out.partition("=")[2].strip().strip('"')
+            except FencelessError as exc:
+                self.log(f"LVM's backup dir unknown ({exc}): only fenceless's copy is kept")
+                self._backup_dir = ""
+        return self._backup_dir or None
 
     def log_once(self, msg: str) -> None:
         if msg not in self.logged:

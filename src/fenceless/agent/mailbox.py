@@ -35,7 +35,7 @@ from fenceless.ledger import mailbox as mb
 from fenceless.ledger.state import Outcome, RequestInfo
 from fenceless.localstate import member
 from fenceless.ondisk.errors import CorruptRecord
-from fenceless.ops.journal import Journal
+from fenceless.ops.journal import Journal, refused
 
 POLL = 0.01  # seconds between mailbox polls (the writer's inboxes, a requester's outbox)
 IDLE_POLL = 0.2  # the writer's inbox poll when no request came for IDLE_AFTER seconds
@@ -152,6 +152,8 @@ class Mailboxes:
         self.replies: dict[int, list[mb.Reply]] = {}
         self.last_inboxes = b""
         self.reconciled_epoch: int | None = None
+        self.unreconciled: IntegrityError | None = None  # why reconciling failed last
+        self.reconcile_after = 0.0  # not before (lease clock): a failed try waits 2N
         self.last_poll = 0.0
         self.last_activity = 0.0
         self.retry_after: dict[str, float] = {}  # request id -> not before (after a failure)
@@ -330,19 +332,21 @@ class Mailboxes:
         """Look at every inbox (fast while requests come in) and queue what is new."""
         area, lease, observer = self.keeper.area, self.keeper.lease, self.keeper.observer
         assert area is not None and lease is not None and observer is not None
-        if self.reconciled_epoch != self.epoch():
+        now = self.clock.now()
+        if self.reconciled_epoch != self.epoch() and now >= self.reconcile_after:
             try:
                 self.journal.reconcile()
-                self.reconciled_epoch = self.epoch()
+                self.reconciled_epoch, self.unreconciled = self.epoch(), None
             except IntegrityError as exc:
-                # Nothing can be finished, and nothing new can run either: the requests
-                # below are answered with this reason (Journal.process) until it is
-                # repaired; reconciling is tried again on every poll.
+                # Nothing can be finished, and nothing new may run before: the requests
+                # are answered with this reason (run_work) until it is repaired, and
+                # reconciling is tried again every 2N (each try reads both ledger slots).
+                self.unreconciled = exc
+                self.reconcile_after = now + 2 * self.keeper.n
                 msg = f"cannot reconcile: {exc}"
                 if msg not in self.logged:
                     self.logged.add(msg)
                     self.log(msg)
-        now = self.clock.now()
         interval = POLL if now - self.last_activity < IDLE_AFTER else IDLE_POLL
         if now - self.last_poll < interval:
             return
@@ -402,6 +406,11 @@ class Mailboxes:
             renew_if_due()
             if self.epoch() is None:
                 break
+            if self.reconciled_epoch != self.epoch():
+                if self.unreconciled is None:
+                    break  # not reconciled yet: the work waits for it
+                self.answer_unreconciled()
+                break
             hid, req, item = self.work.pop(0)
             queued_here = hid is None and req.id in self.own_pending()
             host = self.host if hid is None else host_name(hid)
@@ -444,6 +453,21 @@ class Mailboxes:
                 self.forget_own(req.id)
         if self.epoch() is None:
             self.requeue()
+
+    def answer_unreconciled(self) -> None:
+        """What a previous writer journaled cannot be finished (the ledger does not read
+        back): every queued request is answered with that reason, and runs nowhere."""
+        exc, epoch = self.unreconciled, self.epoch() or 0
+        assert exc is not None
+        for hid, req, item in self.work:
+            self.in_work.discard(req.id)
+            self.retry_after[req.id] = self.clock.now() + 2 * self.keeper.n
+            reply = reply_of(req, refused(info(req), exc, epoch))
+            if item is not None:
+                complete(item, reply)
+            if hid is not None:
+                self.reply(hid, reply)
+        self.work = []
 
     def _keep_or_fail(self, req: mb.Request, item: Pending | None, queued_here: bool,
                       exc: BaseException) -> None:

@@ -27,6 +27,9 @@ from fenceless.config import HostConfig
 from fenceless.localstate import agent_view
 
 EVERY = 2.0  # seconds between two renderings
+KNOWN_OPS = frozenset({"create", "extend", "rename", "remove", "restore", "protect",
+                       "vm-define", "vm-undefine", "vm-place", "host-maintenance",
+                       "host-forget"})
 STATES = ("live", "fail", "dead", "free", "unknown")
 # Request latency: from the writer taking a request to its recorded outcome.
 REQUEST_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,8 +66,13 @@ class Metrics:
                              ["command"], buckets=LVM_BUCKETS, registry=r)
 
     def update(self, now: float | None = None) -> None:
-        """Render every VG's published view (a VG without one is left out)."""
+        """Render every VG's published view (a VG without one is left out). The gauges
+        start empty each time: a host freed or drained, or a role gone, leaves no series
+        behind."""
         now = boottime() if now is None else now
+        for gauge in (self.lease_age, self.lease_state, self.writer_epoch, self.is_writer,
+                      self.vg_free, self.mda_used, self.vms):
+            gauge.clear()
         for vg in self.cfg.vgs:
             view = agent_view(self.cfg.state_dir, vg.name)
             if view is not None:
@@ -89,14 +97,15 @@ class Metrics:
         if isinstance(seen_vg.get("free"), int):
             self.vg_free.labels(vg).set(seen_vg["free"])
         if isinstance(seen_vg.get("mda_size"), int) and seen_vg["mda_size"] > 0 and \
-                isinstance(seen_vg.get("mda_free"), int):
+                isinstance(seen_vg.get("mda_free"), int) and seen_vg["mda_free"] >= 0:
             usable = seen_vg["mda_size"] / 2  # LVM's mda_free counts against half the area
             self.mda_used.labels(vg).set(max(0.0, usable - seen_vg["mda_free"]) / usable)
         for host, count in (view.get("vms_per_host") or {}).items():
             self.vms.labels(vg, host).set(count)
 
     def observe_request(self, vg: str, op: str, seconds: float) -> None:
-        self.requests.labels(vg, op).observe(seconds)
+        # ``op`` came from a mailbox on the LUN: only known ones get series of their own.
+        self.requests.labels(vg, op if op in KNOWN_OPS else "other").observe(seconds)
 
     def request_observer(self, vg: str) -> Callable[[str, float], None]:
         return lambda op, seconds: self.observe_request(vg, op, seconds)

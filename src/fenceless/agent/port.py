@@ -122,10 +122,8 @@ class AgentPort:
     def fence_vms(self, why: str) -> None:
         """Kill whatever holds this host's read-write mappings open (its VMs): at 6N, well
         before another host may take them at 14N (docs/design.md, "VMs"). The watchdog does
-        the same at 10N if this agent cannot (frozen).
-
-        The devices come from what this agent knows, with no LVM command and no read of
-        the LUN: the path to it is what just failed."""
+        the same at 10N if this agent cannot (frozen). The devices come from what this
+        agent knows, with no LVM command and no read of the LUN: the path just failed."""
         rw = [lv for lv, c in self.local.claims().items() if c.mode == "rw"]
         devices = [mapped_path(self.cfg, self.vg, lv) for lv in rw]
         killed = kill_holders(d for d in devices if d)
@@ -444,11 +442,12 @@ class AgentPort:
             raise
         except FencelessError as exc:
             self.log(f"metadata history: seqno {seqno} not recorded: {exc}")
-            return
-        try:
-            write_metadata_copy(self.cfg.state_dir, self.vg, text)
-        except OSError as exc:
-            self.log(f"local copy of the VG metadata not written: {exc}")
+        if self.last_text[1] >= seqno:  # LVM's backup is off: ours, and LVM's file too
+            try:
+                write_metadata_copy(self.cfg.state_dir, self.vg, self.last_text[0],
+                                    self.local.backup_dir())
+            except OSError as exc:
+                self.log(f"local copy of the VG metadata not written: {exc}")
 
     def read_stage(self, host_id: int, name: str, sha: str) -> str:
         area = self.keeper.area

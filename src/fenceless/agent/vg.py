@@ -239,10 +239,12 @@ class VgAgent:
             self.ticks += 1
             hosts = range(1, self.keeper.area.sb.max_hosts + 1)
             records = {h: r for h in hosts if (r := observer.record(h)) and not r.free}
-            state = upkeep(port, [(h, r.name) for h, r in records.items()],
-                           scrub=self.ticks % SCRUB_EVERY == 0 or port.cache is None)
             now = self.clock.now()
             live = {h: observer.state(h, now) is HostState.LIVE for h in hosts}
+            # Only live hosts join the ledger's table: a dead one that `host remove` took
+            # out must not come back with its maintenance forgotten (ops/hostops.py).
+            state = upkeep(port, [(h, r.name) for h, r in records.items() if live[h]],
+                           scrub=self.ticks % SCRUB_EVERY == 0 or port.cache is None)
             ask = handover_ask({h: r.facts.get("handover_request") for h, r in records.items()},
                                live, {n: h for h, n in state.host_names().items()},
                                port.epoch or 0, state.handover.id if state.handover else None)

@@ -135,7 +135,7 @@ def from_agent(argv: Sequence[str]) -> int | None:
     reply = b"".join(chunks)
     if not reply.startswith(b"T"):
         return None  # an error, or an agent from before this: the way that explains it
-    sys.stdout.write(reply[1:].decode())
+    sys.stdout.write(reply[1:].decode("utf-8", "replace"))
     sys.stdout.flush()
     return 0
 
@@ -318,7 +318,7 @@ def _print(reply: bytes) -> int | None:
     head, _, body = reply.partition(b"\n")
     if len(head) < 2 or head[:1] not in (b"T", b"E") or not head[1:].isdigit():
         return None
-    text = body.decode()
+    text = body.decode("utf-8", "replace")
     if head[:1] == b"T":
         sys.stdout.write(text)
         sys.stdout.flush()

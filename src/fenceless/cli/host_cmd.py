@@ -105,10 +105,16 @@ def drain(cfg: Any, args: argparse.Namespace, host: str) -> list[dict[str, Any]]
             try:
                 vmlife.ask_move(cfg, args.vg, vm["name"], target, call, force=args.force,
                                 move=True, timeout=args.timeout, live=live)
-            except (vmlife.MoveFailed, vmlife.MoveTimedOut) as exc:
+            except vmlife.MoveFailed as exc:  # it runs where it ran: a cold move may do
                 say(f"{vm['name']}: {exc}")
                 failed[vm["name"]] = str(exc)
                 continue
+            except (vmlife.MoveTimedOut, UserError) as exc:
+                # Still under way, or refused (a move already under way): a cold move
+                # now could stop a guest that is moving live. Reported, not retried.
+                say(f"{vm['name']}: {exc}")
+                failed[vm["name"]] = str(exc)
+                break
             failed.pop(vm["name"], None)
             moved.append({"name": vm["name"], "to": target, "live": live})
             say(f"{vm['name']}: runs on {target}")

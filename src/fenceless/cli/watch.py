@@ -48,7 +48,7 @@ class Watch:
         io = float(s["io_timeout"])
         w = s["writer"]
         head = Text.assemble(
-            ("VG ", "bold"), (s["vg"], "bold cyan"), f"  seen from {s['host']}  N={io}s  ",
+            ("VG ", "bold"), (str(s["vg"]), "bold cyan"), f"  seen from {s['host']}  N={io}s  ",
             ("writer: ", "bold"),
             (f"{w['host']} epoch {w['epoch']} [{w['state']}]" if w else "none",
              "green" if w and w["state"] == "active" else "red"))
@@ -60,11 +60,12 @@ class Watch:
             if h["age"] is not None:
                 ages.append(float(h["age"]))
             guard = h["facts"].get("guard", "-")
-            hosts.add_row(str(h["id"]), h["name"],
-                          Text(h["lease"], style=COLORS.get(h["lease"], "")),
+            # Everything read from the LUN goes in as plain Text: never as rich markup.
+            hosts.add_row(str(h["id"]), Text(str(h["name"])),
+                          Text(str(h["lease"]), style=COLORS.get(h["lease"], "")),
                           "-" if h["age"] is None else f"{h['age']:.1f}s",
-                          spark(list(ages), 8 * io), h["facts"].get("lvm_role", "-"),
-                          Text(guard, style="green" if guard == "ok" else "red"),
+                          spark(list(ages), 8 * io), Text(str(h["facts"].get("lvm_role", "-"))),
+                          Text(str(guard), style="green" if guard == "ok" else "red"),
                           str(len(h.get("claims") or {})))
         parts: list[Any] = [head, hosts]
         writer = next((h for h in s["hosts"] if w and h["name"] == w["host"]), None)
@@ -79,8 +80,9 @@ class Watch:
             for col in ("VM", "HOST", "STATE", "DISKS"):
                 table.add_column(col, no_wrap=True, max_width=30)
             for v in vms:
-                table.add_row(v["name"], v["host"] or "-", v["state"],
-                              " ".join(d["volume"] for d in v["disks"]))
+                table.add_row(Text(str(v["name"])), Text(str(v["host"] or "-")),
+                              Text(str(v["state"])),
+                              Text(" ".join(str(d["volume"]) for d in v["disks"])))
             parts.append(table)
         problems = s["ledger"].get("problems", [])
         parts += [Text(f"problem: {p}", style="red") for p in problems]

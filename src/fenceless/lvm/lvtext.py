@@ -157,5 +157,7 @@ def vg_after(before: VgInfo, lvs: Mapping[str, LvInfo], seqno: int, gone: Sequen
     if not 0 <= free_count <= before.extent_count:
         return None
     count = before.lv_count - len(old) + (1 if lv is not None else 0)
+    # LVM's free space in its metadata area moved too, by an amount only it knows: -1
+    # (unknown) until the next full report, rather than the old figure.
     return replace(before, seqno=seqno, free_count=free_count, free=free_count * ext,
-                   lv_count=count)
+                   lv_count=count, mda_free=-1)

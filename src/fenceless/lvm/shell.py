@@ -73,7 +73,7 @@ class LineChild(Protocol):
     def read_line(self, wait: float) -> str | None: ...
     def take_stderr(self) -> str: ...
     def alive(self) -> bool: ...
-    def kill(self) -> None: ...
+    def kill(self, *, wait: bool = True) -> None: ...
 
 
 Spawn = Callable[[Sequence[str], Mapping[str, str]], LineChild]
@@ -207,35 +207,49 @@ class LvmShell:
         self.child: LineChild | None = None
         self.commands = 0
         self.disabled = ""  # why the shell is not used (then every command is a process)
+        self.retired = False  # its role is gone: it never starts again
         self.lock = threading.Lock()
 
     def takes(self, argv: Sequence[str], env: Mapping[str, str] | None,
               input: str | None) -> str | None:
         """The shell line for ``argv``, or None if it must run as a process."""
-        if self.disabled or input is not None or len(argv) < 2 or argv[0] != self.binary \
+        if self.disabled or self.retired or input is not None or len(argv) < 2 \
+                or argv[0] != self.binary \
                 or argv[1] not in SHELL_COMMANDS or dict(env or {}) != self.env:
             return None
         return command_line(argv[1:])
 
-    def close(self) -> None:
+    def close(self, *, retire: bool = False) -> None:
+        """Kill the shell (a command running in it dies with it). ``retire``: the role it
+        served is gone, and it never starts again.
+
+        Called from inside a running command too (the lease thread drops the role in
+        ``between``): the command's own loop sees ``child`` gone and stops. The kill
+        does not wait for the process to be reaped: the caller may be renewing leases
+        while the path hangs."""
+        self.retired = self.retired or retire
         child, self.child = self.child, None
         if child is not None:
-            child.kill()
+            child.kill(wait=False)
 
     def _start(self, between: Callable[[], None] | None) -> LineChild:
+        """A new shell that answered its first command; the caller installs it."""
         try:
             name = self.profile(self.env.get("LVM_SYSTEM_DIR"))
         except OSError as exc:
             self.disabled = f"cannot write LVM's command profile: {exc}"
             raise
         child = self.spawn([self.binary], {**self.env, "LVM_COMMAND_PROFILE": name})
+        self.child = child  # (so that a close meanwhile reaches it)
         try:
             reply = self._await(child, "version", time.monotonic() + START_TIMEOUT, between)
         except BaseException:
-            child.kill()
+            child.kill(wait=False)
             raise
+        finally:
+            self.child = None
         if reply.rc != 0:
-            child.kill()
+            child.kill(wait=False)
             raise BadShellOutput(f"its first command failed: {'; '.join(reply.errors)}")
         self.commands = 0
         self.log(f"started the writer's lvm shell (pid {child.pid})")
@@ -258,6 +272,8 @@ class LvmShell:
                 raise EOFError("the shell exited")
             if between is not None:
                 between()
+                if self.child is not child:  # closed meanwhile: the role was dropped
+                    raise EOFError("the shell was closed (the writer role was dropped)")
 
     def run(self, argv: Sequence[str], line: str, *, timeout: float, check: bool,
             between: Callable[[], None] | None) -> Result | None:
@@ -277,11 +293,19 @@ class LvmShell:
         if self.child is None or not self.child.alive():
             self.close()
             try:
-                self.child = self._start(between)
+                child = self._start(between)
             except (OSError, EOFError, TimeoutError, BadShellOutput) as exc:
-                self.disabled = self.disabled or f"it did not start ({exc or type(exc).__name__})"
-                self.log(f"no lvm shell: {self.disabled}; LVM commands run as processes")
+                why = f"it did not start ({exc or type(exc).__name__})"
+                if isinstance(exc, TimeoutError):  # a slow scan, say: again next time
+                    self.log(f"no lvm shell this time: {why}; this command runs as a process")
+                else:  # it cannot work here (its profile, its output): processes for good
+                    self.disabled = self.disabled or why
+                    self.log(f"no lvm shell: {self.disabled}; LVM commands run as processes")
                 return None
+            if self.retired:  # the role went while it started
+                child.kill(wait=False)
+                return None
+            self.child = child
         child = self.child
         try:
             reply = self._await(child, line, started + timeout, between)
@@ -361,5 +385,8 @@ class ShellSlot:
         lvm.runner = ShellRunner(lvm.runner, self.shell)
 
     def close(self) -> None:
+        """The role is gone: its shell is killed, and an ``Lvm`` still holding it runs
+        its commands as processes (the next role gets a new shell)."""
         if self.shell is not None:
-            self.shell.close()
+            self.shell.close(retire=True)
+            self.shell = None

@@ -234,7 +234,10 @@ class Journal:
             return sorted(got.lvs) if isinstance(got, HostClaims) else []
 
         try:
-            new, result = hostops.change(state, req, epoch, lambda n: seen(n).state, mapped)
+            # A host whose sector is free (a planned stop) is not in the host area's view.
+            new, result = hostops.change(
+                state, req, epoch, lambda n: seen(n).state if seen(n).host_id else "free",
+                mapped)
         except UserError as exc:
             port.log(f"refused {req.op} {dict(req.args)} from {host}: {exc}")
             port.audit(host, req, "refused", str(exc))

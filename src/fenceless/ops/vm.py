@@ -284,13 +284,13 @@ def place(state: LedgerState, name: str, current: VmEntry | None, args: Mapping[
     if action not in PLACE_ACTIONS + LIVE_ACTIONS or not host:
         raise BadDefinition(source=f"of VM {name}", detail=f"bad placement {action!r}")
     since = _clock(current.since_ms)
+    if action in ("want", "start", "recover", "migrate-begin"):
+        hostops.refuse_maintenance(state, host)  # nothing new goes to a host being drained
     if action in LIVE_ACTIONS:
         entry, result = _live(current, host, action, args, epoch, store, now)
         return replace(state, vms={**state.vms, name: entry}), result
     if current.moving_to is not None and action != "abandon":
         raise VmBeingMigrated(name=name, host=current.host or "?", target=current.moving_to)
-    if action in ("want", "start", "recover"):
-        hostops.refuse_maintenance(state, host)  # nothing new goes to a host being drained
     if action == "want":
         return _want(state, current, host, bool(args.get("force")), bool(args.get("move")),
                      epoch, store, live=bool(args.get("live")))
