@@ -100,21 +100,13 @@ def from_agent(argv: Sequence[str]) -> int | None:
     opts = parse(argv)
     if opts is None or opts["debug"]:
         return None
-    path = opts["config"] or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     vg = opts["vg"]
-    if vg is not None and not _plain(vg):
+    found = _agent_socket(opts["config"])
+    if found is None or (vg is not None and not _plain(vg)):
         return None
-    try:
-        with open(path, "rb") as f:
-            key = config_key(os.fstat(f.fileno()))
-            state_dir = state_dir_of(f.read(65536))
-    except OSError:
-        return None
-    if state_dir is None:
-        return None
+    sock_path, key_json = found
     render = "json" if opts["json"] else "text"
     vg_json = "null" if vg is None else f'"{vg}"'
-    key_json = "[" + ", ".join(map(str, key)) + "]"
     request = f'{{"op": "status", "render": "{render}", "vg": {vg_json}, "config_key": {key_json}}}'
 
     import _socket
@@ -122,18 +114,13 @@ def from_agent(argv: Sequence[str]) -> int | None:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(SHORT_WAIT)
-        sock.connect(os.path.join(state_dir, "agent.sock"))
-        sock.sendall(request.encode())
-        sock.shutdown(_socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+        sock.connect(sock_path)
+        reply = _exchange(sock, request)  # a status changes nothing: any failure falls back
     except OSError:
         return None
     finally:
         sock.close()
-    reply = b"".join(chunks)
-    if not reply.startswith(b"T"):
+    if reply is None or not reply.startswith(b"T"):
         return None  # an error, or an agent from before this: the way that explains it
     sys.stdout.write(reply[1:].decode("utf-8", "replace"))
     sys.stdout.flush()
