@@ -82,7 +82,7 @@ def test_a_healthy_lab_has_no_error_and_each_planted_hazard_is_found_and_fixed(c
     assert [(f["severity"], f["fix"]) for f in hand] == [
         ("info", "if it is still needed, nothing; else: fenceless volume remove by-hand")]
     run_fix(lab, "h2", "on h2: " + hand[0]["fix"].split("else: ")[1])
-    assert healthy("h2")
+    wait_until(lambda: healthy("h2"), 10, "h2 sees no hazard")
     # h2's guard, removed and put back above, is also as h1 sees it now.
     wait_until(lambda: healthy("h1"), 10, "h1 sees no hazard either")
 

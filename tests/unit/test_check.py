@@ -196,3 +196,13 @@ def test_a_host_in_maintenance_is_noted():
     found = check.run_checks(facts)
     assert [(f.code, f.severity, f.host, f.fix) for f in found] == [
         ("I_MAINTENANCE", "info", "h2", "when it is ready: fenceless host resume h2")]
+
+
+def test_a_writer_whose_renewals_are_late():
+    facts = healthy()
+    hosts_of(facts)[0]["age"] = 1.4  # 7N at N = 0.2: renewed every 2N, fails at 8N
+    found = check.run_checks(facts)
+    assert [(f.code, f.host) for f in found] == [("W_WRITER", "h1")]
+    assert "last renewed 1.4s ago (7N;" in found[0].message
+    hosts_of(facts)[0]["age"] = 1.0
+    assert check.run_checks(facts) == []

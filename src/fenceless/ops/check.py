@@ -29,6 +29,7 @@ from fenceless.lvm.policy import CONTROL_LV
 SEVERITIES = ("error", "warning", "info")
 REQ_TAG = "fenceless_req_"  # ops/volume.py: every LV fenceless creates carries one
 MDA_WARN, MDA_ERROR = 0.5, 0.8  # share of the metadata area in use
+LATE_N = 6  # the writer's host lease unchanged this many N: late (sanlock warns at 6N)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,18 @@ def writer_lease(facts: Facts) -> list[Finding]:
             f"the writer role names {w['host']} (epoch {w['epoch']}), whose lease is gone"
         return [finding("E_WRITER", None, f"{held}: no volume or VM change can run",
                         "on a live host: fenceless writer takeover --wait")]
+    age = next((h["age"] for h in facts.hosts() if h["name"] == w.get("host")), None)
+    io = float(facts.status["io_timeout"])
+    if w.get("state") == "active" and isinstance(age, int | float) and age > LATE_N * io:
+        # Renewed every 2N: a sector unchanged for over 6N is a writer whose renewals are
+        # late and close to FAIL (8N); its own agent stops exclusive work at 6N too.
+        return [finding("W_WRITER", w.get("host"),
+                        f"the writer {w['host']}'s host lease was last renewed {age:.1f}s "
+                        f"ago ({age / io:.0f}N; it is renewed every 2N and fails at 8N): "
+                        "its path to the LUN or its agent is slow",
+                        f"check {w['host']}'s path to the LUN and its agent's log; if "
+                        f"{w['host']} is down, on another host: fenceless writer takeover "
+                        "--wait")]
     if w.get("state") != "active":
         return [finding("W_WRITER", w.get("host"),
                         f"the writer {w['host']}'s host lease is {w.get('state')}: its role "
