@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cluster import all_live, wait_until
+from tests.integration.test_cluster import wait_until
+from tests.integration.test_metadata import mlab  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.lab
 
@@ -37,12 +38,9 @@ def run_fix(lab, host: str, fix: str) -> None:
 
 
 @pytest.fixture
-def cluster(make_lab):
-    lab = make_lab(3, "--agents")
-    lab.on("h1", "init")
-    for h in ("h2", "h3"):
-        lab.on(h, "join")
-    wait_until(lambda: all_live(lab, "h1", lab.hosts), 20, "all live")
+def cluster(mlab):  # noqa: F811
+    """test_metadata's three hosts with agents (h1 the writer), each with its guard."""
+    lab = mlab
     for h in lab.hosts:
         lab.exec(h, "fenceless", "guard", "install")
     return lab
