@@ -25,6 +25,7 @@ from prometheus_client import write_to_textfile as _write_textfile
 from fenceless.clock import boottime
 from fenceless.config import HostConfig
 from fenceless.localstate import agent_view
+from fenceless.lvm.parse import metadata_area_use
 
 EVERY = 2.0  # seconds between two renderings
 KNOWN_OPS = frozenset({"create", "extend", "rename", "remove", "restore", "protect",
@@ -98,8 +99,8 @@ class Metrics:
             self.vg_free.labels(vg).set(seen_vg["free"])
         if isinstance(seen_vg.get("mda_size"), int) and seen_vg["mda_size"] > 0 and \
                 isinstance(seen_vg.get("mda_free"), int) and seen_vg["mda_free"] >= 0:
-            usable = seen_vg["mda_size"] / 2  # LVM's mda_free counts against half the area
-            self.mda_used.labels(vg).set(max(0.0, usable - seen_vg["mda_free"]) / usable)
+            usable, in_use = metadata_area_use(seen_vg["mda_size"], seen_vg["mda_free"])
+            self.mda_used.labels(vg).set(in_use / usable)
         for host, count in (view.get("vms_per_host") or {}).items():
             self.vms.labels(vg, host).set(count)
 

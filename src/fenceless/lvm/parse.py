@@ -213,3 +213,11 @@ def as_json(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         return {k: as_json(getattr(obj, k)) for k in obj.__dataclass_fields__}
     return obj
+
+
+def metadata_area_use(mda_size: int, mda_free: int) -> tuple[float, float]:
+    """(bytes LVM's metadata text may take, bytes it takes) of one area: LVM's
+    ``vg_mda_free`` counts against half the area, since a commit writes the new text
+    beside the old one."""
+    usable = mda_size / 2
+    return usable, max(0.0, usable - mda_free)

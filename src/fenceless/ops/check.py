@@ -23,7 +23,7 @@ from typing import Any
 from fenceless.config import HostConfig
 from fenceless.errors import FencelessError
 from fenceless.ledger.state import LedgerState
-from fenceless.lvm.parse import LvInfo, VgInfo
+from fenceless.lvm.parse import LvInfo, VgInfo, metadata_area_use
 from fenceless.lvm.policy import CONTROL_LV
 
 SEVERITIES = ("error", "warning", "info")
@@ -371,10 +371,7 @@ def metadata_area_full(facts: Facts) -> list[Finding]:
     vg = facts.vg
     if vg is None or vg.mda_size <= 0 or vg.lv_count <= 0:
         return []
-    # LVM's vg_mda_free counts against half the area: a commit writes the new text
-    # beside the old one, so the text may take at most half.
-    usable = vg.mda_size / 2
-    in_use = max(0.0, usable - vg.mda_free)
+    usable, in_use = metadata_area_use(vg.mda_size, vg.mda_free)
     used = in_use / usable
     per_lv = in_use / vg.lv_count
     fit = int(vg.mda_free / per_lv) if per_lv > 0 else 0
