@@ -352,13 +352,12 @@ def test_corrupt_sectors_are_refused_and_never_overwritten(cluster, kind):
     assert res.returncode == 4, res.stderr
     assert "Ledger has no valid slot" in res.stderr
     assert "region 'ledger_a' at offset" in res.stderr
-    # A change asked of the writer is refused with the reason at once (it used to wait
-    # out its time limit), and nothing is run: nothing could be journaled.
-    started = time.monotonic()
+    # A change asked of the writer is refused with the reason (it used to wait out its
+    # time limit and end with "no answer", exit 2), and nothing is run: nothing could be
+    # journaled.
     res = lab.on("h2", "volume", "create", "x", "8M", "--timeout", "30", check=False)
     assert res.returncode == 4, res.stderr
     assert "Ledger has no valid slot" in res.stderr
-    assert time.monotonic() - started < 20
     # h3 cannot take the corrupt id 3: it must take another, never overwrite it.
     time.sleep(6 * N)  # agents run several rounds, the writer tries to write the ledger
     joined = lab.on("h3", "join", "--json", check=False)
