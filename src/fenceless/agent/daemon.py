@@ -66,6 +66,11 @@ class CliOutput(NamedTuple):
     error: Callable[[BaseException], str]
 
 
+class NoCliOutput(UserError):
+    """This agent was started without the CLI's output (one embedded in a test or a bench):
+    the CLI answers by itself"""
+
+
 class ConfigNotChecked(UserError):
     """The config file {path} changed since this agent started: read and check it anew"""
 
@@ -161,8 +166,8 @@ class Agent:
 
             vg_name = request.get("vg")
             render = request.get("render")
-            if render is not None and request.get("config_key") != self.config_key:
-                raise ConfigNotChecked(path=self.cfg.path)
+            if render is not None:
+                self.check_renderable(request)
             result = read_status(self.cfg, vg_name if isinstance(vg_name, str) else None)
             if render == "json":
                 return RawReply(b"T" + json.dumps(result, indent=2, sort_keys=True).encode()
@@ -179,13 +184,19 @@ class Agent:
         timeout = float(request.get("timeout", 60.0))
         return self.vgs[vg.name].submit(request, timeout)
 
-    def volume_cli(self, request: dict[str, Any]) -> RawReply:
-        """A volume change from ``cli/fast.py``: checked here as the CLI checks it, then
-        run as any request; the output (or the error) goes back ready to print."""
+    def check_renderable(self, request: dict[str, Any]) -> CliOutput:
+        """Before any work for ``cli/fast.py``: refused (the CLI then does it all itself)
+        unless its config is the one this agent checked and the CLI's output is here."""
         if request.get("config_key") != self.config_key:
             raise ConfigNotChecked(path=self.cfg.path)
         if self.render is None:
-            raise ConfigNotChecked(path=self.cfg.path)  # (a test's agent: no CLI output)
+            raise NoCliOutput()
+        return self.render
+
+    def volume_cli(self, request: dict[str, Any]) -> RawReply:
+        """A volume change from ``cli/fast.py``: checked here as the CLI checks it, then
+        run as any request; the output (or the error) goes back ready to print."""
+        cli_out = self.check_renderable(request)
         from fenceless.ops.requests import volume_request
 
         def text(field: str) -> str | None:
@@ -203,10 +214,10 @@ class Agent:
             res = self.vgs[vg.name].submit({"op": "volume", "vg": vg.name, "request": body,
                                             "timeout": timeout}, timeout)
         except FencelessError as exc:
-            return RawReply(f"E{exc.exit_code}\n{self.render.error(exc)}".encode())
+            return RawReply(f"E{exc.exit_code}\n{cli_out.error(exc)}".encode())
         rc = 3 if res.get("not_refreshed") else 0
         out = json.dumps(res, indent=2, sort_keys=True) if request.get("render") == "json" \
-            else self.render.volume(sub, res)
+            else cli_out.volume(sub, res)
         return RawReply(f"T{rc}\n{out}\n".encode())
 
     def run(self) -> int:
