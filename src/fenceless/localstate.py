@@ -22,14 +22,23 @@ def vg_dir(state_dir: str, vg: str) -> Path:
     return Path(state_dir) / "vgs" / vg
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def replace_file(path: Path, text: str, *, sync: bool, mode: int | None = None) -> None:
+    """``path`` holds ``text`` whole or not at all (written beside it, then renamed; the
+    "~" keeps the temporary name out of what LVM names a VG's backup file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp~")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+        f.write(text)
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    replace_file(path, json.dumps(data, indent=1, sort_keys=True), sync=True)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -49,13 +58,8 @@ def write_metadata_copy(state_dir: str, vg: str, text: str,
     synced, so after a crash of this host they may be older (the history ring on the
     LUN has every recent version)."""
     path = vg_dir(state_dir, vg) / "lvm-metadata"
-    targets = [path] + ([Path(lvm_backup_dir) / vg] if lvm_backup_dir else [])
-    for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".fenceless-new")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, target)
+    for target in [path] + ([Path(lvm_backup_dir) / vg] if lvm_backup_dir else []):
+        replace_file(target, text, sync=False, mode=0o600)
     return path
 
 
