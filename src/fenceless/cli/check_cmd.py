@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     lvm: Lvm = ctx.lvm(args.vg)
 
     def auto() -> bool | None:
-        got = [a for a in install.autoactivation(cfg, ctx.runner) if a["vg"] == lvm.vg.name]
+        got = install.autoactivation(cfg, ctx.runner, only=lvm.vg.name)
         return got[0].get("autoactivation") if got else None
 
     facts = check.gather(cfg, args.vg, read_status, lambda: read_ledger(cfg, args.vg),

@@ -514,12 +514,14 @@ def _role_status(cfg: HostConfig, paths: GuardPaths) -> list[dict[str, Any]]:
     return out
 
 
-def autoactivation(cfg: HostConfig, runner: Runner) -> list[dict[str, Any]]:
-    """Each shared VG's autoactivation flag, read through fenceless's adapter (--readonly)."""
+def autoactivation(cfg: HostConfig, runner: Runner,
+                   only: str | None = None) -> list[dict[str, Any]]:
+    """Each shared VG's autoactivation flag (``only``: that VG's), read through
+    fenceless's adapter (--readonly)."""
     from fenceless.lvm.adapter import Lvm
 
     out: list[dict[str, Any]] = []
-    for vg in cfg.vgs:
+    for vg in [v for v in cfg.vgs if only in (None, v.name)]:
         try:
             res = Lvm(runner, cfg, vg, timeout=30, binary=resolve_lvm_binary(cfg)).run(
                 "vgs", "--reportformat", "json", "-o", "vg_name,autoactivation", vg.name)
