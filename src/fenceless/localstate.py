@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,20 +85,26 @@ class VmBusyHere(Exception):
 
 
 @contextlib.contextmanager
-def vm_lock(run_dir: str, name: str, *, wait: bool = True) -> Iterator[None]:
+def vm_lock(run_dir: str, name: str, *, wait: bool | float = True) -> Iterator[None]:
     """This host's lock on one VM's lifecycle (``run_dir``/vm-NAME.lock, flock): held by a
     start, stop or migration for as long as it runs, and released by the kernel when its
     process dies. So the agent can tell a step under way from one that died part-way
-    (``agent/vmwork.py`` settles only the latter). ``wait``: block for it, else raise
-    VmBusyHere at once."""
+    (``agent/vmwork.py`` settles only the latter). ``wait``: True blocks for it, False
+    raises VmBusyHere at once, a number of seconds tries that long first (the agent's
+    own look at a VM holds it for a moment: a command must not be refused for that)."""
     path = Path(run_dir) / f"vm-{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + (wait if not isinstance(wait, bool) else 0.0)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError as exc:
-            raise VmBusyHere(name) from exc
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait is True else fcntl.LOCK_NB))
+                break
+            except BlockingIOError as exc:
+                if time.monotonic() >= deadline:
+                    raise VmBusyHere(name) from exc
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)

@@ -342,3 +342,31 @@ def test_a_host_that_runs_no_vms_is_not_asked_to():
     with pytest.raises(vm.NoVmsThere, match="h3 runs no VMs"):
         place(state, store, "h3", "want")
     assert place(state, store, "h1", "want").vms["web01"].want == "h1"
+
+
+def test_a_command_waits_out_a_brief_hold_of_the_vm_lock_but_not_a_long_one(tmp_path):
+    """The agent's look at a VM holds this host's lock on it for a moment: a `vm stop`
+    then must not be refused (it was, now and then, in CI). A command that holds it for
+    longer than the wait still refuses the second one."""
+    import threading
+
+    from fenceless.localstate import VmBusyHere, vm_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with vm_lock(str(tmp_path), "web", wait=False):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    with pytest.raises(VmBusyHere), vm_lock(str(tmp_path), "web", wait=False):
+        pass
+    with pytest.raises(VmBusyHere), vm_lock(str(tmp_path), "web", wait=0.2):
+        pass
+    threading.Timer(0.2, release.set).start()
+    with vm_lock(str(tmp_path), "web", wait=5.0):  # the holder lets go meanwhile
+        pass
+    t.join()

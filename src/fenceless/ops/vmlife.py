@@ -49,6 +49,9 @@ class VmBusy(UserError):
 VM {name} right now; wait for it. Nothing was changed"""
 
 
+LOCK_WAIT = 5.0  # seconds a command tries for the VM's lock: the agent's look is brief
+
+
 class VmLifecycleOp(Operation):
     """A start, stop or migration on this host, in the phases of every operation: the
     name checked, this host's lock on the VM taken (``localstate.vm_lock``: a second
@@ -66,7 +69,7 @@ class VmLifecycleOp(Operation):
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         try:
-            with vm_lock(self.cfg.run_dir, self.name, wait=False):
+            with vm_lock(self.cfg.run_dir, self.name, wait=LOCK_WAIT):
                 yield
         except VmBusyHere as exc:
             raise VmBusy(name=self.name, host=self.cfg.host) from exc
