@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
+from fenceless.blockio import IoTimeout
 from fenceless.errors import UserError
 from fenceless.faults import crashpoint
 from fenceless.lease.delta import HostState
@@ -147,6 +148,18 @@ class Takeover:
         self.waiting_for = ""
 
     def step(self) -> dict[str, Any] | None:
+        try:
+            return self._step()
+        except IoTimeout as e:
+            # With --wait the admin asked for the role once it can be had: one I/O that
+            # did not finish in time (a busy path) is a round without an answer, as a
+            # FAIL lease is. A ballot cut short is safe to run again at a higher ballot.
+            if not self.wait:
+                raise
+            self.waiting_for = f"an I/O timed out, trying again ({e})"
+            return None
+
+    def _step(self) -> dict[str, Any] | None:
         port = self.port
         if port.epoch is not None:
             return {"outcome": "already", "epoch": port.epoch, "host": port.host}
