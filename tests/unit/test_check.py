@@ -48,7 +48,8 @@ def healthy() -> check.Facts:
     ledger = replace(LedgerState(), vms={"web": vm("web", "h2", "web-disk")})
     return check.Facts(CFG, "sanvg", status=status, ledger=ledger, vg=VG,
                        lvs=[lv("fenceless-ctl", tags=()), lv("web-disk"), lv("spare")],
-                       autoactivation=False, guard={"installed": True, "warnings": []})
+                       autoactivation=False,
+                       guard={"installed": True, "state": "ok", "warnings": []})
 
 
 def codes(facts: check.Facts) -> list[tuple[str, str, str | None]]:
@@ -73,8 +74,16 @@ def test_a_host_without_the_guard():
     assert found[1].fix == "on h3: fenceless guard install"
     # This host's own guard is looked at directly, not through its published facts.
     facts = healthy()
-    facts.guard = {"installed": False, "warnings": []}
+    facts.guard = {"installed": False, "state": "missing", "warnings": []}
     assert codes(facts) == [("E_GUARD", "error", "h1")]
+    # A sound guard whose role file is not yet written (an agent starting), on a host with
+    # initramfs-tools: warnings that name the wrapper, and no hazard (it was E_GUARD).
+    facts = healthy()
+    facts.guard = {"installed": True, "state": "ok", "warnings": [
+        "VG sanvg: role file line missing: the wrapper treats this host as a reader",
+        "initramfs-tools copies /sbin/lvm into the initramfs: with the guard that is the "
+        "wrapper, without the real binary"]}
+    assert codes(facts) == []
 
 
 def test_an_lv_read_write_on_two_hosts_and_a_vm_disk_outside_its_grant():
@@ -158,7 +167,7 @@ def test_damage_in_the_control_area():
 
 def test_a_code_can_be_demoted_to_a_warning():
     facts = healthy()
-    facts.guard = {"installed": False, "warnings": []}
+    facts.guard = {"installed": False, "state": "missing", "warnings": []}
     assert [f.severity for f in check.run_checks(facts, frozenset({"E_GUARD"}))] == ["warning"]
 
 
@@ -180,7 +189,7 @@ def test_every_check_has_a_documented_code():
 
 def test_the_json_has_the_minimum_shape():
     facts = healthy()
-    facts.guard = {"installed": False, "warnings": []}
+    facts.guard = {"installed": False, "state": "missing", "warnings": []}
     out = check.as_json(check.run_checks(facts))
     (f,) = out["findings"]
     assert set(f) == {"code", "severity", "host", "message", "fix"}

@@ -182,6 +182,7 @@ def test_install_diverts_off_path_and_remove_restores_exactly(tmp_path, machine)
     assert not (Path(paths.state_dir) / "guard" / "lvm").exists()
     st = install.status(cfg(tmp_path), dpkg, paths, lvm_report=False)
     assert st["installed"] and st["diverted"] and st["wrapper"]["matches"]
+    assert st["state"] == "ok"
     assert st["real_binary"] == {"path": paths.real_binary, "ok": True}
     assert install.install(cfg(tmp_path), dpkg, paths)["already"]
     install.remove(cfg(tmp_path), dpkg, paths)
@@ -213,6 +214,7 @@ def test_install_moves_an_old_diversion_and_remove_restores_exactly(tmp_path, ma
     binary = paths.candidates[0]
     st = install.status(cfg(tmp_path), dpkg, paths, lvm_report=False)
     assert st["installed"] and any("earlier fenceless" in w for w in st["warnings"])
+    assert st["state"] == "broken"
     res = install.install(cfg(tmp_path), dpkg, paths)
     assert res["moved_from"] == binary + ".distrib"
     assert dpkg.diversions == {binary: paths.real_binary}
@@ -228,6 +230,7 @@ def test_install_moves_an_old_diversion_and_remove_restores_exactly(tmp_path, ma
     assert not [w for w in st["warnings"] if "initramfs" not in w and "role file" not in w]
     install.remove(cfg(tmp_path), dpkg, paths)
     assert snapshot(paths, dpkg) == before
+    assert install.status(cfg(tmp_path), dpkg, paths, lvm_report=False)["state"] == "missing"
 
 
 def test_remove_of_an_old_install_restores_exactly(tmp_path, machine):
@@ -268,6 +271,9 @@ def test_role_status_sees_another_boots_file(tmp_path, machine):
     assert st["role_file"]["path"] == str(tmp_path / "run" / "guard" / "role")
     assert st["role_file"]["vgs"][0]["state"] == "of an earlier boot"
     assert any("of an earlier boot" in w for w in st["warnings"])
+    # A role file not (yet) valid, as while an agent starts: the guard itself is sound, and
+    # `fenceless check` must not call it broken (it did, from the warning's words).
+    assert st["state"] == "ok"
     role.write_role_file(paths.run_dir, [role.entry("sanvg", "writer", "h2", 3, 60.0)])
     st = install.status(cfg(tmp_path), dpkg, paths, lvm_report=False)
     assert st["role_file"]["vgs"][0]["state"] == "valid"

@@ -138,9 +138,7 @@ class Agent:
         while True:
             try:
                 st = install.status(self.cfg, self.ctx.runner, lvm_report=False)
-                broken = [w for w in st["warnings"] if "wrapper" in w or "binary" in w]
-                self.guard_state = "missing" if not st["installed"] else \
-                    "broken" if broken else "ok"
+                self.guard_state = str(st["state"])
             except (FencelessError, OSError) as exc:
                 self.guard_state = "unknown"
                 self.log(f"cannot look at the LVM guard: {exc}")

@@ -457,8 +457,14 @@ def status(cfg: HostConfig, runner: Runner, paths: GuardPaths | None = None,
             warnings.append(f"VG {a['vg']} has autoactivation on: it may come up at boot on "
                             f"every host (`vgchange --setautoactivation n {a['vg']}` on the "
                             "writer)")
+    # What `fenceless check` calls the guard (E_GUARD), from the facts, not from the
+    # warnings' words: a role file not yet written (an agent starting) or an initramfs
+    # hook is not a broken guard.
+    state = "missing" if not installed else \
+        "broken" if current != expected or not real_ok or f.true == f.old else "ok"
     return {
-        "host": cfg.host, "installed": installed, "binary": f.binary, "diverted": diverted,
+        "host": cfg.host, "installed": installed, "state": state, "binary": f.binary,
+        "diverted": diverted,
         "diverted_to": f.true if f.true != f.binary else None, "diverted_by": f.pkg,
         "wrapper": {"present": _is_wrapper(current), "matches": current == expected,
                     "sha256": _sha256(current) if current else None},

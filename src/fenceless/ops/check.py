@@ -111,9 +111,7 @@ def guard_missing(facts: Facts) -> list[Finding]:
     for h in facts.live_hosts():
         state = h["facts"].get("guard")
         if h["name"] == facts.cfg.host and facts.guard is not None:
-            state = "ok" if facts.guard.get("installed") and not [
-                w for w in facts.guard.get("warnings", []) if "wrapper" in w
-                or "binary" in w] else ("broken" if facts.guard.get("installed") else "missing")
+            state = facts.guard.get("state")  # guard/install.py's status
         if state in ("missing", "broken"):
             what = "is not installed" if state == "missing" else \
                 "is installed but its wrapper or the real binary is not as installed"
