@@ -1,8 +1,8 @@
 """`fenceless check` on a real lab: nothing on a healthy cluster; each hazard planted is
 found with its code and fix, and running that fix clears it.
 
-(Hazards that fenceless itself prevents, such as an LV read-write on two hosts, cannot
-be planted through it: tests/unit/test_check.py gives them to the checks directly.)"""
+(Hazards that fenceless itself prevents, such as an LV read-write on two hosts, are
+planted past it in tests/integration/test_check_plant.py.)"""
 
 from __future__ import annotations
 

@@ -185,6 +185,7 @@ def test_a_vm_runs_on_one_host_only_and_moves_with_its_counter(make_lab):
 
 def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab):
     from fenceless.clock import boottime
+    from tests.integration.test_check import findings
     from tests.integration.test_fencing import fired
     from tests.integration.test_volumes import lab_mapped
 
@@ -197,9 +198,15 @@ def test_a_frozen_host_has_its_vm_fenced_before_another_may_recover_it(make_lab)
         res = lab.on("h3", "vm", "recover", "ctr", check=False)
         assert res.returncode == 2 and "not DEAD" in res.stderr, res.stderr
         assert lab_mapped(lab, "h3") == set()
+        # `fenceless check` names the hazard, with the recover below as its fix.
+        hazard = wait_until(lambda: [f for f in findings(lab, "h3")[1]
+                                     if f["code"] == "E_VM_HOST"], 20, "E_VM_HOST")
+        assert [(f["host"], f["severity"]) for f in hazard] == [("h2", "error")]
+        assert hazard[0]["fix"].startswith("fenceless vm recover ctr (once h2 is DEAD)")
         wait_until(lambda: lab.on("h3", "vm", "recover", "ctr", check=False).returncode == 0,
                    30, "h2 to be DEAD and ctr recovered on h3")
         recovered_at = boottime()
+        assert "E_VM_HOST" not in {f["code"] for f in findings(lab, "h3")[1]}
         got = fired(lab, "h2")
         assert len(got) == 1 and got[0]["fired_at"] < recovered_at, got
         before = len(counter_of(lab, "h1", "ctr-disk"))

@@ -132,7 +132,13 @@ def test_versions_and_io_timeouts_that_differ():
     facts = healthy()
     hosts_of(facts)[0]["facts"]["version"] = "0.2.0"
     hosts_of(facts)[2]["facts"]["io_timeout"] = 1.0
-    assert codes(facts) == [("W_IO_TIMEOUT", "warning", "h3"), ("W_VERSIONS", "warning", None)]
+    assert codes(facts) == [("W_IO_TIMEOUT", "warning", "h3"), ("W_VERSIONS", "warning", "h2"),
+                            ("W_VERSIONS", "warning", "h3")]
+    fix = {f.host: f.fix for f in check.run_checks(facts) if f.code == "W_VERSIONS"}
+    assert fix["h2"] == "on h2: upgrade fenceless to 0.2.0, then systemctl restart " \
+        "fenceless-agent"
+    hosts_of(facts)[1]["facts"]["version"] = "0.10.0"  # newer than 0.2.0, as numbers
+    assert [f.host for f in check.run_checks(facts) if f.code == "W_VERSIONS"] == ["h1", "h3"]
 
 
 def test_lvm_metadata_hazards():
@@ -140,7 +146,10 @@ def test_lvm_metadata_hazards():
     facts.autoactivation = True
     facts.vg = replace(VG, pv_count=2, mda_free=1 << 20, lv_count=3000)
     found = {f.code: f for f in check.run_checks(facts)}
-    assert set(found) == {"W_AUTOACTIVATION", "W_MDA_PVS", "E_MDA_FULL"}
+    # (the config lists one device: the second PV is also one LVM finds missing)
+    assert set(found) == {"W_AUTOACTIVATION", "W_MDA_PVS", "E_MDA_FULL", "E_PV_UNLISTED"}
+    assert found["E_PV_UNLISTED"].message.startswith(
+        "VG sanvg has 2 PVs, but this host's config lists 1 device(s) (/dev/loop9)")
     assert "88% used" in found["E_MDA_FULL"].message
     assert "about 428 more LVs fit" in found["E_MDA_FULL"].message  # 7 MiB for 3000 LVs
     facts.vg = replace(VG, mda_free=3 << 20, lv_count=3000)
@@ -215,3 +224,30 @@ def test_a_writer_whose_renewals_are_late():
     assert "last renewed 1.4s ago (7N;" in found[0].message
     hosts_of(facts)[0]["age"] = 1.0
     assert check.run_checks(facts) == []
+
+
+def test_a_second_pv_listed_everywhere_and_copies_that_disagree():
+    facts = healthy()
+    facts.cfg = CFG._replace(vgs=(VgConfig("sanvg", ("/dev/loop9", "/dev/loop10")),))
+    facts.vg = replace(VG, pv_count=2)
+    facts.copies = [("/dev/loop9", 12, ""), ("/dev/loop10", 12, "")]
+    assert codes(facts) == [("W_MDA_PVS", "warning", None)]
+    facts.copies = [("/dev/loop9", 12, ""), ("/dev/loop10", 11, "")]
+    found = check.run_checks(facts)
+    assert [(f.code, f.host) for f in found] == [("E_MDA_COPIES", "h1"), ("W_MDA_PVS", None)]
+    assert "(/dev/loop10 seqno 11, /dev/loop9 seqno 12)" in found[0].message
+    assert found[0].fix == "on the writer: vgck --updatemetadata sanvg"
+    facts.copies = [("/dev/loop9", 12, ""), ("/dev/loop10", None, "checksum mismatch")]
+    found = check.run_checks(facts)
+    assert found[0].code == "E_MDA_COPIES" and "on /dev/loop10 does not read: checksum " \
+        "mismatch" in found[0].message
+
+
+def test_a_full_metadata_area_names_the_volumes_with_the_most_text():
+    facts = healthy()
+    facts.vg = replace(VG, mda_free=3 << 20, lv_count=3)
+    facts.lvs = [lv("fenceless-ctl", tags=()), lv("web-disk"),
+                 lv("big", tags=tuple(f"t{i}" + "x" * 900 for i in range(50)))]
+    (found,) = [f for f in check.run_checks(facts) if f.code == "W_MDA_FULL"]
+    assert found.message.endswith("; the most text is that of big (their tags)")
+    assert found.fix.startswith("fenceless volume remove NAME, for each volume no longer")

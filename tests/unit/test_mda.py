@@ -403,3 +403,15 @@ def test_a_head_of_another_shape_goes_to_the_whole_scan(text):
     except mda.MdaError as exc:
         got = type(exc)
     assert got == expected
+
+
+def test_read_copies_gives_each_pvs_seqno_or_why_not() -> None:
+    a, b, c = Pv(), Pv(), Pv()
+    a.commit(text_for(12), 512, len(text_for(12)))
+    b.commit(text_for(11), 512, len(text_for(11)))
+    c.commit(text_for(12), 512, len(text_for(12)), checksum=1)
+    devs = {"/dev/a": a.dev, "/dev/b": b.dev, "/dev/c": c.dev}
+    got = mda.read_copies(["/dev/a", "/dev/b", "/dev/c"], devs.__getitem__,
+                          lambda p: DEV_SIZE)
+    assert got[:2] == [("/dev/a", 12, ""), ("/dev/b", 11, "")]
+    assert got[2][:2] == ("/dev/c", None) and "checksum" in got[2][2]

@@ -27,7 +27,9 @@ def register(sub: Any, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from fenceless.blockio import TimedIO, device_size, open_device
     from fenceless.guard import install
+    from fenceless.lvm import mda
     from fenceless.lvm.adapter import Lvm
     from fenceless.ops import check
     from fenceless.ops.context import Context
@@ -42,9 +44,14 @@ def run(args: argparse.Namespace) -> int:
         got = install.autoactivation(cfg, ctx.runner, only=lvm.vg.name)
         return got[0].get("autoactivation") if got else None
 
+    def copies() -> list[tuple[str, int | None, str]]:
+        timeout = max(cfg.io_timeout, 1.0)
+        return mda.read_copies(lvm.vg.devices, lambda p: TimedIO(open_device(p), timeout),
+                               device_size)
+
     facts = check.gather(cfg, args.vg, read_status, lambda: read_ledger(cfg, args.vg),
                          lvm.vg_and_lvs, auto,
-                         lambda: install.status(cfg, ctx.runner, lvm_report=False))
+                         lambda: install.status(cfg, ctx.runner, lvm_report=False), copies)
     findings = check.run_checks(facts, frozenset(args.warn))
     if getattr(args, "json", False):
         print(json.dumps(check.as_json(findings), indent=2, sort_keys=True))

@@ -102,6 +102,10 @@ def _register_activation(lsub: Subparsers) -> None:
         sp.add_argument("--vg", help="the shared VG, when the host has several")
         if name == "activate":
             sp.add_argument("--readonly", action="store_true", help="map read-only")
+        sp.add_argument("--by-hand", action="store_true",
+                        help="act directly, past the host's agent and its claim on the LUN, "
+                        "as lvchange would on a host without the guard (to plant a hazard "
+                        "for `fenceless check`)")
 
 
 def _daemons() -> Any:
@@ -327,7 +331,7 @@ def _activation(args: argparse.Namespace, cluster: Any) -> int:
     d = cluster.lab_dir(args.dir)
     host = cluster.find_host(d, cluster.read_state(d), args.host)
     cfg = config.load(host["config"])
-    via_agent = _daemons().agent_pid(args.dir, args.host) is not None
+    via_agent = not args.by_hand and _daemons().agent_pid(args.dir, args.host) is not None
     done = [_activate_one(args, cfg, lv, via_agent) for lv in args.lv]
     text = (lambda r: f"{r['host']}: {r['lv']} deactivated") \
         if args.lab_command == "deactivate" else _activation_text

@@ -40,11 +40,11 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.errors import IntegrityError, UserError
+from fenceless.errors import FencelessError, IntegrityError, UserError
 
 LABEL_ID = b"LABELONE"
 LABEL_TYPE = b"LVM2 001"
@@ -335,6 +335,23 @@ def read_metadata_text(dev: BlockDevice, *, location: MdaLocation | None = None,
                                       computed=computed)
         info = again
     raise AssertionError("unreachable")
+
+
+def read_copies(paths: Sequence[str], open_dev: Callable[[str], BlockDevice],
+                size_of: Callable[[str], int]) -> list[tuple[str, int | None, str]]:
+    """The seqno of the metadata copy on each of ``paths`` (a VG's PVs), or None and why
+    it does not read: copies that disagree are a hazard (``fenceless check``)."""
+    out: list[tuple[str, int | None, str]] = []
+    for path in paths:
+        try:
+            dev = open_dev(path)
+            try:
+                out.append((path, read_metadata_text(dev, size=size_of(path))[1], ""))
+            finally:
+                dev.close()
+        except FencelessError as exc:
+            out.append((path, None, str(exc)))
+    return out
 
 
 # --- the text ---------------------------------------------------------------------

@@ -29,6 +29,7 @@ from fenceless.lvm.policy import CONTROL_LV
 SEVERITIES = ("error", "warning", "info")
 REQ_TAG = "fenceless_req_"  # ops/volume.py: every LV fenceless creates carries one
 MDA_WARN, MDA_ERROR = 0.5, 0.8  # share of the metadata area in use
+BIG_TAGS = 4096  # bytes of tags that make an LV's metadata text stand out
 LATE_N = 6  # the writer's host lease unchanged this many N: late (sanlock warns at 6N)
 
 
@@ -54,6 +55,9 @@ class Facts:
     lvs: list[LvInfo] | None = None
     autoactivation: bool | None = None
     guard: dict[str, Any] | None = None  # this host's ``guard status``
+    # Each configured device of the VG: (path, the seqno of its metadata copy or None,
+    # why it could not be read); None if not looked at.
+    copies: list[tuple[str, int | None, str]] | None = None
     unread: list[str] = field(default_factory=list)
 
     def hosts(self) -> list[dict[str, Any]]:
@@ -125,16 +129,22 @@ def guard_missing(facts: Facts) -> list[Finding]:
 
 @check("W_VERSIONS")
 def agent_versions(facts: Facts) -> list[Finding]:
-    """Agents of different fenceless versions."""
-    seen = {h["name"]: h["facts"].get("version") for h in facts.live_hosts()}
-    versions = sorted({str(v) for v in seen.values()})
-    if len(versions) < 2:
+    """Agents of different fenceless versions: each host older than the newest."""
+    seen = {h["name"]: str(h["facts"].get("version")) for h in facts.live_hosts()}
+    if len(set(seen.values())) < 2:
         return []
+    newest = max(seen.values(), key=_version_key)
     listing = ", ".join(f"{n} {v}" for n, v in sorted(seen.items()))
-    return [finding("W_VERSIONS", None, f"the agents run different fenceless versions "
+    return [finding("W_VERSIONS", name, f"the agents run different fenceless versions "
                     f"({listing}): finish the upgrade, one host at a time",
-                    "on each older host: upgrade fenceless, then "
-                    "systemctl restart fenceless-agent")]
+                    f"on {name}: upgrade fenceless to {newest}, then systemctl restart "
+                    "fenceless-agent")
+            for name, v in sorted(seen.items()) if v != newest]
+
+
+def _version_key(v: str) -> tuple[tuple[int, str], ...]:
+    """"0.10.1" after "0.9.3": numbers compare as numbers, anything else as text."""
+    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in v.split("."))
 
 
 @check("W_IO_TIMEOUT")
@@ -350,16 +360,54 @@ def autoactivation(facts: Facts) -> list[Finding]:
                     f"on the writer: vgchange --setautoactivation n {facts.vg_name}")]
 
 
+@check("E_PV_UNLISTED")
+def pvs_not_configured(facts: Facts) -> list[Finding]:
+    """A PV of the VG that this host's config does not list (a ``vgextend`` by hand):
+    LVM, which fenceless runs on the listed devices only, finds it missing and refuses
+    every change to the VG."""
+    listed = facts.cfg.vg(facts.vg_name).devices
+    if facts.vg is None or facts.vg.pv_count <= len(listed):
+        return []
+    return [finding("E_PV_UNLISTED", facts.cfg.host,
+                    f"VG {facts.vg_name} has {facts.vg.pv_count} PVs, but this host's config "
+                    f"lists {len(listed)} device(s) ({', '.join(listed)}): LVM, run on those "
+                    "only, finds the others missing and refuses every volume change",
+                    f"on the writer: vgreduce {facts.vg_name} PV, for each PV the config does "
+                    "not list and no LV uses (`pvs -o pv_name,vg_name,pv_used` shows them); "
+                    f"or list every PV in devices of [vg.{facts.vg_name}] in each host's "
+                    "fenceless.toml")]
+
+
+@check("E_MDA_COPIES")
+def metadata_copies_disagree(facts: Facts) -> list[Finding]:
+    """The VG's metadata copies on its PVs at different versions: LVM uses the newest it
+    finds, so a PV seen without the others brings an old version back."""
+    fix = f"on the writer: vgck --updatemetadata {facts.vg_name}"
+    out = [finding("E_MDA_COPIES", facts.cfg.host, f"the metadata copy of VG "
+                   f"{facts.vg_name} on {path} does not read: {why}", fix)
+           for path, seqno, why in facts.copies or [] if seqno is None]
+    seqnos = {path: seqno for path, seqno, _why in facts.copies or [] if seqno is not None}
+    if len(set(seqnos.values())) > 1:
+        listing = ", ".join(f"{p} seqno {n}" for p, n in sorted(seqnos.items()))
+        out.append(finding("E_MDA_COPIES", facts.cfg.host,
+                           f"the metadata copies of VG {facts.vg_name} disagree ({listing}): "
+                           "LVM uses the newest, and an older one comes back if its PV is "
+                           "seen alone", fix))
+    return out
+
+
 @check("W_MDA_PVS")
 def metadata_on_many_pvs(facts: Facts) -> list[Finding]:
     """VG metadata on more than one PV: fenceless reads and records one copy."""
     if facts.vg is None or facts.vg.pv_count <= 1:
         return []
     return [finding("W_MDA_PVS", None,
-                    f"VG {facts.vg_name} has {facts.vg.pv_count} PVs: LVM keeps its metadata "
-                    "on each, fenceless reads and records the first device's only",
-                    "keep one PV per shared VG (pvmove the LVs off the others, then "
-                    "vgreduce); docs/runbook.md, \"Replace the LUN\"")]
+                    f"VG {facts.vg_name} has {facts.vg.pv_count} PVs: LVM keeps a copy of its "
+                    "metadata on each, and a PV that goes missing stops every change; "
+                    "fenceless's history records the first device's copy only",
+                    f"keep one PV per shared VG: on the writer, vgreduce {facts.vg_name} PV "
+                    "for each other PV once no LV uses it, and drop it from devices in each "
+                    "host's fenceless.toml; docs/runbook.md, \"Replace the LUN\"")]
 
 
 @check("W_MDA_FULL")
@@ -379,9 +427,21 @@ def metadata_area_full(facts: Facts) -> list[Finding]:
     return [finding(code, None,
                     f"VG {facts.vg_name}'s metadata area is {used:.0%} used ({vg.mda_free} "
                     f"bytes free of the {int(usable)} its text may take): about {fit} more "
-                    "LVs fit",
-                    "remove volumes no longer needed; for room, a new PV with a larger "
-                    "--metadatasize and docs/runbook.md, \"Replace the LUN\"")]
+                    f"LVs fit{_largest(facts)}",
+                    "fenceless volume remove NAME, for each volume no longer needed; for "
+                    "room, a new PV with a larger --metadatasize and docs/runbook.md, "
+                    "\"Replace the LUN\"")]
+
+
+def _largest(facts: Facts) -> str:
+    """The LVs that take the most of the metadata text: those whose tags take over 4 KiB
+    (a plain LV's whole section is about 0.5 KiB), the ones to look at first."""
+    size = {lv.name: sum(len(t) + 4 for t in lv.tags) for lv in facts.lvs or []}
+    big = sorted((n for n, b in size.items() if b > BIG_TAGS), key=lambda n: (-size[n], n))
+    if not big:
+        return ""
+    more = f" and {len(big) - 5} more" if len(big) > 5 else ""
+    return f"; the most text is that of {', '.join(big[:5])}{more} (their tags)"
 
 
 def gather(cfg: HostConfig, vg_name: str | None,
@@ -389,7 +449,8 @@ def gather(cfg: HostConfig, vg_name: str | None,
            read_ledger: Callable[[], LedgerState],
            report: Callable[[], tuple[VgInfo, list[LvInfo]]],
            autoactivation: Callable[[], bool | None],
-           guard: Callable[[], dict[str, Any]]) -> Facts:
+           guard: Callable[[], dict[str, Any]],
+           copies: Callable[[], list[tuple[str, int | None, str]]] | None = None) -> Facts:
     """Read everything the checks look at, each part on its own: a part that cannot be
     read is a finding, and the checks that need it say nothing."""
     facts = Facts(cfg, cfg.vg(vg_name).name)
@@ -402,6 +463,8 @@ def gather(cfg: HostConfig, vg_name: str | None,
                                                          autoactivation())),
         ("this host's guard", lambda: setattr(facts, "guard", guard())),
     ]
+    if copies is not None:
+        parts.append(("the metadata copies", lambda: setattr(facts, "copies", copies())))
     for what, read in parts:
         try:
             read()
