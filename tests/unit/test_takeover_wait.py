@@ -32,7 +32,7 @@ def test_with_wait_a_timed_out_read_is_retried_and_the_takeover_then_wins(dev: B
     op = Takeover(h2.port, wait=True)
     assert op.step() is None and "not yet dead" in op.waiting_for
     monkeypatch.setattr(h2.port, "read_leader", slow_once(h2.port.read_leader))
-    assert op.step() is None and "an I/O timed out, trying again" in op.waiting_for
+    assert op.step() is None and "trying again after: I/O timeout" in op.waiting_for
     assert h2.port.epoch is None
     # h1's host lease is gone: the next round wins the role at the next epoch.
     assert h1.keeper.lease is not None
@@ -49,3 +49,48 @@ def test_without_wait_a_timed_out_read_is_the_answer(dev: BlockDevice,
     with pytest.raises(IoTimeout):
         Takeover(h2.port).step()
     assert Takeover(h2.port).step() is None  # h1 not yet seen long enough: not dead
+
+
+def test_the_epoch_seen_at_arrival_is_the_baseline_even_if_the_first_read_fails(
+        dev: BlockDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rival that wins while this racer's first read hangs is a lost race at once, not
+    a live writer to wait for until the time limit."""
+    from fenceless.ops.writer import TakeoverLost, become_writer
+    from tests.unit.harness import host
+
+    _clock, vg, h1, h2 = writer_and_reader(dev)
+    area = h1.keeper.area
+    assert area is not None and h1.keeper.lease is not None
+    seen = h2.port.read_leader()  # as the agent's last round read it
+    op = Takeover(h2.port, wait=True, seen=seen)
+    monkeypatch.setattr(h2.port, "read_leader", slow_once(h2.port.read_leader))
+    assert op.step() is None
+    h1.keeper.lease.release()
+    h1.keeper.lease = None
+    h3 = host(area, _clock, "h3", 3, vg)
+    assert become_writer(h3.port, "a rival").epoch == 2
+    with pytest.raises(TakeoverLost, match="h3 won the writer lease at epoch 2"):
+        op.step()
+
+
+def test_its_own_ballot_cut_short_is_waited_for_not_taken_for_a_rivals(
+        dev: BlockDevice) -> None:
+    from fenceless.errors import LeaseLost
+    from fenceless.ops.writer import become_writer
+
+    _clock, _vg, h1, h2 = writer_and_reader(dev)
+    assert h1.keeper.lease is not None
+    seen = h2.port.read_leader()
+    h1.keeper.lease.release()
+    h1.keeper.lease = None
+    assert become_writer(h2.port, "won").epoch == 2
+    h2.port.set_epoch(None, "the ledger write after the ballot timed out")
+    op = Takeover(h2.port, wait=True, seen=seen)
+    assert op.step() is None and "this host won the ballot" in op.waiting_for
+    # An I/O still hung stops every shared write (LeaseLost): with --wait, not yet.
+    op2 = Takeover(h2.port, wait=True, seen=seen)
+
+    def hung() -> Leader | None:
+        raise LeaseLost(detail="an I/O is still hung")
+    h2.port.read_leader = hung  # type: ignore[method-assign]
+    assert op2.step() is None and "trying again after" in op2.waiting_for

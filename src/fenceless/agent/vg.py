@@ -325,7 +325,8 @@ class VgAgent:
             raise NotMember(vg=self.vg.name)
         if op == "takeover":
             if item.op is None:
-                item.op = Takeover(self.port, wait=bool(req.get("wait")))
+                item.op = Takeover(self.port, wait=bool(req.get("wait")),
+                                   seen=self.port.last_leader)
             step: dict[str, Any] | None = item.op.step()
             return step
         if op == "handover":

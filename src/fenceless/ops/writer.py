@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from fenceless.blockio import IoTimeout
-from fenceless.errors import UserError
+from fenceless.errors import LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.lease.delta import HostState
-from fenceless.lease.paxos import AcquireResult, Outcome
+from fenceless.lease.paxos import AcquireResult, Leader, Outcome
 from fenceless.ledger.state import Handover, LedgerState, WriterInfo, merge_hosts
 from fenceless.ops.port import RolePort
 
@@ -141,22 +141,26 @@ class Takeover:
     None means "not yet" (the writer's lease is FAIL or UNKNOWN; wait for DEAD).
     """
 
-    def __init__(self, port: RolePort, *, wait: bool = False) -> None:
+    def __init__(self, port: RolePort, *, wait: bool = False,
+                 seen: Leader | None = None) -> None:
         self.port = port
         self.wait = wait
-        self.seen_epoch: int | None = None  # the writer epoch when the request arrived
+        # The writer epoch when the request arrived: ``seen``, the leader as the agent's
+        # last round read it, else the first read here (which may fail, see ``step``).
+        self.seen_epoch: int | None = seen.lver if seen is not None else None
         self.waiting_for = ""
 
     def step(self) -> dict[str, Any] | None:
         try:
             return self._step()
-        except IoTimeout as e:
+        except (IoTimeout, LeaseLost) as e:
             # With --wait the admin asked for the role once it can be had: one I/O that
-            # did not finish in time (a busy path) is a round without an answer, as a
-            # FAIL lease is. A ballot cut short is safe to run again at a higher ballot.
+            # did not finish in time (a busy path), or one still hung, which stops every
+            # shared write until it returns, is a round without an answer, as a FAIL
+            # lease is. A ballot cut short is safe to run again at a higher ballot.
             if not self.wait:
                 raise
-            self.waiting_for = f"an I/O timed out, trying again ({e})"
+            self.waiting_for = f"trying again after: {e}"
             return None
 
     def _step(self) -> dict[str, Any] | None:
@@ -164,6 +168,12 @@ class Takeover:
         if port.epoch is not None:
             return {"outcome": "already", "epoch": port.epoch, "host": port.host}
         leader = port.read_leader()
+        if leader is not None and not leader.free and leader.owner_id == port.host_id and \
+                leader.owner_generation == port.generation:
+            # This incarnation's own ballot (won, then cut short before the role was
+            # taken up): the agent's next round finishes it (agent/role.py).
+            self.waiting_for = "this host won the ballot; the agent is taking the role up"
+            return None
         if self.seen_epoch is None:
             self.seen_epoch = leader.lver if leader is not None else 0
         elif leader is not None and leader.lver > self.seen_epoch and not leader.free:
