@@ -135,8 +135,8 @@ def test_versions_and_io_timeouts_that_differ():
     assert codes(facts) == [("W_IO_TIMEOUT", "warning", "h3"), ("W_VERSIONS", "warning", "h2"),
                             ("W_VERSIONS", "warning", "h3")]
     fix = {f.host: f.fix for f in check.run_checks(facts) if f.code == "W_VERSIONS"}
-    assert fix["h2"] == "on h2: upgrade fenceless to 0.2.0, then systemctl restart " \
-        "fenceless-agent"
+    assert fix["h2"] == "on h2: upgrade fenceless to 0.2.0, then fenceless guard install " \
+        "(its wrapper names the version), then systemctl restart fenceless-agent"
     hosts_of(facts)[1]["facts"]["version"] = "0.10.0"  # newer than 0.2.0, as numbers
     assert [f.host for f in check.run_checks(facts) if f.code == "W_VERSIONS"] == ["h1", "h3"]
 
@@ -149,7 +149,7 @@ def test_lvm_metadata_hazards():
     # (the config lists one device: the second PV is also one LVM finds missing)
     assert set(found) == {"W_AUTOACTIVATION", "W_MDA_PVS", "E_MDA_FULL", "E_PV_UNLISTED"}
     assert found["E_PV_UNLISTED"].message.startswith(
-        "VG sanvg has 2 PVs, but this host's config lists 1 device(s) (/dev/loop9)")
+        "VG sanvg has 2 PVs, but the device(s) this host's config lists (/dev/loop9) hold 1")
     assert "88% used" in found["E_MDA_FULL"].message
     assert "about 428 more LVs fit" in found["E_MDA_FULL"].message  # 7 MiB for 3000 LVs
     facts.vg = replace(VG, mda_free=3 << 20, lv_count=3000)
@@ -230,17 +230,40 @@ def test_a_second_pv_listed_everywhere_and_copies_that_disagree():
     facts = healthy()
     facts.cfg = CFG._replace(vgs=(VgConfig("sanvg", ("/dev/loop9", "/dev/loop10")),))
     facts.vg = replace(VG, pv_count=2)
-    facts.copies = [("/dev/loop9", 12, ""), ("/dev/loop10", 12, "")]
+    facts.copies = [("/dev/loop9", 12, "", False), ("/dev/loop10", 12, "", False)]
     assert codes(facts) == [("W_MDA_PVS", "warning", None)]
-    facts.copies = [("/dev/loop9", 12, ""), ("/dev/loop10", 11, "")]
+    facts.copies = [("/dev/loop9", 12, "", False), ("/dev/loop10", 11, "", False)]
     found = check.run_checks(facts)
     assert [(f.code, f.host) for f in found] == [("E_MDA_COPIES", "h1"), ("W_MDA_PVS", None)]
     assert "(/dev/loop10 seqno 11, /dev/loop9 seqno 12)" in found[0].message
     assert found[0].fix == "on the writer: vgck --updatemetadata sanvg"
-    facts.copies = [("/dev/loop9", 12, ""), ("/dev/loop10", None, "checksum mismatch")]
+    facts.copies = [("/dev/loop9", 12, "", False), ("/dev/loop10", None, "checksum", True)]
     found = check.run_checks(facts)
-    assert found[0].code == "E_MDA_COPIES" and "on /dev/loop10 does not read: checksum " \
-        "mismatch" in found[0].message
+    assert found[0].code == "E_MDA_COPIES" and "on /dev/loop10 does not read: checksum" \
+        in found[0].message
+    # A listed device that is not one of the VG's PVs: the config is wrong, not LVM.
+    facts.copies = [("/dev/loop9", 12, "", False),
+                    ("/dev/loop10", None, "it holds the metadata of VG other", False)]
+    found = check.run_checks(facts)
+    assert [f.code for f in found] == ["W_MDA_PVS", "W_PV_LISTED"]
+    assert found[1].fix.startswith("on h1: correct devices of [vg.sanvg] in fenceless.toml")
+
+
+def test_a_pv_on_no_listed_device_is_found_by_identity_not_by_count():
+    from fenceless.lvm.parse import PvInfo
+
+    facts = healthy()
+    # Two paths listed, but both the same PV (an alias): the second PV is on neither.
+    facts.cfg = CFG._replace(vgs=(VgConfig("sanvg", ("/dev/loop9", "/dev/disk/x")),))
+    facts.vg = replace(VG, pv_count=2)
+    pv = PvInfo("/dev/loop9", "sanvg", "pv-1", 1 << 30, 0, 1 << 20, 1 << 30, 256, 10)
+    facts.pvs = [pv, replace(pv, name="/dev/disk/x")]
+    assert "E_PV_UNLISTED" in {f.code for f in check.run_checks(facts)}
+    facts.pvs = [pv, replace(pv, name="/dev/loop10", uuid="pv-2")]
+    assert "E_PV_UNLISTED" not in {f.code for f in check.run_checks(facts)}
+    # LVM's report names a PV it knows of but does not find "[unknown]": not seen.
+    facts.pvs = [pv, replace(pv, name="[unknown]", uuid="pv-2")]
+    assert "E_PV_UNLISTED" in {f.code for f in check.run_checks(facts)}
 
 
 def test_a_full_metadata_area_names_the_volumes_with_the_most_text():
@@ -251,3 +274,16 @@ def test_a_full_metadata_area_names_the_volumes_with_the_most_text():
     (found,) = [f for f in check.run_checks(facts) if f.code == "W_MDA_FULL"]
     assert found.message.endswith("; the most text is that of big (their tags)")
     assert found.fix.startswith("fenceless volume remove NAME, for each volume no longer")
+
+
+@pytest.mark.parametrize(("older", "newer"), [
+    ("0.9.3", "0.10.1"), ("0.1.9", "0.1.10+g1"), ("0.1.9-1", "0.1.10-1"),
+    ("0.2.0.dev1", "0.2.0"), ("0.2.0rc1", "0.2.0"), ("0.2.0", "0.2.0.post1"),
+    ("unknown", "0.0.1")])
+def test_versions_compare_as_releases(older: str, newer: str) -> None:
+    assert check._version_key(older) < check._version_key(newer)
+
+
+def test_equal_releases_in_other_spellings_are_one_version() -> None:
+    assert check._version_key("1.0") == check._version_key("1.0.0") == \
+        check._version_key("1.0.0+local") == check._version_key("1.0-2")

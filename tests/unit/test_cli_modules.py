@@ -33,7 +33,7 @@ BASE = {"fenceless", "fenceless.cli", "fenceless.cli.common", "fenceless.cli.ren
 
 def test_every_group_module_exists_and_has_register_and_run():
     assert GROUPS == ["adopt_cmd", "check_cmd", "cluster_cmd", "completion_cmd", "guard_cmd",
-                      "host_cmd", "lab_cmd", "metadata_cmd", "vm_cmd", "volume_cmd",
+                      "host_cmd", "lab_cmd", "metadata_cmd", "repair_cmd", "vm_cmd", "volume_cmd",
                       "writer_cmd"]
     for group in GROUPS:
         tree = ast.parse((CLI / f"{group}.py").read_text())

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from fenceless.blockio import SECTOR, MemDevice
+from fenceless.blockio import SECTOR, BlockDevice, MemDevice
 from fenceless.errors import IntegrityError
 from fenceless.lvm import mda
 from fenceless.lvm.mda import (
@@ -406,12 +406,25 @@ def test_a_head_of_another_shape_goes_to_the_whole_scan(text):
 
 
 def test_read_copies_gives_each_pvs_seqno_or_why_not() -> None:
-    a, b, c = Pv(), Pv(), Pv()
+    a, b, c, d = Pv(), Pv(), Pv(), Pv()
     a.commit(text_for(12), 512, len(text_for(12)))
     b.commit(text_for(11), 512, len(text_for(11)))
     c.commit(text_for(12), 512, len(text_for(12)), checksum=1)
-    devs = {"/dev/a": a.dev, "/dev/b": b.dev, "/dev/c": c.dev}
-    got = mda.read_copies(["/dev/a", "/dev/b", "/dev/c"], devs.__getitem__,
-                          lambda p: DEV_SIZE)
-    assert got[:2] == [("/dev/a", 12, ""), ("/dev/b", 11, "")]
-    assert got[2][:2] == ("/dev/c", None) and "checksum" in got[2][2]
+    d.commit(text_for(12, name="other"), 512, len(text_for(12, name="other")))
+    blank = MemDevice(DEV_SIZE, path="/dev/blank")  # not a PV (yet): holds no copy
+    empty = Pv()  # a PV in no VG: no copy either
+    devs = {"/dev/a": a.dev, "/dev/b": b.dev, "/dev/c": c.dev, "/dev/d": d.dev,
+            "/dev/blank": blank, "/dev/e": empty.dev}
+
+    def opener(p: str) -> BlockDevice:
+        if p == "/dev/gone":
+            raise OSError(2, "No such file or directory")
+        return devs[p]
+
+    got = mda.read_copies("vg0", ["/dev/a", "/dev/b", "/dev/c", "/dev/d", "/dev/blank",
+                                  "/dev/e", "/dev/gone"], opener, lambda p: DEV_SIZE)
+    assert [g[:2] for g in got] == [("/dev/a", 12), ("/dev/b", 11), ("/dev/c", None),
+                                    ("/dev/d", None), ("/dev/gone", None)]
+    assert got[2][3] is True and "checksum" in got[2][2]  # the copy itself is bad
+    assert got[3][2:] == ("it holds the metadata of VG other, not vg0", False)
+    assert got[4][2].startswith("it does not open") and got[4][3] is False

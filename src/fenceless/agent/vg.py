@@ -35,7 +35,7 @@ from fenceless.hv.domain import MAX_XML, vm_name
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import Leader
 from fenceless.ledger import vmstore
-from fenceless.ledger.state import Handover
+from fenceless.ledger.state import Handover, RequestInfo
 from fenceless.localstate import set_agent_view
 from fenceless.lvm.adapter import Lvm, Role
 from fenceless.ops.activation import ActivationOp
@@ -341,12 +341,36 @@ class VgAgent:
                              user=str(req.get("user", "")),
                              argv=tuple(str(a) for a in argv) if isinstance(argv, list) else ()
                              ).run()
+        if op == "repair-ledger":
+            return self.repair_ledger(req)
         if op in ("activate", "deactivate", "refresh"):
             vm = req.get("vm")
             return ActivationOp(self.port, self.vg.name, str(op), str(req.get("lv")),
                                 readonly=bool(req.get("readonly")),
                                 vm=vm_name(vm) if isinstance(vm, str) else None).run()
         raise UnknownRequest(op=op)
+
+    def repair_ledger(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``fenceless repair ledger``, run here: the writer rebuilds a ledger that does
+        not read (``ops/repair.py``); the journal reconciles on it at once after."""
+        from fenceless.agent.repairio import RepairIo
+        from fenceless.hv.domain import parse_domain_xml
+        from fenceless.ops.repair import RepairLedgerOp
+
+        if self.keeper.area is None or self.keeper.lease is None:
+            raise NotMember(vg=self.vg.name)
+        argv = req.get("argv")
+        request = RequestInfo(id=str(req.get("id") or new_request_id()), op="repair-ledger",
+                              args={}, user=str(req.get("user", "")),
+                              argv=tuple(str(a) for a in argv) if isinstance(argv, list)
+                              else ("fenceless", "repair", "ledger"))
+        name = self.vg.name
+        result = RepairLedgerOp(RepairIo(self.port, self.keeper.area, self.cfg.state_dir),
+                                lambda xml: parse_domain_xml(xml, name, source="in the store"),
+                                apply=bool(req.get("apply")), request=request).run()
+        if result.get("applied"):
+            self.mailboxes.reconcile_after = 0.0
+        return result
 
     def make_or_join(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
         """``init`` or ``join``: the agent keeps renewing the lease they took."""

@@ -44,14 +44,15 @@ def run(args: argparse.Namespace) -> int:
         got = install.autoactivation(cfg, ctx.runner, only=lvm.vg.name)
         return got[0].get("autoactivation") if got else None
 
-    def copies() -> list[tuple[str, int | None, str]]:
+    def copies() -> list[mda.Copy]:
         timeout = max(cfg.io_timeout, 1.0)
-        return mda.read_copies(lvm.vg.devices, lambda p: TimedIO(open_device(p), timeout),
-                               device_size)
+        return mda.read_copies(lvm.vg.name, lvm.vg.devices,
+                               lambda p: TimedIO(open_device(p), timeout), device_size)
 
     facts = check.gather(cfg, args.vg, read_status, lambda: read_ledger(cfg, args.vg),
                          lvm.vg_and_lvs, auto,
-                         lambda: install.status(cfg, ctx.runner, lvm_report=False), copies)
+                         lambda: install.status(cfg, ctx.runner, lvm_report=False), copies,
+                         lvm.pvs)
     findings = check.run_checks(facts, frozenset(args.warn))
     if getattr(args, "json", False):
         print(json.dumps(check.as_json(findings), indent=2, sort_keys=True))

@@ -71,6 +71,7 @@ EXAMPLES = {
     "metadata restore": "fenceless metadata restore 41 --yes",
     "guard": "fenceless guard install",
     "check": "fenceless check --json",
+    "repair ledger": "fenceless repair ledger",
     "host drain": "fenceless host drain h2",
     "host resume": "fenceless host resume h2",
     "host remove": "fenceless host remove h4",

@@ -48,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "scan": "cluster_cmd", "config": "cluster_cmd",
     "host": "host_cmd",
     "check": "check_cmd",
+    "repair": "repair_cmd",
     "completion": "completion_cmd",
 }
 TOP_COMMANDS = tuple(COMMANDS)

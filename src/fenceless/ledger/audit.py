@@ -43,7 +43,7 @@ from fenceless.ondisk.layout import Layout, Region
 from fenceless.ondisk.record import HEADER_SIZE, KIND_AUDIT, decode_record, encode_record, pad
 
 REGION = "audit"
-RESULTS = ("ok", "refused", "failed")
+RESULTS = ("ok", "refused", "failed", "started")  # "started": an intent (a repair)
 FLAG_TRUNCATED = 0x1
 MARK = "…[truncated]"
 _BODY = struct.Struct("<QHBB")  # wall ms, requesting host id, result, flags

@@ -37,7 +37,8 @@ from fenceless.ondisk.record import (
 
 
 class LedgerUnreadable(IntegrityError):
-    """Ledger has no valid slot ({detail}); refusing to use or overwrite it"""
+    """Ledger has no valid slot ({detail}); refusing to use or overwrite it. On the \
+writer, `fenceless repair ledger` shows how it would rebuild it"""
 
 
 class LedgerTooLarge(RecordTooLarge):
@@ -243,3 +244,86 @@ def write_ledger(
         write_tail_first(dev, region.offset, encode_ledger(rec, region.length), before_write)
         written.append(rec)
     return written[-1]
+
+
+class SlotsChanged(IntegrityError):
+    """The ledger slots changed between the repair's plan and its write ({detail}); \
+nothing was written. Run `fenceless repair ledger` again to see the new state"""
+
+
+class LedgerReadable(IntegrityError):
+    """Refused: the ledger reads (slot {slot}, epoch {epoch}, generation {generation}); \
+a repair writes only over a ledger with no valid slot. Nothing was changed"""
+
+
+def slot_bytes(dev: BlockDevice, layout: Layout) -> tuple[bytes, bytes]:
+    """Both ledger slots as they are on the disk (a repair keeps them, and writes over
+    them only while they are still these bytes)."""
+    a, b = (layout.region(n) for n in LEDGER_SLOTS)
+    return dev.read(a.offset, a.length), dev.read(b.offset, b.length)
+
+
+def overwrite_ledger(
+    dev: BlockDevice,
+    layout: Layout,
+    epoch: int,
+    state: Mapping[str, Any],
+    *,
+    writer_host_id: int,
+    expect: tuple[bytes, bytes],
+    before_write: Callable[[], None] | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> LedgerRecord:
+    """``fenceless repair ledger`` only: write ``state`` into both slots of a ledger that
+    has no valid slot, which ``write_ledger`` refuses to touch.
+
+    Not blind: both slots must still hold ``expect``, the very bytes the admin saw in
+    the repair's plan (and that the agent kept a copy of), and none may be a valid
+    record or claim a higher epoch than ours (a stale writer is refused as always).
+    Slot A is written first: a repair cut short leaves A valid, or B damaged as before.
+    """
+    now = slot_bytes(dev, layout)
+    if now != expect:
+        which = [n for n, x, y in zip(LEDGER_SLOTS, now, expect, strict=True) if x != y]
+        raise SlotsChanged(detail=f"{' and '.join(which)} now hold other bytes")
+    slots = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
+    for s in slots:
+        if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
+            raise s.error  # a newer fenceless's ledger is not damage
+        if s.record is not None:
+            raise LedgerReadable(slot=s.name, epoch=s.record.epoch,
+                                 generation=s.record.generation)
+        if s.torn and s.torn_order[0] > epoch:
+            raise StaleEpoch(epoch=epoch, where=f"ledger slot {s.name}", seen=s.torn_order[0])
+    generation = max([s.torn_order[1] for s in slots if s.torn and s.torn_order[0] == epoch
+                      and s.torn_order[1] < MAX_GENERATION], default=0)
+    rec = LedgerRecord(epoch, generation, writer_host_id, 0, {})
+    for name in LEDGER_SLOTS:
+        rec = LedgerRecord(epoch=epoch, generation=rec.generation + 1,
+                           writer_host_id=writer_host_id,
+                           written_wall_ms=int(wall_clock() * 1000), state=dict(state))
+        region = layout.region(name)
+        write_tail_first(dev, region.offset, encode_ledger(rec, region.length), before_write)
+    return rec
+
+
+class LedgerEmpty(IntegrityError):
+    """Refused: both ledger slots are empty (a cluster that was never initialized, or \
+zeroed); there is nothing to repair, and nothing was changed"""
+
+
+def damage(dev: BlockDevice, layout: Layout) -> list[str]:
+    """What is wrong with each ledger slot, for a repair's plan; raises unless the ledger
+    is one a repair may write over (no valid slot, and no newer format)."""
+    out = []
+    for name in LEDGER_SLOTS:
+        s = _read_slot(dev, layout.region(name))
+        if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
+            raise s.error
+        if s.record is not None:
+            raise LedgerReadable(slot=s.name, epoch=s.record.epoch,
+                                 generation=s.record.generation)
+        out.append(f"{name}: {s.error}" if s.error is not None else f"{name}: empty")
+    if all(o.endswith(": empty") for o in out):
+        raise LedgerEmpty()
+    return out

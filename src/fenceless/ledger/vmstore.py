@@ -153,6 +153,13 @@ def read_definition(dev: BlockDevice, layout: Layout, slot: int, *, name: str, s
     return got.xml
 
 
+def read_slot(dev: BlockDevice, layout: Layout, slot: int) -> StoredXml | None:
+    """Whatever definition slot ``slot`` holds, unchecked against any ledger (a repair
+    rebuilds the index from these); None if it is empty."""
+    region, offset = _slot(layout, DEFS, slot)
+    return _read(dev, KIND_VMDEF, region, offset)
+
+
 def write_stage(dev: BlockDevice, layout: Layout, host_id: int, name: str, xml: str, *,
                 seq: int, generation: int,
                 before_write: Callable[[], None] | None = None) -> None:

@@ -82,6 +82,10 @@ class MdaChecksumMismatch(MdaError):
 (stored {stored:#010x}, computed {computed:#010x})"""
 
 
+class NotAPv(MdaError):
+    """{path} is not an LVM PV (at offset {offset}): {detail}"""
+
+
 class NoVgMetadata(UserError):
     """{path} holds no VG metadata ({detail})"""
 
@@ -174,8 +178,8 @@ def read_label(dev: BlockDevice, *, size: int | None = None) -> list[MdaLocation
             found = sector
             break
     if found is None:
-        raise MdaError(path=path, offset=0,
-                       detail="no LVM2 label (LABELONE) in the first 4 sectors: not a PV")
+        raise NotAPv(path=path, offset=0,
+                     detail="no LVM2 label (LABELONE) in the first 4 sectors: not a PV")
     base = found * LABEL_SIZE
     sec = head[base : base + LABEL_SIZE]
     _id, sector_xl, crc_xl, offset_xl, ltype = _LABEL.unpack_from(sec)
@@ -337,21 +341,48 @@ def read_metadata_text(dev: BlockDevice, *, location: MdaLocation | None = None,
     raise AssertionError("unreachable")
 
 
-def read_copies(paths: Sequence[str], open_dev: Callable[[str], BlockDevice],
-                size_of: Callable[[str], int]) -> list[tuple[str, int | None, str]]:
-    """The seqno of the metadata copy on each of ``paths`` (a VG's PVs), or None and why
-    it does not read: copies that disagree are a hazard (``fenceless check``)."""
-    out: list[tuple[str, int | None, str]] = []
-    for path in paths:
-        try:
-            dev = open_dev(path)
-            try:
-                out.append((path, read_metadata_text(dev, size=size_of(path))[1], ""))
-            finally:
-                dev.close()
-        except FencelessError as exc:
-            out.append((path, None, str(exc)))
-    return out
+Copy = tuple[str, int | None, str, bool]  # path, seqno or None, why not, the copy is bad
+
+
+def read_copies(vg: str, paths: Sequence[str], open_dev: Callable[[str], BlockDevice],
+                size_of: Callable[[str], int]) -> list[Copy]:
+    """The seqno of VG ``vg``'s metadata copy on each of ``paths`` (its listed PVs).
+
+    A device with no metadata of a VG (a PV made with no metadata area, or one marked
+    ignored, or a device not in the VG yet) holds no copy and is left out. Otherwise:
+    None and why, with whether the copy itself is bad (``vgck --updatemetadata`` writes
+    it anew) or the device (it does not open, or holds another VG). Copies that disagree
+    are a hazard (``fenceless check``): a pass that sees them disagree is read again, so
+    a commit between two reads is not taken for one.
+    """
+    out: list[Copy] = []
+    for _attempt in range(3):
+        out = [_copy(vg, path, open_dev, size_of) for path in paths]
+        if len({c[1] for c in out if c[1] is not None}) <= 1:
+            break
+    return [c for c in out if c[2] != "-"]
+
+
+def _copy(vg: str, path: str, open_dev: Callable[[str], BlockDevice],
+          size_of: Callable[[str], int]) -> Copy:
+    try:
+        dev = open_dev(path)
+    except (FencelessError, OSError) as exc:
+        return path, None, f"it does not open: {exc}", False
+    try:
+        text, seqno = read_metadata_text(dev, size=size_of(path))
+        name = committed_identity(text)[0]
+    except (NoVgMetadata, NotAPv):
+        return path, None, "-", False
+    except MdaError as exc:
+        return path, None, str(exc), True
+    except (FencelessError, OSError) as exc:
+        return path, None, str(exc), False
+    finally:
+        dev.close()
+    if name != vg:
+        return path, None, f"it holds the metadata of VG {name}, not {vg}", False
+    return path, seqno, "", False
 
 
 # --- the text ---------------------------------------------------------------------

@@ -16,19 +16,24 @@ mistake), ``I`` (information).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fenceless.config import HostConfig
 from fenceless.errors import FencelessError
+from fenceless.ledger.slots import LedgerUnreadable
 from fenceless.ledger.state import LedgerState
-from fenceless.lvm.parse import LvInfo, VgInfo, metadata_area_use
+from fenceless.lvm.parse import LvInfo, PvInfo, VgInfo, metadata_area_use
 from fenceless.lvm.policy import CONTROL_LV
 
 SEVERITIES = ("error", "warning", "info")
 REQ_TAG = "fenceless_req_"  # ops/volume.py: every LV fenceless creates carries one
 MDA_WARN, MDA_ERROR = 0.5, 0.8  # share of the metadata area in use
+REPAIR_LEDGER = ("on the writer: fenceless repair ledger (it shows what it would write), then "
+                 "fenceless repair ledger --yes")
+MISSING_PV = "[unknown]"
 BIG_TAGS = 4096  # bytes of tags that make an LV's metadata text stand out
 LATE_N = 6  # the writer's host lease unchanged this many N: late (sanlock warns at 6N)
 
@@ -55,10 +60,12 @@ class Facts:
     lvs: list[LvInfo] | None = None
     autoactivation: bool | None = None
     guard: dict[str, Any] | None = None  # this host's ``guard status``
-    # Each configured device of the VG: (path, the seqno of its metadata copy or None,
-    # why it could not be read); None if not looked at.
-    copies: list[tuple[str, int | None, str]] | None = None
+    # Each listed device of the VG that holds a metadata copy: (path, its seqno or None,
+    # why not, whether the copy itself is bad); None if not looked at (lvm/mda.py).
+    copies: list[tuple[str, int | None, str, bool]] | None = None
+    pvs: list[PvInfo] | None = None  # LVM's report of the PVs on the listed devices
     unread: list[str] = field(default_factory=list)
+    unread_fix: dict[str, str] = field(default_factory=dict)  # why -> its fix, if known
 
     def hosts(self) -> list[dict[str, Any]]:
         return list(self.status["hosts"]) if self.status else []
@@ -88,8 +95,9 @@ def finding(code: str, host: str | None, message: str, fix: str) -> Finding:
 def run_checks(facts: Facts, demote: frozenset[str] = frozenset()) -> list[Finding]:
     """Every registered check's findings, errors first; ``demote``: codes reported as
     warnings only (as an admin who accepts a known hazard asks)."""
-    out = [finding("E_UNREADABLE", None, why, "see the message; run `fenceless check` "
-                   "again once it is readable") for why in facts.unread]
+    out = [finding("E_UNREADABLE", None, why, facts.unread_fix.get(
+        why, "see the message; run `fenceless check` again once it is readable"))
+        for why in facts.unread]
     for code, fn in sorted(CHECKS.items()):
         if facts.status is None and code != "E_UNREADABLE":
             break
@@ -137,14 +145,25 @@ def agent_versions(facts: Facts) -> list[Finding]:
     listing = ", ".join(f"{n} {v}" for n, v in sorted(seen.items()))
     return [finding("W_VERSIONS", name, f"the agents run different fenceless versions "
                     f"({listing}): finish the upgrade, one host at a time",
-                    f"on {name}: upgrade fenceless to {newest}, then systemctl restart "
-                    "fenceless-agent")
+                    f"on {name}: upgrade fenceless to {newest}, then fenceless guard install "
+                    "(its wrapper names the version), then systemctl restart fenceless-agent")
             for name, v in sorted(seen.items()) if v != newest]
 
 
-def _version_key(v: str) -> tuple[tuple[int, str], ...]:
-    """"0.10.1" after "0.9.3": numbers compare as numbers, anything else as text."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in v.split("."))
+def _version_key(v: str) -> tuple[tuple[int, ...], int, str]:
+    """Release numbers first ("0.10.1" after "0.9.3", "1.0" equal to "1.0.0"); then a
+    pre-release ("rc1", ".dev2") before the release and a ".post1" after it; a local or
+    distribution suffix ("+g1234", "-1") counts for nothing."""
+    m = re.match(r"(\d+(?:\.\d+)*)(.*)", v)
+    if m is None:
+        return (), -2, v
+    numbers = tuple(int(p) for p in m.group(1).split("."))
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers = numbers[:-1]
+    rest = m.group(2).split("+")[0]
+    tag = rest.lstrip(".-_").lower()
+    rank = 0 if not tag or rest.startswith("-") else 1 if tag.startswith("post") else -1
+    return numbers, rank, tag if rank else ""
 
 
 @check("W_IO_TIMEOUT")
@@ -362,31 +381,37 @@ def autoactivation(facts: Facts) -> list[Finding]:
 
 @check("E_PV_UNLISTED")
 def pvs_not_configured(facts: Facts) -> list[Finding]:
-    """A PV of the VG that this host's config does not list (a ``vgextend`` by hand):
-    LVM, which fenceless runs on the listed devices only, finds it missing and refuses
-    every change to the VG."""
+    """A PV of the VG on no device this host's config lists (a ``vgextend`` by hand, or a
+    stale path): LVM, which fenceless runs on the listed devices only, finds it missing
+    and refuses every change to the VG."""
     listed = facts.cfg.vg(facts.vg_name).devices
-    if facts.vg is None or facts.vg.pv_count <= len(listed):
+    if facts.vg is None:
+        return []
+    # (LVM reports a PV it knows of but does not find as "[unknown]")
+    seen = len({p.uuid for p in facts.pvs if p.vg_name == facts.vg_name
+                and p.name != MISSING_PV}) if facts.pvs is not None else len(listed)
+    if facts.vg.pv_count <= seen:
         return []
     return [finding("E_PV_UNLISTED", facts.cfg.host,
-                    f"VG {facts.vg_name} has {facts.vg.pv_count} PVs, but this host's config "
-                    f"lists {len(listed)} device(s) ({', '.join(listed)}): LVM, run on those "
-                    "only, finds the others missing and refuses every volume change",
-                    f"on the writer: vgreduce {facts.vg_name} PV, for each PV the config does "
-                    "not list and no LV uses (`pvs -o pv_name,vg_name,pv_used` shows them); "
-                    f"or list every PV in devices of [vg.{facts.vg_name}] in each host's "
-                    "fenceless.toml")]
+                    f"VG {facts.vg_name} has {facts.vg.pv_count} PVs, but the device(s) this "
+                    f"host's config lists ({', '.join(listed)}) hold {seen}: LVM, run on "
+                    "those only, finds the others missing and refuses every volume change",
+                    f"on the writer: vgreduce {facts.vg_name} PV, for each PV not listed that "
+                    "no LV uses (`pvs -o pv_name,vg_name,pv_used` shows them); or add it "
+                    f"after the first device in devices of [vg.{facts.vg_name}] in each "
+                    "host's fenceless.toml, then systemctl restart fenceless-agent on each")]
 
 
 @check("E_MDA_COPIES")
 def metadata_copies_disagree(facts: Facts) -> list[Finding]:
-    """The VG's metadata copies on its PVs at different versions: LVM uses the newest it
-    finds, so a PV seen without the others brings an old version back."""
+    """The VG's metadata copies on its PVs at different versions, or one that does not
+    read: LVM uses the newest it finds, so a PV seen without the others brings an old
+    version back."""
     fix = f"on the writer: vgck --updatemetadata {facts.vg_name}"
     out = [finding("E_MDA_COPIES", facts.cfg.host, f"the metadata copy of VG "
                    f"{facts.vg_name} on {path} does not read: {why}", fix)
-           for path, seqno, why in facts.copies or [] if seqno is None]
-    seqnos = {path: seqno for path, seqno, _why in facts.copies or [] if seqno is not None}
+           for path, seqno, why, bad in facts.copies or [] if seqno is None and bad]
+    seqnos = {c[0]: c[1] for c in facts.copies or [] if c[1] is not None}
     if len(set(seqnos.values())) > 1:
         listing = ", ".join(f"{p} seqno {n}" for p, n in sorted(seqnos.items()))
         out.append(finding("E_MDA_COPIES", facts.cfg.host,
@@ -394,6 +419,16 @@ def metadata_copies_disagree(facts: Facts) -> list[Finding]:
                            "LVM uses the newest, and an older one comes back if its PV is "
                            "seen alone", fix))
     return out
+
+
+@check("W_PV_LISTED")
+def listed_devices(facts: Facts) -> list[Finding]:
+    """A device listed for the VG that does not open, or holds another VG's metadata."""
+    return [finding("W_PV_LISTED", facts.cfg.host, f"{path}, listed in devices of "
+                    f"[vg.{facts.vg_name}], is not one of its PVs as it should be: {why}",
+                    f"on {facts.cfg.host}: correct devices of [vg.{facts.vg_name}] in "
+                    "fenceless.toml, then systemctl restart fenceless-agent")
+            for path, seqno, why, bad in facts.copies or [] if seqno is None and not bad]
 
 
 @check("W_MDA_PVS")
@@ -428,9 +463,10 @@ def metadata_area_full(facts: Facts) -> list[Finding]:
                     f"VG {facts.vg_name}'s metadata area is {used:.0%} used ({vg.mda_free} "
                     f"bytes free of the {int(usable)} its text may take): about {fit} more "
                     f"LVs fit{_largest(facts)}",
-                    "fenceless volume remove NAME, for each volume no longer needed; for "
-                    "room, a new PV with a larger --metadatasize and docs/runbook.md, "
-                    "\"Replace the LUN\"")]
+                    "fenceless volume remove NAME, for each volume no longer needed; or, "
+                    f"for tags no longer needed, on the writer: lvchange --deltag TAG "
+                    f"{facts.vg_name}/NAME; for room, a new PV with a larger "
+                    "--metadatasize and docs/runbook.md, \"Replace the LUN\"")]
 
 
 def _largest(facts: Facts) -> str:
@@ -450,7 +486,8 @@ def gather(cfg: HostConfig, vg_name: str | None,
            report: Callable[[], tuple[VgInfo, list[LvInfo]]],
            autoactivation: Callable[[], bool | None],
            guard: Callable[[], dict[str, Any]],
-           copies: Callable[[], list[tuple[str, int | None, str]]] | None = None) -> Facts:
+           copies: Callable[[], list[tuple[str, int | None, str, bool]]] | None = None,
+           pvs: Callable[[], list[PvInfo]] | None = None) -> Facts:
     """Read everything the checks look at, each part on its own: a part that cannot be
     read is a finding, and the checks that need it say nothing."""
     facts = Facts(cfg, cfg.vg(vg_name).name)
@@ -465,11 +502,16 @@ def gather(cfg: HostConfig, vg_name: str | None,
     ]
     if copies is not None:
         parts.append(("the metadata copies", lambda: setattr(facts, "copies", copies())))
+    if pvs is not None:
+        parts.append(("LVM's report of the PVs", lambda: setattr(facts, "pvs", pvs())))
     for what, read in parts:
         try:
             read()
         except FencelessError as exc:
-            facts.unread.append(f"{what} could not be read: {exc}")
+            why = f"{what} could not be read: {exc}"
+            facts.unread.append(why)
+            if isinstance(exc, LedgerUnreadable):
+                facts.unread_fix[why] = REPAIR_LEDGER
     return facts
 
 

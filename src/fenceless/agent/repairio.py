@@ -1,0 +1,101 @@
+"""The writer agent's side of ``fenceless repair ledger`` (``ops/repair.py``): the reads
+of every place on the LUN that the rebuild takes from, the copy of the damaged slots,
+and the one write over them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from fenceless.errors import FencelessError
+from fenceless.lease.delta import HostRecord
+from fenceless.ledger import audit, slots, vmstore
+from fenceless.ledger.state import LedgerState, RequestInfo, WriterInfo
+from fenceless.ledger.vmstore import StoredXml
+from fenceless.localstate import vg_dir
+from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ops.port import RolePort
+from fenceless.ops.repair import Found, RepairNotWriter
+
+
+class RepairIo:
+    def __init__(self, port: RolePort, area: object, state_dir: str) -> None:
+        from fenceless.control.area import ControlArea
+
+        assert isinstance(area, ControlArea)
+        self.p, self.area, self.state_dir = port, area, state_dir
+        self.host = port.host
+
+    def writer(self) -> WriterInfo:
+        epoch = self.p.epoch
+        if epoch is None:
+            leader = self.p.read_leader()
+            who = f"{leader.owner_name} is, epoch {leader.lver}" if leader is not None \
+                and not leader.released else "none is"
+            raise RepairNotWriter(host=self.host, who=who)
+        self.p.check_leader()
+        return WriterInfo(self.p.host_id, self.host, epoch)
+
+    def check_write(self) -> None:
+        self.p.check_write()
+
+    def slot_bytes(self) -> tuple[bytes, bytes]:
+        return slots.slot_bytes(self.area.dev, self.area.layout)
+
+    def damage(self) -> list[str]:
+        return slots.damage(self.area.dev, self.area.layout)
+
+    def find(self, writer: WriterInfo) -> Found:
+        dev, layout = self.area.dev, self.area.layout
+        hosts_area = self.area.hosts()
+        raw = hosts_area.read_area()
+        hosts: list[HostRecord] = []
+        for hid in range(1, self.area.sb.max_hosts + 1):
+            try:
+                rec = hosts_area.decode(raw, hid)
+            except CorruptRecord:
+                continue  # its claims cannot be told apart: see ops/repair.py
+            if rec is not None:
+                hosts.append(rec)
+        defs: list[tuple[int, StoredXml | FencelessError]] = []
+        for slot in range(vmstore.slot_count(layout) if vmstore.has_store(layout) else 0):
+            try:
+                got = vmstore.read_slot(dev, layout, slot)
+            except FencelessError as exc:
+                defs.append((slot, exc))
+                continue
+            if got is not None:
+                defs.append((slot, got))
+        try:
+            seqno: int | None = self.p.read_metadata()[1]
+        except FencelessError:
+            seqno = None
+        return Found(cluster=str(self.area.sb.cluster_uuid), vg=self.p.vg, writer=writer,
+                     hosts=hosts, claims=self.p.claims_now(), definitions=defs,
+                     audit=audit.read_log(dev, layout), vg_seqno=seqno,
+                     wall_ms=int(time.time() * 1000))
+
+    def keep_damaged(self, raw: tuple[bytes, bytes]) -> str:
+        folder = vg_dir(self.state_dir, self.p.vg)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"ledger-damaged-{int(time.time())}.bin"
+        with open(path, "wb") as f:
+            f.write(raw[0] + raw[1])
+            f.flush()
+            os.fsync(f.fileno())
+        return str(path)
+
+    def overwrite(self, state: LedgerState, expect: tuple[bytes, bytes]) -> int:
+        epoch = self.p.epoch
+        assert epoch is not None
+        rec = slots.overwrite_ledger(self.area.dev, self.area.layout, epoch, state.to_json(),
+                                     writer_host_id=self.p.host_id, expect=expect,
+                                     before_write=self.p.check_write)
+        self.p.ledger(fresh=True)  # the writer's copy: the new ledger
+        return rec.generation
+
+    def audit(self, host: str, request: RequestInfo, result: str, message: str) -> None:
+        self.p.audit(host, request, result, message)
+
+    def log(self, msg: str) -> None:
+        self.p.log(msg)

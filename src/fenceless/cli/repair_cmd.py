@@ -1,0 +1,80 @@
+"""``fenceless repair ledger``: rebuild a ledger whose two slots both fail to read
+(``ops/repair.py``). Parsing and output only; the writer's agent does the work.
+
+Without ``--yes`` it shows what it would write and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fenceless.cli.common import (
+    FORMATTER,
+    Parser,
+    Subparsers,
+    agent_call,
+    command,
+    emit,
+    epilog,
+    load_config,
+    vg_option,
+)
+
+
+def register(sub: Subparsers, name: str) -> None:
+    """Add the ``repair`` command and its subcommands to the top-level ``sub``."""
+    del name
+    rp = sub.add_parser("repair", help="rebuild damaged parts of the control area",
+                        formatter_class=FORMATTER, description="Rebuild a part of the "
+                        "control area that does not read, from what else is on the LUN.",
+                        epilog=epilog("repair ledger"))
+    rsub = rp.add_subparsers(dest="repair_command", metavar="REPAIRCOMMAND",
+                             parser_class=Parser)
+    rsub.required = True
+    sp = command(rsub, "ledger", "repair ledger", "rebuild a ledger whose two slots both "
+                 "fail to read, from the host sectors, claims, VM store, audit log and LVM "
+                 "metadata (on the writer; a dry run that shows the plan unless --yes)")
+    sp.add_argument("--yes", action="store_true",
+                    help="really write the rebuilt ledger (the damaged slots are kept in "
+                    "the writer's state dir first)")
+    vg_option(sp)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fenceless.ops.requests import current_user, new_request_id
+
+    cfg = load_config(args)
+    argv = ["fenceless", "repair", "ledger"] + (["--yes"] if args.yes else [])
+    res = agent_call(cfg, {"op": "repair-ledger", "vg": args.vg, "apply": args.yes,
+                           "id": new_request_id(), "user": current_user(), "argv": argv},
+                     timeout=60.0)
+    emit(args, res, text)
+    return 0
+
+
+def text(res: dict[str, Any]) -> str:
+    """The plan (or what was done), for people."""
+    lines = [f"VG {res['vg']}: the ledger does not read:"]
+    lines += [f"  {d}" for d in res["damage"]]
+    lines.append(f"{'Wrote' if res['applied'] else 'Would write'} a ledger at writer epoch "
+                 f"{res['epoch']}, VG seqno {res['vg_seqno']}, with:")
+    lines.append("  hosts: " + (", ".join(f"{n} (id {i})" for i, n in res["hosts"].items())
+                                or "none"))
+    for vm in res["vms"]:
+        where = f"running on {vm['host']}" if vm["host"] else "stopped"
+        lines.append(f"  VM {vm['name']} version {vm['version']}: {where}")
+    if not res["vms"]:
+        lines.append("  no VM")
+    if res["left_out"]:
+        lines.append("Left out:")
+        lines += [f"  {x}" for x in res["left_out"]]
+    lines.append("Not kept (a ledger holds them only):")
+    lines += [f"  {x}" for x in res["lost"]]
+    if res["applied"]:
+        lines.append(f"Done: generation {res['generation']}. The damaged slots are kept in "
+                     f"{res['kept']}. Run `fenceless check`.")
+    else:
+        lines.append("Nothing was changed. Check the VMs' hosts above, then run "
+                     "`fenceless repair ledger --yes` to write it.")
+    return "\n".join(lines)

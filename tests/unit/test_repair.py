@@ -1,0 +1,200 @@
+"""``fenceless repair ledger``: the rebuild from what else is on the LUN (no I/O), the one
+write over a ledger with no valid slot, and the whole repair on a real control area
+(memory and O_DIRECT). The same in a lab: tests/integration/test_repair.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fenceless.blockio import BlockDevice
+from fenceless.hv.domain import parse_domain_xml
+from fenceless.lease.delta import HostRecord
+from fenceless.ledger import audit, slots, vmstore
+from fenceless.ledger.audit import AuditEntry, AuditRecord
+from fenceless.ledger.claims import Claim, HostClaims, write_claims
+from fenceless.ledger.slots import LEDGER_SLOTS, LedgerReadable, SlotsChanged
+from fenceless.ledger.state import LedgerState, RequestInfo, WriterInfo
+from fenceless.ledger.vmstore import StoredXml
+from fenceless.ondisk.errors import CorruptRecord, StaleEpoch
+from fenceless.ondisk.layout import Layout
+from fenceless.ondisk.record import HEADER_SIZE
+from fenceless.ops.repair import Found, RepairLedgerOp, RepairNotWriter, RepairUnsure, rebuild
+from tests.unit.harness import writer_and_reader
+from tests.unit.test_domain import WEB
+
+LAYOUT = Layout.compute(4)
+DB = WEB.replace("web01", "db01").replace("vm-web01", "vm-db01")
+
+
+def parse(xml: str):  # type: ignore[no-untyped-def]
+    return parse_domain_xml(xml, "sanvg")
+
+
+def hrec(hid: int, name: str, gen: int = 1, free: bool = False) -> HostRecord:
+    return HostRecord(hid, name, gen, 0 if free else 1000, 0.2)
+
+
+def said(seq: int, *argv: str, result: str = "ok") -> AuditEntry:
+    return AuditEntry(seq, 0, seq, 1, record=AuditRecord("h2", "root", ("fenceless", *argv),
+                                                         f"r{seq}", result))
+
+
+def found(**kw) -> Found:  # type: ignore[no-untyped-def]
+    base = dict(cluster="c-1", vg="sanvg", writer=WriterInfo(1, "h1", 5),
+                hosts=[hrec(1, "h1"), hrec(2, "h2"), hrec(3, "h3", free=True)],
+                claims={}, definitions=[(0, StoredXml("web01", WEB, 3, 2)),
+                                        (1, StoredXml("db01", DB, 4, 2))],
+                audit=[], vg_seqno=17, wall_ms=1)
+    base.update(kw)
+    return Found(**base)  # type: ignore[arg-type]
+
+
+def test_the_rebuild_takes_hosts_vms_seqno_and_the_writer_from_their_own_places():
+    plan = rebuild(found(), parse)
+    st = plan.state
+    assert (st.cluster, st.vg, st.writer, st.vg_seqno, st.vm_seq) == \
+        ("c-1", "sanvg", WriterInfo(1, "h1", 5), 17, 4)
+    assert st.host_names() == {1: "h1", 2: "h2"}  # h3's sector is free: left out, said so
+    assert any(x.startswith("host h3 (id 3): its host sector is free") for x in plan.left_out)
+    assert {n: (v.host, v.state, v.seq) for n, v in st.vms.items()} == {
+        "web01": (None, "stopped", 3), "db01": (None, "stopped", 4)}
+    assert [(d.volume, d.mode) for d in st.vms["web01"].disks] == \
+        [("vm-web01", "rw"), ("debian-12-iso", "ro")]
+    assert st.vms["web01"].sha == vmstore.digest(WEB)
+    assert st.intents == {} and st.requests == {}
+    # What it writes reads back as a ledger.
+    assert LedgerState.from_json(st.to_json()) == st
+
+
+def test_the_newest_version_is_current_and_the_older_ones_its_history():
+    plan = rebuild(found(definitions=[(0, StoredXml("web01", WEB, 3, 2)),
+                                      (5, StoredXml("web01", WEB.replace("<vcpu>2", "<vcpu>4"),
+                                                    7, 3))]), parse)
+    web = plan.state.vms["web01"]
+    assert (web.slot, web.seq, web.vcpus, plan.state.vm_seq) == (5, 7, 4, 7)
+    assert [(h.slot, h.seq, h.action) for h in plan.state.vm_history] == [(0, 3, "edit")]
+
+
+def test_a_vm_undefined_after_its_last_version_stays_out_and_one_defined_again_is_in():
+    undefined = [said(10, "vm", "define", "db01", "--xml", "db.xml"),
+                 said(11, "vm", "undefine", "db01"),
+                 said(12, "vm", "undefine", "web01"),
+                 said(13, "vm", "define", "web01", "--xml", "w.xml"),
+                 said(14, "vm", "undefine", "zz", result="refused")]
+    plan = rebuild(found(audit=undefined), parse)
+    assert set(plan.state.vms) == {"web01"}
+    assert "VM db01 (version 4): undefined, audit record 11" in plan.left_out
+
+
+def test_a_definition_that_does_not_read_or_parse_is_left_out_and_said_so():
+    bad = CorruptRecord(region="vms", offset=4096, detail="checksum mismatch")
+    plan = rebuild(found(definitions=[(0, bad), (1, StoredXml("db01", "<domain/>", 4, 2))]),
+                   parse)
+    assert plan.state.vms == {} and plan.state.vm_seq == 4
+    assert plan.left_out[1].startswith("VM store slot 0: ")
+    assert plan.left_out[2].startswith("VM db01 (version 4, slot 1): ")
+
+
+def test_a_vm_runs_where_its_disk_is_mapped_read_write_by_the_current_incarnation():
+    claims = {2: HostClaims("h2", 1, {"vm-web01": Claim(8 << 20, "rw"),
+                                      "debian-12-iso": Claim(8 << 20, "ro")}),
+              1: HostClaims("h1", 1, {"debian-12-iso": Claim(8 << 20, "ro")})}
+    plan = rebuild(found(claims=claims), parse)
+    web = plan.state.vms["web01"]
+    assert (web.host, web.state, web.holder_id, web.holder_gen, web.since_epoch) == \
+        ("h2", "running", 2, 1, 5)
+    assert plan.state.vms["db01"].host is None
+    # A claims record of an earlier incarnation of h2 counts for nothing.
+    old = {2: HostClaims("h2", 0, {"vm-web01": Claim(8 << 20, "rw")})}
+    assert rebuild(found(claims=old), parse).state.vms["web01"].host is None
+
+
+def test_what_cannot_be_told_safely_stops_the_repair():
+    both = {1: HostClaims("h1", 1, {"vm-web01": Claim(1, "rw")}),
+            2: HostClaims("h2", 1, {"vm-web01": Claim(1, "rw")})}
+    with pytest.raises(RepairUnsure, match="VM web01's disks are mapped read-write on h1, h2"):
+        rebuild(found(claims=both), parse)
+    bad = {2: CorruptRecord(region="claims", offset=0, detail="foreign data")}
+    with pytest.raises(RepairUnsure, match=r"the claims record of h2 .* restart its agent"):
+        rebuild(found(claims=bad), parse)
+
+
+def garbage(dev: BlockDevice) -> tuple[bytes, bytes]:
+    for name in LEDGER_SLOTS:
+        r = LAYOUT.region(name)
+        dev.write(r.offset, b"\xa5" * 4096)
+    return slots.slot_bytes(dev, LAYOUT)
+
+
+def test_the_one_write_over_a_ledger_with_no_valid_slot(dev: BlockDevice):
+    raw = garbage(dev)
+    assert all("foreign data" in d for d in slots.damage(dev, LAYOUT))
+    state = {"cluster": "c-1", "vg": "sanvg"}
+    # Bytes other than those the plan saw: nothing is written.
+    other = (raw[0], b"\0" + raw[1][1:])
+    with pytest.raises(SlotsChanged, match="ledger_b now hold"):
+        slots.overwrite_ledger(dev, LAYOUT, 5, state, writer_host_id=1, expect=other)
+    assert slots.slot_bytes(dev, LAYOUT) == raw
+    rec = slots.overwrite_ledger(dev, LAYOUT, 5, state, writer_host_id=1, expect=raw)
+    view = slots.read_ledger(dev, LAYOUT)
+    assert view.current is not None and view.current.state == state
+    assert (rec.epoch, rec.generation) == (5, 2) and view.problems == []
+    # A ledger that reads is never written over by a repair.
+    with pytest.raises(LedgerReadable):
+        slots.damage(dev, LAYOUT)
+    with pytest.raises(LedgerReadable):
+        slots.overwrite_ledger(dev, LAYOUT, 6, state, writer_host_id=1,
+                               expect=slots.slot_bytes(dev, LAYOUT))
+
+
+def test_a_torn_slot_of_a_newer_epoch_refuses_a_stale_repair(dev: BlockDevice):
+    slots.write_ledger(dev, LAYOUT, 7, {"vg": "sanvg"}, writer_host_id=2, both_slots=True)
+    for name in LEDGER_SLOTS:  # both torn: their headers say epoch 7, their bodies are cut
+        r = LAYOUT.region(name)
+        head = dev.read(r.offset, 4096)
+        dev.write(r.offset, head[:HEADER_SIZE] + b"\xff" * 8 + head[HEADER_SIZE + 8:])
+    raw = slots.slot_bytes(dev, LAYOUT)
+    with pytest.raises(StaleEpoch):
+        slots.overwrite_ledger(dev, LAYOUT, 6, {}, writer_host_id=1, expect=raw)
+    assert slots.slot_bytes(dev, LAYOUT) == raw
+    rec = slots.overwrite_ledger(dev, LAYOUT, 7, {"vg": "sanvg"}, writer_host_id=1,
+                                 expect=raw)
+    assert rec.generation > 2  # above what the torn headers claim
+
+
+def test_the_whole_repair_on_a_control_area(dev: BlockDevice, tmp_path: Path):
+    from fenceless.agent.repairio import RepairIo
+
+    _clock, _vg, h1, h2 = writer_and_reader(dev)
+    area = h1.keeper.area
+    assert area is not None
+    vmstore.write_definition(area.dev, area.layout, 2, "web01", WEB, seq=1, epoch=1)
+    write_claims(area.dev, area.layout, 2, HostClaims("h2", h2.keeper.lease.generation, {
+        "vm-web01": Claim(8 << 20, "rw")}))  # type: ignore[union-attr]
+    raw = garbage(area.dev)
+    request = RequestInfo("r1", "repair-ledger", {}, "root", ("fenceless", "repair", "ledger"))
+
+    # Only the writer repairs.
+    with pytest.raises(RepairNotWriter, match="h1 is, epoch 1"):
+        RepairLedgerOp(RepairIo(h2.port, area, str(tmp_path)), parse, apply=False,
+                       request=request).run()
+    io = RepairIo(h1.port, area, str(tmp_path))
+    plan = RepairLedgerOp(io, parse, apply=False, request=request).run()
+    assert plan["applied"] is False and slots.slot_bytes(area.dev, area.layout) == raw
+    assert plan["hosts"] == {"1": "h1", "2": "h2"}
+    assert plan["vms"] == [{"name": "web01", "version": 1, "host": "h2", "state": "running"}]
+
+    done = RepairLedgerOp(io, parse, apply=True, request=request).run()
+    assert done["applied"] is True
+    assert Path(done["kept"]).read_bytes() == raw[0] + raw[1]  # nothing lost
+    state = h1.port.ledger(fresh=True)
+    assert state.writer == WriterInfo(1, "h1", 1) and state.vms["web01"].host == "h2"
+    log = [(e.record.argv, e.record.result) for e in audit.read_log(area.dev, area.layout)
+           if e.record is not None]
+    assert log[-2:] == [(("fenceless", "repair", "ledger"), "started"),
+                        (("fenceless", "repair", "ledger"), "ok")]
+    # Run again: the ledger reads, so there is nothing to repair.
+    with pytest.raises(LedgerReadable):
+        RepairLedgerOp(io, parse, apply=True, request=request).run()
