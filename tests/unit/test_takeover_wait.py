@@ -94,3 +94,23 @@ def test_its_own_ballot_cut_short_is_waited_for_not_taken_for_a_rivals(
         raise LeaseLost(detail="an I/O is still hung")
     h2.port.read_leader = hung  # type: ignore[method-assign]
     assert op2.step() is None and "trying again after" in op2.waiting_for
+
+
+def test_a_win_before_the_request_arrived_is_not_a_lost_race_though_the_cache_is_older(
+        dev: BlockDevice) -> None:
+    """The agent's last round may not have seen a takeover that happened just before the
+    request arrived (a CI run: "h1 won the writer lease at epoch 2 first", said to a
+    host that asked after it): the first fresh read is the baseline."""
+    from fenceless.ops.writer import become_writer
+    from tests.unit.harness import host
+
+    clock, vg, h1, h2 = writer_and_reader(dev)
+    area = h1.keeper.area
+    assert area is not None and h1.keeper.lease is not None
+    cached = h2.port.read_leader()  # epoch 1, as h2's last round read it
+    h1.keeper.lease.release()
+    h1.keeper.lease = None
+    h3 = host(area, clock, "h3", 3, vg)
+    assert become_writer(h3.port, "before the request").epoch == 2
+    op = Takeover(h2.port, wait=True, seen=cached)
+    assert op.step() is None and op.seen_epoch == 2 and "not yet dead" in op.waiting_for

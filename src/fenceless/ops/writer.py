@@ -145,9 +145,11 @@ class Takeover:
                  seen: Leader | None = None) -> None:
         self.port = port
         self.wait = wait
-        # The writer epoch when the request arrived: ``seen``, the leader as the agent's
-        # last round read it, else the first read here (which may fail, see ``step``).
-        self.seen_epoch: int | None = seen.lver if seen is not None else None
+        # The writer epoch when the request arrived: the first read here; if that read
+        # fails, ``seen``, the leader as the agent's last round read it (a round old at
+        # most: not the epoch of whoever wins while this host's reads hang).
+        self.seen_epoch: int | None = None
+        self.fallback_epoch = seen.lver if seen is not None else 0
         self.waiting_for = ""
 
     def step(self) -> dict[str, Any] | None:
@@ -160,6 +162,8 @@ class Takeover:
             # lease is. A ballot cut short is safe to run again at a higher ballot.
             if not self.wait:
                 raise
+            if self.seen_epoch is None:
+                self.seen_epoch = self.fallback_epoch
             self.waiting_for = f"trying again after: {e}"
             return None
 
