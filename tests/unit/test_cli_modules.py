@@ -168,10 +168,17 @@ def test_anything_else_goes_to_the_full_parser(argv):
     assert fast.volume_from_agent(argv) == (None, argv)
 
 
-def test_a_request_that_may_have_reached_the_agent_is_retried_only_under_its_id(tmp_path):
+@pytest.mark.parametrize("answer", [
+    b'{"error": {"kind": "InternalError", "code": 1}}',
+    b"T0 80\ncreate: web is 8G (VG seqno 9",  # cut short: 80 bytes promised
+    b"T0\ncreate: web is 8G (VG seqno 9",  # no length: it could be cut short
+])
+def test_a_request_that_may_have_reached_the_agent_is_retried_only_under_its_id(
+        tmp_path, answer, capsys):
     """The agent accepts the connection but its reply is not one the client prints (a
-    fault): the full CLI then runs with the same request id, so the writer, which keeps
-    each id's outcome, never carries the change out twice."""
+    fault, or a reply cut short): the full CLI then runs with the same request id, so the
+    writer, which keeps each id's outcome, never carries the change out twice, and
+    nothing half is printed."""
     import socket
     import threading
 
@@ -193,7 +200,7 @@ def test_a_request_that_may_have_reached_the_agent_is_retried_only_under_its_id(
             while chunk := conn.recv(65536):
                 data += chunk
             seen.append(data)
-            conn.sendall(b'{"error": {"kind": "InternalError", "code": 1}}')
+            conn.sendall(answer)
 
     thread = threading.Thread(target=serve)
     thread.start()
@@ -204,3 +211,16 @@ def test_a_request_that_may_have_reached_the_agent_is_retried_only_under_its_id(
     assert rc is None
     assert again[:-2] == argv and again[-2] == "--request-id"
     assert f'"rid": "{again[-1]}"'.encode() in seen[0]
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_whole_agent_rendered_reply_is_printed_with_its_code(capsys):
+    from fenceless.agent.ipc import raw_reply
+    from fenceless.cli import fast
+
+    assert fast._print(raw_reply("T", 3, "extend: web is 8G; NOT yet refreshed on h2\n")) == 3
+    assert fast._print(raw_reply("E", 2, "Refused: no such volume é")) == 2
+    assert capsys.readouterr() == ("extend: web is 8G; NOT yet refreshed on h2\n",
+                                   "fenceless: Refused: no such volume é\n")
+    whole = raw_reply("T", 0, "status ...\n")
+    assert fast.unframe(whole[:-1]) is None and fast.unframe(whole + b"x") is None

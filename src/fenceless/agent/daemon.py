@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from fenceless import __version__
-from fenceless.agent.ipc import RawReply, Server
+from fenceless.agent.ipc import RawReply, Server, raw_reply
 from fenceless.agent.keeper import Opener
 from fenceless.agent.metrics import Metrics
 from fenceless.agent.metrics import serve as serve_metrics
@@ -168,10 +168,9 @@ class Agent:
                 self.check_renderable(request)
             result = read_status(self.cfg, vg_name if isinstance(vg_name, str) else None)
             if render == "json":
-                return RawReply(b"T" + json.dumps(result, indent=2, sort_keys=True).encode()
-                                + b"\n")
+                return raw_reply("T", 0, json.dumps(result, indent=2, sort_keys=True) + "\n")
             if render == "text" and self.render is not None:
-                return RawReply(b"T" + self.render.status(result).encode() + b"\n")
+                return raw_reply("T", 0, self.render.status(result) + "\n")
             return result
         if request.get("op") == "volume-cli":
             return self.volume_cli(request)
@@ -212,11 +211,11 @@ class Agent:
             res = self.vgs[vg.name].submit({"op": "volume", "vg": vg.name, "request": body,
                                             "timeout": timeout}, timeout)
         except FencelessError as exc:
-            return RawReply(f"E{exc.exit_code}\n{cli_out.error(exc)}".encode())
+            return raw_reply("E", exc.exit_code, cli_out.error(exc))
         rc = 3 if res.get("not_refreshed") else 0
         out = json.dumps(res, indent=2, sort_keys=True) if request.get("render") == "json" \
             else cli_out.volume(sub, res)
-        return RawReply(f"T{rc}\n{out}\n".encode())
+        return raw_reply("T", rc, f"{out}\n")
 
     def run(self) -> int:
         self.priority = raise_priority(self.log)  # each lease thread raises its own too

@@ -89,6 +89,14 @@ class RawReply(bytes):
     """A reply sent as these bytes, not as JSON: output ready to print (``cli/fast.py``)."""
 
 
+def raw_reply(kind: str, code: int, body: str) -> RawReply:
+    """``<kind><code> <length>\n<body>``: ``T`` (output, and the exit code) or ``E`` (an
+    error message). The body's length in bytes lets the client tell a reply cut short
+    from a whole one: it then falls back, never prints half."""
+    data = body.encode()
+    return RawReply(f"{kind}{code} {len(data)}\n".encode() + data)
+
+
 Handler = Callable[[dict[str, Any]], "dict[str, Any] | RawReply"]
 
 

@@ -120,11 +120,13 @@ def from_agent(argv: Sequence[str]) -> int | None:
         return None
     finally:
         sock.close()
-    if reply is None or not reply.startswith(b"T"):
-        return None  # an error, or an agent from before this: the way that explains it
-    sys.stdout.write(reply[1:].decode("utf-8", "replace"))
+    got = None if reply is None else unframe(reply)
+    if got is None or got[0] != "T":
+        return None  # an error, a reply cut short, or an agent from before this: the
+        # way that explains it
+    sys.stdout.write(got[2])
     sys.stdout.flush()
-    return 0
+    return got[1]
 
 
 def status(argv: Sequence[str]) -> int | None:
@@ -299,16 +301,27 @@ def _agent_socket(config: str | None) -> tuple[str, str] | None:
     return os.path.join(state_dir, "agent.sock"), "[" + ", ".join(map(str, key)) + "]"
 
 
-def _print(reply: bytes) -> int | None:
-    """Print an agent-rendered reply: ``T<code>\n<output>`` or ``E<code>\n<message>``;
-    None for any other (an agent from before these, or its JSON error)."""
+def unframe(reply: bytes) -> tuple[str, int, str] | None:
+    """(kind, code, body) of an agent-rendered reply ``<kind><code> <length>\n<body>``
+    (``agent/ipc.py``, ``raw_reply``); None for anything else: a reply cut short (its
+    body shorter than its length), an agent from before these, or its JSON error."""
     head, _, body = reply.partition(b"\n")
-    if len(head) < 2 or head[:1] not in (b"T", b"E") or not head[1:].isdigit():
+    kind, code, length = head[:1], *head[1:].partition(b" ")[::2]
+    if kind not in (b"T", b"E") or not code.isdigit() or not length.isdigit() or \
+            len(body) != int(length):
         return None
-    text = body.decode("utf-8", "replace")
-    if head[:1] == b"T":
+    return kind.decode(), int(code), body.decode("utf-8", "replace")
+
+
+def _print(reply: bytes) -> int | None:
+    """Print an agent-rendered reply (its exit code), or None (see ``unframe``)."""
+    got = unframe(reply)
+    if got is None:
+        return None
+    kind, code, text = got
+    if kind == "T":
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
         sys.stderr.write(f"fenceless: {text}\n")
-    return int(head[1:])
+    return code
