@@ -17,11 +17,10 @@ import os
 import select
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import Protocol
 
 from fenceless.cgroup import WorkGroup
 from fenceless.errors import CommandFailed, CommandTimeout
@@ -186,12 +185,17 @@ class SubprocessRunner:
         return LineChild(proc)
 
 
+ERR_KEEP = 16384  # bytes of a child's stderr kept: its last lines explain a failure
+
+
 class LineChild:
     """A child process spoken to in lines: what ``lvm/shell.py`` drives.
 
     Reads never block past their deadline (a hung LVM must not stop the lease
-    thread that waits for it); stderr is drained by a thread of its own so that a
-    chatty child never blocks on a full pipe.
+    thread that waits for it). Its stderr is read in the same loop as its stdout, so a
+    chatty child never blocks on a full pipe, and ``take_stderr`` reads what is left
+    in the pipe first: what a command wrote there before its reply on stdout belongs to
+    that command, never to the next one (LVM writes its messages before its report).
     """
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
@@ -199,19 +203,24 @@ class LineChild:
         self.proc = proc
         self.pid = proc.pid
         self._out = proc.stdout.fileno()
+        self._errfd = proc.stderr.fileno()
         os.set_blocking(self._out, False)
+        os.set_blocking(self._errfd, False)
         self._buf = b""
-        self._err: list[bytes] = []
-        self._err_lock = threading.Lock()
-        self._err_thread = threading.Thread(target=self._drain, args=(proc.stderr,),
-                                            name=f"stderr-{proc.pid}", daemon=True)
-        self._err_thread.start()
+        self._err = b""
+        self._err_eof = False
 
-    def _drain(self, stream: IO[bytes]) -> None:
-        for line in iter(stream.readline, b""):
-            with self._err_lock:
-                self._err.append(line)
-                del self._err[:-200]  # the last lines are enough to explain a failure
+    def _read_err(self) -> None:
+        """Whatever stderr holds now (no wait); the last ERR_KEEP bytes are kept."""
+        while not self._err_eof:
+            try:
+                chunk = os.read(self._errfd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self._err_eof = True
+                return
+            self._err = (self._err + chunk)[-ERR_KEEP:]
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -226,9 +235,12 @@ class LineChild:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            ready, _, _ = select.select([self._out], [], [], left)
-            if not ready:
-                return None
+            fds = [self._out] if self._err_eof else [self._out, self._errfd]
+            ready, _, _ = select.select(fds, [], [], left)
+            if self._errfd in ready:
+                self._read_err()
+            if self._out not in ready:
+                continue
             chunk = os.read(self._out, 65536)
             if not chunk:
                 raise EOFError("the child closed its output")
@@ -237,9 +249,9 @@ class LineChild:
         return line.decode("utf-8", "replace")
 
     def take_stderr(self) -> str:
-        with self._err_lock:
-            text = b"".join(self._err).decode("utf-8", "replace")
-            self._err.clear()
+        """What the child wrote to stderr since the last call (the pipe read to its end)."""
+        self._read_err()
+        text, self._err = self._err.decode("utf-8", "replace"), b""
         return text
 
     def alive(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -248,3 +249,26 @@ def test_a_role_dropped_while_a_command_runs_kills_it_and_starts_no_shell_again(
     Path(binary + ".pid").unlink()
     assert runner.run([binary, "lvs", "vg"], env={}, timeout=5).stdout == "process"
     assert not Path(binary + ".pid").exists()  # no new shell
+
+
+def test_what_a_command_writes_to_stderr_before_its_reply_is_its_own():
+    """Many lines on stderr, then the reply on stdout: all of them are the command's, and
+    none is left over for the next one (a reader thread that lagged behind gave the
+    next command the last lines of this one's)."""
+    runner = SubprocessRunner()
+    child = runner.spawn_lines([sys.executable, "-c",
+                                "import sys\n"
+                                "for cmd in sys.stdin:\n"
+                                "    for i in range(3000):\n"
+                                "        sys.stderr.write(f'{cmd.strip()} warning {i}\\n')\n"
+                                "    sys.stderr.flush()\n"
+                                "    print(cmd.strip() + ' done', flush=True)\n"])
+    try:
+        for cmd in ("first", "second"):
+            child.send(cmd)
+            assert child.read_line(10.0) == f"{cmd} done"
+            err = child.take_stderr()
+            assert err.endswith(f"{cmd} warning 2999\n"), err[-200:]
+            assert ("first" in err) == (cmd == "first")
+    finally:
+        child.kill()
