@@ -26,7 +26,7 @@ def change(state, req, lease="dead", mapped=()):
 
 def test_maintenance_goes_on_and_off_and_survives_the_ledger():
     on, result = change(STATE, ask("host-maintenance", "h2", True))
-    assert result == {"host": "h2", "maintenance": True, "epoch": 4}
+    assert result == {"host": "h2", "maintenance": True, "epoch": 4, "cancelled": []}
     again = LedgerState.from_json(on.to_json())
     assert again.in_maintenance("h2") and not again.in_maintenance("h3")
     off, _ = change(again, ask("host-maintenance", "h2", False))
@@ -84,3 +84,54 @@ def test_a_live_migration_to_a_host_in_maintenance_does_not_begin():
     with pytest.raises(hostops.HostInMaintenance):
         vm.place(state, "web", state.vms["web"], {"host": "h3", "action": "migrate-begin"},
                  4, None, 0)  # type: ignore[arg-type]
+
+
+def test_maintenance_withdraws_what_was_asked_of_the_host_before():
+    """A start or move to the host asked for before its drain would wait there forever
+    (every placement there is refused now): it is withdrawn, with the reason. A live
+    migration already under way to it finishes (the drain waits, then moves it on)."""
+    wanted = replace(vm_on(None), name="db", want="h2", want_live=False)
+    coming = replace(vm_on("h1"), name="app", state="migrating", moving_to="h2", want="h2",
+                     want_live=True)
+    other = replace(vm_on(None), name="web", want="h3")
+    state = replace(STATE, vms={"db": wanted, "app": coming, "web": other})
+    on, result = change(state, ask("host-maintenance", "h2", True))
+    assert result["cancelled"] == ["db"]
+    db = on.vms["db"]
+    assert (db.want, db.error) == (None, "not started or moved to h2: it went into maintenance")
+    assert on.vms["app"] == coming and on.vms["web"] == other
+    _off, result = change(on, ask("host-maintenance", "h2", False))
+    assert result["cancelled"] == []
+
+
+def test_a_drain_waits_for_a_live_migration_to_the_host_then_moves_the_vm_on(monkeypatch):
+    import argparse
+
+    from fenceless.cli import host_cmd
+    from fenceless.ops import vmlife, vmquery
+
+    looks = iter([[{"name": "app", "host": "h1", "moving_to": "h2"}],
+                  [{"name": "app", "host": "h1", "moving_to": "h2"}],
+                  [{"name": "app", "host": "h2", "moving_to": None}]])
+    last: list[list[dict[str, object]]] = []
+
+    def vm_list(_cfg: object, _vg: object) -> list[dict[str, object]]:
+        last[:] = [next(looks, last[0] if last else [])]
+        return last[0]
+
+    asked: list[tuple[str, str]] = []
+    monkeypatch.setattr(vmquery, "vm_list", vm_list)
+    monkeypatch.setattr(host_cmd, "ARRIVAL_POLL", 0.01)
+    monkeypatch.setattr(host_cmd, "_target", lambda *a: "h3")
+    monkeypatch.setattr(vmlife, "ask_move", lambda cfg, vg, name, to, call, **kw:
+                        asked.append((name, to)))
+    args = argparse.Namespace(vg=None, timeout=5.0, force=False, json=True)
+    moved = host_cmd.drain(object(), args, "h2")
+    assert asked == [("app", "h3")] and moved == [{"name": "app", "to": "h3", "live": True}]
+    # One that does not arrive in time is named in the error, and not moved.
+    looks = iter([])
+    last[:] = [[{"name": "app", "host": "h1", "moving_to": "h2"}]]
+    with pytest.raises(host_cmd.DrainIncomplete, match=r"app's live migration to h2 did not "
+                       r"finish within 0\.05s"):
+        host_cmd.drain(object(), argparse.Namespace(vg=None, timeout=0.05, force=False,
+                                                    json=True), "h2")

@@ -9,6 +9,8 @@ maintenance; ``remove`` takes a drained, stopped host out of the cluster's table
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fenceless.cli.common import (
@@ -23,6 +25,8 @@ from fenceless.cli.common import (
     vg_option,
 )
 from fenceless.errors import ExecError, UserError
+
+ARRIVAL_POLL = 0.5  # seconds between two looks at a live migration to the drained host
 
 
 class NoHostToDrainTo(UserError):
@@ -74,8 +78,13 @@ def run(args: argparse.Namespace) -> int:
              if sub == "resume" else f"{host} (host id {r.get('host_id')}) removed from the "
              "cluster")
         return 0
+    for name in res.get("cancelled") or []:
+        if not getattr(args, "json", False):
+            print(f"{name}: its start or move to {host}, asked for before, is withdrawn",
+                  flush=True)
     moved = drain(cfg, args, host)
-    emit(args, {"host": host, "maintenance": True, "moved": moved},
+    emit(args, {"host": host, "maintenance": True, "moved": moved,
+                "cancelled": res.get("cancelled") or []},
          lambda r: f"{host} is in maintenance and runs no VM; `fenceless host resume {host}` "
          "ends it")
     return 0
@@ -95,8 +104,9 @@ def drain(cfg: Any, args: argparse.Namespace, host: str) -> list[dict[str, Any]]
             print(text, flush=True)
 
     moved: list[dict[str, Any]] = []
-    failed: dict[str, str] = {}
-    for vm in [v for v in vmquery.vm_list(cfg, args.vg) if v["host"] == host]:
+    failed: dict[str, str] = _arrivals(cfg, args, host, vmquery.vm_list, say)
+    for vm in [v for v in vmquery.vm_list(cfg, args.vg)
+               if v["host"] == host and v["name"] not in failed]:
         target = _target(cfg, args.vg, host, read_status, vmquery)
         if target is None:
             raise NoHostToDrainTo(name=vm["name"], host=host)
@@ -123,6 +133,27 @@ def drain(cfg: Any, args: argparse.Namespace, host: str) -> list[dict[str, Any]]
         raise DrainIncomplete(host=host, left=", ".join(sorted(failed)),
                               why="; ".join(failed.values()))
     return moved
+
+
+def _arrivals(cfg: Any, args: argparse.Namespace, host: str,
+              vm_list: Callable[[Any, str | None], list[dict[str, Any]]],
+              say: Callable[[str], None]) -> dict[str, str]:
+    """Wait for live migrations to ``host`` that began before the drain: each VM then
+    runs there and is moved on with the others. Those still arriving at the time limit:
+    VM -> why, for the error at the end."""
+    deadline = time.monotonic() + args.timeout
+    told: set[str] = set()
+    while True:
+        arriving = sorted(v["name"] for v in vm_list(cfg, args.vg) if v.get("moving_to") == host)
+        if not arriving:
+            return {}
+        if time.monotonic() > deadline:
+            return {n: f"{n}'s live migration to {host} did not finish within "
+                    f"{args.timeout:g}s" for n in arriving}
+        for n in sorted(set(arriving) - told):
+            say(f"{n}: waiting for its live migration to {host} to finish ...")
+        told |= set(arriving)
+        time.sleep(ARRIVAL_POLL)
 
 
 def _target(cfg: Any, vg: str | None, host: str, read_status: Any, vmquery: Any) -> str | None:

@@ -47,7 +47,19 @@ def change(state: LedgerState, req: RequestInfo, epoch: int,
     if req.op == "host-maintenance":
         on = req.args.get("on") is True
         hosts = {**state.hosts, hid: replace(entry, maintenance=on)}
-        return state.with_hosts(hosts), {"host": name, "maintenance": on, "epoch": epoch}
+        new = state.with_hosts(hosts)
+        cancelled = sorted(v.name for v in state.vms.values() if on and v.want == name
+                           and v.moving_to != name)
+        if cancelled:
+            # A start or move to this host asked for before: it would be refused there
+            # from now on, so it is withdrawn, with the reason (a live migration already
+            # under way finishes; `host drain` then moves the VM on).
+            why = f"not started or moved to {name}: it went into maintenance"
+            new = replace(new, vms={**state.vms, **{
+                n: replace(state.vms[n], want=None, want_force=False, want_live=False,
+                           error=why) for n in cancelled}})
+        return new, {"host": name, "maintenance": on, "epoch": epoch,
+                     "cancelled": cancelled}
     running = sorted(v.name for v in state.vms.values()
                      if name in (v.host, v.moving_to, v.want, v.left))
     lease = lease_state(name)
