@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import time
 
+from fenceless.agent.keeper import LeaseKeeper
+from fenceless.blockio import SECTOR
+from fenceless.control.anchor import read_anchor
 from fenceless.errors import FencelessError
 from fenceless.lease.delta import HostRecord
 from fenceless.ledger import audit, slots, vmstore
@@ -14,16 +17,15 @@ from fenceless.ledger.state import LedgerState, RequestInfo, WriterInfo
 from fenceless.ledger.vmstore import StoredXml
 from fenceless.localstate import vg_dir
 from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ondisk.layout import Superblock, rewrite_superblock
 from fenceless.ops.port import RolePort
-from fenceless.ops.repair import Found, RepairNotWriter
+from fenceless.ops.repair import Found, RepairNotWriter, RepairUnsure
 
 
 class RepairIo:
-    def __init__(self, port: RolePort, area: object, state_dir: str) -> None:
-        from fenceless.control.area import ControlArea
-
-        assert isinstance(area, ControlArea)
-        self.p, self.area, self.state_dir = port, area, state_dir
+    def __init__(self, port: RolePort, keeper: LeaseKeeper, state_dir: str) -> None:
+        assert keeper.area is not None
+        self.p, self.keeper, self.area, self.state_dir = port, keeper, keeper.area, state_dir
         self.host = port.host
 
     def writer(self) -> WriterInfo:
@@ -78,7 +80,8 @@ class RepairIo:
     def keep_damaged(self, raw: tuple[bytes, bytes]) -> str:
         folder = vg_dir(self.state_dir, self.p.vg)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"ledger-damaged-{int(time.time())}.bin"
+        what = "ledger" if raw[1] else "superblock"
+        path = folder / f"{what}-damaged-{int(time.time())}.bin"
         with open(path, "wb") as f:
             f.write(raw[0] + raw[1])
             f.flush()
@@ -99,3 +102,21 @@ class RepairIo:
 
     def log(self, msg: str) -> None:
         self.p.log(msg)
+
+    def superblock_bytes(self) -> bytes:
+        return self.area.dev.read(0, SECTOR)
+
+    def superblock_copy(self) -> Superblock:
+        sb = self.area.sb
+        assert self.keeper.dev is not None
+        anchor = read_anchor(self.keeper.dev, self.keeper.size)
+        if anchor is None or anchor.cluster_uuid != sb.cluster_uuid or \
+                anchor.vg_uuid != sb.vg_uuid:
+            found = "no anchor" if anchor is None else \
+                f"the anchor of cluster {anchor.cluster_uuid}, VG {anchor.vg_uuid}"
+            raise RepairUnsure(detail=f"this agent attached to cluster {sb.cluster_uuid} (VG "
+                               f"{sb.vg_uuid}), but the LUN has {found} now")
+        return sb
+
+    def rewrite_superblock(self, sb: Superblock, expect: bytes) -> None:
+        rewrite_superblock(self.area.dev, sb, expect=expect, before_write=self.p.check_write)

@@ -341,8 +341,8 @@ class VgAgent:
                              user=str(req.get("user", "")),
                              argv=tuple(str(a) for a in argv) if isinstance(argv, list) else ()
                              ).run()
-        if op == "repair-ledger":
-            return self.repair_ledger(req)
+        if op in ("repair-ledger", "repair-superblock"):
+            return self.repair(op, req)
         if op in ("activate", "deactivate", "refresh"):
             vm = req.get("vm")
             return ActivationOp(self.port, self.vg.name, str(op), str(req.get("lv")),
@@ -350,24 +350,28 @@ class VgAgent:
                                 vm=vm_name(vm) if isinstance(vm, str) else None).run()
         raise UnknownRequest(op=op)
 
-    def repair_ledger(self, req: dict[str, Any]) -> dict[str, Any]:
-        """``fenceless repair ledger``, run here: the writer rebuilds a ledger that does
-        not read (``ops/repair.py``); the journal reconciles on it at once after."""
+    def repair(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """``fenceless repair ledger|superblock``, run here, on the writer: a ledger or a
+        superblock that does not read, rebuilt (``ops/repair.py``); after a ledger repair
+        the journal reconciles on it at once."""
         from fenceless.agent.repairio import RepairIo
         from fenceless.hv.domain import parse_domain_xml
-        from fenceless.ops.repair import RepairLedgerOp
+        from fenceless.ops.repair import RepairLedgerOp, RepairSuperblockOp
 
         if self.keeper.area is None or self.keeper.lease is None:
             raise NotMember(vg=self.vg.name)
         argv = req.get("argv")
-        request = RequestInfo(id=str(req.get("id") or new_request_id()), op="repair-ledger",
-                              args={}, user=str(req.get("user", "")),
+        request = RequestInfo(id=str(req.get("id") or new_request_id()), op=op, args={},
+                              user=str(req.get("user", "")),
                               argv=tuple(str(a) for a in argv) if isinstance(argv, list)
-                              else ("fenceless", "repair", "ledger"))
+                              else ("fenceless", "repair", op.split("-")[1]))
+        io = RepairIo(self.port, self.keeper, self.cfg.state_dir)
+        apply = bool(req.get("apply"))
+        if op == "repair-superblock":
+            return RepairSuperblockOp(io, apply=apply, request=request).run()
         name = self.vg.name
-        result = RepairLedgerOp(RepairIo(self.port, self.keeper.area, self.cfg.state_dir),
-                                lambda xml: parse_domain_xml(xml, name, source="in the store"),
-                                apply=bool(req.get("apply")), request=request).run()
+        result = RepairLedgerOp(io, lambda xml: parse_domain_xml(xml, name, source="in the store"),
+                                apply=apply, request=request).run()
         if result.get("applied"):
             self.mailboxes.reconcile_after = 0.0
         return result

@@ -72,6 +72,7 @@ EXAMPLES = {
     "guard": "fenceless guard install",
     "check": "fenceless check --json",
     "repair ledger": "fenceless repair ledger",
+    "repair superblock": "fenceless repair superblock --yes",
     "host drain": "fenceless host drain h2",
     "host resume": "fenceless host resume h2",
     "host remove": "fenceless host remove h4",

@@ -28,7 +28,7 @@ def register(sub: Subparsers, name: str) -> None:
     rp = sub.add_parser("repair", help="rebuild damaged parts of the control area",
                         formatter_class=FORMATTER, description="Rebuild a part of the "
                         "control area that does not read, from what else is on the LUN.",
-                        epilog=epilog("repair ledger"))
+                        epilog=epilog("repair ledger", "repair superblock"))
     rsub = rp.add_subparsers(dest="repair_command", metavar="REPAIRCOMMAND",
                              parser_class=Parser)
     rsub.required = True
@@ -39,18 +39,38 @@ def register(sub: Subparsers, name: str) -> None:
                     help="really write the rebuilt ledger (the damaged slots are kept in "
                     "the writer's state dir first)")
     vg_option(sp)
+    sp = command(rsub, "superblock", "repair superblock", "write back a superblock that "
+                 "does not read, from the copy the writer's agent read when it attached "
+                 "(on the writer; a dry run unless --yes)")
+    sp.add_argument("--yes", action="store_true",
+                    help="really write it (the damaged sector is kept in the writer's state "
+                    "dir first)")
+    vg_option(sp)
 
 
 def run(args: argparse.Namespace) -> int:
     from fenceless.ops.requests import current_user, new_request_id
 
     cfg = load_config(args)
-    argv = ["fenceless", "repair", "ledger"] + (["--yes"] if args.yes else [])
-    res = agent_call(cfg, {"op": "repair-ledger", "vg": args.vg, "apply": args.yes,
+    what = args.repair_command
+    argv = ["fenceless", "repair", what] + (["--yes"] if args.yes else [])
+    res = agent_call(cfg, {"op": f"repair-{what}", "vg": args.vg, "apply": args.yes,
                            "id": new_request_id(), "user": current_user(), "argv": argv},
                      timeout=60.0)
-    emit(args, res, text)
+    emit(args, res, text if what == "ledger" else superblock_text)
     return 0
+
+
+def superblock_text(res: dict[str, Any]) -> str:
+    lines = [f"The superblock does not read: {res['damage']}",
+             f"{'Wrote' if res['applied'] else 'Would write'} back the copy this writer's "
+             f"agent read when it attached: cluster {res['cluster']}, VG {res['vg_uuid']}, "
+             f"io_timeout {res['io_timeout']}s, {res['max_hosts']} host ids, regions "
+             f"{', '.join(res['regions'])}."]
+    lines.append(f"Done. The damaged sector is kept in {res['kept']}. Run `fenceless check`."
+                 if res["applied"] else "Nothing was changed. `fenceless repair superblock "
+                 "--yes` writes it.")
+    return "\n".join(lines)
 
 
 def text(res: dict[str, Any]) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fenceless.blockio import SECTOR, BlockDevice
-from fenceless.errors import UserError
-from fenceless.ondisk.errors import CorruptRecord
+from fenceless.errors import IntegrityError, UserError
+from fenceless.ondisk.errors import CorruptRecord, UnsupportedVersion
 from fenceless.ondisk.record import (
     KIND_SUPERBLOCK,
     decode_record,
@@ -218,3 +219,37 @@ def write_superblock(dev: BlockDevice, sb: Superblock, *, overwrite: bool = Fals
         raise SuperblockExists(path=dev.path, cluster=str(current.cluster_uuid))
     dev.write(0, data)
 
+
+
+class SuperblockReadable(IntegrityError):
+    """Refused: the superblock reads (cluster {cluster}); a repair writes only over one \
+that does not. Nothing was changed"""
+
+
+class SuperblockChanged(IntegrityError):
+    """The superblock sector changed between the repair's plan and its write; nothing \
+was written. Run `fenceless repair superblock` again to see the new state"""
+
+
+def rewrite_superblock(dev: BlockDevice, sb: Superblock, *, expect: bytes,
+                       before_write: Callable[[], None] | None = None) -> None:
+    """``fenceless repair superblock`` only: write ``sb`` over a superblock sector that
+    does not decode, and only while it still holds ``expect``, the bytes the plan saw
+    (``write_superblock`` never writes over such a sector)."""
+    now = dev.read(0, SECTOR)
+    if now != expect:
+        raise SuperblockChanged()
+    try:
+        current = decode_superblock(now)
+    except UnsupportedVersion as exc:
+        if exc.fields.get("newer"):
+            raise  # a newer fenceless's superblock is not damage
+        current = None
+    except CorruptRecord:
+        current = None
+    if current is not None:
+        raise SuperblockReadable(cluster=str(current.cluster_uuid))
+    data = encode_superblock(sb)
+    if before_write is not None:
+        before_write()
+    dev.write(0, data)

@@ -46,6 +46,7 @@ from fenceless.ledger.state import (
 )
 from fenceless.ledger.vmstore import StoredXml, digest
 from fenceless.ondisk.errors import CorruptRecord
+from fenceless.ondisk.layout import Superblock, decode_superblock
 
 DEFINING = ("define", "import", "edit")
 
@@ -224,6 +225,14 @@ class RepairPort(Protocol):
 
     def log(self, msg: str) -> None: ...
 
+    def superblock_bytes(self) -> bytes: ...
+
+    def superblock_copy(self) -> Superblock:
+        """The superblock as this agent read it when it attached, checked against the
+        anchor on the LUN now (RepairUnsure if they do not agree)."""
+
+    def rewrite_superblock(self, sb: Superblock, expect: bytes) -> None: ...
+
 
 class RepairLedgerOp:
     """The phases: refuse unless this host is the writer and no slot reads; read
@@ -259,3 +268,41 @@ class RepairLedgerOp:
         port.log(f"repaired the ledger: rebuilt at epoch {writer.epoch}, generation "
                  f"{generation}; the damaged slots are kept in {kept}")
         return {**out, "applied": True, "generation": generation, "kept": kept}
+
+
+class RepairSuperblockOp:
+    """``fenceless repair superblock``: the writer puts back the superblock its agent read
+    when it attached (it is written once, at init, and never changes), over a sector
+    that does not decode. A plan first; with ``apply``: keep the damaged sector, audit,
+    write (only over the bytes the plan saw), audit. An agent started after the damage
+    holds no copy: docs/runbook.md says what then."""
+
+    def __init__(self, port: RepairPort, *, apply: bool, request: RequestInfo) -> None:
+        self.port, self.apply, self.request = port, apply, request
+
+    def run(self) -> dict[str, Any]:
+        port = self.port
+        writer = port.writer()
+        raw = port.superblock_bytes()
+        try:
+            damage = "it reads" if decode_superblock(raw) is not None else "it is empty"
+        except CorruptRecord as exc:
+            damage = str(exc)
+        sb = port.superblock_copy()
+        out: dict[str, Any] = {
+            "damage": damage, "epoch": writer.epoch, "cluster": str(sb.cluster_uuid),
+            "vg_uuid": sb.vg_uuid, "io_timeout": sb.io_timeout, "max_hosts": sb.max_hosts,
+            "regions": [r.name for r in sb.layout.regions], "applied": False}
+        if not self.apply:
+            return out
+        kept = port.keep_damaged((raw, b""))
+        port.audit(port.host, self.request, "started", f"damaged sector kept in {kept}")
+        try:
+            port.rewrite_superblock(sb, raw)
+        except FencelessError as exc:
+            port.audit(port.host, self.request, "failed", str(exc))
+            raise
+        port.audit(port.host, self.request, "ok", "superblock written back")
+        port.log(f"repaired the superblock from this agent's copy; the damaged sector is "
+                 f"kept in {kept}")
+        return {**out, "applied": True, "kept": kept}
