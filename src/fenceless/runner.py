@@ -186,6 +186,7 @@ class SubprocessRunner:
 
 
 ERR_KEEP = 16384  # bytes of a child's stderr kept: its last lines explain a failure
+ERR_READS = 16  # reads of a child's stderr per look (64 KiB each)
 
 
 class LineChild:
@@ -211,8 +212,12 @@ class LineChild:
         self._err_eof = False
 
     def _read_err(self) -> None:
-        """Whatever stderr holds now (no wait); the last ERR_KEEP bytes are kept."""
-        while not self._err_eof:
+        """Whatever stderr holds now (no wait, and at most ERR_READS reads: a child that
+        writes without end must not keep a caller past its deadline); the last ERR_KEEP
+        bytes are kept."""
+        for _ in range(ERR_READS):
+            if self._err_eof:
+                return
             try:
                 chunk = os.read(self._errfd, 65536)
             except BlockingIOError:

@@ -382,11 +382,12 @@ def test_corrupt_superblock_is_a_clear_integrity_error(cluster):
     plan = json.loads(lab.on("h1", "repair", "superblock", "--json").stdout)
     assert plan["applied"] is False and "checksum mismatch" in plan["damage"]
     assert lab.on("h3", "status", check=False).returncode == 4
-    done = json.loads(lab.on("h1", "repair", "superblock", "--yes", "--json").stdout)
+    done = json.loads(lab.on("h1", "repair", "superblock", "--yes", "--plan", plan["plan"],
+                             "--json").stdout)
     assert done["applied"] and Path(done["kept"]).stat().st_size == 4096
     st = json.loads(lab.on("h3", "status", "--json").stdout)
     assert st["cluster"] == plan["cluster"] and st["writer"]["host"] == "h1"
-    res = lab.on("h1", "repair", "superblock", "--yes", check=False)
+    res = lab.on("h1", "repair", "superblock", check=False)
     assert res.returncode == 4 and "the superblock reads" in res.stderr
     assert "Traceback" not in res.stderr
 

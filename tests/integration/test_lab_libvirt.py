@@ -177,8 +177,14 @@ def test_a_vm_runs_on_one_host_only_and_moves_with_its_counter(make_lab):
     lab.on("h3", "vm", "start", "ctr")
     wait_until(lambda: len(counter_of(lab, "h1", "ctr-disk")) >= len(before) + 3, 120,
                "ctr to count on h3")
-    changes = instance_changes(counter_of(lab, "h1", "ctr-disk"))
-    assert changes == [len(before)]  # one hand-over, no overlap
+    after = counter_of(lab, "h1", "ctr-disk")
+    changes = instance_changes(after)
+    # One hand-over, no overlap. The guest writes record n to the ring, then to sector 0;
+    # destroyed (--force) between the two, its record n is in the ring but sector 0 says
+    # n-1, so the next boot counts on from there and writes n again: the hand-over is one
+    # record earlier, and that record is the new boot's (a CI run met this).
+    killed_mid_record = after[len(before) - 1][1] != before[-1][1]
+    assert changes == [len(before) - 1 if killed_mid_record else len(before)], (before, after)
     lab.on("h3", "vm", "stop", "ctr", "--force")
     assert json.loads(lab.on("h1", "vm", "list", "--json").stdout)[0]["state"] == "stopped"
 

@@ -48,22 +48,32 @@ def test_a_ledger_with_no_valid_slot_is_rebuilt_from_the_rest_of_the_lun(make_la
     assert unread and all(f["fix"].startswith("on the writer: fenceless repair ledger")
                           for f in unread)
 
+    # The writer dies too: another host takes the role over a ledger it cannot write
+    # (the lease makes the writer), so that it can repair it.
+    from tests.integration.test_cluster import agent
+
+    agent(lab, "h1", "kill")
+    lab.on("h2", "writer", "takeover", "--wait", "--timeout", "60")
     # Only the writer repairs.
-    res = lab.on("h2", "repair", "ledger", check=False)
-    assert res.returncode == 2 and "h1 is, epoch 1" in res.stderr, res.stderr
+    res = lab.on("h3", "repair", "ledger", check=False)
+    assert res.returncode == 2 and "h2 is, epoch 2" in res.stderr, res.stderr
     # The plan: nothing written.
-    plan = json.loads(lab.on("h1", "repair", "ledger", "--json").stdout)
+    plan = json.loads(lab.on("h2", "repair", "ledger", "--json").stdout)
     assert plan["applied"] is False
     for off, data in damaged:
         assert _read_abs(lab, "h1", off) == data
-    assert plan["hosts"] == {"1": "h1", "2": "h2", "3": "h3"}
+    assert plan["hosts"] == {"1": "h1", "2": "h2", "3": "h3"} and plan["mode"] == "rebuild"
     assert {v["name"]: (v["host"], v["state"]) for v in plan["vms"]} == {
         "web01": ("h2", "running"), "db01": (None, "stopped")}
     assert any(x.startswith("VM gone01 (version 3): undefined") for x in plan["left_out"])
-    text = lab.on("h1", "repair", "ledger").stdout
-    assert "Would write a ledger at writer epoch 1" in text and "Nothing was changed" in text
+    text = lab.on("h2", "repair", "ledger").stdout
+    assert "Would write a ledger (rebuilt from the rest of the LUN) at writer epoch 2" in text
+    assert f"--yes --plan {plan['plan']}` to write it" in text
+    res = lab.on("h2", "repair", "ledger", "--yes", check=False)  # which plan?
+    assert res.returncode == 2 and "--plan ID" in res.stderr
 
-    done = json.loads(lab.on("h1", "repair", "ledger", "--yes", "--json").stdout)
+    done = json.loads(lab.on("h2", "repair", "ledger", "--yes", "--plan", plan["plan"],
+                             "--json").stdout)
     assert done["applied"] is True
     kept = Path(done["kept"]).read_bytes()
     for i, (_off, data) in enumerate(damaged):
@@ -71,16 +81,17 @@ def test_a_ledger_with_no_valid_slot_is_rebuilt_from_the_rest_of_the_lun(make_la
 
     # The cluster works again: status, the VMs where they were, a new change.
     st = json.loads(lab.on("h3", "status", "--json").stdout)
-    assert st["ledger"]["problems"] == [] and st["writer"]["host"] == "h1"
+    assert st["ledger"]["problems"] == [] and st["writer"]["host"] == "h2"
     vms = {v["name"]: v for v in json.loads(lab.on("h3", "vm", "list", "--json").stdout)}
     assert set(vms) == {"web01", "db01"} and vms["web01"]["host"] == "h2"
     lab.on("h3", "volume", "create", "after-repair", "8M", "--timeout", "30")
     assert "E_UNREADABLE" not in {f["code"] for f in findings(lab, "h2")[1]}
-    log = json.loads(lab.on("h1", "log", "--json").stdout)
+    log = json.loads(lab.on("h3", "log", "--json").stdout)
     rows = [(" ".join(e["command"]), e["result"]) for e in log][-3:]
-    assert rows == [("fenceless repair ledger --yes", "started"),
-                    ("fenceless repair ledger --yes", "ok"),
+    asked = f"fenceless repair ledger --yes --plan {plan['plan']}"
+    assert rows == [(asked, "started"), (asked, "ok"),
                     ("fenceless volume create after-repair 8M", "ok")]
     # Asked again: the ledger reads, nothing to repair.
-    res = lab.on("h1", "repair", "ledger", "--yes", check=False)
+    res = lab.on("h2", "repair", "ledger", check=False)
     assert res.returncode == 4 and "the ledger reads" in res.stderr
+    agent(lab, "h1", "start")  # and the old writer comes back as a reader

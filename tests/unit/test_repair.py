@@ -97,7 +97,7 @@ def test_a_definition_that_does_not_read_or_parse_is_left_out_and_said_so():
     assert plan.left_out[2].startswith("VM db01 (version 4, slot 1): ")
 
 
-def test_a_vm_runs_where_its_disk_is_mapped_read_write_by_the_current_incarnation():
+def test_a_vm_runs_where_its_disk_is_mapped_read_write_as_the_writer_reads_claims():
     claims = {2: HostClaims("h2", 1, {"vm-web01": Claim(8 << 20, "rw"),
                                       "debian-12-iso": Claim(8 << 20, "ro")}),
               1: HostClaims("h1", 1, {"debian-12-iso": Claim(8 << 20, "ro")})}
@@ -106,9 +106,21 @@ def test_a_vm_runs_where_its_disk_is_mapped_read_write_by_the_current_incarnatio
     assert (web.host, web.state, web.holder_id, web.holder_gen, web.since_epoch) == \
         ("h2", "running", 2, 1, 5)
     assert plan.state.vms["db01"].host is None
-    # A claims record of an earlier incarnation of h2 counts for nothing.
-    old = {2: HostClaims("h2", 0, {"vm-web01": Claim(8 << 20, "rw")})}
-    assert rebuild(found(claims=old), parse).state.vms["web01"].host is None
+    # Claims count until withdrawn, also while the agent restarts (its sector FREE) ...
+    restarting = {3: HostClaims("h3", 1, {"vm-web01": Claim(8 << 20, "rw")})}
+    assert rebuild(found(claims=restarting), parse).state.vms["web01"].host == "h3"
+    # ... and only a DEAD host's are void (its watchdog fired: it maps nothing).
+    assert rebuild(found(claims=restarting, dead=frozenset({3})), parse
+                   ).state.vms["web01"].host is None
+
+
+def test_a_vm_with_no_read_write_disk_is_stopped_and_the_plan_says_to_look():
+    ro_only = WEB.replace("<source dev='/dev/sanvg/vm-web01'/>",
+                          "<source dev='/dev/sanvg/vm-web01'/>\n      <readonly/>")
+    plan = rebuild(found(definitions=[(0, StoredXml("web01", ro_only, 3, 2))]), parse)
+    assert plan.state.vms["web01"].host is None
+    assert any(x.startswith("VM web01: recorded as stopped, but no read-write disk") for x
+               in plan.left_out)
 
 
 def test_what_cannot_be_told_safely_stops_the_repair():
@@ -116,8 +128,11 @@ def test_what_cannot_be_told_safely_stops_the_repair():
             2: HostClaims("h2", 1, {"vm-web01": Claim(1, "rw")})}
     with pytest.raises(RepairUnsure, match="VM web01's disks are mapped read-write on h1, h2"):
         rebuild(found(claims=both), parse)
+    # (after a failover the old host is DEAD: its claim is void, no refusal)
+    assert rebuild(found(claims=both, dead=frozenset({1})), parse).state.vms[
+        "web01"].host == "h2"
     bad = {2: CorruptRecord(region="claims", offset=0, detail="foreign data")}
-    with pytest.raises(RepairUnsure, match=r"the claims record of h2 .* restart its agent"):
+    with pytest.raises(RepairUnsure, match=r"claims record of host id 2 .* restart its agent"):
         rebuild(found(claims=bad), parse)
 
 
@@ -130,23 +145,55 @@ def garbage(dev: BlockDevice) -> tuple[bytes, bytes]:
 
 def test_the_one_write_over_a_ledger_with_no_valid_slot(dev: BlockDevice):
     raw = garbage(dev)
-    assert all("foreign data" in d for d in slots.damage(dev, LAYOUT))
+    found_damage = slots.damage(dev, LAYOUT)
+    assert found_damage.valid is None and found_damage.slots == LEDGER_SLOTS
+    assert all("foreign data" in d for d in found_damage.problems)
     state = {"cluster": "c-1", "vg": "sanvg"}
     # Bytes other than those the plan saw: nothing is written.
     other = (raw[0], b"\0" + raw[1][1:])
     with pytest.raises(SlotsChanged, match="ledger_b now hold"):
         slots.overwrite_ledger(dev, LAYOUT, 5, state, writer_host_id=1, expect=other)
     assert slots.slot_bytes(dev, LAYOUT) == raw
-    rec = slots.overwrite_ledger(dev, LAYOUT, 5, state, writer_host_id=1, expect=raw)
+    rec = slots.overwrite_ledger(dev, LAYOUT, 5, state, writer_host_id=1, expect=raw,
+                                 wall_clock=lambda: 1000.0)
     view = slots.read_ledger(dev, LAYOUT)
     assert view.current is not None and view.current.state == state
-    assert (rec.epoch, rec.generation) == (5, 2) and view.problems == []
+    # Generations start above the wall clock in ms: no late write of this epoch from
+    # before the damage (one per change) can count as newer.
+    assert (rec.epoch, rec.generation) == (5, 1_000_002) and view.problems == []
     # A ledger that reads is never written over by a repair.
     with pytest.raises(LedgerReadable):
         slots.damage(dev, LAYOUT)
     with pytest.raises(LedgerReadable):
         slots.overwrite_ledger(dev, LAYOUT, 6, state, writer_host_id=1,
                                expect=slots.slot_bytes(dev, LAYOUT))
+
+
+def test_one_slot_of_foreign_bytes_beside_a_valid_one_gets_the_valid_state(dev: BlockDevice):
+    """The writer never writes over foreign bytes, so one such slot stops every ledger
+    write (and a repair cut short after slot A leaves this too): the repair copies."""
+    slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg", "n": 1}, writer_host_id=1,
+                       both_slots=True)
+    b = LAYOUT.region("ledger_b")
+    dev.write(b.offset, b"\xa5" * 4096)
+    with pytest.raises(Exception, match="foreign data"):
+        slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg", "n": 2}, writer_host_id=1)
+    found_damage = slots.damage(dev, LAYOUT)
+    assert found_damage.slots == ("ledger_b",) and found_damage.valid is not None
+    slots.overwrite_ledger(dev, LAYOUT, 3, found_damage.valid.state, writer_host_id=1,
+                           expect=slots.slot_bytes(dev, LAYOUT))
+    slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg", "n": 2}, writer_host_id=1)
+    view = slots.read_ledger(dev, LAYOUT)
+    assert view.current is not None and view.current.state["n"] == 2 and not view.problems
+
+
+def test_another_record_kind_in_a_slot_is_a_wrong_layout_not_damage(dev: BlockDevice):
+    from fenceless.ondisk.record import KIND_AUDIT, encode_record, pad
+
+    for name in LEDGER_SLOTS:
+        dev.write(LAYOUT.region(name).offset, pad(encode_record(KIND_AUDIT, b"x", seq=1)))
+    with pytest.raises(slots.NotALedger, match="holds another fenceless record"):
+        slots.damage(dev, LAYOUT)
 
 
 def test_a_torn_slot_of_a_newer_epoch_refuses_a_stale_repair(dev: BlockDevice):
@@ -186,8 +233,15 @@ def test_the_whole_repair_on_a_control_area(dev: BlockDevice, tmp_path: Path):
     assert plan["hosts"] == {"1": "h1", "2": "h2"}
     assert plan["vms"] == [{"name": "web01", "version": 1, "host": "h2", "state": "running"}]
 
-    done = RepairLedgerOp(io, parse, apply=True, request=request).run()
-    assert done["applied"] is True
+    from fenceless.ops.repair import PlanChanged, PlanNeeded
+
+    with pytest.raises(PlanNeeded):  # --yes alone: which plan?
+        RepairLedgerOp(io, parse, apply=True, request=request).run()
+    with pytest.raises(PlanChanged):
+        RepairLedgerOp(io, parse, apply=True, request=request, plan="0" * 12).run()
+    assert slots.slot_bytes(area.dev, area.layout) == raw
+    done = RepairLedgerOp(io, parse, apply=True, request=request, plan=plan["plan"]).run()
+    assert done["applied"] is True and done["mode"] == "rebuild"
     assert Path(done["kept"]).read_bytes() == raw[0] + raw[1]  # nothing lost
     state = h1.port.ledger(fresh=True)
     assert state.writer == WriterInfo(1, "h1", 1) and state.vms["web01"].host == "h2"
@@ -197,7 +251,7 @@ def test_the_whole_repair_on_a_control_area(dev: BlockDevice, tmp_path: Path):
                         (("fenceless", "repair", "ledger"), "ok")]
     # Run again: the ledger reads, so there is nothing to repair.
     with pytest.raises(LedgerReadable):
-        RepairLedgerOp(io, parse, apply=True, request=request).run()
+        RepairLedgerOp(io, parse, apply=True, request=request, plan=plan["plan"]).run()
 
 
 def test_a_superblock_is_written_back_only_over_damage_and_only_over_what_was_seen(
@@ -268,6 +322,22 @@ def test_the_superblock_repair_plans_then_writes_keeping_the_damage(dev: BlockDe
     plan = RepairSuperblockOp(port, apply=False, request=request).run()  # type: ignore[arg-type]
     assert plan["applied"] is False and "foreign data" in plan["damage"]
     assert plan["cluster"] == str(sb.cluster_uuid) and dev.read(0, 4096) == b"\x5a" * 4096
-    done = RepairSuperblockOp(port, apply=True, request=request).run()  # type: ignore[arg-type]
+    done = RepairSuperblockOp(port, apply=True, request=request,  # type: ignore[arg-type]
+                              plan=plan["plan"]).run()
     assert done["applied"] and port.kept == b"\x5a" * 4096
     assert port.said == ["started", "ok"] and read_superblock(dev) == sb
+
+
+def test_a_host_can_become_the_writer_over_a_damaged_ledger_to_repair_it(dev: BlockDevice):
+    """The writer died and no ledger slot reads: the takeover must still give a writer
+    (the lease makes it one, not the ledger), or nobody could ever run the repair."""
+    from fenceless.ops.writer import become_writer
+
+    _clock, _vg, h1, h2 = writer_and_reader(dev)
+    assert h1.keeper.lease is not None
+    garbage(dev)
+    h1.keeper.lease.release()
+    h1.keeper.lease = None
+    got = become_writer(h2.port, "takeover")
+    assert got.won and got.epoch == 2 and h2.port.epoch == 2
+    assert any("the ledger cannot be written" in line for line in h2.logs)

@@ -11,13 +11,13 @@ from fenceless.agent.keeper import LeaseKeeper
 from fenceless.blockio import SECTOR
 from fenceless.control.anchor import read_anchor
 from fenceless.errors import FencelessError
-from fenceless.lease.delta import HostRecord
+from fenceless.lease.delta import HostRecord, HostState
 from fenceless.ledger import audit, slots, vmstore
 from fenceless.ledger.state import LedgerState, RequestInfo, WriterInfo
 from fenceless.ledger.vmstore import StoredXml
 from fenceless.localstate import vg_dir
 from fenceless.ondisk.errors import CorruptRecord
-from fenceless.ondisk.layout import Superblock, rewrite_superblock
+from fenceless.ondisk.layout import Superblock, read_superblock, rewrite_superblock
 from fenceless.ops.port import RolePort
 from fenceless.ops.repair import Found, RepairNotWriter, RepairUnsure
 
@@ -44,7 +44,12 @@ class RepairIo:
     def slot_bytes(self) -> tuple[bytes, bytes]:
         return slots.slot_bytes(self.area.dev, self.area.layout)
 
-    def damage(self) -> list[str]:
+    def damage(self) -> slots.Damage:
+        disk = read_superblock(self.area.dev)
+        if disk != self.area.sb:
+            raise RepairUnsure(detail="the superblock on the LUN is not the one this agent "
+                               "attached with (repair it first: `fenceless repair "
+                               "superblock`; or restart the agent)")
         return slots.damage(self.area.dev, self.area.layout)
 
     def find(self, writer: WriterInfo) -> Found:
@@ -72,17 +77,22 @@ class RepairIo:
             seqno: int | None = self.p.read_metadata()[1]
         except FencelessError:
             seqno = None
+        states = {h.host_id: h.state for h in self.p.hosts_now()}  # observed now
+        claims = self.p.claims_now()
+        dead = frozenset(hid for hid in claims
+                         if states.get(hid, self.p.host_state(hid)) is HostState.DEAD)
         return Found(cluster=str(self.area.sb.cluster_uuid), vg=self.p.vg, writer=writer,
-                     hosts=hosts, claims=self.p.claims_now(), definitions=defs,
+                     hosts=hosts, claims=claims, definitions=defs,
                      audit=audit.read_log(dev, layout), vg_seqno=seqno,
-                     wall_ms=int(time.time() * 1000))
+                     wall_ms=int(time.time() * 1000), dead=dead)
 
     def keep_damaged(self, raw: tuple[bytes, bytes]) -> str:
         folder = vg_dir(self.state_dir, self.p.vg)
         folder.mkdir(parents=True, exist_ok=True)
         what = "ledger" if raw[1] else "superblock"
-        path = folder / f"{what}-damaged-{int(time.time())}.bin"
-        with open(path, "wb") as f:
+        path = folder / f"{what}-damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-" \
+            f"{time.monotonic_ns()}.bin"
+        with open(path, "xb") as f:  # never over an earlier copy
             f.write(raw[0] + raw[1])
             f.flush()
             os.fsync(f.fileno())
@@ -110,8 +120,8 @@ class RepairIo:
         sb = self.area.sb
         assert self.keeper.dev is not None
         anchor = read_anchor(self.keeper.dev, self.keeper.size)
-        if anchor is None or anchor.cluster_uuid != sb.cluster_uuid or \
-                anchor.vg_uuid != sb.vg_uuid:
+        if anchor is None or anchor != self.keeper.anchor or \
+                anchor.cluster_uuid != sb.cluster_uuid or anchor.vg_uuid != sb.vg_uuid:
             found = "no anchor" if anchor is None else \
                 f"the anchor of cluster {anchor.cluster_uuid}, VG {anchor.vg_uuid}"
             raise RepairUnsure(detail=f"this agent attached to cluster {sb.cluster_uuid} (VG "

@@ -367,11 +367,12 @@ class VgAgent:
                               else ("fenceless", "repair", op.split("-")[1]))
         io = RepairIo(self.port, self.keeper, self.cfg.state_dir)
         apply = bool(req.get("apply"))
+        plan = req.get("plan") if isinstance(req.get("plan"), str) else None
         if op == "repair-superblock":
-            return RepairSuperblockOp(io, apply=apply, request=request).run()
+            return RepairSuperblockOp(io, apply=apply, request=request, plan=plan).run()
         name = self.vg.name
         result = RepairLedgerOp(io, lambda xml: parse_domain_xml(xml, name, source="in the store"),
-                                apply=apply, request=request).run()
+                                apply=apply, request=request, plan=plan).run()
         if result.get("applied"):
             self.mailboxes.reconcile_after = 0.0
         return result

@@ -72,7 +72,7 @@ EXAMPLES = {
     "guard": "fenceless guard install",
     "check": "fenceless check --json",
     "repair ledger": "fenceless repair ledger",
-    "repair superblock": "fenceless repair superblock --yes",
+    "repair superblock": "fenceless repair superblock --yes --plan 3f9c2a1b7d4e",
     "host drain": "fenceless host drain h2",
     "host resume": "fenceless host resume h2",
     "host remove": "fenceless host remove h4",

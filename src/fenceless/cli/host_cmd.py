@@ -144,7 +144,9 @@ def _arrivals(cfg: Any, args: argparse.Namespace, host: str,
     deadline = time.monotonic() + args.timeout
     told: set[str] = set()
     while True:
-        arriving = sorted(v["name"] for v in vm_list(cfg, args.vg) if v.get("moving_to") == host)
+        # (arrived, but its source has not yet unmapped its disks: not yet movable on)
+        arriving = sorted(v["name"] for v in vm_list(cfg, args.vg) if v.get("moving_to") == host
+                          or (v.get("host") == host and v.get("left")))
         if not arriving:
             return {}
         if time.monotonic() > deadline:

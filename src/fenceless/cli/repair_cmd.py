@@ -36,15 +36,19 @@ def register(sub: Subparsers, name: str) -> None:
                  "fail to read, from the host sectors, claims, VM store, audit log and LVM "
                  "metadata (on the writer; a dry run that shows the plan unless --yes)")
     sp.add_argument("--yes", action="store_true",
-                    help="really write the rebuilt ledger (the damaged slots are kept in "
-                    "the writer's state dir first)")
+                    help="really write the plan named by --plan (the damaged slots are kept "
+                    "in the writer's state dir first)")
+    sp.add_argument("--plan", metavar="ID", help="the plan you checked, as the dry run showed "
+                    "it: refused if the plan is another one now")
     vg_option(sp)
     sp = command(rsub, "superblock", "repair superblock", "write back a superblock that "
                  "does not read, from the copy the writer's agent read when it attached "
                  "(on the writer; a dry run unless --yes)")
     sp.add_argument("--yes", action="store_true",
-                    help="really write it (the damaged sector is kept in the writer's state "
-                    "dir first)")
+                    help="really write the plan named by --plan (the damaged sector is kept "
+                    "in the writer's state dir first)")
+    sp.add_argument("--plan", metavar="ID", help="the plan you checked, as the dry run showed "
+                    "it: refused if the plan is another one now")
     vg_option(sp)
 
 
@@ -53,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     what = args.repair_command
-    argv = ["fenceless", "repair", what] + (["--yes"] if args.yes else [])
+    argv = ["fenceless", "repair", what] + (["--yes"] if args.yes else []) + (
+        ["--plan", args.plan] if args.plan else [])
     res = agent_call(cfg, {"op": f"repair-{what}", "vg": args.vg, "apply": args.yes,
-                           "id": new_request_id(), "user": current_user(), "argv": argv},
-                     timeout=60.0)
+                           "plan": args.plan, "id": new_request_id(), "user": current_user(),
+                           "argv": argv}, timeout=60.0)
     emit(args, res, text if what == "ledger" else superblock_text)
     return 0
 
@@ -68,17 +73,19 @@ def superblock_text(res: dict[str, Any]) -> str:
              f"io_timeout {res['io_timeout']}s, {res['max_hosts']} host ids, regions "
              f"{', '.join(res['regions'])}."]
     lines.append(f"Done. The damaged sector is kept in {res['kept']}. Run `fenceless check`."
-                 if res["applied"] else "Nothing was changed. `fenceless repair superblock "
-                 "--yes` writes it.")
+                 if res["applied"] else f"Nothing was changed. This is plan {res['plan']}: "
+                 f"`fenceless repair superblock --yes --plan {res['plan']}` writes it.")
     return "\n".join(lines)
 
 
 def text(res: dict[str, Any]) -> str:
     """The plan (or what was done), for people."""
-    lines = [f"VG {res['vg']}: the ledger does not read:"]
+    lines = [f"VG {res['vg']}: ledger slots with damage the writer does not write over:"]
     lines += [f"  {d}" for d in res["damage"]]
-    lines.append(f"{'Wrote' if res['applied'] else 'Would write'} a ledger at writer epoch "
-                 f"{res['epoch']}, VG seqno {res['vg_seqno']}, with:")
+    how = "copied from the slot that reads" if res["mode"] == "copy" else \
+        "rebuilt from the rest of the LUN"
+    lines.append(f"{'Wrote' if res['applied'] else 'Would write'} a ledger ({how}) at writer "
+                 f"epoch {res['epoch']}, VG seqno {res['vg_seqno']}, with:")
     lines.append("  hosts: " + (", ".join(f"{n} (id {i})" for i, n in res["hosts"].items())
                                 or "none"))
     for vm in res["vms"]:
@@ -95,6 +102,7 @@ def text(res: dict[str, Any]) -> str:
         lines.append(f"Done: generation {res['generation']}. The damaged slots are kept in "
                      f"{res['kept']}. Run `fenceless check`.")
     else:
-        lines.append("Nothing was changed. Check the VMs' hosts above, then run "
-                     "`fenceless repair ledger --yes` to write it.")
+        lines.append(f"Nothing was changed. This is plan {res['plan']}. Check the VMs' "
+                     "hosts above (virsh list on each host), then run `fenceless repair "
+                     f"ledger --yes --plan {res['plan']}` to write it.")
     return "\n".join(lines)

@@ -252,8 +252,18 @@ nothing was written. Run `fenceless repair ledger` again to see the new state"""
 
 
 class LedgerReadable(IntegrityError):
-    """Refused: the ledger reads (slot {slot}, epoch {epoch}, generation {generation}); \
-a repair writes only over a ledger with no valid slot. Nothing was changed"""
+    """Refused: the ledger reads (slot {slot}, epoch {epoch}, generation {generation}) and \
+no slot holds damage a repair may write over. Nothing was changed"""
+
+
+class LedgerEmpty(IntegrityError):
+    """Refused: both ledger slots are empty (a cluster that was never initialized, or \
+zeroed); there is nothing to repair, and nothing was changed"""
+
+
+class NotALedger(IntegrityError):
+    """Refused: ledger slot {slot} holds another fenceless record ({detail}): the control \
+area's layout is not the one this agent reads. Nothing was changed"""
 
 
 def slot_bytes(dev: BlockDevice, layout: Layout) -> tuple[bytes, bytes]:
@@ -261,6 +271,39 @@ def slot_bytes(dev: BlockDevice, layout: Layout) -> tuple[bytes, bytes]:
     them only while they are still these bytes)."""
     a, b = (layout.region(n) for n in LEDGER_SLOTS)
     return dev.read(a.offset, a.length), dev.read(b.offset, b.length)
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What a repair may write: ``slots``, damaged and not ours to reuse (``write_ledger``
+    never writes over them), and the newest valid record, if one slot still reads."""
+
+    slots: tuple[str, ...]
+    problems: tuple[str, ...]
+    valid: LedgerRecord | None
+
+
+def damage(dev: BlockDevice, layout: Layout) -> Damage:
+    """The damage a repair may write over; raises when there is none: both slots read,
+    or a damaged one is our own torn write next to a valid one (the writer reuses it by
+    itself), or both are empty; and when a slot is of a newer format or another record
+    kind (not damage: another version, or a wrong layout)."""
+    got = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
+    for s in got:
+        if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
+            raise s.error
+        if s.error is not None and s.error.fields.get("kind_found") is not None:
+            raise NotALedger(slot=s.name, detail=str(s.error))
+    valid = [s.record for s in got if s.record is not None]
+    bad = [s for s in got if s.error is not None and not (valid and s.torn)]
+    if not bad:
+        if all(s.empty for s in got):
+            raise LedgerEmpty()
+        newest = max(valid, key=lambda r: r.order)
+        raise LedgerReadable(slot=next(s.name for s in got if s.record is newest),
+                             epoch=newest.epoch, generation=newest.generation)
+    return Damage(tuple(s.name for s in bad), tuple(f"{s.name}: {s.error}" for s in bad),
+                  max(valid, key=lambda r: r.order) if valid else None)
 
 
 def overwrite_ledger(
@@ -274,56 +317,35 @@ def overwrite_ledger(
     before_write: Callable[[], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> LedgerRecord:
-    """``fenceless repair ledger`` only: write ``state`` into both slots of a ledger that
-    has no valid slot, which ``write_ledger`` refuses to touch.
+    """``fenceless repair ledger`` only: write ``state`` over the damaged slots, which
+    ``write_ledger`` refuses to touch (``damage`` says which).
 
-    Not blind: both slots must still hold ``expect``, the very bytes the admin saw in
-    the repair's plan (and that the agent kept a copy of), and none may be a valid
-    record or claim a higher epoch than ours (a stale writer is refused as always).
-    Slot A is written first: a repair cut short leaves A valid, or B damaged as before.
+    Not blind: both slots must still hold ``expect``, the bytes the admin's plan was
+    made from (and that the agent kept a copy of); the damage is judged again on them;
+    nothing is written at a lower epoch than any slot shows (a stale writer is refused as
+    always). The generation starts above anything a late write of this epoch could
+    carry: the wall clock in ms (a writer makes far fewer writes than that), so a write
+    still in flight from before the damage can never count as newer. A repair cut short
+    leaves slot A repaired and B damaged: run again, it writes B.
     """
     now = slot_bytes(dev, layout)
     if now != expect:
         which = [n for n, x, y in zip(LEDGER_SLOTS, now, expect, strict=True) if x != y]
         raise SlotsChanged(detail=f"{' and '.join(which)} now hold other bytes")
-    slots = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
-    for s in slots:
-        if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
-            raise s.error  # a newer fenceless's ledger is not damage
-        if s.record is not None:
-            raise LedgerReadable(slot=s.name, epoch=s.record.epoch,
-                                 generation=s.record.generation)
-        if s.torn and s.torn_order[0] > epoch:
-            raise StaleEpoch(epoch=epoch, where=f"ledger slot {s.name}", seen=s.torn_order[0])
-    generation = max([s.torn_order[1] for s in slots if s.torn and s.torn_order[0] == epoch
-                      and s.torn_order[1] < MAX_GENERATION], default=0)
-    rec = LedgerRecord(epoch, generation, writer_host_id, 0, {})
-    for name in LEDGER_SLOTS:
+    found = damage(dev, layout)
+    got = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
+    seen = [s.record.order for s in got if s.record is not None] + \
+        [s.torn_order for s in got if s.torn and s.torn_order[1] < MAX_GENERATION]
+    for order in seen:
+        if order[0] > epoch:
+            raise StaleEpoch(epoch=epoch, where="the ledger", seen=order[0])
+    wall_ms = int(wall_clock() * 1000)
+    generation = max([g for e, g in seen if e == epoch] + [wall_ms])
+    rec = LedgerRecord(epoch, generation, writer_host_id, wall_ms, {})
+    for name in found.slots:
         rec = LedgerRecord(epoch=epoch, generation=rec.generation + 1,
-                           writer_host_id=writer_host_id,
-                           written_wall_ms=int(wall_clock() * 1000), state=dict(state))
+                           writer_host_id=writer_host_id, written_wall_ms=wall_ms,
+                           state=dict(state))
         region = layout.region(name)
         write_tail_first(dev, region.offset, encode_ledger(rec, region.length), before_write)
     return rec
-
-
-class LedgerEmpty(IntegrityError):
-    """Refused: both ledger slots are empty (a cluster that was never initialized, or \
-zeroed); there is nothing to repair, and nothing was changed"""
-
-
-def damage(dev: BlockDevice, layout: Layout) -> list[str]:
-    """What is wrong with each ledger slot, for a repair's plan; raises unless the ledger
-    is one a repair may write over (no valid slot, and no newer format)."""
-    out = []
-    for name in LEDGER_SLOTS:
-        s = _read_slot(dev, layout.region(name))
-        if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
-            raise s.error
-        if s.record is not None:
-            raise LedgerReadable(slot=s.name, epoch=s.record.epoch,
-                                 generation=s.record.generation)
-        out.append(f"{name}: {s.error}" if s.error is not None else f"{name}: empty")
-    if all(o.endswith(": empty") for o in out):
-        raise LedgerEmpty()
-    return out

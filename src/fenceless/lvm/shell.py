@@ -248,9 +248,11 @@ class LvmShell:
             raise
         finally:
             self.child = None
+        stderr = child.take_stderr().strip()  # the start's own messages: not the next's
         if reply.rc != 0:
             child.kill(wait=False)
-            raise BadShellOutput(f"its first command failed: {'; '.join(reply.errors)}")
+            raise BadShellOutput(f"its first command failed: "
+                                 f"{'; '.join([e for e in (*reply.errors, stderr) if e][:5])}")
         self.commands = 0
         self.log(f"started the writer's lvm shell (pid {child.pid})")
         return child

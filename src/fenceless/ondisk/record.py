@@ -134,7 +134,8 @@ def decode_record(buf: bytes, *, kind: int, region: str, offset: int) -> Record 
             detail = f"no record header, but the sector is not empty (expected {KIND_NAMES[kind]})"
         else:
             detail = f"foreign data, not a fenceless {KIND_NAMES[kind]} record"
-        raise BadMagic(region=region, offset=offset, detail=detail, magic=magic)
+        raise BadMagic(region=region, offset=offset, detail=detail, magic=magic,
+                       kind_found=KIND_NAMES[other] if other is not None else None)
     if version > FORMAT_VERSION or version < MIN_FORMAT_VERSION:
         raise UnsupportedVersion(
             region=region, offset=offset, kind=KIND_NAMES[kind], version=version,

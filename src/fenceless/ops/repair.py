@@ -26,6 +26,7 @@ still the bytes the plan saw), and the audit log records the repair before and a
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from fenceless.hv.domain import DomainSpec
 from fenceless.lease.delta import HostRecord
 from fenceless.ledger.audit import AuditEntry
 from fenceless.ledger.claims import HostClaims
+from fenceless.ledger.slots import Damage
 from fenceless.ledger.state import (
     HostEntry,
     LedgerState,
@@ -45,8 +47,8 @@ from fenceless.ledger.state import (
     WriterInfo,
 )
 from fenceless.ledger.vmstore import StoredXml, digest
-from fenceless.ondisk.errors import CorruptRecord
-from fenceless.ondisk.layout import Superblock, decode_superblock
+from fenceless.ondisk.errors import CorruptRecord, UnsupportedVersion
+from fenceless.ondisk.layout import Superblock, SuperblockReadable, decode_superblock
 
 DEFINING = ("define", "import", "edit")
 
@@ -75,6 +77,7 @@ class Found:
     audit: list[AuditEntry]
     vg_seqno: int | None
     wall_ms: int
+    dead: frozenset[int] = frozenset()  # host ids whose lease is DEAD now: claims void
 
 
 @dataclass
@@ -141,34 +144,41 @@ def _vms(found: Found, parse: Callable[[str], DomainSpec], plan: Plan
 
 
 def _placed(found: Found, vms: dict[str, VmEntry], plan: Plan) -> dict[str, VmEntry]:
-    """Each VM on the one host that maps a disk of it read-write; stopped where none does."""
-    held: dict[str, list[tuple[int, HostRecord]]] = {}
-    for rec in found.hosts:
-        if rec.free:
+    """Each VM on the one host that maps a disk of it read-write; stopped where none does.
+
+    Claims are read as the writer reads them (``ops/claims.py``): they count until they
+    are withdrawn, also while an agent restarts (its lease FREE), and only a DEAD host's
+    are void; a claims record that does not read stops the repair."""
+    held: dict[str, dict[int, tuple[str, int]]] = {}
+    for hid, got in sorted(found.claims.items()):
+        if hid in found.dead:
             continue
-        got = found.claims.get(rec.host_id)
         if isinstance(got, CorruptRecord):
-            raise RepairUnsure(detail=f"the claims record of {rec.name} (host id "
-                               f"{rec.host_id}) does not read ({got}), so what it maps is "
-                               f"not known: restart its agent, which rewrites it")
-        if got is None or got.generation != rec.generation:
-            continue  # nothing claimed by this incarnation
+            raise RepairUnsure(detail=f"the claims record of host id {hid} does not read "
+                               f"({got}), so what it maps is not known: restart its agent, "
+                               "which rewrites it (or wait until its lease is DEAD)")
         for lv, claim in got.lvs.items():
             if claim.mode == "rw":
-                held.setdefault(lv, []).append((rec.host_id, rec))
+                held.setdefault(lv, {})[hid] = (got.host, got.generation)
     out = {}
     for name, stored in vms.items():
-        holders = {hid: rec for d in stored.disks if d.mode == "rw"
-                   for hid, rec in held.get(d.volume, [])}
+        holders = {hid: who for d in stored.disks if d.mode == "rw"
+                   for hid, who in held.get(d.volume, {}).items()}
         if len(holders) > 1:
-            where = ", ".join(sorted(r.name for r in holders.values()))
-            raise RepairUnsure(detail=f"VM {name}'s disks are mapped read-write on {where}")
+            where = ", ".join(sorted(h for h, _g in holders.values()))
+            raise RepairUnsure(detail=f"VM {name}'s disks are mapped read-write on {where} "
+                               "(a live migration under way, or one whose source has not "
+                               "unmapped yet). Find where it runs (virsh list), and on the "
+                               "other host(s) unmap its disks by hand (lvchange -an VG/LV)")
         vm = stored
         if holders:
-            (hid, rec), = holders.items()
-            vm = replace(stored, host=rec.name, state="running", since_ms=found.wall_ms,
-                         since_epoch=found.writer.epoch, holder_id=hid,
-                         holder_gen=rec.generation)
+            (hid, (host, gen)), = holders.items()
+            vm = replace(stored, host=host, state="running", since_ms=found.wall_ms,
+                         since_epoch=found.writer.epoch, holder_id=hid, holder_gen=gen)
+        elif not any(d.mode == "rw" for d in stored.disks):
+            plan.left_out.append(f"VM {name}: recorded as stopped, but no read-write disk "
+                                 "tells where it runs; if it runs (virsh list), `fenceless "
+                                 "vm stop` it there before it is started anywhere")
         out[name] = vm
         plan.vms.append({"name": name, "version": vm.seq, "host": vm.host,
                          "state": vm.state})
@@ -194,7 +204,8 @@ def rebuild(found: Found, parse: Callable[[str], DomainSpec]) -> Plan:
                  "whether a definition came from libvirt XML or an xl config"]
     plan.state = LedgerState(cluster=found.cluster, vg=found.vg, writer=found.writer,
                              hosts=hosts, vg_seqno=found.vg_seqno, vms=vms,
-                             vm_history=tuple(history), vm_seq=vm_seq)
+                             vm_history=tuple(sorted(history, key=lambda h: h.seq)),
+                             vm_seq=vm_seq)
     return plan
 
 
@@ -210,8 +221,8 @@ class RepairPort(Protocol):
 
     def slot_bytes(self) -> tuple[bytes, bytes]: ...
 
-    def damage(self) -> list[str]:
-        """What is wrong with each slot (``slots.damage``): raises if the ledger reads."""
+    def damage(self) -> Damage:
+        """What a repair may write over (``slots.damage``); raises if nothing."""
 
     def find(self, writer: WriterInfo) -> Found: ...
 
@@ -234,29 +245,69 @@ class RepairPort(Protocol):
     def rewrite_superblock(self, sb: Superblock, expect: bytes) -> None: ...
 
 
+class PlanNeeded(UserError):
+    """Refused: `--yes` writes only the plan you checked: run `fenceless repair {what}` \
+first, then `fenceless repair {what} --yes --plan ID` with the ID it shows. Nothing was \
+changed"""
+
+
+class PlanChanged(UserError):
+    """Refused: the repair's plan is {now} now, not {given}: something changed since (a \
+host, a claim, the damage). Run `fenceless repair {what}` again and check it. Nothing \
+was changed"""
+
+
+def plan_id(out: Mapping[str, Any]) -> str:
+    """A short digest of what a plan shows (not of its wall-clock times): ``--yes`` must
+    name it, so what is written is what the admin checked."""
+    shown = {k: v for k, v in out.items() if k not in ("applied", "lost")}
+    return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_plan(out: dict[str, Any], given: str | None, what: str) -> None:
+    if not given:
+        raise PlanNeeded(what=what)
+    if given != out["plan"]:
+        raise PlanChanged(now=out["plan"], given=given, what=what)
+
+
 class RepairLedgerOp:
-    """The phases: refuse unless this host is the writer and no slot reads; read
-    everything; plan; then (``apply``) keep the damaged bytes, audit, write, audit."""
+    """The phases: refuse unless this host is the writer and a slot holds damage a repair
+    may write over; read everything; plan; then (``apply``, naming the plan) keep the
+    damaged bytes, audit, write, audit.
+
+    With one slot still valid (the other damaged by foreign bytes, say, which the writer
+    never writes over; or a repair cut short), its state is copied into the damaged one;
+    with none, the ledger is rebuilt (``rebuild``)."""
 
     def __init__(self, port: RepairPort, parse: Callable[[str], DomainSpec], *,
-                 apply: bool, request: RequestInfo) -> None:
+                 apply: bool, request: RequestInfo, plan: str | None = None) -> None:
         self.port, self.parse, self.apply, self.request = port, parse, apply, request
+        self.plan = plan
 
     def run(self) -> dict[str, Any]:
         port = self.port
         writer = port.writer()
         raw = port.slot_bytes()
-        problems = port.damage()
+        damage = port.damage()
         found = port.find(writer)
-        plan = rebuild(found, self.parse)
+        if damage.valid is not None:
+            state = LedgerState.from_json(damage.valid.state).with_writer(writer)
+            plan = Plan(state, vms=[{"name": n, "version": v.seq, "host": v.host,
+                                     "state": v.state} for n, v in sorted(state.vms.items())])
+        else:
+            plan = rebuild(found, self.parse)
         out: dict[str, Any] = {
-            "vg": found.vg, "epoch": writer.epoch, "damage": problems,
+            "vg": found.vg, "epoch": writer.epoch, "damage": list(damage.problems),
+            "mode": "copy" if damage.valid is not None else "rebuild",
             "slots_sha256": [hashlib.sha256(b).hexdigest() for b in raw],
             "hosts": {str(k): v.name for k, v in sorted(plan.state.hosts.items())},
             "vms": plan.vms, "left_out": plan.left_out, "lost": plan.lost,
-            "vg_seqno": found.vg_seqno, "applied": False}
+            "vg_seqno": plan.state.vg_seqno}
+        out = {**out, "plan": plan_id(out), "applied": False}
         if not self.apply:
             return out
+        _check_plan(out, self.plan, "ledger")
         kept = port.keep_damaged(raw)
         port.audit(port.host, self.request, "started", f"damaged slots kept in {kept}")
         try:
@@ -264,8 +315,9 @@ class RepairLedgerOp:
         except FencelessError as exc:
             port.audit(port.host, self.request, "failed", str(exc))
             raise
-        port.audit(port.host, self.request, "ok", f"ledger rebuilt at epoch {writer.epoch}")
-        port.log(f"repaired the ledger: rebuilt at epoch {writer.epoch}, generation "
+        port.audit(port.host, self.request, "ok", f"ledger {out['mode']} at epoch "
+                   f"{writer.epoch}")
+        port.log(f"repaired the ledger ({out['mode']}) at epoch {writer.epoch}, generation "
                  f"{generation}; the damaged slots are kept in {kept}")
         return {**out, "applied": True, "generation": generation, "kept": kept}
 
@@ -277,24 +329,36 @@ class RepairSuperblockOp:
     write (only over the bytes the plan saw), audit. An agent started after the damage
     holds no copy: docs/runbook.md says what then."""
 
-    def __init__(self, port: RepairPort, *, apply: bool, request: RequestInfo) -> None:
-        self.port, self.apply, self.request = port, apply, request
+    def __init__(self, port: RepairPort, *, apply: bool, request: RequestInfo,
+                 plan: str | None = None) -> None:
+        self.port, self.apply, self.request, self.plan = port, apply, request, plan
 
     def run(self) -> dict[str, Any]:
         port = self.port
         writer = port.writer()
         raw = port.superblock_bytes()
         try:
-            damage = "it reads" if decode_superblock(raw) is not None else "it is empty"
+            found = decode_superblock(raw)
+        except UnsupportedVersion as exc:
+            if exc.fields.get("newer"):
+                raise  # a newer fenceless's superblock is not damage
+            damage = str(exc)
         except CorruptRecord as exc:
             damage = str(exc)
+        else:
+            if found is not None:
+                raise SuperblockReadable(cluster=str(found.cluster_uuid))
+            damage = "the sector is empty (zeroed)"
         sb = port.superblock_copy()
         out: dict[str, Any] = {
             "damage": damage, "epoch": writer.epoch, "cluster": str(sb.cluster_uuid),
             "vg_uuid": sb.vg_uuid, "io_timeout": sb.io_timeout, "max_hosts": sb.max_hosts,
-            "regions": [r.name for r in sb.layout.regions], "applied": False}
+            "regions": [r.name for r in sb.layout.regions],
+            "sector_sha256": hashlib.sha256(raw).hexdigest()}
+        out = {**out, "plan": plan_id(out), "applied": False}
         if not self.apply:
             return out
+        _check_plan(out, self.plan, "superblock")
         kept = port.keep_damaged((raw, b""))
         port.audit(port.host, self.request, "started", f"damaged sector kept in {kept}")
         try:

@@ -25,7 +25,9 @@ from fenceless.errors import LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import AcquireResult, Leader, Outcome
+from fenceless.ledger.slots import LedgerUnreadable
 from fenceless.ledger.state import Handover, LedgerState, WriterInfo, merge_hosts
+from fenceless.ondisk.errors import CorruptRecord, UnsupportedVersion
 from fenceless.ops.port import RolePort
 
 SCRUB_EVERY = 10  # the writer re-reads the whole ledger every this many renewals
@@ -82,6 +84,16 @@ def become_writer(port: RolePort, why: str) -> AcquireResult:
     try:
         state = port.ledger().with_writer(WriterInfo(port.host_id, port.host, result.epoch))
         port.write_ledger(state, both_slots=True)
+    except (LedgerUnreadable, CorruptRecord) as exc:
+        if isinstance(exc, UnsupportedVersion) and exc.fields.get("newer"):
+            port.set_epoch(None, "the ledger is of a newer fenceless")
+            raise
+        # Damage the writer never writes over (no slot reads, or a slot holds foreign
+        # bytes): the lease, not the ledger, makes this host the writer. It finishes and
+        # starts nothing (the journal cannot reconcile), but it can be repaired now
+        # (`fenceless repair ledger`), which needs a writer.
+        port.log(f"the ledger cannot be written ({exc}); writer at epoch {result.epoch} "
+                 "all the same, for `fenceless repair ledger`")
     except BaseException:
         port.set_epoch(None, "could not publish the new epoch")  # taken back once it can
         raise
@@ -149,7 +161,7 @@ class Takeover:
         # fails, ``seen``, the leader as the agent's last round read it (a round old at
         # most: not the epoch of whoever wins while this host's reads hang).
         self.seen_epoch: int | None = None
-        self.fallback_epoch = seen.lver if seen is not None else 0
+        self.fallback_epoch = seen.lver if seen is not None else None
         self.waiting_for = ""
 
     def step(self) -> dict[str, Any] | None:
