@@ -145,7 +145,7 @@ def garbage(dev: BlockDevice) -> tuple[bytes, bytes]:
 
 def test_the_one_write_over_a_ledger_with_no_valid_slot(dev: BlockDevice):
     raw = garbage(dev)
-    found_damage = slots.damage(dev, LAYOUT)
+    found_damage = slots.damage(dev, LAYOUT, 9)
     assert found_damage.valid is None and found_damage.slots == LEDGER_SLOTS
     assert all("foreign data" in d for d in found_damage.problems)
     state = {"cluster": "c-1", "vg": "sanvg"}
@@ -163,7 +163,7 @@ def test_the_one_write_over_a_ledger_with_no_valid_slot(dev: BlockDevice):
     assert (rec.epoch, rec.generation) == (5, 1_000_002) and view.problems == []
     # A ledger that reads is never written over by a repair.
     with pytest.raises(LedgerReadable):
-        slots.damage(dev, LAYOUT)
+        slots.damage(dev, LAYOUT, 9)
     with pytest.raises(LedgerReadable):
         slots.overwrite_ledger(dev, LAYOUT, 6, state, writer_host_id=1,
                                expect=slots.slot_bytes(dev, LAYOUT))
@@ -178,7 +178,7 @@ def test_one_slot_of_foreign_bytes_beside_a_valid_one_gets_the_valid_state(dev: 
     dev.write(b.offset, b"\xa5" * 4096)
     with pytest.raises(Exception, match="foreign data"):
         slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg", "n": 2}, writer_host_id=1)
-    found_damage = slots.damage(dev, LAYOUT)
+    found_damage = slots.damage(dev, LAYOUT, 9)
     assert found_damage.slots == ("ledger_b",) and found_damage.valid is not None
     slots.overwrite_ledger(dev, LAYOUT, 3, found_damage.valid.state, writer_host_id=1,
                            expect=slots.slot_bytes(dev, LAYOUT))
@@ -193,22 +193,28 @@ def test_another_record_kind_in_a_slot_is_a_wrong_layout_not_damage(dev: BlockDe
     for name in LEDGER_SLOTS:
         dev.write(LAYOUT.region(name).offset, pad(encode_record(KIND_AUDIT, b"x", seq=1)))
     with pytest.raises(slots.NotALedger, match="holds another fenceless record"):
-        slots.damage(dev, LAYOUT)
+        slots.damage(dev, LAYOUT, 9)
 
 
-def test_a_torn_slot_of_a_newer_epoch_refuses_a_stale_repair(dev: BlockDevice):
+def test_torn_headers_are_not_trusted_but_a_valid_newer_epoch_refuses(dev: BlockDevice):
+    """The repair runs only as the writer whose lease was just checked, and ledger epochs
+    are lease epochs: a torn header claiming more is damage. A valid record of a higher
+    epoch is not: a stale repair is refused."""
     slots.write_ledger(dev, LAYOUT, 7, {"vg": "sanvg"}, writer_host_id=2, both_slots=True)
     for name in LEDGER_SLOTS:  # both torn: their headers say epoch 7, their bodies are cut
         r = LAYOUT.region(name)
         head = dev.read(r.offset, 4096)
         dev.write(r.offset, head[:HEADER_SIZE] + b"\xff" * 8 + head[HEADER_SIZE + 8:])
     raw = slots.slot_bytes(dev, LAYOUT)
-    with pytest.raises(StaleEpoch):
-        slots.overwrite_ledger(dev, LAYOUT, 6, {}, writer_host_id=1, expect=raw)
-    assert slots.slot_bytes(dev, LAYOUT) == raw
-    rec = slots.overwrite_ledger(dev, LAYOUT, 7, {"vg": "sanvg"}, writer_host_id=1,
+    rec = slots.overwrite_ledger(dev, LAYOUT, 6, {"vg": "sanvg"}, writer_host_id=1,
                                  expect=raw)
-    assert rec.generation > 2  # above what the torn headers claim
+    assert rec.epoch == 6 and slots.read_ledger(dev, LAYOUT).current == rec
+    slots.write_ledger(dev, LAYOUT, 7, {"vg": "sanvg"}, writer_host_id=2)
+    b = LAYOUT.region("ledger_b")
+    dev.write(b.offset, b"\xa5" * 4096)  # a valid A at epoch 7, foreign bytes in B
+    with pytest.raises(StaleEpoch):
+        slots.overwrite_ledger(dev, LAYOUT, 6, {}, writer_host_id=1,
+                               expect=slots.slot_bytes(dev, LAYOUT))
 
 
 def test_the_whole_repair_on_a_control_area(dev: BlockDevice, tmp_path: Path):
@@ -341,3 +347,42 @@ def test_a_host_can_become_the_writer_over_a_damaged_ledger_to_repair_it(dev: Bl
     got = become_writer(h2.port, "takeover")
     assert got.won and got.epoch == 2 and h2.port.epoch == 2
     assert any("the ledger cannot be written" in line for line in h2.logs)
+
+
+def test_a_torn_header_claiming_an_epoch_above_the_writers_lease_is_damage(dev: BlockDevice):
+    """Ledger epochs are lease epochs: beside a valid slot, a torn header claiming more
+    than the lease this writer holds (a flipped bit) blocks every write (StaleEpoch), so
+    it is damage for the repair, and written over."""
+    from fenceless.ondisk.record import HEADER
+
+    slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg"}, writer_host_id=1, both_slots=True)
+    b = LAYOUT.region("ledger_b")
+    head = bytearray(dev.read(b.offset, 4096))
+    fields = list(HEADER.unpack_from(head))
+    fields[6] = 99  # the epoch
+    HEADER.pack_into(head, 0, *fields)  # (its CRC no longer matches: a torn header)
+    dev.write(b.offset, bytes(head))
+    with pytest.raises(StaleEpoch):
+        slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg"}, writer_host_id=1)
+    with pytest.raises(LedgerReadable):  # a writer at epoch 99 or more: not damage
+        slots.damage(dev, LAYOUT, 99)
+    found_damage = slots.damage(dev, LAYOUT, 3)
+    assert found_damage.slots == ("ledger_b",) and found_damage.valid is not None
+    slots.overwrite_ledger(dev, LAYOUT, 3, found_damage.valid.state, writer_host_id=1,
+                           expect=slots.slot_bytes(dev, LAYOUT))
+    slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg", "after": True}, writer_host_id=1)
+
+
+def test_another_record_kind_in_the_ledger_makes_no_writer(dev: BlockDevice):
+    from fenceless.ondisk.record import KIND_AUDIT, encode_record, pad
+    from fenceless.ops.writer import become_writer
+
+    _clock, _vg, h1, h2 = writer_and_reader(dev)
+    assert h1.keeper.lease is not None
+    for name in LEDGER_SLOTS:
+        dev.write(LAYOUT.region(name).offset, pad(encode_record(KIND_AUDIT, b"x", seq=1)))
+    h1.keeper.lease.release()
+    h1.keeper.lease = None
+    with pytest.raises(slots.LedgerUnreadable, match="record where a ledger record belongs"):
+        become_writer(h2.port, "takeover")
+    assert h2.port.epoch is None

@@ -17,7 +17,12 @@ from fenceless.ledger.state import LedgerState, RequestInfo, WriterInfo
 from fenceless.ledger.vmstore import StoredXml
 from fenceless.localstate import vg_dir
 from fenceless.ondisk.errors import CorruptRecord
-from fenceless.ondisk.layout import Superblock, read_superblock, rewrite_superblock
+from fenceless.ondisk.layout import (
+    Superblock,
+    encode_superblock,
+    read_superblock,
+    rewrite_superblock,
+)
 from fenceless.ops.port import RolePort
 from fenceless.ops.repair import Found, RepairNotWriter, RepairUnsure
 
@@ -46,11 +51,13 @@ class RepairIo:
 
     def damage(self) -> slots.Damage:
         disk = read_superblock(self.area.dev)
-        if disk != self.area.sb:
+        if disk is None or encode_superblock(disk) != encode_superblock(self.area.sb):
             raise RepairUnsure(detail="the superblock on the LUN is not the one this agent "
                                "attached with (repair it first: `fenceless repair "
                                "superblock`; or restart the agent)")
-        return slots.damage(self.area.dev, self.area.layout)
+        epoch = self.p.epoch
+        assert epoch is not None  # (writer() ran first, and checked the leader)
+        return slots.damage(self.area.dev, self.area.layout, epoch)
 
     def find(self, writer: WriterInfo) -> Found:
         dev, layout = self.area.dev, self.area.layout

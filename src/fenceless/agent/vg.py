@@ -30,7 +30,7 @@ from fenceless.agent.vmwork import VmWorker
 from fenceless.clock import Clock
 from fenceless.config import HostConfig, VgConfig
 from fenceless.control.anchor import NotInitialized, read_anchor
-from fenceless.errors import FencelessError, LeaseLost, UserError
+from fenceless.errors import FencelessError, IntegrityError, LeaseLost, UserError
 from fenceless.hv.domain import MAX_XML, vm_name
 from fenceless.lease.delta import HostState
 from fenceless.lease.paxos import Leader
@@ -253,6 +253,12 @@ class VgAgent:
                 hand_over(port, decision.ask.to_id, decision.ask.to, decision.ask.id)
         except LeaseLost as exc:
             port.set_epoch(None, str(exc))
+        except IntegrityError as exc:
+            # Damage in the ledger the writer does not write over (`fenceless repair
+            # ledger`): said once; the round goes on, so the view is still published.
+            if f"ledger upkeep: {exc}" != self.last_error:
+                self.log(f"ledger upkeep: {exc}")
+            self.last_error = f"ledger upkeep: {exc}"
 
     # --- requests from the CLI --------------------------------------------------------
 

@@ -141,12 +141,19 @@ def _arrivals(cfg: Any, args: argparse.Namespace, host: str,
     """Wait for live migrations to ``host`` that began before the drain: each VM then
     runs there and is moved on with the others. Those still arriving at the time limit:
     VM -> why, for the error at the end."""
+    from fenceless.ops.status import read_status
+
     deadline = time.monotonic() + args.timeout
     told: set[str] = set()
     while True:
-        # (arrived, but its source has not yet unmapped its disks: not yet movable on)
-        arriving = sorted(v["name"] for v in vm_list(cfg, args.vg) if v.get("moving_to") == host
-                          or (v.get("host") == host and v.get("left")))
+        # (arrived, but its source has not yet unmapped its disks: not yet movable on,
+        # unless that source is DEAD, whose mappings are gone with it)
+        vms = vm_list(cfg, args.vg)
+        dead = {h["name"] for h in read_status(cfg, args.vg)["hosts"]
+                if h["lease"] == "dead"} if any(v.get("left") for v in vms) else set()
+        arriving = sorted(v["name"] for v in vms if v.get("moving_to") == host
+                          or (v.get("host") == host and v.get("left")
+                              and v["left"] not in dead))
         if not arriving:
             return {}
         if time.monotonic() > deadline:

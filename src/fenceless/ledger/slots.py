@@ -149,7 +149,9 @@ def _view(a: SlotStatus, b: SlotStatus) -> LedgerView:
     if a.empty and b.empty:
         return LedgerView(current=None, slots=(a, b))
     detail = "; ".join(str(s.error) if s.error else f"{s.name} is empty" for s in (a, b))
-    raise LedgerUnreadable(detail=detail)
+    other = [s.error.fields["kind_found"] for s in (a, b)
+             if s.error is not None and s.error.fields.get("kind_found") is not None]
+    raise LedgerUnreadable(detail=detail, kind_found=other[0] if other else None)
 
 
 def read_ledger(dev: BlockDevice, layout: Layout) -> LedgerView:
@@ -283,11 +285,13 @@ class Damage:
     valid: LedgerRecord | None
 
 
-def damage(dev: BlockDevice, layout: Layout) -> Damage:
-    """The damage a repair may write over; raises when there is none: both slots read,
-    or a damaged one is our own torn write next to a valid one (the writer reuses it by
-    itself), or both are empty; and when a slot is of a newer format or another record
-    kind (not damage: another version, or a wrong layout)."""
+def damage(dev: BlockDevice, layout: Layout, epoch: int) -> Damage:
+    """The damage a repair by the writer at ``epoch`` (its lease just checked) may write
+    over; raises when there is none: both slots read, or a damaged one is our own torn
+    write next to a valid one (the writer reuses it by itself), or both are empty; and
+    when a slot is of a newer format or another record kind (not damage: another
+    version, or a wrong layout). A torn header that claims an epoch above the writer's
+    lease, or a generation no write reaches, is damage: ledger epochs are lease epochs."""
     got = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
     for s in got:
         if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
@@ -295,7 +299,8 @@ def damage(dev: BlockDevice, layout: Layout) -> Damage:
         if s.error is not None and s.error.fields.get("kind_found") is not None:
             raise NotALedger(slot=s.name, detail=str(s.error))
     valid = [s.record for s in got if s.record is not None]
-    bad = [s for s in got if s.error is not None and not (valid and s.torn)]
+    bad = [s for s in got if s.error is not None and not (
+        valid and s.torn and s.torn_order[0] <= epoch and s.torn_order[1] < MAX_GENERATION)]
     if not bad:
         if all(s.empty for s in got):
             raise LedgerEmpty()
@@ -332,10 +337,11 @@ def overwrite_ledger(
     if now != expect:
         which = [n for n, x, y in zip(LEDGER_SLOTS, now, expect, strict=True) if x != y]
         raise SlotsChanged(detail=f"{' and '.join(which)} now hold other bytes")
-    found = damage(dev, layout)
+    found = damage(dev, layout, epoch)
     got = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
+    # (a torn header of a slot listed as damage is not trusted: see ``damage``)
     seen = [s.record.order for s in got if s.record is not None] + \
-        [s.torn_order for s in got if s.torn and s.torn_order[1] < MAX_GENERATION]
+        [s.torn_order for s in got if s.torn and s.name not in found.slots]
     for order in seen:
         if order[0] > epoch:
             raise StaleEpoch(epoch=epoch, where="the ledger", seen=order[0])

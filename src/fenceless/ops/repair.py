@@ -294,7 +294,11 @@ class RepairLedgerOp:
         if damage.valid is not None:
             state = LedgerState.from_json(damage.valid.state).with_writer(writer)
             plan = Plan(state, vms=[{"name": n, "version": v.seq, "host": v.host,
-                                     "state": v.state} for n, v in sorted(state.vms.items())])
+                                     "state": v.state} for n, v in sorted(state.vms.items())],
+                        lost=["if the damaged slot held the newer state, the last change "
+                              "recorded there (a request's outcome or intent, a VM's "
+                              "placement or definition, a maintenance flag): compare with "
+                              "`fenceless log`"])
         else:
             plan = rebuild(found, self.parse)
         out: dict[str, Any] = {

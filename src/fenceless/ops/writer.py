@@ -85,8 +85,11 @@ def become_writer(port: RolePort, why: str) -> AcquireResult:
         state = port.ledger().with_writer(WriterInfo(port.host_id, port.host, result.epoch))
         port.write_ledger(state, both_slots=True)
     except (LedgerUnreadable, CorruptRecord) as exc:
-        if isinstance(exc, UnsupportedVersion) and exc.fields.get("newer"):
-            port.set_epoch(None, "the ledger is of a newer fenceless")
+        if (isinstance(exc, UnsupportedVersion) and exc.fields.get("newer")) or \
+                exc.fields.get("kind_found") is not None:
+            # A newer fenceless's ledger, or another kind of record where a ledger slot
+            # should be (this host's layout is not the cluster's): not damage.
+            port.set_epoch(None, f"the ledger is not one this host may write ({exc})")
             raise
         # Damage the writer never writes over (no slot reads, or a slot holds foreign
         # bytes): the lease, not the ledger, makes this host the writer. It finishes and
