@@ -114,3 +114,20 @@ def test_a_win_before_the_request_arrived_is_not_a_lost_race_though_the_cache_is
     assert become_writer(h3.port, "before the request").epoch == 2
     op = Takeover(h2.port, wait=True, seen=cached)
     assert op.step() is None and op.seen_epoch == 2 and "not yet dead" in op.waiting_for
+
+
+def test_the_epoch_the_admin_saw_is_the_baseline_when_the_cli_read_it(dev: BlockDevice) -> None:
+    """Racers' CLIs read epoch 1; one wins epoch 2 before a slow agent takes up another's
+    request: that one lost the race (a CI run instead waited out the winner's live lease)."""
+    from fenceless.ops.writer import TakeoverLost, become_writer
+    from tests.unit.harness import host
+
+    clock, vg, h1, h2 = writer_and_reader(dev)
+    area = h1.keeper.area
+    assert area is not None and h1.keeper.lease is not None
+    h1.keeper.lease.release()
+    h1.keeper.lease = None
+    h3 = host(area, clock, "h3", 3, vg)
+    assert become_writer(h3.port, "the fastest racer").epoch == 2
+    with pytest.raises(TakeoverLost, match="h3 won the writer lease at epoch 2"):
+        Takeover(h2.port, wait=True, seen_epoch=1).step()

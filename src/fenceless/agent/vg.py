@@ -331,8 +331,11 @@ class VgAgent:
             raise NotMember(vg=self.vg.name)
         if op == "takeover":
             if item.op is None:
+                asked = req.get("seen_epoch")
                 item.op = Takeover(self.port, wait=bool(req.get("wait")),
-                                   seen=self.port.last_leader)
+                                   seen=self.port.last_leader,
+                                   seen_epoch=asked if isinstance(asked, int)
+                                   and not isinstance(asked, bool) and asked >= 0 else None)
             step: dict[str, Any] | None = item.op.step()
             return step
         if op == "handover":

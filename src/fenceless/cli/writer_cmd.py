@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     # Long enough for the old writer's lease to run out (a takeover --wait), and then some.
     timeout = args.timeout or 20 * cfg.io_timeout + 5
     if sub == "takeover":
-        res = agent_call(cfg, {"op": "takeover", "vg": args.vg, "wait": args.wait},
-                         timeout=timeout)
+        res = agent_call(cfg, {"op": "takeover", "vg": args.vg, "wait": args.wait,
+                               "seen_epoch": _epoch_now(cfg, args.vg)}, timeout=timeout)
         emit(args, res, lambda r: _writer_text(r)
              + (" (it already was)" if r["outcome"] == "already" else ""))
         return 0
@@ -82,3 +82,17 @@ def run(args: argparse.Namespace) -> int:
                           interval=cfg.io_timeout / 2)
     emit(args, res, _writer_text)
     return 0
+
+
+def _epoch_now(cfg: Any, vg: str | None) -> int | None:
+    """The writer epoch as the admin asks for the role (a fresh read of the control area):
+    a host that wins after this is a race lost, one that won before is the writer to wait
+    out. None if it does not read (the agent then reads it first thing)."""
+    from fenceless.errors import FencelessError
+    from fenceless.ops.status import read_status
+
+    try:
+        writer = read_status(cfg, vg)["writer"]
+    except FencelessError:
+        return None
+    return int(writer["epoch"]) if writer else 0

@@ -157,13 +157,14 @@ class Takeover:
     """
 
     def __init__(self, port: RolePort, *, wait: bool = False,
-                 seen: Leader | None = None) -> None:
+                 seen: Leader | None = None, seen_epoch: int | None = None) -> None:
         self.port = port
         self.wait = wait
-        # The writer epoch when the request arrived: the first read here; if that read
-        # fails, ``seen``, the leader as the agent's last round read it (a round old at
-        # most: not the epoch of whoever wins while this host's reads hang).
-        self.seen_epoch: int | None = None
+        # The writer epoch when the admin asked: ``seen_epoch``, as the CLI read it; else
+        # the first read here; if that read fails, ``seen``, the leader as the agent's
+        # last round read it (a round old at most: not the epoch of whoever wins while
+        # this host's reads hang).
+        self.seen_epoch: int | None = seen_epoch
         self.fallback_epoch = seen.lver if seen is not None else None
         self.waiting_for = ""
 
