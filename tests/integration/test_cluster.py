@@ -195,7 +195,11 @@ def test_takeover_race_exactly_one_winner_in_50_rounds(cluster):
         assert len(winners) == 1, (round_no, results)
         for h, r in zip(racers, results, strict=True):
             if h not in winners:
-                assert r[0] == 2 and "won the writer lease at epoch" in r[2], r
+                # Lost the race; or (a CLI that started late on a loaded machine) read the
+                # writer epoch only after the winner had won: it saw a live writer and
+                # waited for it, as asked, up to its time limit.
+                assert r[0] == 2 and ("won the writer lease at epoch" in r[2] or
+                                      f"the writer {winners[0]}'s host lease is live" in r[2]), r
         epoch += 1
         got = json.loads(results[racers.index(winners[0])][1])
         assert got["epoch"] == epoch and got["host"] == winners[0]
