@@ -386,3 +386,30 @@ def test_another_record_kind_in_the_ledger_makes_no_writer(dev: BlockDevice):
     with pytest.raises(slots.LedgerUnreadable, match="record where a ledger record belongs"):
         become_writer(h2.port, "takeover")
     assert h2.port.epoch is None
+
+
+def test_a_writer_whose_lease_holds_writes_over_a_torn_header_claiming_a_higher_epoch(
+        dev: BlockDevice):
+    """A flipped bit in a torn header's epoch: without the leader check every write was
+    StaleEpoch (the writer gave its role up, took it back, and so on); with it, the
+    damaged slot is written over. A leader that moved still refuses."""
+    from fenceless.errors import LeaseLost
+    from fenceless.ondisk.record import HEADER
+
+    slots.write_ledger(dev, LAYOUT, 3, {"n": 1}, writer_host_id=1, both_slots=True)
+    b = LAYOUT.region("ledger_b")
+    head = bytearray(dev.read(b.offset, 4096))
+    fields = list(HEADER.unpack_from(head))
+    fields[6] = 99
+    HEADER.pack_into(head, 0, *fields)
+    dev.write(b.offset, bytes(head))
+    with pytest.raises(StaleEpoch):
+        slots.write_ledger(dev, LAYOUT, 3, {"n": 2}, writer_host_id=1)
+
+    def moved() -> None:
+        raise LeaseLost(detail="the leader names h2 at epoch 4")
+    with pytest.raises(LeaseLost, match="h2 at epoch 4"):
+        slots.write_ledger(dev, LAYOUT, 3, {"n": 2}, writer_host_id=1, confirm=moved)
+    slots.write_ledger(dev, LAYOUT, 3, {"n": 2}, writer_host_id=1, confirm=lambda: None)
+    view = slots.read_ledger(dev, LAYOUT)
+    assert view.current is not None and view.current.state == {"n": 2} and not view.problems

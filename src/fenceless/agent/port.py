@@ -380,7 +380,7 @@ class AgentPort:
         self.cache = None  # whatever happens next, re-read before trusting it
         rec = write_ledger(area.dev, area.layout, self._epoch, state.to_json(),
                            writer_host_id=lease.host_id, both_slots=both_slots,
-                           before_write=self.check_write)
+                           before_write=self.check_write, confirm=self.check_leader)
         self.last_ledger_epoch = rec.epoch
         self.cache = state
         return state

@@ -168,11 +168,14 @@ def read_ledger(dev: BlockDevice, layout: Layout) -> LedgerView:
 MAX_GENERATION = 1 << 62  # a torn header claiming more is damage, not one of our writes
 
 
-def _choose_target(view: LedgerView, epoch: int) -> SlotStatus:
+def _choose_target(view: LedgerView, epoch: int,
+                   confirm: Callable[[], None] | None = None) -> SlotStatus:
     """The slot the writer at ``epoch`` may write into, or raise.
 
     Rules (docs/format.md, "The A/B rule for writing"):
     1. any slot with a higher epoch (valid, or in a torn header) -> StaleEpoch;
+       except a torn header when ``confirm`` shows the leader still names this
+       writer at ``epoch``: that slot is damage, and is written over;
     2. a slot that is foreign, of another version or otherwise corrupt but
        not recognisably our own torn write -> refuse (never overwrite it);
     3. an empty slot is used first (A before B);
@@ -185,9 +188,15 @@ def _choose_target(view: LedgerView, epoch: int) -> SlotStatus:
     5. otherwise the slot that is older by (epoch, generation).
     """
     for s in view.slots:
-        seen = s.record.epoch if s.record is not None else s.torn_order[0]
-        if seen > epoch:
-            raise StaleEpoch(epoch=epoch, where=f"ledger slot {s.name}", seen=seen)
+        if s.record is not None and s.record.epoch > epoch:
+            raise StaleEpoch(epoch=epoch, where=f"ledger slot {s.name}", seen=s.record.epoch)
+    for s in view.slots:
+        if s.record is None and s.torn_order[0] > epoch:
+            if confirm is None:
+                raise StaleEpoch(epoch=epoch, where=f"ledger slot {s.name}",
+                                 seen=s.torn_order[0])
+            confirm()  # raises unless this writer still holds the lease at ``epoch``
+            return s  # then the torn header is damage (see ``write_ledger``)
     for s in view.slots:
         if s.error is not None and not s.torn:
             raise s.error
@@ -217,6 +226,7 @@ def write_ledger(
     both_slots: bool = False,
     before_write: Callable[[], None] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    confirm: Callable[[], None] | None = None,
 ) -> LedgerRecord:
     """Write ``state`` as the next ledger generation at writer ``epoch``.
 
@@ -225,7 +235,11 @@ def write_ledger(
     ``_choose_target``. A multi-sector record is written tail first and its
     header sector last, so the header write is the commit point.
     ``before_write`` runs right before every device write; the writer passes
-    its lease check there (docs/design.md, "The stale writer"). ``both_slots``
+    its lease check there (docs/design.md, "The stale writer"). ``confirm`` (the
+    writer's fresh read of its lease's leader) judges a torn header that claims a
+    higher epoch: ledger epochs are lease epochs, so while the leader still names
+    this writer at ``epoch`` no such write ever began, and the slot is damage to
+    write over; without it, or if the leader moved, StaleEpoch. ``both_slots``
     writes the record into both slots one after the other: a takeover does
     this first, so no slot is left from the previous epoch.
     """
@@ -235,7 +249,7 @@ def write_ledger(
     for _ in range(2 if both_slots else 1):
         a, b = (_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS)
         view = LedgerView(current=None, slots=(a, b))
-        target = _choose_target(view, epoch)
+        target = _choose_target(view, epoch, confirm)
         prev = [s.record.generation for s in (a, b) if s.record is not None]
         prev += [s.torn_order[1] for s in (a, b) if s.torn and s.torn_order[0] == epoch]
         rec = LedgerRecord(
