@@ -61,8 +61,9 @@ def test_the_epoch_seen_at_arrival_is_the_baseline_even_if_the_first_read_fails(
     _clock, vg, h1, h2 = writer_and_reader(dev)
     area = h1.keeper.area
     assert area is not None and h1.keeper.lease is not None
-    seen = h2.port.read_leader()  # as the agent's last round read it
-    op = Takeover(h2.port, wait=True, seen=seen)
+    seen = h2.port.read_leader()  # as the CLI read it when the admin asked
+    assert seen is not None
+    op = Takeover(h2.port, wait=True, seen_epoch=seen.lver)
     monkeypatch.setattr(h2.port, "read_leader", slow_once(h2.port.read_leader))
     assert op.step() is None
     h1.keeper.lease.release()
@@ -81,14 +82,15 @@ def test_its_own_ballot_cut_short_is_waited_for_not_taken_for_a_rivals(
     _clock, _vg, h1, h2 = writer_and_reader(dev)
     assert h1.keeper.lease is not None
     seen = h2.port.read_leader()
+    assert seen is not None
     h1.keeper.lease.release()
     h1.keeper.lease = None
     assert become_writer(h2.port, "won").epoch == 2
     h2.port.set_epoch(None, "the ledger write after the ballot timed out")
-    op = Takeover(h2.port, wait=True, seen=seen)
+    op = Takeover(h2.port, wait=True, seen_epoch=seen.lver)
     assert op.step() is None and "this host won the ballot" in op.waiting_for
     # An I/O still hung stops every shared write (LeaseLost): with --wait, not yet.
-    op2 = Takeover(h2.port, wait=True, seen=seen)
+    op2 = Takeover(h2.port, wait=True, seen_epoch=seen.lver)
 
     def hung() -> Leader | None:
         raise LeaseLost(detail="an I/O is still hung")
@@ -96,23 +98,21 @@ def test_its_own_ballot_cut_short_is_waited_for_not_taken_for_a_rivals(
     assert op2.step() is None and "trying again after" in op2.waiting_for
 
 
-def test_a_win_before_the_request_arrived_is_not_a_lost_race_though_the_cache_is_older(
-        dev: BlockDevice) -> None:
-    """The agent's last round may not have seen a takeover that happened just before the
-    request arrived (a CI run: "h1 won the writer lease at epoch 2 first", said to a
-    host that asked after it): the first fresh read is the baseline."""
+def test_a_win_before_the_request_arrived_is_not_a_lost_race(dev: BlockDevice) -> None:
+    """With no epoch from the CLI, the first fresh read is the baseline, not an older
+    view (a CI run: "h1 won the writer lease at epoch 2 first", said to a host that asked
+    after it)."""
     from fenceless.ops.writer import become_writer
     from tests.unit.harness import host
 
     clock, vg, h1, h2 = writer_and_reader(dev)
     area = h1.keeper.area
     assert area is not None and h1.keeper.lease is not None
-    cached = h2.port.read_leader()  # epoch 1, as h2's last round read it
     h1.keeper.lease.release()
     h1.keeper.lease = None
     h3 = host(area, clock, "h3", 3, vg)
     assert become_writer(h3.port, "before the request").epoch == 2
-    op = Takeover(h2.port, wait=True, seen=cached)
+    op = Takeover(h2.port, wait=True)
     assert op.step() is None and op.seen_epoch == 2 and "not yet dead" in op.waiting_for
 
 

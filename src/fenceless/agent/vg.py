@@ -333,7 +333,6 @@ class VgAgent:
             if item.op is None:
                 asked = req.get("seen_epoch")
                 item.op = Takeover(self.port, wait=bool(req.get("wait")),
-                                   seen=self.port.last_leader,
                                    seen_epoch=asked if isinstance(asked, int)
                                    and not isinstance(asked, bool) and asked >= 0 else None)
             step: dict[str, Any] | None = item.op.step()

@@ -24,7 +24,7 @@ from fenceless.blockio import IoTimeout
 from fenceless.errors import LeaseLost, UserError
 from fenceless.faults import crashpoint
 from fenceless.lease.delta import HostState
-from fenceless.lease.paxos import AcquireResult, Leader, Outcome
+from fenceless.lease.paxos import AcquireResult, Outcome
 from fenceless.ledger.slots import LedgerUnreadable
 from fenceless.ledger.state import Handover, LedgerState, WriterInfo, merge_hosts
 from fenceless.ondisk.errors import CorruptRecord, UnsupportedVersion
@@ -157,15 +157,12 @@ class Takeover:
     """
 
     def __init__(self, port: RolePort, *, wait: bool = False,
-                 seen: Leader | None = None, seen_epoch: int | None = None) -> None:
+                 seen_epoch: int | None = None) -> None:
         self.port = port
         self.wait = wait
-        # The writer epoch when the admin asked: ``seen_epoch``, as the CLI read it; else
-        # the first read here; if that read fails, ``seen``, the leader as the agent's
-        # last round read it (a round old at most: not the epoch of whoever wins while
-        # this host's reads hang).
+        # The writer epoch when the admin asked: ``seen_epoch``, as the CLI read it, else
+        # the first read here that succeeds.
         self.seen_epoch: int | None = seen_epoch
-        self.fallback_epoch = seen.lver if seen is not None else None
         self.waiting_for = ""
 
     def step(self) -> dict[str, Any] | None:
@@ -178,8 +175,6 @@ class Takeover:
             # lease is. A ballot cut short is safe to run again at a higher ballot.
             if not self.wait:
                 raise
-            if self.seen_epoch is None:
-                self.seen_epoch = self.fallback_epoch
             self.waiting_for = f"trying again after: {e}"
             return None
 
