@@ -145,7 +145,7 @@ def garbage(dev: BlockDevice) -> tuple[bytes, bytes]:
 
 def test_the_one_write_over_a_ledger_with_no_valid_slot(dev: BlockDevice):
     raw = garbage(dev)
-    found_damage = slots.damage(dev, LAYOUT, 9)
+    found_damage = slots.damage(slots.slot_bytes(dev, LAYOUT), LAYOUT, 9)
     assert found_damage.valid is None and found_damage.slots == LEDGER_SLOTS
     assert all("foreign data" in d for d in found_damage.problems)
     state = {"cluster": "c-1", "vg": "sanvg"}
@@ -163,7 +163,7 @@ def test_the_one_write_over_a_ledger_with_no_valid_slot(dev: BlockDevice):
     assert (rec.epoch, rec.generation) == (5, 1_000_002) and view.problems == []
     # A ledger that reads is never written over by a repair.
     with pytest.raises(LedgerReadable):
-        slots.damage(dev, LAYOUT, 9)
+        slots.damage(slots.slot_bytes(dev, LAYOUT), LAYOUT, 9)
     with pytest.raises(LedgerReadable):
         slots.overwrite_ledger(dev, LAYOUT, 6, state, writer_host_id=1,
                                expect=slots.slot_bytes(dev, LAYOUT))
@@ -178,7 +178,7 @@ def test_one_slot_of_foreign_bytes_beside_a_valid_one_gets_the_valid_state(dev: 
     dev.write(b.offset, b"\xa5" * 4096)
     with pytest.raises(Exception, match="foreign data"):
         slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg", "n": 2}, writer_host_id=1)
-    found_damage = slots.damage(dev, LAYOUT, 9)
+    found_damage = slots.damage(slots.slot_bytes(dev, LAYOUT), LAYOUT, 9)
     assert found_damage.slots == ("ledger_b",) and found_damage.valid is not None
     slots.overwrite_ledger(dev, LAYOUT, 3, found_damage.valid.state, writer_host_id=1,
                            expect=slots.slot_bytes(dev, LAYOUT))
@@ -193,7 +193,7 @@ def test_another_record_kind_in_a_slot_is_a_wrong_layout_not_damage(dev: BlockDe
     for name in LEDGER_SLOTS:
         dev.write(LAYOUT.region(name).offset, pad(encode_record(KIND_AUDIT, b"x", seq=1)))
     with pytest.raises(slots.NotALedger, match="holds another fenceless record"):
-        slots.damage(dev, LAYOUT, 9)
+        slots.damage(slots.slot_bytes(dev, LAYOUT), LAYOUT, 9)
 
 
 def test_torn_headers_are_not_trusted_but_a_valid_newer_epoch_refuses(dev: BlockDevice):
@@ -365,8 +365,8 @@ def test_a_torn_header_claiming_an_epoch_above_the_writers_lease_is_damage(dev: 
     with pytest.raises(StaleEpoch):
         slots.write_ledger(dev, LAYOUT, 3, {"vg": "sanvg"}, writer_host_id=1)
     with pytest.raises(LedgerReadable):  # a writer at epoch 99 or more: not damage
-        slots.damage(dev, LAYOUT, 99)
-    found_damage = slots.damage(dev, LAYOUT, 3)
+        slots.damage(slots.slot_bytes(dev, LAYOUT), LAYOUT, 99)
+    found_damage = slots.damage(slots.slot_bytes(dev, LAYOUT), LAYOUT, 3)
     assert found_damage.slots == ("ledger_b",) and found_damage.valid is not None
     slots.overwrite_ledger(dev, LAYOUT, 3, found_damage.valid.state, writer_host_id=1,
                            expect=slots.slot_bytes(dev, LAYOUT))

@@ -49,7 +49,7 @@ class RepairIo:
     def slot_bytes(self) -> tuple[bytes, bytes]:
         return slots.slot_bytes(self.area.dev, self.area.layout)
 
-    def damage(self) -> slots.Damage:
+    def damage(self, raw: tuple[bytes, bytes]) -> slots.Damage:
         disk = read_superblock(self.area.dev)
         if disk is None or encode_superblock(disk) != encode_superblock(self.area.sb):
             raise RepairUnsure(detail="the superblock on the LUN is not the one this agent "
@@ -57,12 +57,14 @@ class RepairIo:
                                "superblock`; or restart the agent)")
         epoch = self.p.epoch
         assert epoch is not None  # (writer() ran first, and checked the leader)
-        return slots.damage(self.area.dev, self.area.layout, epoch)
+        return slots.damage(raw, self.area.layout, epoch)
 
     def find(self, writer: WriterInfo) -> Found:
         dev, layout = self.area.dev, self.area.layout
         hosts_area = self.area.hosts()
         raw = hosts_area.read_area()
+        assert self.keeper.observer is not None  # (fed this fresh read: "dead" from it)
+        self.keeper.observer.observe(raw, self.p.clock.now())
         hosts: list[HostRecord] = []
         for hid in range(1, self.area.sb.max_hosts + 1):
             try:
@@ -84,10 +86,8 @@ class RepairIo:
             seqno: int | None = self.p.read_metadata()[1]
         except FencelessError:
             seqno = None
-        states = {h.host_id: h.state for h in self.p.hosts_now()}  # observed now
         claims = self.p.claims_now()
-        dead = frozenset(hid for hid in claims
-                         if states.get(hid, self.p.host_state(hid)) is HostState.DEAD)
+        dead = frozenset(hid for hid in claims if self.p.host_state(hid) is HostState.DEAD)
         return Found(cluster=str(self.area.sb.cluster_uuid), vg=self.p.vg, writer=writer,
                      hosts=hosts, claims=claims, definitions=defs,
                      audit=audit.read_log(dev, layout), vg_seqno=seqno,

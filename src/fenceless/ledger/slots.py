@@ -112,7 +112,11 @@ def encode_ledger(rec: LedgerRecord, slot_len: int) -> bytes:
 
 
 def _read_slot(dev: BlockDevice, region: Region) -> SlotStatus:
-    buf = dev.read(region.offset, region.length)
+    return _slot(dev.read(region.offset, region.length), region)
+
+
+def _slot(buf: bytes, region: Region) -> SlotStatus:
+    """What the bytes of one ledger slot (all of its region) hold."""
     try:
         rec = decode_record(buf, kind=KIND_LEDGER, region=region.name, offset=region.offset)
     except (ChecksumMismatch, BadLength) as exc:
@@ -297,16 +301,19 @@ class Damage:
     slots: tuple[str, ...]
     problems: tuple[str, ...]
     valid: LedgerRecord | None
+    statuses: tuple[SlotStatus, ...]
 
 
-def damage(dev: BlockDevice, layout: Layout, epoch: int) -> Damage:
+def damage(raw: tuple[bytes, bytes], layout: Layout, epoch: int) -> Damage:
     """The damage a repair by the writer at ``epoch`` (its lease just checked) may write
     over; raises when there is none: both slots read, or a damaged one is our own torn
     write next to a valid one (the writer reuses it by itself), or both are empty; and
     when a slot is of a newer format or another record kind (not damage: another
     version, or a wrong layout). A torn header that claims an epoch above the writer's
-    lease, or a generation no write reaches, is damage: ledger epochs are lease epochs."""
-    got = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
+    lease, or a generation no write reaches, is damage: ledger epochs are lease epochs.
+    ``raw``: both slots' bytes, as ``slot_bytes`` read them (the plan's, and what is
+    checked again before a write)."""
+    got = [_slot(buf, layout.region(n)) for n, buf in zip(LEDGER_SLOTS, raw, strict=True)]
     for s in got:
         if isinstance(s.error, UnsupportedVersion) and s.error.fields.get("newer"):
             raise s.error
@@ -322,7 +329,7 @@ def damage(dev: BlockDevice, layout: Layout, epoch: int) -> Damage:
         raise LedgerReadable(slot=next(s.name for s in got if s.record is newest),
                              epoch=newest.epoch, generation=newest.generation)
     return Damage(tuple(s.name for s in bad), tuple(f"{s.name}: {s.error}" for s in bad),
-                  max(valid, key=lambda r: r.order) if valid else None)
+                  max(valid, key=lambda r: r.order) if valid else None, tuple(got))
 
 
 def overwrite_ledger(
@@ -351,8 +358,8 @@ def overwrite_ledger(
     if now != expect:
         which = [n for n, x, y in zip(LEDGER_SLOTS, now, expect, strict=True) if x != y]
         raise SlotsChanged(detail=f"{' and '.join(which)} now hold other bytes")
-    found = damage(dev, layout, epoch)
-    got = [_read_slot(dev, layout.region(n)) for n in LEDGER_SLOTS]
+    found = damage(now, layout, epoch)
+    got = found.statuses
     # (a torn header of a slot listed as damage is not trusted: see ``damage``)
     seen = [s.record.order for s in got if s.record is not None] + \
         [s.torn_order for s in got if s.torn and s.name not in found.slots]

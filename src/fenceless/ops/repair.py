@@ -221,8 +221,8 @@ class RepairPort(Protocol):
 
     def slot_bytes(self) -> tuple[bytes, bytes]: ...
 
-    def damage(self) -> Damage:
-        """What a repair may write over (``slots.damage``); raises if nothing."""
+    def damage(self, raw: tuple[bytes, bytes]) -> Damage:
+        """What a repair may write over in ``raw`` (``slots.damage``); raises if nothing."""
 
     def find(self, writer: WriterInfo) -> Found: ...
 
@@ -289,7 +289,7 @@ class RepairLedgerOp:
         port = self.port
         writer = port.writer()
         raw = port.slot_bytes()
-        damage = port.damage()
+        damage = port.damage(raw)
         found = port.find(writer)
         if damage.valid is not None:
             state = LedgerState.from_json(damage.valid.state).with_writer(writer)
