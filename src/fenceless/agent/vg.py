@@ -144,13 +144,18 @@ class VgAgent:
             self.waiting.append(item)
             self.serve_requests()
 
+    def say_once(self, what: str, error: str) -> None:
+        """Log ``what: error`` unless the error is the one said last (it repeats each
+        round); the error is also published in the agent's view."""
+        if error != self.last_error:
+            self.log(f"{what}: {error}")
+        self.last_error = error
+
     def guarded(self, fn: Callable[[], float | None]) -> float | None:
         try:
             return fn()
         except FencelessError as exc:
-            if str(exc) != self.last_error:
-                self.log(f"error: {exc}")
-            self.last_error = str(exc)
+            self.say_once("error", str(exc))
         except Exception as exc:
             self.log(f"internal error: {type(exc).__name__}: {exc}")
         return None
@@ -256,9 +261,7 @@ class VgAgent:
         except IntegrityError as exc:
             # Damage in the ledger the writer does not write over (`fenceless repair
             # ledger`): said once; the round goes on, so the view is still published.
-            if f"ledger upkeep: {exc}" != self.last_error:
-                self.log(f"ledger upkeep: {exc}")
-            self.last_error = f"ledger upkeep: {exc}"
+            self.say_once("ledger upkeep", str(exc))
 
     # --- requests from the CLI --------------------------------------------------------
 

@@ -32,24 +32,19 @@ def register(sub: Subparsers, name: str) -> None:
     rsub = rp.add_subparsers(dest="repair_command", metavar="REPAIRCOMMAND",
                              parser_class=Parser)
     rsub.required = True
-    sp = command(rsub, "ledger", "repair ledger", "rebuild a ledger whose two slots both "
-                 "fail to read, from the host sectors, claims, VM store, audit log and LVM "
-                 "metadata (on the writer; a dry run that shows the plan unless --yes)")
-    sp.add_argument("--yes", action="store_true",
-                    help="really write the plan named by --plan (the damaged slots are kept "
-                    "in the writer's state dir first)")
-    sp.add_argument("--plan", metavar="ID", help="the plan you checked, as the dry run showed "
-                    "it: refused if the plan is another one now")
-    vg_option(sp)
-    sp = command(rsub, "superblock", "repair superblock", "write back a superblock that "
-                 "does not read, from the copy the writer's agent read when it attached "
-                 "(on the writer; a dry run unless --yes)")
-    sp.add_argument("--yes", action="store_true",
-                    help="really write the plan named by --plan (the damaged sector is kept "
-                    "in the writer's state dir first)")
-    sp.add_argument("--plan", metavar="ID", help="the plan you checked, as the dry run showed "
-                    "it: refused if the plan is another one now")
-    vg_option(sp)
+    for what, text, kept in (
+            ("ledger", "repair a ledger slot the writer does not write over (foreign bytes, "
+             "or both slots damaged): from the slot that reads, or rebuilt from the host "
+             "sectors, claims, VM store, audit log and LVM metadata", "slots"),
+            ("superblock", "write back a superblock that does not read, from the copy the "
+             "writer's agent read when it attached", "sector")):
+        sp = command(rsub, what, f"repair {what}", f"{text} (on the writer; a dry run that "
+                     "shows the plan unless --yes)")
+        sp.add_argument("--yes", action="store_true", help="really write the plan named by "
+                        f"--plan (the damaged {kept} kept in the writer's state dir first)")
+        sp.add_argument("--plan", metavar="ID", help="the plan you checked, as the dry run "
+                        "showed it: refused if the plan is another one now")
+        vg_option(sp)
 
 
 def run(args: argparse.Namespace) -> int:
